@@ -1,0 +1,268 @@
+"""One engine for PGD / C&W / StAdv attacks, ADV2 and AdvEdge / AdvEdge+ (ADV2 Eqn 3-4, AdvEdge Eqn 10-15).
+
+Stage 1 (warm start) runs the plain attack on the classifier; stage 2 (joint) minimises
+
+    l_prd(f(x), y_t) + c(t) * l_int(g(x), m_t) + penalty(x)
+
+with a linear ``c`` schedule. Losses are evaluated on the uint8-quantised iterate (straight-through),
+so the best iterate kept per example (target class with probability >= ``confidence``, smallest map
+loss) is a real image. AdvEdge weights every step / perturbation / flow by the Sobel edges of the benign
+image; AdvEdge+ by their binarisation. Everything is batched; no per-example Python loop, no host sync
+except an optional all-finished check every ``check_every`` steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_images, check_labels, check_positive
+from ._state import frozen
+from .edges import edge_weights
+from .frameworks import PGD, ThreatModel, get_framework
+from .interpreters import GradInterpreter, Interpreter
+from .optim import expand_like
+from .terms import InterpretationTerm, MaskTerm, make_term
+
+__all__ = ["ADV2", "AttackResult", "ATTACKS", "build_attack", "random_targets"]
+
+ATTACKS = {"pgd": None, "adv2": None, "advedge": "soft", "advedge_plus": "binary"}
+
+
+@dataclass
+class AttackResult:
+    """Best (uint8-quantised) adversarial inputs and what the classifier says about them."""
+
+    x_adv: Tensor
+    target: Tensor
+    success: Tensor
+    target_prob: Tensor
+    int_loss: Tensor | None
+    seconds: float
+    steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def random_targets(labels: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """A target class different from ``labels`` for every example, drawn uniformly (seeded)."""
+    off = torch.randint(1, num_classes, labels.shape, generator=generator, device="cpu").to(labels.device)
+    return (labels + off) % num_classes
+
+
+def _soft_targets(y_t: Tensor, k: int, rho: float, gen: torch.Generator | None) -> Tensor:
+    """Label smoothing of ADV2 section 3.6: ``y_t ~ U(1 - rho, 1)``, the rest spread over the other K-1 classes."""
+    u = 1 - rho * torch.rand(y_t.shape[0], generator=gen, device="cpu").to(y_t.device)
+    soft = ((1 - u) / (k - 1)).unsqueeze(1).expand(-1, k).clone()
+    soft.scatter_(1, y_t.view(-1, 1), u.view(-1, 1))
+    return soft
+
+
+class _Best:
+    """Per-example best iterate, updated with tensor ops only."""
+
+    def __init__(self, x: Tensor) -> None:
+        n = x.shape[0]
+        self.x = x.detach().clone()
+        self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.score = torch.full((n,), float("inf"), device=x.device)
+        self.prob = torch.full((n,), -1.0, device=x.device)
+
+    def update(self, xq: Tensor, success: Tensor, score: Tensor, prob: Tensor) -> None:
+        better_ok = success & (~self.success | (score < self.score))
+        better_fail = ~success & ~self.success & (prob > self.prob)
+        upd = better_ok | better_fail
+        self.x = torch.where(expand_like(upd, xq), xq.detach(), self.x)
+        self.score = torch.where(better_ok, score, self.score)
+        self.prob = torch.where(upd, prob, self.prob)
+        self.success = self.success | success
+
+
+class ADV2:
+    """Targeted attack on an IDLS (classifier + interpreter); ``interpreter=None`` gives the plain attack.
+
+    Args:
+        interpreter: name / instance, a list of them (adaptive ensemble), or ``None`` (plain attack).
+        framework: ``"pgd"``, ``"cw"``, ``"stadv"`` or a :class:`ThreatModel`; ``framework_options`` go to it.
+        edge: ``None`` (ADV2), ``"soft"`` (AdvEdge) or ``"binary"`` (AdvEdge+, threshold ``edge_threshold``).
+        edge_stages: ``"all"`` (the paper) or ``"warm"`` (the public notebooks: warm start only).
+        warm_steps, steps: iterations of the warm start and of the joint stage.
+        c, c_end: interpretation-loss weight, linearly annealed from ``c`` to ``c_end`` (default constant).
+        confidence: minimum target probability for an iterate to count as a success.
+        smoothing: ``(rho_start, rho_end)`` label smoothing of l_prd; ``"auto"`` = (0.05, 0.01) for GRAD only.
+        surrogate_tau: tau of the smooth ReLU derivative used in the GRAD term.
+        mask_options: options of :class:`MaskTerm` (inner_steps, lookahead_lr, reset_every, reset_iterations).
+        mask_search_steps, mask_alpha_max: per-image binary search of the PGD step size against MASK.
+        early_stop: freeze examples of the *plain* attack once they succeed.
+        seed: seeds random starts and label smoothing.
+    """
+
+    def __init__(self, interpreter: str | Interpreter | Sequence[str | Interpreter] | None = "cam",
+                 framework: str | ThreatModel = "pgd", *, framework_options: dict[str, Any] | None = None,
+                 edge: str | None = None, edge_threshold: float = 0.1, edge_stages: str = "all",
+                 warm_steps: int = 300, steps: int = 300, c: float = 1.0, c_end: float | None = None,
+                 confidence: float = 0.0, smoothing: tuple[float, float] | str | None = "auto",
+                 surrogate_tau: float = 1e-4, mask_options: dict[str, Any] | None = None,
+                 interpreter_options: dict[str, dict] | None = None,
+                 mask_search_steps: int = 6, mask_alpha_max: float | None = None,
+                 early_stop: bool = False, check_every: int = 50, seed: int = 0,
+                 progress: Callable[[int], None] | None = None) -> None:
+        if edge not in (None, "soft", "binary"):
+            raise ValueError(f"unknown edge mode {edge!r}; choose None, 'soft' or 'binary'")
+        if edge_stages not in ("all", "warm"):
+            raise ValueError(f"edge_stages must be 'all' or 'warm', got {edge_stages!r}")
+        if warm_steps < 0 or steps < 0:
+            raise ValueError(f"warm_steps and steps must be >= 0, got {warm_steps} and {steps}")
+        check_positive(c, "c", allow_zero=True)
+        if not 0 <= confidence < 1:
+            raise ValueError(f"confidence must lie in [0, 1), got {confidence}")
+        self.threat = get_framework(framework, **(framework_options or {}))
+        self.term: InterpretationTerm | None = None
+        if interpreter is not None:
+            self.term = make_term(interpreter, surrogate_tau=surrogate_tau, mask_options=mask_options,
+                                  interpreter_options=interpreter_options)
+        self.edge, self.edge_threshold, self.edge_stages = edge, edge_threshold, edge_stages
+        self.warm_steps, self.steps = warm_steps, (steps if self.term is not None else 0)
+        self.c, self.c_end, self.confidence = c, (c if c_end is None else c_end), confidence
+        if smoothing == "auto":
+            has_grad = self.term is not None and any(
+                isinstance(t.interpreter, GradInterpreter) for t in getattr(self.term, "terms", [self.term]))
+            smoothing = (0.05, 0.01) if has_grad else None
+        self.smoothing = smoothing
+        self.mask_search_steps = mask_search_steps
+        self.mask_alpha_max = mask_alpha_max
+        self.early_stop, self.check_every, self.seed = early_stop, check_every, seed
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def interpreter(self) -> Interpreter | None:
+        return None if self.term is None else self.term.interpreter
+
+    def target_maps(self, model: nn.Module, x: Tensor, cls: Tensor | None = None) -> Tensor:
+        """Benign maps (the stealthy default target) of ``x`` for class ``cls`` (default: prediction)."""
+        if self.term is None:
+            raise ValueError("a plain attack has no interpreter and no target map")
+        with frozen(model):
+            if cls is None:
+                cls = model(x).argmax(1)
+            return self.term.target_map(model, x, cls)
+
+    def __call__(self, model: nn.Module, x: Tensor, target: Tensor, target_map: Tensor | None = None) -> AttackResult:
+        check_images(x)
+        k = getattr(model, "num_classes", None)
+        if k is None:
+            with torch.no_grad():
+                k = model(x[:1]).shape[1]
+        check_labels(target, k, x.shape[0], name="target classes")
+        start = time.perf_counter()
+        x0 = x.detach().clone()
+        y_t = target.detach().to(x.device).clone()
+        gen = torch.Generator().manual_seed(self.seed)
+        with frozen(model):
+            m_t = None
+            if self.term is not None:
+                m_t = self.target_maps(model, x0) if target_map is None else target_map.detach().to(x0.device)
+            z = self.threat.init(x0, gen)
+            weight = edge_weights(x0, self.edge, self.edge_threshold)
+            best = _Best(self.threat.quantise(x0, self.threat.apply(x0, z, None)))
+            z = self._stage(model, x0, y_t, z, weight, self.warm_steps, None, None, best, gen, k)
+            if self.steps:
+                joint_weight = weight if self.edge_stages == "all" else None
+                best = _Best(best.x)  # the joint stage selects by map loss among its own iterates
+                z = self._stage(model, x0, y_t, z, joint_weight, self.steps, self.term, m_t, best, gen, k)
+            with torch.no_grad():
+                probs = model(best.x).softmax(1)
+        p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
+        success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+        return AttackResult(best.x, y_t, success, p_t, best.score if self.steps else None,
+                            time.perf_counter() - start, self.warm_steps + self.steps)
+
+    # ------------------------------------------------------------------------------------------------
+    def _stage(self, model, x0, y_t, z, weight, n_steps, term, m_t, best, gen, k) -> Tensor:
+        if n_steps == 0:
+            return z
+        self.threat.start(x0)
+        active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+        state = term.init(model, self.threat.apply(x0, z, weight).detach(), y_t, m_t) if term is not None else None
+        search = term is not None and isinstance(self.threat, PGD) and self._uses_mask(term) and self.mask_search_steps
+        for i in range(n_steps):
+            frac = i / max(n_steps - 1, 1)
+            z = z.detach().requires_grad_(True)
+            x = self.threat.apply(x0, z, weight)
+            xq = x + (self.threat.quantise(x0, x) - x).detach()
+            logits = model(xq)
+            if term is not None and self.smoothing is not None:
+                rho = self.smoothing[0] + frac * (self.smoothing[1] - self.smoothing[0])
+                l_prd = -(_soft_targets(y_t, k, rho, gen) * F.log_softmax(logits, 1)).sum(1)
+            else:
+                l_prd = F.cross_entropy(logits, y_t, reduction="none")
+            loss = l_prd + self.threat.penalty(x0, x, z)
+            l_int = None
+            if term is not None:
+                l_int = term.loss(model, xq, y_t, m_t, state)
+                loss = loss + (self.c + frac * (self.c_end - self.c)) * l_int
+            (g,) = torch.autograd.grad(loss.sum(), z)
+            with torch.no_grad():
+                probs = logits.detach().softmax(1)
+                p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
+                success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+                score = l_int.detach() if l_int is not None else -p_t
+                best.update(xq.detach(), success, score, p_t)
+                if term is None and self.early_stop:
+                    active = active & ~success
+                if search:
+                    alpha = self._search_step(model, x0, y_t, z.detach(), g, active, weight)
+                    z = self.threat.step(z, g, active, weight, alpha=alpha)
+                else:
+                    z = self.threat.step(z, g, active, weight)
+                if isinstance(self.threat, PGD):
+                    z = self.threat.project(x0, z)
+            if term is not None:
+                term.refresh(model, self.threat.apply(x0, z, weight), y_t, state, i)
+            if self.progress is not None:
+                self.progress(1)
+            if term is None and self.early_stop and (i + 1) % self.check_every == 0 and not bool(active.any()):
+                break  # one host sync every `check_every` steps
+        with torch.no_grad():  # score the final iterate too
+            xq = self.threat.quantise(x0, self.threat.apply(x0, z, weight))
+            probs = model(xq).softmax(1)
+            p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
+            success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+            if term is None:
+                best.update(xq, success, -p_t, p_t)
+        return z.detach()
+
+    @staticmethod
+    def _uses_mask(term: InterpretationTerm) -> bool:
+        return any(isinstance(t, MaskTerm) for t in getattr(term, "terms", [term]))
+
+    def _search_step(self, model, x0, y_t, z, g, active, weight) -> Tensor:
+        """Per-image binary search for the largest sign step keeping ``p_t >= max(confidence, 0.5 p_t now)``."""
+        threat: PGD = self.threat  # type: ignore[assignment]
+        n = x0.shape[0]
+        hi = torch.full((n,), self.mask_alpha_max or 2 * threat.alpha, device=x0.device)
+        lo = torch.zeros(n, device=x0.device)
+        p_now = model(threat.apply(x0, z, weight)).softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
+        floor = torch.clamp(0.5 * p_now, min=self.confidence)
+        for _ in range(self.mask_search_steps):
+            mid = (lo + hi) / 2
+            z_try = threat.project(x0, threat.step(z, g, active, weight, alpha=mid))
+            p = model(threat.apply(x0, z_try, weight)).softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
+            ok = p >= floor
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok, hi, mid)
+        return torch.clamp(lo, min=0.25 * threat.alpha)
+
+
+def build_attack(name: str, framework: str | ThreatModel = "pgd", interpreter: Any = "cam", **options: Any) -> ADV2:
+    """``pgd`` (plain attack in any framework), ``adv2``, ``advedge`` or ``advedge_plus`` by name."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack '{name}'; choose one of: {', '.join(ATTACKS)}")
+    if name == "pgd":
+        options = {k: v for k, v in options.items() if k not in ("edge", "c", "c_end", "mask_options", "edge_stages")}
+        return ADV2(None, framework, **{**options, "steps": 0})
+    return ADV2(interpreter, framework, edge=ATTACKS[name], **options)

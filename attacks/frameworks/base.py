@@ -1,0 +1,47 @@
+"""Threat models (attack frameworks): how a variable ``z`` becomes an image and how it is updated.
+
+Every framework works on a whole batch with per-example state; ``active`` freezes finished examples
+without a host sync. ``weight`` is the AdvEdge edge map (``None`` for ADV2).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = ["ThreatModel", "quantise"]
+
+
+def quantise(x: Tensor) -> Tensor:
+    """Round to the uint8 grid: what a saved adversarial image really is."""
+    return torch.round(x * 255) / 255
+
+
+class ThreatModel(ABC):
+    """Parameterisation, constraint, penalty and update rule of one attack framework."""
+
+    name: str = "threat"
+
+    @abstractmethod
+    def init(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The initial optimisation variable for benign images ``x0``."""
+
+    @abstractmethod
+    def apply(self, x0: Tensor, z: Tensor, weight: Tensor | None) -> Tensor:
+        """The (differentiable) adversarial image in [0, 1] for variable ``z``."""
+
+    def penalty(self, x0: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """Per-example distortion penalty added to the loss (zero for norm-ball frameworks)."""
+        return x.new_zeros(x.shape[0])
+
+    @abstractmethod
+    def step(self, z: Tensor, grad: Tensor, active: Tensor, weight: Tensor | None) -> Tensor:
+        """One descent update of ``z`` (frozen where ``active`` is False)."""
+
+    def quantise(self, x0: Tensor, x: Tensor) -> Tensor:
+        """The uint8-grid image closest to ``x`` that still satisfies the constraint."""
+        return quantise(x)
+
+    def start(self, x0: Tensor) -> None:
+        """Reset per-run optimiser state (called once per attack stage)."""

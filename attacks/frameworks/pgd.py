@@ -1,0 +1,69 @@
+"""PGD in the L-inf ball (Madry et al.), as used by ADV2 / AdvEdge (Eqn 4 / Eqn 10)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .._checks import check_positive
+from ..optim import expand_like
+from .base import ThreatModel
+
+__all__ = ["PGD", "pgd_maximise"]
+
+
+class PGD(ThreatModel):
+    """``x = clip(x0 + delta)``, ``|delta|_inf <= eps``, sign steps of size ``alpha`` (times the edge weight)."""
+
+    name = "pgd"
+
+    def __init__(self, eps: float = 0.031, alpha: float = 1 / 255, random_start: bool = False) -> None:
+        check_positive(eps, "eps")
+        check_positive(alpha, "alpha")
+        self.eps, self.alpha, self.random_start = eps, alpha, random_start
+
+    def init(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+        if not self.random_start:
+            return torch.zeros_like(x0)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return ((x0 + (2 * u - 1) * self.eps).clamp(0, 1) - x0)
+
+    def apply(self, x0: Tensor, z: Tensor, weight: Tensor | None) -> Tensor:
+        return (x0 + z).clamp(0, 1)
+
+    def step(self, z: Tensor, grad: Tensor, active: Tensor, weight: Tensor | None, alpha: Tensor | float | None = None) -> Tensor:
+        a = self.alpha if alpha is None else alpha
+        if isinstance(a, Tensor):
+            a = expand_like(a, z)
+        upd = a * grad.sign()
+        if weight is not None:
+            upd = upd * weight
+        upd = upd * expand_like(active.to(z.dtype), z)
+        return (z.detach() - upd).clamp(-self.eps, self.eps)
+
+    def project(self, x0: Tensor, z: Tensor) -> Tensor:
+        """Keep ``x0 + z`` inside [0, 1]."""
+        return (x0 + z).clamp(0, 1) - x0
+
+    def quantise(self, x0: Tensor, x: Tensor) -> Tensor:
+        # round the perturbation toward zero: on the uint8 grid when x0 is, and never outside the ball
+        return x0 + torch.trunc((x - x0) * 255) / 255
+
+
+def pgd_maximise(loss_fn: Callable[[Tensor], Tensor], x0: Tensor, eps: float, alpha: float, steps: int,
+                 random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Generic L-inf PGD ascent on ``loss_fn(x) -> Tensor[N]`` (e.g. an interpretation discrepancy).
+
+    Gradients are taken w.r.t. the input only (``torch.autograd.grad``); returns the detached last iterate.
+    """
+    threat = PGD(eps, alpha, random_start)
+    x0 = x0.detach()
+    z = threat.init(x0, generator)
+    active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+    with torch.enable_grad():
+        for _ in range(steps):
+            x = threat.apply(x0, z.requires_grad_(True), None)
+            (g,) = torch.autograd.grad(loss_fn(x).sum(), z)
+            z = threat.project(x0, threat.step(z, -g, active, None))
+    return threat.apply(x0, z, None).detach()

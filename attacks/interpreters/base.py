@@ -1,0 +1,72 @@
+"""The interpreter interface: ``g(model, x, target) -> maps [N, 1, H, W]`` in [0, 1] at input resolution."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_images, check_labels
+
+__all__ = ["Interpreter", "minmax", "to_input_size", "resolve_target"]
+
+
+def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:
+    """Differentiable per-example min-max normalisation to [0, 1]; a constant map becomes zeros."""
+    flat = m.flatten(1)
+    lo = flat.min(1, keepdim=True).values
+    hi = flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(m)
+
+
+def to_input_size(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resampling of ``[N, 1, h, w]`` maps to the input grid (identity if already there)."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+
+def resolve_target(model: nn.Module, x: Tensor, target: Tensor | int | None) -> Tensor:
+    """Class to explain: the given labels, a single int for the whole batch, or the model's prediction."""
+    if target is None:
+        with torch.no_grad():
+            return model(x).argmax(1)
+    if isinstance(target, int):
+        return torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
+    return target.to(x.device)
+
+
+class Interpreter(ABC):
+    """An interpreter g of an IDLS. The classifier is passed at call time; the caller's state is untouched.
+
+    Subclasses implement :meth:`explain` (raw maps at their native resolution, differentiable when
+    ``create_graph``); :meth:`__call__` validates, resamples to the input grid and normalises to [0, 1].
+    """
+
+    name: str = "interpreter"
+    #: True when the maps are differentiable functions of the input (usable inside attack losses).
+    differentiable: bool = True
+
+    def __call__(self, model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
+                 create_graph: bool = False, raw: bool = False) -> Tensor:
+        check_images(x)
+        target = resolve_target(model, x, target)
+        num_classes = getattr(model, "num_classes", None)
+        if num_classes is not None:
+            check_labels(target, num_classes, x.shape[0], name="target classes")
+        m = self.explain(model, x, target, create_graph=create_graph)
+        if raw:
+            return m
+        return self.normalise(to_input_size(m, tuple(x.shape[-2:])))
+
+    def normalise(self, m: Tensor) -> Tensor:
+        """Map a raw map on the input grid to [0, 1] (per-example min-max by default)."""
+        return minmax(m)
+
+    @abstractmethod
+    def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
+        """Raw (un-normalised) maps ``[N, 1, h, w]`` for classes ``target``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

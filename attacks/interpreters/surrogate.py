@@ -1,0 +1,60 @@
+"""Smooth ReLU-derivative surrogate for attacking gradient maps (ADV2 paper section 3.2).
+
+A ReLU network's input gradient is piecewise constant in x, so the gradient of a GRAD map is zero.
+Inside :func:`relu_surrogate` every ReLU keeps its exact forward value but back-propagates
+``h(z) = 1 + z / sqrt(z^2 + tau)`` for ``z < 0`` and ``z / sqrt(z^2 + tau)`` for ``z >= 0``,
+which is differentiable, so second derivatives are non-zero.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["relu_surrogate", "smooth_relu_grad", "SurrogateReLU"]
+
+
+def smooth_relu_grad(z: Tensor, tau: float) -> Tensor:
+    """The surrogate derivative ``h(z)`` of ADV2 section 3.2."""
+    s = z / torch.sqrt(z * z + tau)
+    return torch.where(z < 0, 1 + s, s)
+
+
+class SurrogateReLU(torch.autograd.Function):
+    """Forward: exact ReLU. Backward: ``grad * h(z)``, itself differentiable (double backward works)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, tau: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.tau = tau
+        return z.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad * smooth_relu_grad(z, ctx.tau), None
+
+
+_original_relu = F.relu
+
+
+@contextmanager
+def relu_surrogate(tau: float = 1e-4) -> Iterator[None]:
+    """Route every ``F.relu`` / ``nn.ReLU`` (also in-place ones) through :class:`SurrogateReLU`.
+
+    Works on any model built from ``nn.ReLU`` modules or ``F.relu`` calls (torchvision included). It patches
+    ``torch.nn.functional.relu`` for the duration of the block and restores it on exit, also on error;
+    it is not thread-safe.
+    """
+
+    def patched(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 - mirrors F.relu
+        return SurrogateReLU.apply(input, tau)
+
+    F.relu = patched
+    try:
+        yield
+    finally:
+        F.relu = _original_relu
