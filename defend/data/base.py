@@ -1,0 +1,133 @@
+"""Shared pieces of the data modules: an in-memory dataset and a small base class."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .batch import IMAGE, INDEX, LABEL, MASK
+
+__all__ = ["TensorImageDataset", "BaseDataModule"]
+
+
+class TensorImageDataset(Dataset):
+    """Dataset over precomputed uint8 images ``[N, 3, H, W]`` (and optional uint8 masks ``[N, 1, H, W]``)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if masks is not None and masks.shape != (images.shape[0], 1, *images.shape[2:]):
+            raise ValueError(f"masks must have shape [N, 1, H, W], got {tuple(masks.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.masks = masks
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        image = self.images[idx].float() / 255.0
+        if self.transform is not None:
+            image = self.transform(image)
+        item = {
+            IMAGE: image,
+            LABEL: self.labels[idx].clone(),
+            INDEX: torch.tensor(idx, dtype=torch.int64),
+        }
+        if self.masks is not None:
+            item[MASK] = self.masks[idx].float()
+        return item
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Common properties, lazy setup and dataloader construction.
+
+    Subclasses set ``name``, ``num_classes``, ``image_shape``, ``class_names``, ``has_mask``
+    and implement :meth:`_build` returning ``(train, val, test)`` datasets.
+    """
+
+    name: str = "base"
+    has_mask: bool = False
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.num_classes: int = 0
+        self.image_shape: tuple[int, int, int] = (3, 0, 0)
+        self.class_names: list[str] = []
+        self._datasets: Optional[tuple[Dataset, Dataset, Dataset]] = None
+
+    def _build(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the datasets once (idempotent)."""
+        if self._datasets is None:
+            self._datasets = self._build()
+
+    @property
+    def train_dataset(self) -> Dataset:
+        self.setup()
+        return self._datasets[0]
+
+    @property
+    def val_dataset(self) -> Dataset:
+        self.setup()
+        return self._datasets[1]
+
+    @property
+    def test_dataset(self) -> Dataset:
+        self.setup()
+        return self._datasets[2]
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def describe(self) -> dict[str, Any]:
+        """Summary of the data module (builds the datasets if needed)."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "image_shape": tuple(self.image_shape),
+            "class_names": list(self.class_names),
+            "has_mask": self.has_mask,
+            "sizes": {
+                "train": len(self.train_dataset),
+                "val": len(self.val_dataset),
+                "test": len(self.test_dataset),
+            },
+        }

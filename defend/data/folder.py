@@ -1,0 +1,168 @@
+"""Image-folder data (``root/<class_name>/<image>``, e.g. ISIC-style medical images).
+
+An existing ``root/train`` (plus optional ``root/val``, ``root/test``) split layout is used as is;
+missing val/test splits, or all splits for a flat layout, are carved out with a stratified,
+seeded split.  Images are loaded lazily with PIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from .base import BaseDataModule
+from .batch import IMAGE, INDEX, LABEL, quantize
+
+__all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_SPLIT_DIRS = ("train", "val", "test")
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def scan_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> tuple[list[str], list[Path], list[int]]:
+    """List ``(class_names, files, labels)`` under ``root/<class>/``; raise ``ValueError`` if empty."""
+    dirs = _class_dirs(root)
+    names = [d.name for d in dirs] if class_names is None else list(class_names)
+    if class_names is not None:
+        unknown = sorted({d.name for d in dirs} - set(names))
+        if unknown:
+            raise ValueError(f"class folders {unknown} under {root} are not among the training classes {names}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for d in dirs:
+        found = _image_files(d)
+        files.extend(found)
+        labels.extend([names.index(d.name)] * len(found))
+    if not files:
+        raise ValueError(
+            f"no images found under {root}: expected class folders {root}/<class_name>/ "
+            f"containing files with one of the extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    if class_names is None:  # drop empty class folders
+        present = sorted(set(labels))
+        names = [names[i] for i in present]
+        remap = {old: new for new, old in enumerate(present)}
+        labels = [remap[y] for y in labels]
+    return names, files, labels
+
+
+def _stratified_split(labels: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Per class, give ``fractions[k]`` of the items to part ``k + 1``; the rest form part 0 (train)."""
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for k, frac in enumerate(fractions):
+            take = int(round(frac * len(idx)))
+            if frac > 0 and take == 0 and len(idx) >= len(fractions) + 1:
+                take = 1  # keep every class represented in small splits
+            parts[k + 1].extend(idx[start : start + take].tolist())
+            start += take
+        parts[0].extend(idx[start:].tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+class FolderDataset(Dataset):
+    """Lazily loads image files; a file PIL cannot read raises ``ValueError`` naming the file."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.files = list(files)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        path = self.files[idx]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"cannot read image file '{path}': {exc}") from exc
+        image = quantize(self.transform(img))
+        return {IMAGE: image, LABEL: self.labels[idx].clone(), INDEX: torch.tensor(idx, dtype=torch.int64)}
+
+
+class ImageFolderDataModule(BaseDataModule):
+    """Image classification from a ``root/<class_name>/<image files>`` tree."""
+
+    name = "folder"
+    has_mask = False
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        resize: Optional[int] = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.save_hyperparameters()
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1, got {val_fraction}, {test_fraction}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder root '{self.root}' does not exist or is not a directory")
+        self.image_size = int(image_size)
+        self.resize = int(resize) if resize is not None else int(round(image_size * 256 / 224))
+        if self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size})")
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.augment = bool(augment)
+        self.image_shape = (3, self.image_size, self.image_size)
+        self.class_names, self._splits = self._scan()
+        self.num_classes = len(self.class_names)
+
+    def _scan(self) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]]:
+        """Find classes and per-split (files, labels)."""
+        rng = np.random.default_rng(self.seed)
+        split_root = self.root / "train"
+        if split_root.is_dir():
+            names, files, labels = scan_image_folder(split_root)
+            given = {s: scan_image_folder(self.root / s, names)[1:] for s in ("val", "test") if (self.root / s).is_dir()}
+            fractions = [self.val_fraction if "val" not in given else 0.0, self.test_fraction if "test" not in given else 0.0]
+        else:
+            names, files, labels = scan_image_folder(self.root)
+            given, fractions = {}, [self.val_fraction, self.test_fraction]
+        tr, va, te = _stratified_split(np.asarray(labels), fractions, rng)
+        pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+        splits = {"train": pick(tr), "val": given.get("val", pick(va)), "test": given.get("test", pick(te))}
+        if not splits["train"][0]:
+            raise ValueError(f"no training images left under {self.root} after the val/test split")
+        return names, splits
+
+    def _transform(self, train: bool) -> transforms.Compose:
+        if train and self.augment:
+            crop = [transforms.RandomCrop(self.image_size), transforms.RandomHorizontalFlip()]
+        else:
+            crop = [transforms.CenterCrop(self.image_size)]
+        return transforms.Compose([transforms.Resize(self.resize), *crop, transforms.ToTensor()])
+
+    def _build(self) -> tuple[Dataset, Dataset, Dataset]:
+        return tuple(
+            FolderDataset(*self._splits[s], transform=self._transform(train=s == "train")) for s in _SPLIT_DIRS
+        )
