@@ -1,0 +1,1 @@
+"""Experiments: one module per table this framework reproduces (run by ``defend experiment``)."""
