@@ -53,8 +53,9 @@ def relu_surrogate(tau: float = 1e-4) -> Iterator[None]:
     def patched(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 - mirrors F.relu
         return SurrogateReLU.apply(input, tau)
 
+    previous = F.relu  # restore what was there, so that nested blocks keep the outer surrogate active
     F.relu = patched
     try:
         yield
     finally:
-        F.relu = _original_relu
+        F.relu = previous
