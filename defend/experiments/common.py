@@ -14,7 +14,8 @@ from ..data import build_datamodule
 from ..io import atomic_write_text, write_json
 from ..models import GapClassifier
 
-__all__ = ["setup_data", "get_classifier", "make_trainer", "take_split", "write_outputs", "markdown_table", "fmt"]
+__all__ = ["setup_data", "get_classifier", "make_trainer", "take_split", "write_outputs", "markdown_table", "fmt",
+           "deep_get", "select_correct"]
 
 
 def setup_data(cfg: dict[str, Any]) -> pl.LightningDataModule:
@@ -87,3 +88,22 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], report: str) -> None:
                 raise ValueError(f"metrics rows must be flat; field {k!r} is a {type(v).__name__}")
     write_json(out / "metrics.json", rows)
     atomic_write_text(out / "report.md", report)
+
+
+def deep_get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int, split: str = "test") -> dict[str, Tensor]:
+    """The first ``n`` inputs of a split that the classifier gets right (attacks start from correct inputs)."""
+    data = take_split(dm, split)
+    with torch.no_grad():
+        ok = torch.cat([model(data["image"][i:i + 512]).argmax(1) == data["label"][i:i + 512]
+                        for i in range(0, data["image"].shape[0], 512)])
+    idx = ok.nonzero().flatten()[:n]
+    return {k: v[idx] for k, v in data.items()}

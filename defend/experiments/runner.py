@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "classifier": "defend.experiments.classifier",
     "attacks": "defend.experiments.attacks",
     "gap": "defend.experiments.gap",
+    "robust": "defend.experiments.robust",
 }
 
 

@@ -1,0 +1,26 @@
+# Two-command Quickstart: `make demo` and `make test` (each sets up .venv if missing).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch and torchvision come as the registry's matching pair (see README: install pitfall)
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -c "import torch, torchvision; from torchvision.ops import nms; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m defend.demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+clean:
+	rm -rf runs/demo .pytest_cache
