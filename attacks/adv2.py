@@ -168,6 +168,8 @@ class ADV2:
                 m_t = self.target_maps(model, x0) if target_map is None else target_map.detach().to(x0.device)
             z = self.threat.init(x0, gen)
             weight = edge_weights(x0, self.edge, self.edge_threshold)
+            if weight is not None and isinstance(self.threat, PGD):
+                z = z * weight  # AdvEdge: the random start is edge-weighted like every step (AdvEdge+: edges only)
             best = _Best(self.threat.quantise(x0, self.threat.apply(x0, z, None)))
             z = self._stage(model, x0, y_t, z, weight, self.warm_steps, None, None, best, gen, k)
             if self.steps:

@@ -7,6 +7,7 @@ from torch import Tensor
 
 __all__ = ["sobel_edges", "edge_weights"]
 
+_FLAT = 1e-5
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
@@ -17,7 +18,12 @@ def sobel_edges(x: Tensor) -> Tensor:
     kx = _SOBEL_X.to(x.device, x.dtype).view(1, 1, 3, 3)
     ky = kx.transpose(-1, -2)
     pad = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    mag = torch.sqrt(F.conv2d(pad, kx) ** 2 + F.conv2d(pad, ky) ** 2 + 1e-12)
+    sq = F.conv2d(pad, kx) ** 2 + F.conv2d(pad, ky) ** 2
+    mag = torch.sqrt(sq + 1e-12)
+    # magnitudes below 1e-5 (the sqrt floor, conv round-off) are flat: zero them, or the per-image normalisation
+    # would blow them up to 1 and a constant image would get full edge weight everywhere. (A one-grey-level step
+    # of a uint8 image has a magnitude >= 4e-4.)
+    mag = mag * (mag > _FLAT).to(mag.dtype)
     return mag / mag.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 

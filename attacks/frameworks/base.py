@@ -10,7 +10,16 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["ThreatModel", "quantise"]
+__all__ = ["ThreatModel", "quantise", "clip01"]
+
+
+def clip01(x: Tensor) -> Tensor:
+    """Clip to [0, 1] with a straight-through (identity) gradient.
+
+    ``Tensor.clamp`` back-propagates zero at exactly 0 and 1, so a pixel sitting on the boundary (every
+    saturated pixel of a benign image, at zero perturbation) would get no gradient and never move again.
+    """
+    return x + (x.clamp(0, 1) - x).detach()
 
 
 def quantise(x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._checks import check_positive
 from ..optim import expand_like
-from .base import ThreatModel
+from .base import ThreatModel, clip01
 
 __all__ = ["PGD", "pgd_maximise"]
 
@@ -30,7 +30,7 @@ class PGD(ThreatModel):
         return ((x0 + (2 * u - 1) * self.eps).clamp(0, 1) - x0)
 
     def apply(self, x0: Tensor, z: Tensor, weight: Tensor | None) -> Tensor:
-        return (x0 + z).clamp(0, 1)
+        return clip01(x0 + z)  # project() keeps x0 + z in [0, 1]; the clip is a guard with identity gradient
 
     def step(self, z: Tensor, grad: Tensor, active: Tensor, weight: Tensor | None, alpha: Tensor | float | None = None) -> Tensor:
         a = self.alpha if alpha is None else alpha

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._checks import check_positive
 from ..optim import BatchAdam
-from .base import ThreatModel
+from .base import ThreatModel, clip01
 
 __all__ = ["StAdv", "flow_warp", "flow_loss"]
 
@@ -57,7 +57,7 @@ class StAdv(ThreatModel):
 
     def apply(self, x0: Tensor, z: Tensor, weight: Tensor | None) -> Tensor:
         flow = z if weight is None else z * weight
-        return flow_warp(x0, flow).clamp(0, 1)
+        return clip01(flow_warp(x0, flow))
 
     def penalty(self, x0: Tensor, x: Tensor, z: Tensor) -> Tensor:
         return self.tau * flow_loss(z)
