@@ -71,6 +71,12 @@ class _Best:
         self.score = torch.full((n,), float("inf"), device=x.device)
         self.prob = torch.full((n,), -1.0, device=x.device)
 
+    def restart(self) -> "_Best":
+        """Keep the iterate and its success as a fallback, forget its score (a new stage scores anew)."""
+        fresh = _Best(self.x)
+        fresh.success, fresh.prob = self.success.clone(), self.prob.clone()
+        return fresh
+
     def update(self, xq: Tensor, success: Tensor, score: Tensor, prob: Tensor) -> None:
         better_ok = success & (~self.success | (score < self.score))
         better_fail = ~success & ~self.success & (prob > self.prob)
@@ -107,7 +113,7 @@ class ADV2:
                  confidence: float = 0.0, smoothing: tuple[float, float] | str | None = "auto",
                  surrogate_tau: float = 1e-4, mask_options: dict[str, Any] | None = None,
                  interpreter_options: dict[str, dict] | None = None,
-                 mask_search_steps: int = 6, mask_alpha_max: float | None = None,
+                 mask_search_steps: int = 4, mask_alpha_max: float | None = None,
                  early_stop: bool = False, check_every: int = 50, seed: int = 0,
                  progress: Callable[[int], None] | None = None) -> None:
         if edge not in (None, "soft", "binary"):
@@ -174,7 +180,7 @@ class ADV2:
             z = self._stage(model, x0, y_t, z, weight, self.warm_steps, None, None, best, gen, k)
             if self.steps:
                 joint_weight = weight if self.edge_stages == "all" else None
-                best = _Best(best.x)  # the joint stage selects by map loss among its own iterates
+                best = best.restart()  # the joint stage selects by map loss; the warm result stays a fallback
                 z = self._stage(model, x0, y_t, z, joint_weight, self.steps, self.term, m_t, best, gen, k)
             with torch.no_grad():
                 probs = model(best.x).softmax(1)
@@ -196,16 +202,16 @@ class ADV2:
             z = z.detach().requires_grad_(True)
             x = self.threat.apply(x0, z, weight)
             xq = x + (self.threat.quantise(x0, x) - x).detach()
-            logits = model(xq)
+            l_int, logits = (None, None) if term is None else term.loss_and_logits(model, xq, y_t, m_t, state)
+            if logits is None:
+                logits = model(xq)
             if term is not None and self.smoothing is not None:
                 rho = self.smoothing[0] + frac * (self.smoothing[1] - self.smoothing[0])
                 l_prd = -(_soft_targets(y_t, k, rho, gen) * F.log_softmax(logits, 1)).sum(1)
             else:
                 l_prd = F.cross_entropy(logits, y_t, reduction="none")
             loss = l_prd + self.threat.penalty(x0, x, z)
-            l_int = None
-            if term is not None:
-                l_int = term.loss(model, xq, y_t, m_t, state)
+            if l_int is not None:
                 loss = loss + (self.c + frac * (self.c_end - self.c)) * l_int
             (g,) = torch.autograd.grad(loss.sum(), z)
             with torch.no_grad():
@@ -213,6 +219,8 @@ class ADV2:
                 p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
                 success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
                 score = l_int.detach() if l_int is not None else -p_t
+                if term is not None and term.selects_on_refresh:
+                    score = torch.full_like(p_t, float("inf"))  # scored at refresh on the real map
                 best.update(xq.detach(), success, score, p_t)
                 if term is None and self.early_stop:
                     active = active & ~success
@@ -224,7 +232,7 @@ class ADV2:
                 if isinstance(self.threat, PGD):
                     z = self.threat.project(x0, z)
             if term is not None:
-                term.refresh(model, self.threat.apply(x0, z, weight), y_t, state, i)
+                self._refresh(model, x0, y_t, z, weight, term, m_t, state, best, i)
             if self.progress is not None:
                 self.progress(1)
             if term is None and self.early_stop and (i + 1) % self.check_every == 0 and not bool(active.any()):
@@ -236,7 +244,21 @@ class ADV2:
             success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
             if term is None:
                 best.update(xq, success, -p_t, p_t)
+        if term is not None:
+            self._refresh(model, x0, y_t, z, weight, term, m_t, state, best, None)
         return z.detach()
+
+    def _refresh(self, model, x0, y_t, z, weight, term, m_t, state, best, step) -> None:
+        """Let the term update its state; score the iterate when the term measured the real map."""
+        xq = self.threat.quantise(x0, self.threat.apply(x0, z, weight)).detach()
+        term.refresh(model, xq, y_t, m_t, state, step)
+        sel = state.pop("selection_loss", None)
+        if sel is not None:
+            with torch.no_grad():
+                probs = model(xq).softmax(1)
+            p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
+            success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+            best.update(xq, success, sel, p_t)
 
     @staticmethod
     def _uses_mask(term: InterpretationTerm) -> bool:

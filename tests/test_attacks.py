@@ -202,7 +202,7 @@ def test_attack_restores_state_after_an_exception(model, batch, monkeypatch, whe
         raise RuntimeError("injected failure")
 
     if where == "term_loss":
-        monkeypatch.setattr(attack.term, "loss", boom)
+        monkeypatch.setattr(attack.term, "loss_and_logits", boom)
     elif where == "threat_step":
         monkeypatch.setattr(attack.threat, "step", boom)
     else:

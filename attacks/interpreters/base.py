@@ -55,10 +55,17 @@ class Interpreter(ABC):
         num_classes = getattr(model, "num_classes", None)
         if num_classes is not None:
             check_labels(target, num_classes, x.shape[0], name="target classes")
-        m = self.explain(model, x, target, create_graph=create_graph)
         if raw:
-            return m
-        return self.normalise(to_input_size(m, tuple(x.shape[-2:])))
+            return self.explain(model, x, target, create_graph=create_graph)
+        return self.map(model, x, target, create_graph=create_graph)
+
+    def map(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
+        """Unchecked fast path (no validation, no host sync): normalised maps on the input grid.
+
+        Attack loops call this every step; ``__call__`` validates and then calls it.
+        """
+        return self.normalise(to_input_size(self.explain(model, x, target, create_graph=create_graph),
+                                            tuple(x.shape[-2:])))
 
     def normalise(self, m: Tensor) -> Tensor:
         """Map a raw map on the input grid to [0, 1] (per-example min-max by default)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["relu_surrogate", "smooth_relu_grad", "SurrogateReLU"]
+__all__ = ["relu_surrogate", "smooth_relu_grad", "smooth_relu_grad_derivative", "SurrogateReLU", "ExactFirstOrderReLU"]
 
 
 def smooth_relu_grad(z: Tensor, tau: float) -> Tensor:
@@ -38,12 +38,53 @@ class SurrogateReLU(torch.autograd.Function):
         return grad * smooth_relu_grad(z, ctx.tau), None
 
 
+def smooth_relu_grad_derivative(z: Tensor, tau: float) -> Tensor:
+    """``h'(z) = tau / (z^2 + tau)^1.5`` (both branches of h share it)."""
+    return tau / (z * z + tau).pow(1.5)
+
+
+class _SmoothStep(torch.autograd.Function):
+    """Forward: the exact ReLU derivative ``1[z > 0]``. Backward: ``h'(z)``, the surrogate's curvature."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, tau: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.tau = tau
+        return (z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad * smooth_relu_grad_derivative(z, ctx.tau), None
+
+
+class ExactFirstOrderReLU(torch.autograd.Function):
+    """Forward and first derivative exact; second derivative ``h'(z)`` from the surrogate.
+
+    With it one forward pass serves both the prediction loss (exact gradient) and the exact GRAD map,
+    whose input gradient is non-zero through the surrogate's curvature. Its second derivative equals
+    that of :class:`SurrogateReLU`.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, tau: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.tau = tau
+        return z.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad * _SmoothStep.apply(z, ctx.tau), None
+
+
 _original_relu = F.relu
 
 
 @contextmanager
-def relu_surrogate(tau: float = 1e-4) -> Iterator[None]:
-    """Route every ``F.relu`` / ``nn.ReLU`` (also in-place ones) through :class:`SurrogateReLU`.
+def relu_surrogate(tau: float = 1e-4, exact_first_order: bool = False) -> Iterator[None]:
+    """Route every ``F.relu`` / ``nn.ReLU`` (also in-place ones) through :class:`SurrogateReLU`
+    (the paper's h as first derivative) or, with ``exact_first_order``, :class:`ExactFirstOrderReLU`.
 
     Works on any model built from ``nn.ReLU`` modules or ``F.relu`` calls (torchvision included). It patches
     ``torch.nn.functional.relu`` for the duration of the block and restores it on exit, also on error;
@@ -51,8 +92,9 @@ def relu_surrogate(tau: float = 1e-4) -> Iterator[None]:
     """
 
     def patched(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 - mirrors F.relu
-        return SurrogateReLU.apply(input, tau)
+        return fn.apply(input, tau)
 
+    fn = ExactFirstOrderReLU if exact_first_order else SurrogateReLU
     previous = F.relu  # restore what was there, so that nested blocks keep the outer surrogate active
     F.relu = patched
     try:
