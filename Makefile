@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m defend.demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -p no:cacheprovider
 
 clean:
 	rm -rf runs/demo .pytest_cache
