@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "attacks": "defend.experiments.attacks",
     "gap": "defend.experiments.gap",
     "robust": "defend.experiments.robust",
+    "detector": "defend.experiments.detector",
 }
 
 

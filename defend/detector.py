@@ -1,0 +1,277 @@
+"""Multi-interpreter adversarial detector (AdvEdge section VIII) and the feature-squeezing baseline.
+
+:class:`DetectorModule` reads ``C`` stacked attribution maps (2 or 3 interpreters, optionally the product of two
+maps): a VGG-16 convolutional trunk whose input layer takes the ``C`` channels and whose 2-way head is trained with
+cross-entropy (which layers train is configurable: ``"input"`` = first conv + head as in the paper, ``"all"``,
+``"head"``), then the trunk's GAP features feed an ``xgboost.XGBClassifier`` (``tree_method="hist"``, device "cuda"
+when available). :meth:`DetectorModule.save` writes the trunk as a safe checkpoint and the booster as JSON; nothing
+is ever unpickled on load.
+
+:class:`FeatureSqueezer` is the baseline of Xu et al. (NDSS 2018, used in ADV2 Table 4): bit-depth reduction and
+2x2 median smoothing; the score is the largest L1 distance between the classifier's softmax on the input and on each
+squeezed version; the threshold is chosen on training scores.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .io import atomic_path, load_artifact, load_state_checked, save_artifact, write_json
+from .models.imagenet import vgg16
+
+__all__ = ["DetectorModule", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth", "best_threshold",
+           "xgb_device"]
+
+TRAINABLE = ("input", "all", "head", "none")
+
+
+def xgb_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DetectorModule(pl.LightningModule):
+    """VGG-16 trunk on stacked maps + cross-entropy head, then gradient boosting on the GAP features.
+
+    Args:
+        in_channels: stacked channels ``C`` (maps of 1-3 interpreters, plus the product channel if any).
+        input_size: side of the maps (32 on the digits, 224 on ImageNet).
+        trainable: ``"input"`` (first conv + head: the paper's "replaced the input and output layer and trained only
+            those layers"), ``"all"`` (whole trunk), ``"head"`` or ``"none"``.
+        pretrained: optional local torchvision VGG-16 state dict (never downloaded); the first conv is then
+            re-initialised for ``C`` channels.
+        lr, weight_decay: Adam options of the cross-entropy stage.
+        booster: options of ``xgboost.XGBClassifier`` (``tree_method="hist"`` and the device are set here).
+        seed: seeds the trunk initialisation and the booster.
+    """
+
+    def __init__(self, in_channels: int = 2, input_size: int = 32, trainable: str = "input",
+                 pretrained: str | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
+                 booster: dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.save_hyperparameters()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = vgg16(num_classes=2, pretrained=pretrained, input_size=input_size, in_channels=in_channels)
+            first = self._first_conv(net)
+            if pretrained is not None and in_channels == 3:  # maps are not RGB: re-initialise the input layer too
+                nn.init.kaiming_normal_(first.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(first.bias)
+        # maps are already in [0, 1]: centre them the same way for every channel count
+        net.normalize.mean.fill_(0.5)
+        net.normalize.std.fill_(0.5)
+        self.net = net
+        self._set_trainable(trainable)
+        self.booster_options = dict(booster or {})
+        self.booster = None
+
+    # ------------------------------------------------------------------------------------------------ trunk
+    @staticmethod
+    def _first_conv(net: nn.Module) -> nn.Conv2d:
+        return next(m for m in net.features.modules() if isinstance(m, nn.Conv2d))
+
+    def _set_trainable(self, mode: str) -> None:
+        for p in self.net.parameters():
+            p.requires_grad_(mode == "all")
+        if mode in ("input", "head", "all"):
+            for p in self.net.head.parameters():
+                p.requires_grad_(True)
+        if mode == "input":
+            for p in self._first_conv(self.net).parameters():
+                p.requires_grad_(True)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        return self.net(maps)
+
+    def features(self, maps: Tensor, batch_size: int = 128) -> Tensor:
+        """GAP features of the trunk ``[N, 512]`` (eval mode, no gradients)."""
+        was = self.training
+        self.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, maps.shape[0], batch_size):
+                xb = maps[i:i + batch_size].to(self.device, torch.float32)
+                out.append(self.net.pool(self.net.forward_features(xb)).cpu())
+        self.train(was)
+        return torch.cat(out) if out else torch.zeros(0, 512)
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        maps, label = batch[0], batch[1]
+        logits = self(maps)
+        loss = F.cross_entropy(logits, label)
+        acc = (logits.argmax(1) == label).float().mean()
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=label.shape[0])
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_epoch=True, on_step=False, batch_size=label.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:  # "none": nothing to train; Lightning still wants an optimiser
+            params = [nn.Parameter(torch.zeros(1))]
+        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------------------------------------ booster
+    def _make_booster(self):
+        from xgboost import XGBClassifier
+
+        opts = {"n_estimators": 200, "max_depth": 4, "learning_rate": 0.1, "subsample": 0.9,
+                "colsample_bytree": 0.5, "n_jobs": 1}
+        opts.update(self.booster_options)
+        opts.update({"tree_method": "hist", "device": xgb_device(), "random_state": int(self.hparams.seed)})
+        return XGBClassifier(**opts)
+
+    def fit_booster(self, maps: Tensor, labels: Tensor) -> dict[str, float]:
+        """Extract GAP features and fit the booster; returns ``feature_seconds`` and ``booster_seconds``."""
+        start = time.perf_counter()
+        feats = self.features(maps).numpy()
+        feature_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        self.booster = self._make_booster()
+        self.booster.fit(feats, labels.cpu().numpy().astype(np.int64))
+        return {"feature_seconds": feature_seconds, "booster_seconds": time.perf_counter() - start}
+
+    def predict_proba(self, maps: Tensor) -> Tensor:
+        """Probability that each input is adversarial, ``[N]`` (needs a fitted booster)."""
+        if self.booster is None:
+            raise RuntimeError("the booster is not fitted: call fit_booster (or train_detector) first")
+        feats = self.features(maps).numpy()
+        return torch.from_numpy(self.booster.predict_proba(feats)[:, 1].astype(np.float32))
+
+    # ------------------------------------------------------------------------------------------------ artifacts
+    def save(self, directory: str | Path) -> None:
+        """``trunk.pt`` (safe weights + hyper-parameters), ``booster.json`` (XGBoost JSON) and ``detector.json``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        hp = {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr", "weight_decay", "seed")}
+        save_artifact(d / "trunk.pt", "detector", self.net.state_dict(),
+                      {"hparams": hp, "booster": json.dumps(self.booster_options)})
+        if self.booster is not None:
+            with atomic_path(d / "booster.json") as tmp:
+                json_tmp = tmp.with_suffix(".json")  # xgboost picks the format from the suffix
+                self.booster.save_model(str(json_tmp))
+                json_tmp.replace(tmp)
+        write_json(d / "detector.json", {"hparams": hp, "booster_options": self.booster_options,
+                                         "has_booster": self.booster is not None})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DetectorModule":
+        """Rebuild a saved detector: ``torch.load(weights_only=True)`` and XGBoost JSON, no unpickling."""
+        d = Path(directory)
+        payload = load_artifact(d / "trunk.pt", "detector")
+        hp = dict(payload["meta"]["hparams"])
+        booster = json.loads(payload["meta"].get("booster") or "{}")
+        det = cls(booster=booster, **hp)
+        load_state_checked(det.net, payload["state"], d / "trunk.pt")
+        if (d / "booster.json").is_file():
+            det.booster = det._make_booster()
+            det.booster.load_model(str(d / "booster.json"))
+        return det.eval()
+
+
+def train_detector(maps: Tensor, labels: Tensor, *, epochs: int = 3, batch_size: int = 32, trainable: str = "input",
+                   pretrained: str | None = None, lr: float = 1e-3, booster: dict[str, Any] | None = None,
+                   seed: int = 0, progress: bool = False, trainer_options: dict[str, Any] | None = None
+                   ) -> tuple[DetectorModule, dict[str, float]]:
+    """Train the cross-entropy stage with a Lightning Trainer, then the booster, on ``maps [N, C, H, W]``.
+
+    Returns the detector and timings: ``train_seconds`` (CE stage), ``feature_seconds``, ``booster_seconds``.
+    """
+    pl.seed_everything(seed, workers=True, verbose=False)
+    det = DetectorModule(in_channels=maps.shape[1], input_size=maps.shape[-1], trainable=trainable,
+                         pretrained=pretrained, lr=lr, booster=booster, seed=seed)
+    start = time.perf_counter()
+    if epochs > 0 and trainable != "none":
+        ds = torch.utils.data.TensorDataset(maps.float(), labels.long())
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
+        opts = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_model_summary": False, "enable_progress_bar": progress}
+        opts.update(trainer_options or {})
+        trainer = pl.Trainer(max_epochs=epochs, **opts)
+        trainer.fit(det, loader)
+    det = det.cpu().eval()
+    info = {"train_seconds": time.perf_counter() - start}
+    info.update(det.fit_booster(maps, labels))
+    return det, info
+
+
+# ---------------------------------------------------------------------------------------------------- squeezing
+def bit_depth(x: Tensor, bits: int) -> Tensor:
+    """Reduce ``x`` in [0, 1] to ``bits`` bits per channel."""
+    levels = 2 ** bits - 1
+    return torch.round(x * levels) / levels
+
+
+def median_smooth(x: Tensor, size: int = 2) -> Tensor:
+    """Median filter with a ``size x size`` window (even sizes pad right / bottom, as in Xu et al.)."""
+    lo = (size - 1) // 2
+    hi = size - 1 - lo
+    xp = F.pad(x, (lo, hi, lo, hi), mode="reflect")
+    patches = xp.unfold(2, size, 1).unfold(3, size, 1)
+    flat = patches.reshape(*patches.shape[:4], -1)
+    # torch.median returns the lower of the two middle values for even windows; average them like scipy / Xu et al.
+    srt = flat.sort(-1).values
+    k = flat.shape[-1]
+    return srt[..., k // 2] if k % 2 else 0.5 * (srt[..., k // 2 - 1] + srt[..., k // 2])
+
+
+def best_threshold(scores: Tensor, labels: Tensor) -> float:
+    """Threshold maximising training accuracy of ``score > threshold`` -> adversarial."""
+    s = scores.double()
+    cand = torch.unique(s)
+    cand = torch.cat([cand[:1] - 1e-9, (cand[1:] + cand[:-1]) / 2 if cand.numel() > 1 else cand, cand[-1:] + 1e-9])
+    acc = ((s.view(1, -1) > cand.view(-1, 1)) == labels.bool().view(1, -1)).double().mean(1)
+    return float(cand[int(acc.argmax())])
+
+
+class FeatureSqueezer:
+    """Feature-squeezing detector: score = max over squeezers of ``||softmax(x) - softmax(squeeze(x))||_1``."""
+
+    def __init__(self, model: nn.Module, bits: Sequence[int] = (4, 5), median: Sequence[int] = (2,),
+                 batch_size: int = 256) -> None:
+        self.model, self.bits, self.median, self.batch_size = model, tuple(bits), tuple(median), batch_size
+        self.threshold: float | None = None
+
+    def squeezers(self) -> list[tuple[str, Any]]:
+        out = [(f"bits{b}", (lambda x, b=b: bit_depth(x, b))) for b in self.bits]
+        out += [(f"median{k}", (lambda x, k=k: median_smooth(x, k))) for k in self.median]
+        return out
+
+    def score(self, x: Tensor) -> Tensor:
+        was = self.model.training
+        self.model.eval()
+        scores = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], self.batch_size):
+                xb = x[i:i + self.batch_size]
+                p = self.model(xb).softmax(1)
+                d = [(p - self.model(fn(xb)).softmax(1)).abs().sum(1) for _, fn in self.squeezers()]
+                scores.append(torch.stack(d, 0).amax(0))
+        self.model.train(was)
+        return torch.cat(scores)
+
+    def fit(self, x: Tensor, labels: Tensor) -> "FeatureSqueezer":
+        self.threshold = best_threshold(self.score(x), labels)
+        return self
+
+    def predict(self, x: Tensor) -> Tensor:
+        if self.threshold is None:
+            raise RuntimeError("fit the threshold first")
+        return (self.score(x) > self.threshold).long()
