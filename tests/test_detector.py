@@ -1,0 +1,151 @@
+"""Multi-interpreter detector: stacked channels, separation, safe save / load, feature squeezing."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from defend.detection_data import build_detection_data, load_detection_data, save_detection_data, stack_maps
+from defend.detector import DetectorModule, FeatureSqueezer, best_threshold, bit_depth, median_smooth, train_detector
+from defend.experiments.detector import combinations
+
+torch.set_num_threads(1)
+
+
+def _maps(n: int = 8, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(n, 1, size, size, generator=g) for k in ("grad", "cam", "mask")}
+
+
+def test_stack_channels_and_ranges():
+    m = _maps()
+    two = stack_maps(m, ["grad", "cam"])
+    assert two.shape == (8, 2, 16, 16)
+    assert torch.equal(two[:, 0:1], m["grad"]) and torch.equal(two[:, 1:2], m["cam"])
+    three = stack_maps(m, ["grad", "cam"], product=True)
+    assert three.shape == (8, 3, 16, 16)
+    assert torch.allclose(three[:, 2:3], m["grad"] * m["cam"])
+    tri = stack_maps(m, ["grad", "cam", "mask"])
+    assert tri.shape == (8, 3, 16, 16) and torch.equal(tri[:, 2:3], m["mask"])
+    for t in (two, three, tri):
+        assert float(t.min()) >= 0 and float(t.max()) <= 1
+    with pytest.raises(KeyError):
+        stack_maps(m, ["grad", "rts"])
+    kinds = combinations(["grad", "cam", "mask"])
+    assert len([c for c in kinds if len(c[0]) == 2]) == 6 and len([c for c in kinds if len(c[0]) == 3]) == 1
+
+
+def _synthetic(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Benign: two interpreters agree on one blob; adversarial: the second map points elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+
+    def blob(c):
+        return torch.exp(-((ys - c[0]) ** 2 + (xs - c[1]) ** 2) / 18.0)
+
+    maps, labels = [], []
+    for i in range(n):
+        adv = i % 2
+        c1 = torch.randint(6, size - 6, (2,), generator=g).float()
+        c2 = c1 + torch.randn(2, generator=g) if not adv else torch.randint(6, size - 6, (2,), generator=g).float()
+        noise = 0.1 * torch.rand(2, size, size, generator=g)
+        maps.append((torch.stack([blob(c1), blob(c2)]) + noise).clamp(0, 1))
+        labels.append(adv)
+    return torch.stack(maps), torch.tensor(labels)
+
+
+def test_detector_separates_and_reloads_without_pickle(tmp_path, monkeypatch):
+    x, y = _synthetic(96)
+    det, info = train_detector(x[:64], y[:64], epochs=1, batch_size=32, booster={"n_estimators": 40}, seed=0,
+                               trainer_options={"accelerator": "cpu"})
+    assert set(info) >= {"train_seconds", "feature_seconds", "booster_seconds"}
+    prob = det.predict_proba(x[64:])
+    assert prob.shape == (32,) and float(prob.min()) >= 0 and float(prob.max()) <= 1
+    acc = float(((prob > 0.5).long() == y[64:]).float().mean())
+    assert acc >= 0.75, acc
+    det.save(tmp_path / "det")
+    assert (tmp_path / "det" / "booster.json").read_text().lstrip().startswith("{")
+
+    def boom(*a, **k):
+        raise AssertionError("unpickling during detector load")
+
+    monkeypatch.setattr(pickle, "loads", boom)
+    monkeypatch.setattr(pickle, "load", boom)
+    again = DetectorModule.load(tmp_path / "det")
+    monkeypatch.undo()
+    assert torch.equal(again.predict_proba(x[64:]), prob)
+
+
+def test_frozen_trunk_modes():
+    det = DetectorModule(in_channels=3, input_size=32, trainable="input")
+    trainable = [n for n, p in det.named_parameters() if p.requires_grad]
+    assert trainable == ["net.features.0.0.weight", "net.features.0.0.bias", "net.head.weight", "net.head.bias"]
+    assert det(torch.rand(2, 3, 32, 32)).shape == (2, 2)
+    with pytest.raises(ValueError):
+        DetectorModule(trainable="some")
+
+
+class _Tiny(nn.Module):
+    """Logits from brightness and high-frequency energy: flat inputs are stable under squeezing, noisy ones not."""
+
+    num_classes = 3
+
+    def forward(self, x):
+        hf = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))
+        return torch.stack([10 * x.mean((1, 2, 3)), 40 * hf, torch.zeros_like(hf)], 1)
+
+
+def test_feature_squeezing_hand_computation_and_separation():
+    x = torch.tensor([[[[0.0, 0.3], [0.6, 1.0]]]])
+    assert torch.allclose(bit_depth(x, 1), torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]]))
+    med = median_smooth(torch.arange(9.0).view(1, 1, 3, 3), 2)
+    assert med[0, 0, 0, 0] == pytest.approx(2.0)  # window {0, 1, 3, 4}: mean of the middle two
+    model = _Tiny()
+    sq = FeatureSqueezer(model, bits=(4,), median=(2,))
+    xs = torch.rand(1, 3, 8, 8)
+    p = model(xs).softmax(1)
+    hand = max(float((p - model(bit_depth(xs, 4)).softmax(1)).abs().sum()),
+               float((p - model(median_smooth(xs, 2)).softmax(1)).abs().sum()))
+    assert float(sq.score(xs)) == pytest.approx(hand, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    benign = (torch.arange(16).float() / 15).view(16, 1, 1, 1).expand(16, 3, 8, 8).contiguous()  # flat, on the 4-bit grid
+    adv = (benign + 0.03 * torch.sign(torch.randn(16, 3, 8, 8, generator=g))).clamp(0, 1)
+    s_b, s_a = sq.score(benign), sq.score(adv)
+    assert float(s_a.mean()) > float(s_b.mean())
+    labels = torch.cat([torch.zeros(16), torch.ones(16)]).long()
+    sq.fit(torch.cat([benign, adv]), labels)
+    assert float((sq.predict(torch.cat([benign, adv])) == labels).float().mean()) >= 0.9
+    assert best_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.5)
+
+
+def test_detection_data_real_tiny_attack_cached(tmp_path):
+    from attacks.adv2 import build_attack
+    from attacks.interpreters import get_interpreter
+    from defend.models import small_cnn
+
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8).eval()
+    x = torch.rand(6, 3, 32, 32)
+    target = (model(x).argmax(1) + 1) % 3
+    interps = {"grad": get_interpreter("grad"), "cam": get_interpreter("cam")}
+    atk = build_attack("advedge", "pgd", "cam", warm_steps=3, steps=2, framework_options={"eps": 0.03, "alpha": 0.01})
+    kw = dict(benign=x[:3], source=x[3:], target=target[3:], attack=atk, batch_size=2, cache_dir=tmp_path / "c",
+              spec={"t": 1}, progress=False)
+    data = build_detection_data(model, interps, **kw)
+    assert data["label"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert data["maps"]["grad"].shape == (6, 1, 32, 32)
+    for m in data["maps"].values():
+        assert float(m.min()) >= 0 and float(m.max()) <= 1
+    files = sorted(p.name for p in (tmp_path / "c" / data["key"]).iterdir())
+    assert files == ["adversarial_00000.pt", "adversarial_00001.pt", "benign_00000.pt", "benign_00001.pt"]
+
+    def no_attack(*a, **k):
+        raise AssertionError("re-attacked although cached")
+
+    again = build_detection_data(model, interps, **{**kw, "attack": no_attack})
+    assert torch.equal(again["maps"]["cam"], data["maps"]["cam"]) and torch.equal(again["image"], data["image"])
+    save_detection_data(tmp_path / "d.pt", data, {"note": "x"})
+    back = load_detection_data(tmp_path / "d.pt")
+    assert torch.equal(back["maps"]["grad"], data["maps"]["grad"]) and back["meta"]["note"] == "x"
