@@ -16,7 +16,7 @@ from .experiments.runner import main as run_experiment
 __all__ = ["main", "DEMO_EXPERIMENTS"]
 
 #: embedded experiments in the order they build on each other
-DEMO_EXPERIMENTS = ["classifier", "attacks", "aid", "robust", "detector"]
+DEMO_EXPERIMENTS = ["classifier", "attacks", "gap", "aid", "robust", "detector"]
 
 
 def main(argv: list[str] | None = None) -> int:
