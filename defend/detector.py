@@ -49,13 +49,19 @@ class DetectorModule(pl.LightningModule):
             re-initialised for ``C`` channels.
         lr, weight_decay: Adam options of the cross-entropy stage.
         booster: options of ``xgboost.XGBClassifier`` (``tree_method="hist"`` and the device are set here).
+        feature_stages: ``"all"`` (default): the booster reads the GAP of every trunk stage concatenated
+            (64 + 128 + 256 + 512 + 512 = 1472 features; at 32 px the last stage is only 2x2, and the shallow stages
+            keep the map detail that separates benign from adversarial maps); ``"last"``: the 512 GAP features of
+            the last stage only (the head's input).
         seed: seeds the trunk initialisation and the booster.
     """
 
     def __init__(self, in_channels: int = 2, input_size: int = 32, trainable: str = "input",
                  pretrained: str | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
-                 booster: dict[str, Any] | None = None, seed: int = 0) -> None:
+                 booster: dict[str, Any] | None = None, seed: int = 0, feature_stages: str = "all") -> None:
         super().__init__()
+        if feature_stages not in ("all", "last"):
+            raise ValueError(f"feature_stages must be 'all' or 'last', got {feature_stages!r}")
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         if in_channels < 1:
@@ -95,16 +101,19 @@ class DetectorModule(pl.LightningModule):
         return self.net(maps)
 
     def features(self, maps: Tensor, batch_size: int = 128) -> Tensor:
-        """GAP features of the trunk ``[N, 512]`` (eval mode, no gradients)."""
+        """GAP features of the trunk, ``[N, 1472]`` (every stage) or ``[N, 512]`` (last stage); eval, no grad."""
         was = self.training
         self.eval()
         out = []
         with torch.no_grad():
             for i in range(0, maps.shape[0], batch_size):
                 xb = maps[i:i + batch_size].to(self.device, torch.float32)
-                out.append(self.net.pool(self.net.forward_features(xb)).cpu())
+                if self.hparams.feature_stages == "all":
+                    out.append(torch.cat([h.mean((2, 3)) for h in self.net.forward_stages(xb)], 1).cpu())
+                else:
+                    out.append(self.net.pool(self.net.forward_features(xb)).cpu())
         self.train(was)
-        return torch.cat(out) if out else torch.zeros(0, 512)
+        return torch.cat(out)
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         maps, label = batch[0], batch[1]
@@ -159,7 +168,8 @@ class DetectorModule(pl.LightningModule):
         """``trunk.pt`` (safe weights + hyper-parameters), ``booster.json`` (XGBoost JSON) and ``detector.json``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        hp = {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr", "weight_decay", "seed")}
+        hp = {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr", "weight_decay", "seed",
+                                           "feature_stages")}
         save_artifact(d / "trunk.pt", "detector", self.net.state_dict(),
                       {"hparams": hp, "booster": json.dumps(self.booster_options)})
         if self.booster is not None:
@@ -187,15 +197,15 @@ class DetectorModule(pl.LightningModule):
 
 def train_detector(maps: Tensor, labels: Tensor, *, epochs: int = 3, batch_size: int = 32, trainable: str = "input",
                    pretrained: str | None = None, lr: float = 1e-3, booster: dict[str, Any] | None = None,
-                   seed: int = 0, progress: bool = False, trainer_options: dict[str, Any] | None = None
-                   ) -> tuple[DetectorModule, dict[str, float]]:
+                   seed: int = 0, progress: bool = False, trainer_options: dict[str, Any] | None = None,
+                   feature_stages: str = "all") -> tuple[DetectorModule, dict[str, float]]:
     """Train the cross-entropy stage with a Lightning Trainer, then the booster, on ``maps [N, C, H, W]``.
 
     Returns the detector and timings: ``train_seconds`` (CE stage), ``feature_seconds``, ``booster_seconds``.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     det = DetectorModule(in_channels=maps.shape[1], input_size=maps.shape[-1], trainable=trainable,
-                         pretrained=pretrained, lr=lr, booster=booster, seed=seed)
+                         pretrained=pretrained, lr=lr, booster=booster, seed=seed, feature_stages=feature_stages)
     start = time.perf_counter()
     if epochs > 0 and trainable != "none":
         ds = torch.utils.data.TensorDataset(maps.float(), labels.long())

@@ -145,7 +145,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
                                         batch_size=int(det_cfg.get("batch_size", 32)),
                                         trainable=det_cfg.get("trainable", "input"), pretrained=det_cfg.get("pretrained"),
                                         lr=float(det_cfg.get("lr", 1e-3)), booster=det_cfg.get("booster"), seed=seed,
-                                        progress=False, trainer_options=det_cfg.get("trainer"))
+                                        progress=False, trainer_options=det_cfg.get("trainer"),
+                                        feature_stages=det_cfg.get("feature_stages", "all"))
             prob = det.predict_proba(maps[te])
             res = _scores(prob, lab_te)
             row = {"detector": "single" if len(combo) == 1 else "stacked", "interpreters": "+".join(combo),
@@ -162,7 +163,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
             combo = tuple(best["interpreters"].split("+"))
             maps = stack_maps(both["maps"], combo, best["product"])
             best_det, _ = train_detector(maps[tr], lab_tr, epochs=int(det_cfg.get("epochs", 3)),
-                                         trainable=det_cfg.get("trainable", "input"), seed=seed)
+                                         trainable=det_cfg.get("trainable", "input"), seed=seed,
+                                         feature_stages=det_cfg.get("feature_stages", "all"))
         if n_ad > 0 and best_det is not None:
             adaptive_rows.append(_adaptive(cfg, dcfg, model, interps, best, best_det, xad, yt_ad, target, bs, cache,
                                            base_spec, seed, progress, common))
