@@ -50,17 +50,21 @@ class MaskInterpreter(Interpreter):
         l1: weight of the deleted area ``mean(1 - m)``.
         tv: weight of the total variation term; ``tv_beta`` its exponent.
         blur_sigma: sigma of the Gaussian blur used as the "deleted" image (default ``max(2, H / 10)``).
+        init: initial mask value. 0.5 (half blurred) rather than 1: on a confident classifier the softmax is
+            saturated at the intact image, its gradient w.r.t. the mask vanishes and the solve stays empty.
     """
 
     name = "mask"
     differentiable = False
 
     def __init__(self, size: int | None = None, iterations: int = 300, lr: float = 0.1, l1: float = 0.05,
-                 tv: float = 0.2, tv_beta: float = 3.0, blur_sigma: float | None = None) -> None:
+                 tv: float = 0.2, tv_beta: float = 3.0, blur_sigma: float | None = None, init: float = 0.5) -> None:
         if iterations < 1:
             raise ValueError(f"MASK iterations must be >= 1, got {iterations}")
         self.size, self.iterations, self.lr = size, iterations, lr
-        self.l1, self.tv, self.tv_beta, self.blur_sigma = l1, tv, tv_beta, blur_sigma
+        if not 0 <= init <= 1:
+            raise ValueError(f"MASK init must lie in [0, 1], got {init}")
+        self.l1, self.tv, self.tv_beta, self.blur_sigma, self.init = l1, tv, tv_beta, blur_sigma, init
 
     # -- pieces shared with the ADV2 bilevel attack -------------------------------------------------
     def mask_size(self, x: Tensor) -> int:
@@ -71,7 +75,7 @@ class MaskInterpreter(Interpreter):
 
     def init_mask(self, x: Tensor) -> Tensor:
         s = self.mask_size(x)
-        return torch.ones(x.shape[0], 1, s, s, device=x.device, dtype=x.dtype)
+        return torch.full((x.shape[0], 1, s, s), self.init, device=x.device, dtype=x.dtype)
 
     def objective(self, model: nn.Module, x: Tensor, target: Tensor, m: Tensor, blurred: Tensor | None = None) -> Tensor:
         """Per-example ``l_map(m; x)``, differentiable w.r.t. both ``m`` and ``x``."""
