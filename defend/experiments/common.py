@@ -46,6 +46,14 @@ def get_classifier(cfg: dict[str, Any], dm: pl.LightningDataModule, out: Path, p
     size = dm.image_shape[-1]
     if ckpt and Path(ckpt).is_file() and not ccfg.get("retrain", False):
         return load_classifier(ckpt, num_classes=num_classes, input_size=size), {"trained": False, "checkpoint": ckpt}
+    if ccfg.get("train", True) is False:  # e.g. ImageNet weights from a local file, used as they are
+        from ..models import build_classifier
+
+        model = build_classifier(ccfg.get("arch", "resnet50"), num_classes, **(ccfg.get("model_options") or {})).eval()
+        target = Path(ckpt) if ckpt else out / "classifier.pt"
+        options = {k: v for k, v in (ccfg.get("model_options") or {}).items() if k != "pretrained"}
+        save_classifier(model, target, options)
+        return model, {"trained": False, "checkpoint": str(target)}
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
     module = ClassifierModule(arch=ccfg.get("arch", "small_cnn"), num_classes=num_classes,
                               model_options=ccfg.get("model_options"), optimizer=ccfg.get("optimizer", "adam"),
