@@ -25,7 +25,7 @@ from attacks.interpreters import Interpreter
 
 from .io import CheckpointError, load_artifact, save_artifact
 
-__all__ = ["cache_key", "stack_maps", "compute_maps", "build_detection_data", "combine", "load_detection_data",
+__all__ = ["cache_key", "code_fingerprint", "stack_maps", "compute_maps", "build_detection_data", "combine", "load_detection_data",
            "save_detection_data", "select"]
 
 KIND = "detection-batch"
@@ -35,6 +35,18 @@ def cache_key(spec: Mapping[str, Any]) -> str:
     """A short stable hash of a JSON-serialisable description of how the data are built."""
     text = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """Hash of the attack / interpreter sources (``attacks/**.py``): a code change invalidates cached maps."""
+    import attacks
+
+    root = Path(attacks.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def stack_maps(maps: Mapping[str, Tensor], names: Sequence[str], product: bool | Sequence[str] = False) -> Tensor:
@@ -116,8 +128,9 @@ def build_detection_data(model: nn.Module, interpreters: Mapping[str, Interprete
         benign: benign inputs (label 0).
         source, target, attack: the attack (an :class:`attacks.adv2.ADV2`) is run on ``source`` toward ``target``
             batch by batch; the adversarial inputs get label 1, with ``success`` (prediction == target) recorded.
-        cache_dir: directory for the per-batch cache; the key of ``spec`` (and the interpreter names) names a
-            sub-directory, so a different configuration never reuses stale batches.
+        cache_dir: directory for the per-batch cache; the key of ``spec`` (plus the interpreter names and a hash of
+            the ``attacks`` sources) names a sub-directory, so a different configuration or changed attack /
+            interpreter code never reuses stale batches.
         spec: a JSON-serialisable description of everything that determines the data (cache key).
 
     Returns ``{"maps": {name: [N,1,H,W]}, "label": [N], "image", "pred", "success" (adversarial only, benign True),
@@ -125,6 +138,7 @@ def build_detection_data(model: nn.Module, interpreters: Mapping[str, Interprete
     """
     spec = dict(spec or {})
     spec["interpreters"] = sorted(interpreters)
+    spec.setdefault("code", code_fingerprint())
     key = cache_key(spec)
     cdir = None
     if cache_dir is not None:
