@@ -144,6 +144,12 @@ class ADV2:
         self.progress = progress
 
     # ------------------------------------------------------------------------------------------------
+    def _networks(self) -> list[nn.Module]:
+        """Trainable networks inside the attacked interpreters (RTS): frozen and restored like the classifier."""
+        terms = [] if self.term is None else getattr(self.term, "terms", [self.term])
+        nets = [getattr(t.interpreter, "network", None) for t in terms]
+        return [n for n in nets if isinstance(n, nn.Module)]
+
     @property
     def interpreter(self) -> Interpreter | None:
         return None if self.term is None else self.term.interpreter
@@ -152,7 +158,7 @@ class ADV2:
         """Benign maps (the stealthy default target) of ``x`` for class ``cls`` (default: prediction)."""
         if self.term is None:
             raise ValueError("a plain attack has no interpreter and no target map")
-        with frozen(model):
+        with frozen(model, *self._networks()):
             if cls is None:
                 cls = model(x).argmax(1)
             return self.term.target_map(model, x, cls)
@@ -168,7 +174,7 @@ class ADV2:
         x0 = x.detach().clone()
         y_t = target.detach().to(x.device).clone()
         gen = torch.Generator().manual_seed(self.seed)
-        with frozen(model):
+        with frozen(model, *self._networks()):
             m_t = None
             if self.term is not None:
                 m_t = self.target_maps(model, x0) if target_map is None else target_map.detach().to(x0.device)

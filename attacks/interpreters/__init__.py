@@ -7,10 +7,12 @@ from .base import Interpreter, minmax, resolve_target, to_input_size
 from .cam import CAMInterpreter, raw_cam
 from .grad import GradInterpreter
 from .mask import MaskInterpreter
+from .rts import RTSInterpreter, RTSNetwork, rts_objective
 from .surrogate import relu_surrogate
 
 __all__ = [
-    "Interpreter", "GradInterpreter", "CAMInterpreter", "MaskInterpreter", "INTERPRETERS",
+    "Interpreter", "GradInterpreter", "CAMInterpreter", "MaskInterpreter", "RTSInterpreter", "RTSNetwork",
+    "rts_objective", "INTERPRETERS",
     "get_interpreter", "register_interpreter", "minmax", "to_input_size", "resolve_target", "raw_cam",
     "relu_surrogate",
 ]
@@ -19,6 +21,7 @@ INTERPRETERS: dict[str, Callable[..., Interpreter]] = {
     "grad": GradInterpreter,
     "cam": CAMInterpreter,
     "mask": MaskInterpreter,
+    "rts": RTSInterpreter,  # needs network=<trained RTSNetwork or checkpoint path>
 }
 
 

@@ -118,36 +118,43 @@ def _evaluate(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, ecfg: dict
     int_ratio = float(ecfg.get("interp_step_ratio", 0.25))
     bs = int(ecfg.get("batch_size", 256))
     rows = []
-    model.eval()
+    dev = ecfg.get("device", "auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev in (None, "auto") else dev)
+    model = model.to(device).eval()
+    x, y = x.to(device), y.to(device)
     with torch.no_grad():
         pred = torch.cat([model(x[i:i + bs]).argmax(1) for i in range(0, x.shape[0], bs)])
     for e in ecfg.get("eps", [0, 2, 4, 6, 8, 10]):
         eps = float(e) / 255
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         correct = pgd_accuracy(model, x, y, eps, pgd_steps, eps * pgd_ratio, gen, bs)
-        taus, ds, kept_n = [], [], 0
+        taus, taus_native, ds, kept_n = [], [], [], 0
         with frozen(model):
             for i in range(0, x.shape[0], bs):
                 xb, cb = x[i:i + bs], pred[i:i + bs]
                 if eps > 0:
                     xa, kept, d = interpretation_attack(model, xb, cb, eps, eps * int_ratio, int_steps, "cam", gen)
                 else:
-                    xa, kept, d = xb, torch.ones(xb.shape[0], dtype=torch.bool), torch.zeros(xb.shape[0])
+                    xa, kept, d = xb, torch.ones(xb.shape[0], dtype=torch.bool, device=device), torch.zeros(xb.shape[0], device=device)
                 if kept.any():
                     with torch.no_grad():
                         m0 = cam(model, xb[kept], cb[kept])
                         m1 = cam(model, xa[kept], cb[kept])
                     taus.append(kendall_tau(m0, m1))
+                    taus_native.append(kendall_tau(cam(model, xb[kept], cb[kept], raw=True),
+                                                   cam(model, xa[kept], cb[kept], raw=True)))
                     ds.append(d[kept])
                 kept_n += int(kept.sum())
         tau = float(torch.cat(taus).mean()) if taus else float("nan")
+        tau_native = float(torch.cat(taus_native).mean()) if taus_native else float("nan")
         rows.append({"eps": int(e) if float(e).is_integer() else float(e), "accuracy": float(correct.float().mean()),
-                     "kendall_tau": tau, "discrepancy": float(torch.cat(ds).mean()) if ds else float("nan"),
+                     "kendall_tau": tau, "kendall_tau_cam_grid": tau_native, "discrepancy": float(torch.cat(ds).mean()) if ds else float("nan"),
                      "attack": f"acc: PGD-CE {pgd_steps} steps of eps*{pgd_ratio:g}; tau: PGD-D(CAM) {int_steps} "
                                f"steps of eps*{int_ratio:g}, prediction kept",
                      "n": int(x.shape[0]), "n_tau": kept_n})
         if progress:
-            print(f"[robust]   eps {e}/255: accuracy {rows[-1]['accuracy']:.3f}  tau {tau:.3f}  (n_tau {kept_n})")
+            print(f"[robust]   eps {e}/255: accuracy {rows[-1]['accuracy']:.3f}  tau {tau:.3f} "
+                  f"(CAM grid {tau_native:.3f}, n_tau {kept_n})")
     return rows
 
 
@@ -158,6 +165,10 @@ def _module_kwargs(cfg: dict[str, Any], spec: dict[str, Any], num_classes: int) 
           "model_options": mcfg.get("model_options")}
     keys = ("interpretation", "gamma", "eps", "inner_steps", "inner_alpha", "eps_ramp_epochs", "random_start",
             "ce_attack", "optimizer", "lr", "weight_decay", "momentum", "lr_milestones", "lr_decay")
+    unknown = sorted(set(spec) - set(keys) - {"name", "mode", "max_epochs"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in model {spec.get('name')!r}; allowed: name, mode, max_epochs, "
+                         f"{', '.join(keys)}")
     merged = {**train, **{k: v for k, v in spec.items() if k not in ("name", "max_epochs")}}
     for k in keys:
         if k in merged:
@@ -181,6 +192,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     x, y = data["image"], data["label"]
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
+        if "name" not in spec:
+            raise ValueError(f"every entry of models: needs a name, got {spec}")
         name = spec["name"]
         kw = _module_kwargs(cfg, spec, dm.num_classes)
         epochs = int(spec.get("max_epochs", train.get("max_epochs", 5)))
@@ -189,7 +202,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
         pl.seed_everything(seed, workers=True)
         module = RobustClassifierModule(**kw)
         timer = EpochTimer()
-        trainer = make_trainer(cfg, epochs, enable_progress_bar=progress, callbacks=[timer], num_sanity_val_steps=0)
+        trainer = make_trainer(cfg, epochs, out / "logs" / name, enable_progress_bar=progress, callbacks=[timer], num_sanity_val_steps=0)
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - start

@@ -1,0 +1,250 @@
+"""RTS interpreter, its ADV2 term, and AID training (defend.aid) on a tiny embedded-digits setup.
+
+A small CNN (width 8) is trained for a few hundred steps on ~1,250 rendered digits in a module fixture; RTS and
+AID run a handful of steps on top of it. Everything is seeded and single-threaded.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attacks.adv2 import ADV2, random_targets
+from attacks.interpreters import RTSInterpreter, RTSNetwork, get_interpreter, rts_objective
+from attacks.terms import MapTerm, make_term
+from defend.aid import AIDModule, load_rts, save_rts
+from defend.classifier import save_classifier
+from defend.data import DigitsDataModule
+from defend.experiments.common import take_split
+from defend.metrics import localisation, map_l1
+from defend.models.small import small_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A width-8 small CNN trained briefly on ~1,250 digits (saved as an artifact), and the data splits."""
+    torch.manual_seed(0)
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
+    dm.setup("fit")
+    train, test = take_split(dm, "train"), take_split(dm, "test", 128)
+    model = small_cnn(num_classes=10, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    n = train["image"].shape[0]
+    model.train()
+    for _ in range(150):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        loss = F.cross_entropy(model(train["image"][idx]), train["label"][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = tmp_path_factory.mktemp("clf") / "tiny.pt"
+    save_classifier(model, path, {"width": 8})
+    with torch.no_grad():
+        acc = float((model(test["image"]).argmax(1) == test["label"]).float().mean())
+    return {"path": str(path), "model": model, "train": train, "test": test, "acc": acc}
+
+
+def _batches(data, n_steps, bs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = data["image"].shape[0]
+    for _ in range(n_steps):
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        yield {"image": data["image"][idx], "label": data["label"][idx]}
+
+
+def _fit(module: AIDModule, data, n_steps: int, bs: int = 32, seed: int = 0) -> list[float]:
+    """The module's own training steps (step_loss + the optimiser it names) without a Trainer."""
+    opts = module.configure_optimizers()
+    losses = []
+    for i, batch in enumerate(_batches(data, n_steps, bs, seed)):
+        loss, which, _ = module.step_loss(batch, i)
+        opts[which].zero_grad()
+        loss.backward()
+        opts[which].step()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained_rts(setup, tmp_path_factory):
+    """Plain RTS trained for a few dozen steps; returns (module, objective before, objective after, artifact)."""
+    torch.manual_seed(0)
+    module = AIDModule(setup["path"], width=16, lr=3e-3, seed=0)
+    batch = {k: v[:64] for k, v in setup["test"].items()}
+
+    def objective() -> float:
+        with torch.no_grad():
+            m, _ = module.rts(module.model, batch["image"], batch["label"])
+            out = rts_objective(module.model, batch["image"], batch["label"], m, replacement="blur")
+        return float(out["loss"].mean())
+
+    before = objective()
+    _fit(module, setup["train"], 60, bs=48)
+    after = objective()
+    path = tmp_path_factory.mktemp("rts") / "rts.pt"
+    module.export(path)
+    return module, before, after, str(path)
+
+
+# --------------------------------------------------------------------------------------------- RTS
+def test_rts_masks_in_unit_interval_at_input_resolution(setup):
+    torch.manual_seed(1)
+    model = setup["model"]
+    net = RTSNetwork(model.stage_channels, 10, width=8)
+    x = setup["test"]["image"][:6]
+    m, logits = net(model, x, setup["test"]["label"][:6])
+    assert m.shape == (6, 1, 32, 32) and logits.shape == (6, 10)
+    assert float(m.min()) >= 0 and float(m.max()) <= 1
+    g = RTSInterpreter(net)
+    maps = g(model, x)
+    assert maps.shape == (6, 1, 32, 32) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+    # extreme logits stay finite and inside [0, 1]
+    with torch.no_grad():
+        net.out.bias.fill_(1e4)
+    m2, _ = net(model, x, setup["test"]["label"][:6])
+    assert torch.isfinite(m2).all() and float(m2.min()) >= 0 and float(m2.max()) <= 1
+
+
+def test_rts_needs_a_trained_network_and_loads_from_a_path(trained_rts, setup):
+    with pytest.raises(ValueError, match="trained RTS network"):
+        get_interpreter("rts")
+    module, _, _, path = trained_rts
+    g = get_interpreter("rts", network=path)
+    x, y = setup["test"]["image"][:4], setup["test"]["label"][:4]
+    with torch.no_grad():
+        expected = module.rts(module.model, x, y)[0]
+    assert torch.allclose(g(setup["model"], x, y), expected, atol=1e-6)
+    wrong = small_cnn(num_classes=10, width=4).eval()
+    with pytest.raises(ValueError, match="encoder stages"):
+        g(wrong, x, y)
+
+
+def test_rts_objective_decreases_and_mask_covers_object(trained_rts, setup):
+    module, before, after, _ = trained_rts
+    assert after < before - 0.5, (before, after)
+    x, y, gt = setup["test"]["image"], setup["test"]["label"], (setup["test"]["mask"] > 0.5).float()
+    with torch.no_grad():
+        m = module.rts(module.model, x, y)[0]
+    energy, area = localisation(m, gt)
+    rand = torch.rand(m.shape, generator=torch.Generator().manual_seed(0))
+    energy_rand, _ = localisation(rand, gt)
+    assert float(energy.mean()) > 1.5 * float(energy_rand.mean()), (float(energy.mean()), float(energy_rand.mean()))
+    assert float(energy.mean()) > 1.5 * float(area.mean())
+
+
+def test_save_and_load_rts_roundtrip(tmp_path, setup):
+    net = RTSNetwork(setup["model"].stage_channels, 10, width=8)
+    save_rts(net, tmp_path / "n.pt")
+    back = load_rts(tmp_path / "n.pt")
+    assert back.config() == net.config()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), back.state_dict().values()))
+
+
+# --------------------------------------------------------------------------------------------- ADV2 vs RTS
+def test_adv2_against_rts_uses_encoder_term_reaches_target_in_ball(trained_rts, setup):
+    module, _, _, _ = trained_rts
+    model = setup["model"]
+    g = RTSInterpreter(module.rts, enc_weight=0.2)
+    term = make_term(g)
+    assert isinstance(term, MapTerm) and term.enc_weight == 0.2
+    x, y = setup["test"]["image"][:8], setup["test"]["label"][:8]
+    y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    m_t = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m, logits = module.rts(model, x, y_t)
+    expected = (m - m_t).pow(2).flatten(1).mean(1) + 0.2 * F.cross_entropy(logits, y_t, reduction="none")
+    with torch.no_grad():
+        assert torch.allclose(term.loss(model, x, y_t, m_t, {}), expected, atol=1e-6)
+    before = copy.deepcopy(module.rts.state_dict())
+    grads_before = [None if p.grad is None else p.grad.clone() for p in module.rts.parameters()]
+    eps = 0.031
+    attack = ADV2(g, "pgd", framework_options={"eps": eps, "alpha": 2 / 255}, warm_steps=15, steps=10, c=20.0)
+    res = attack(model, x, y_t)
+    assert float(res.success.float().mean()) >= 0.75
+    assert float((res.x_adv - x).abs().max()) <= eps + 1e-6
+    assert float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
+    # the attack leaves the interpreter's gradients exactly as they were (training may have left some)
+    assert all((g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
+               for g, p in zip(grads_before, module.rts.parameters()))
+    assert all(torch.equal(v, before[k]) for k, v in module.rts.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------- AID
+def _adv_l1(module: AIDModule, setup, n: int = 24) -> float:
+    """L1 between benign maps and maps of ADV2 inputs crafted against the module's current RTS."""
+    model = setup["model"]
+    x, y = setup["test"]["image"][:n], setup["test"]["label"][:n]
+    y_t = random_targets(y, 10, torch.Generator().manual_seed(3))
+    g = RTSInterpreter(module.rts)
+    res = ADV2(g, "pgd", framework_options={"eps": 0.031, "alpha": 2 / 255}, warm_steps=10, steps=10, c=20.0,
+               seed=0)(model, x, y_t)
+    with torch.no_grad():
+        mb = module.rts(model, x, y)[0]
+        ma = module.rts(model, res.x_adv, y_t)[0]
+    return float(map_l1(mb, ma).mean())
+
+
+def test_aid_increases_adversarial_map_distance_and_keeps_classifier(trained_rts, setup):
+    _, _, _, path = trained_rts
+    common = dict(init_from=path, lr=1e-3, seed=0, attack_warm_steps=5, attack_steps=5, attack_alpha=2 / 255)
+    plain = AIDModule(setup["path"], **common)
+    aid = AIDModule(setup["path"], aid_weight=1.0, aid_every=2, aid_lr=3e-3, **common)
+    clf_before = copy.deepcopy(aid.model.state_dict())
+    _fit(plain, setup["train"], 16, bs=32, seed=5)
+    _fit(aid, setup["train"], 16, bs=32, seed=5)
+    for k, v in aid.model.state_dict().items():
+        assert torch.equal(v, clf_before[k]), f"classifier tensor {k} changed"
+    assert all(p.grad is None and not p.requires_grad for p in aid.model.parameters())
+    assert not aid.model.training
+    aid.train()  # Lightning calls train() every epoch: the classifier must stay in eval mode
+    assert not aid.model.training and aid.rts.training
+    opt_params = {id(p) for o in aid.configure_optimizers() for group in o.param_groups for p in group["params"]}
+    assert opt_params == {id(p) for p in aid.rts.parameters()}
+    l1_plain, l1_aid = _adv_l1(plain, setup), _adv_l1(aid, setup)
+    assert l1_aid > 1.5 * l1_plain, (l1_plain, l1_aid)
+
+
+def test_aid_module_validates_arguments(setup):
+    with pytest.raises(ValueError, match="aid_mode"):
+        AIDModule(setup["path"], aid_mode="sometimes")
+    with pytest.raises(ValueError, match="anchor"):
+        AIDModule(setup["path"], anchor_weight=1.0)
+    with pytest.raises(ValueError, match="class count"):
+        AIDModule(setup["path"], num_classes=7)
+
+
+def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "defend.cli", "fit", "-c", str(ROOT / "configs/aid/digits_aid.yaml"),
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
+           "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+           f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           f"--model.classifier={setup['path']}", "--model.width=8", "--model.attack_warm_steps=1",
+           "--model.attack_steps=1", "--model.val_attack_batches=1", "--data.renders_per_digit=[1,1,1]",
+           "--data.batch_size=8"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = sorted(tmp_path.rglob("*.ckpt"))
+    assert ckpts, f"no checkpoint under {tmp_path}: {proc.stderr[-2000:]}"
+    net = load_rts(ckpts[0])
+    assert net.width == 8
+    m = RTSInterpreter(net)(setup["model"], setup["test"]["image"][:2], setup["test"]["label"][:2])
+    assert m.shape == (2, 1, 32, 32)
