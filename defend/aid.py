@@ -135,6 +135,8 @@ class AIDModule(pl.LightningModule):
         anchor_from: the anchor network ``g0`` (default: ``init_from``).
         aid_detach_benign: use the benign map as a fixed anchor in ``l_aid`` (only ``g(A(x))`` moves); the
             paper differentiates both (False).
+        aid_batch_size: run the inner attack and ``l_aid`` on the first ``aid_batch_size`` examples of an AID batch
+            only (cheaper; default: the whole batch).
         aid_success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
         attack_framework, attack_eps, attack_alpha, attack_warm_steps, attack_steps, attack_c,
             attack_enc_weight, attack_framework_options: the inner ADV2 (PGD by default).
@@ -152,7 +154,7 @@ class AIDModule(pl.LightningModule):
                  blur_sigma: float | None = None, class_weight: float = 1.0, fake_label_prob: float = 0.0,
                  aid_weight: float = 0.0, aid_every: int = 2, aid_mode: str = "alternate", aid_lr: float | None = None,
                  anchor_weight: float = 0.0, anchor_from: str | None = None,
-                 aid_detach_benign: bool = False, aid_success_only: bool = True,
+                 aid_detach_benign: bool = False, aid_success_only: bool = True, aid_batch_size: int | None = None,
                  attack_framework: str = "pgd", attack_eps: float = 0.031, attack_alpha: float = 2 / 255,
                  attack_warm_steps: int = 10, attack_steps: int = 10, attack_c: float = 20.0,
                  attack_enc_weight: float = 0.1, attack_framework_options: dict[str, Any] | None = None,
@@ -166,8 +168,8 @@ class AIDModule(pl.LightningModule):
             raise ValueError(f"replacement must be 'random', 'noise' or 'blur', got {replacement!r}")
         if not 0 <= fake_label_prob < 1:
             raise ValueError(f"fake_label_prob must lie in [0, 1), got {fake_label_prob}")
-        if anchor_weight < 0 or (aid_lr is not None and aid_lr <= 0):
-            raise ValueError("need anchor_weight >= 0 and aid_lr > 0")
+        if anchor_weight < 0 or (aid_lr is not None and aid_lr <= 0) or (aid_batch_size is not None and aid_batch_size < 1):
+            raise ValueError("need anchor_weight >= 0, aid_lr > 0 and aid_batch_size >= 1")
         if aid_every < 1 or aid_weight < 0 or lr <= 0 or attack_warm_steps < 0 or attack_steps < 0:
             raise ValueError("need aid_every >= 1, aid_weight >= 0, lr > 0 and attack steps >= 0")
         if aid_weight > 0 and attack_warm_steps + attack_steps == 0:
@@ -247,6 +249,8 @@ class AIDModule(pl.LightningModule):
         Also returns the class-head CE of the benign pass (keeps every RTS parameter in the graph, as DDP wants).
         """
         hp = self.hparams
+        if hp.aid_batch_size:
+            x, cls = x[:hp.aid_batch_size], cls[:hp.aid_batch_size]
         gen = self._generator(batch_idx, salt=1)
         y_t = random_targets(cls, self.model.num_classes, gen)
         res = aid_attack(self.model, self.rts, x, y_t, warm_steps=hp.attack_warm_steps, steps=hp.attack_steps,

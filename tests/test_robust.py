@@ -201,12 +201,12 @@ def test_short_robust_training_lowers_worst_case_d(digits_small):
     worst = {}
     for mode in ("normal", "int"):
         module = _small(width=4, seed=0, mode=mode, gamma=4.0, eps=8 / 255, inner_steps=2, inner_alpha=4 / 255)
-        model = _train(module, digits_small, steps=12)
+        model = _train(module, digits_small, steps=20)
         with eval_mode(model):
             x_adv = worst_case_discrepancy(model, x, y, 8 / 255, 2 / 255, 5, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 worst[mode] = float(interpretation_discrepancy(model, x, x_adv, y).mean())
-    assert worst["int"] < 0.8 * worst["normal"], worst
+    assert worst["int"] < 0.7 * worst["normal"], worst  # measured: 0.15 vs 0.34
 
 
 def test_ddp_cpu_fit_writes_loadable_checkpoint(tmp_path):

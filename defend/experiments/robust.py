@@ -11,7 +11,8 @@ evaluated on the first ``evaluation.n_images`` test images, for every eps of ``e
   the iterate with the largest D among those whose prediction did not change; images whose prediction changed
   at every iterate are left out (``n_tau`` counts the others). At eps 0 the maps are identical (tau = 1).
 
-Rows of ``metrics.json``: ``model, mode, eps (x/255), accuracy, kendall_tau, discrepancy, attack, n, n_tau``,
+Rows of ``metrics.json``: ``model, mode, eps (x/255), accuracy, kendall_tau, kendall_tau_cam_grid (tau of the raw maps
+on the CAM's own grid), discrepancy (mean D reached), attack, n, n_tau``,
 plus the model's clean accuracy, mean epoch time and its ratio to the normal model's.
 """
 from __future__ import annotations
@@ -232,7 +233,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
 
 
 def _eps_label(e: Any) -> str:
-    return "0" if float(e) == 0 else f"{e}/255"
+    v = float(e)
+    return "0" if v == 0 else (f"{int(v)}/255" if v.is_integer() else f"{v:g}/255")
 
 
 def _figure(out: Path, eps_list: list[Any], results: dict[str, dict[str, Any]]) -> None:
@@ -243,6 +245,28 @@ def _figure(out: Path, eps_list: list[Any], results: dict[str, dict[str, Any]]) 
         series[f"{name}: Kendall tau"] = [r["kendall_tau"] for r in res["rows"]]
     line_plot(out / "robust.png", [float(e) for e in eps_list], series, "eps (x/255)", "accuracy / Kendall's tau",
               "PGD accuracy and CAM Kendall's tau (benign vs attacked)")
+
+
+def _comparison(results: dict[str, dict[str, Any]], at: float = 8.0) -> list[str]:
+    """Lines comparing every model with the normal one at eps ``at``/255 (accuracy ratio, tau gain, clean drop)."""
+    ref = next((r for r in results.values() if r["mode"] == "normal"), None)
+    if ref is None:
+        return []
+    pick = lambda res: next((r for r in res["rows"] if float(r["eps"]) == at), None)  # noqa: E731
+    r0 = pick(ref)
+    if r0 is None:
+        return []
+    lines = [f"## Against normal training at eps {_eps_label(at)}", ""]
+    for name, res in results.items():
+        r = pick(res)
+        if res is ref or r is None:
+            continue
+        ratio = r["accuracy"] / r0["accuracy"] if r0["accuracy"] > 0 else float("inf")
+        lines.append(f"- `{name}`: accuracy {r['accuracy']:.3f} vs {r0['accuracy']:.3f} ({ratio:.1f}x), "
+                     f"Kendall tau {r['kendall_tau']:.3f} vs {r0['kendall_tau']:.3f} "
+                     f"({r['kendall_tau'] - r0['kendall_tau']:+.3f}), clean accuracy "
+                     f"{res['clean']:.3f} vs {ref['clean']:.3f} ({100 * (res['clean'] - ref['clean']):+.1f} points)")
+    return lines + [""]
 
 
 def _report(cfg: dict[str, Any], dm, results: dict[str, dict[str, Any]], eps_list: list[Any]) -> str:
@@ -275,6 +299,7 @@ def _report(cfg: dict[str, Any], dm, results: dict[str, dict[str, Any]], eps_lis
         markdown_table(["model", "mode", "epochs", "gamma", "clean accuracy", "s / epoch", "epoch time vs normal",
                         "training s"], time_rows),
         "",
+        *_comparison(results),
         f"Images evaluated for tau per eps (prediction kept): " + ", ".join(
             f"{name}: " + "/".join(str(r["n_tau"]) for r in res["rows"]) for name, res in results.items()),
         "",
