@@ -22,6 +22,7 @@ from defend.aid import AIDModule, load_rts, save_rts
 from defend.classifier import save_classifier
 from defend.data import DigitsDataModule
 from defend.experiments.common import take_split
+from defend.interpreters import build_interpreter
 from defend.metrics import localisation, map_l1
 from defend.models.small import small_cnn
 
@@ -127,7 +128,9 @@ def test_rts_needs_a_trained_network_and_loads_from_a_path(trained_rts, setup):
     with pytest.raises(ValueError, match="trained RTS network"):
         get_interpreter("rts")
     module, _, _, path = trained_rts
-    g = get_interpreter("rts", network=path)
+    with pytest.raises(TypeError, match="load_rts"):
+        get_interpreter("rts", network=path)  # attacks reads no checkpoint formats
+    g = build_interpreter("rts", network=path)
     x, y = setup["test"]["image"][:4], setup["test"]["label"][:4]
     with torch.no_grad():
         expected = module.rts(module.model, x, y)[0]

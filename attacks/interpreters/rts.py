@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._state import eval_mode
 from .base import Interpreter, to_input_size
 from .mask import gaussian_blur, total_variation
 
@@ -97,8 +98,17 @@ class RTSNetwork(nn.Module):
                              f"{getattr(model, 'num_classes', '?')}")
 
     def encode(self, model: nn.Module, x: Tensor) -> list[Tensor]:
-        """Encoder features (the classifier's stages). The caller freezes the classifier's parameters."""
-        return model.forward_stages(x)
+        """Encoder features (the classifier's stages), computed in eval mode without gradients into the
+        classifier's parameters (differentiable w.r.t. ``x``); the classifier's flags are restored."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            with eval_mode(model):
+                return model.forward_stages(x)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def forward(self, model: nn.Module, x: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
         self.check_model(model)
@@ -183,9 +193,9 @@ class RTSInterpreter(Interpreter):
     """A trained :class:`RTSNetwork` as an interpreter (``g(model, x, target)`` in [0, 1]).
 
     Args:
-        network: the trained masking network, or a path to an RTS artifact / Lightning checkpoint
-            (loaded with :func:`defend.aid.load_rts`, ``weights_only``). Required: RTS has no pretrained
-            default; train one with ``defend fit -c configs/aid/digits_rts.yaml``.
+        network: the trained masking network (required: RTS has no pretrained default). Train one with
+            ``defend fit -c configs/aid/digits_rts.yaml`` and load it with ``defend.aid.load_rts`` (or name the
+            checkpoint path in a ``defend`` config, which resolves it with :func:`defend.interpreters.build_interpreter`).
         enc_weight: weight of the encoder term in :meth:`attack_term` (ADV2: 0.1-0.2).
     """
 
@@ -198,11 +208,11 @@ class RTSInterpreter(Interpreter):
                              "path> (train one with `defend fit -c configs/aid/digits_rts.yaml`, load it with "
                              "defend.aid.load_rts)")
         if isinstance(network, (str, os.PathLike)):
-            from defend.aid import load_rts  # lazy: the attacks package does not depend on defend otherwise
-
-            network = load_rts(network)
+            raise TypeError(f"network is a path ({network!s}): load it first with defend.aid.load_rts(path) "
+                            "(the attacks package reads no checkpoint formats), or use "
+                            "defend.interpreters.build_interpreter('rts', network=path)")
         if not isinstance(network, RTSNetwork):
-            raise TypeError(f"network must be an RTSNetwork or a checkpoint path, got {type(network).__name__}")
+            raise TypeError(f"network must be an RTSNetwork, got {type(network).__name__}")
         if enc_weight < 0:
             raise ValueError(f"enc_weight must be >= 0, got {enc_weight}")
         self.network, self.enc_weight = network, float(enc_weight)

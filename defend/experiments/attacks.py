@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from attacks.adv2 import ATTACKS, build_attack, random_targets
 from attacks.frameworks import FRAMEWORKS
-from attacks.interpreters import INTERPRETERS, get_interpreter
+from attacks.interpreters import INTERPRETERS
+from ..interpreters import build_interpreter
 
 from ..evaluation import AttackMeter, interpret, run_attack
 from .common import deep_get, get_classifier, markdown_table, select_correct, setup_data, write_outputs
@@ -63,7 +64,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     x, y = data["image"], data["label"]
     y_t = random_targets(y, dm.num_classes, torch.Generator().manual_seed(seed))
     bs = int(ecfg.get("batch_size", 64))
-    interps = {n: get_interpreter(n, **(deep_get(cfg, f"interpreter_options.{n}") or {})) for n in ecfg["interpreters"]}
+    interps = {n: build_interpreter(n, **(deep_get(cfg, f"interpreter_options.{n}") or {})) for n in ecfg["interpreters"]}
     benign = {n: interpret(g, model, x, y) for n, g in interps.items()}
     transfer_fw = ecfg.get("transfer_framework", "pgd")
     plan = [(a, fw, i) for fw in ecfg["frameworks"] for a in ecfg["attacks"]

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from attacks.adv2 import ATTACKS, build_attack, random_targets
-from attacks.interpreters import get_interpreter
+from ..interpreters import build_interpreter
 
 from ..detection_data import build_detection_data, select, stack_maps
 from ..detector import FeatureSqueezer, train_detector, xgb_device
@@ -52,7 +52,7 @@ def _interpreters(cfg: dict[str, Any], names: list[str], notes: list[str]) -> di
                 notes.append(f"RTS skipped: no trained RTS checkpoint at interpreter_options.rts.network={net!r} "
                              "(train one with `defend fit -c configs/aid/digits_rts.yaml`); RTS rows are missing.")
                 continue
-        out[n] = get_interpreter(n, **opts)
+        out[n] = build_interpreter(n, **opts)
     return out
 
 

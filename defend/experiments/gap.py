@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attacks.adv2 import build_attack, random_targets
-from attacks.interpreters import get_interpreter
+from ..interpreters import build_interpreter
 from attacks.targets import other_class_maps, random_patch_maps
 
 from ..evaluation import interpret, run_attack
@@ -40,7 +40,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     rows, figure = [], [("image", x[:4])]
     bar = tqdm(total=len(interps) * len(kinds) * x.shape[0], desc="gap", unit="input", disable=not progress)
     for name in interps:
-        g = get_interpreter(name, **(deep_get(cfg, f"interpreter_options.{name}") or {}))
+        g = build_interpreter(name, **(deep_get(cfg, f"interpreter_options.{name}") or {}))
         benign = interpret(g, model, x, y)
         for kind in kinds:
             gen = torch.Generator().manual_seed(seed + 1)

@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "gap": "defend.experiments.gap",
     "robust": "defend.experiments.robust",
     "detector": "defend.experiments.detector",
+    "aid": "defend.experiments.aid",
 }
 
 
