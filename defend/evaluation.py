@@ -1,19 +1,28 @@
 """Attack evaluation: run an attack over batches and measure it with torchmetrics objects (DDP-syncable)."""
 from __future__ import annotations
 
+import hashlib
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from attacks._state import frozen
 from attacks.adv2 import ADV2
 from attacks.interpreters import Interpreter
 
+from torchmetrics import MaxMetric, SumMetric
+
+from .io import atomic_path
 from .metrics import AttackSuccessRate, MapDistance, MisclassificationConfidence, NoiseRate, TopKIoU
 
-__all__ = ["AttackMeter", "run_attack", "interpret"]
+__all__ = ["AttackMeter", "run_attack", "interpret", "PlanItem", "AttackEvaluation", "evaluate_plan"]
 
 
 def interpret(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor, batch_size: int = 256) -> Tensor:
@@ -25,36 +34,45 @@ def interpret(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor, bat
     return torch.cat(out)
 
 
-class AttackMeter:
-    """ASR, misclassification confidence, map L1 / L2 / top-k IoU to the benign map, noise rate (1 - SSIM)."""
+class AttackMeter(nn.Module):
+    """ASR, misclassification confidence, map L1 / L2 / top-k IoU to the benign map, noise rate (1 - SSIM),
+    L-inf size, input count and attack seconds: all torchmetrics states, summed (max for L-inf) across DDP ranks
+    at :meth:`compute` (every rank must call it, in the same order)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.asr = AttackSuccessRate()
         self.conf = MisclassificationConfidence()
         self.l1 = MapDistance(1)
         self.l2 = MapDistance(2)
         self.iou = TopKIoU()
         self.noise = NoiseRate()
-        self.seconds = 0.0
-        self.n = 0
+        self.linf = MaxMetric()
+        self.seconds = SumMetric()
+        self.n = SumMetric()
+        self.has_maps = SumMetric()
 
     def update(self, logits: Tensor, target: Tensor, x: Tensor, x_adv: Tensor, benign_map: Tensor | None,
                adv_map: Tensor | None, seconds: float = 0.0) -> None:
         self.asr.update(logits, target)
         self.conf.update(logits, target)
         self.noise.update(x, x_adv)
-        if benign_map is not None and adv_map is not None:
+        self.linf.update((x_adv - x).abs().amax().detach().float())
+        with_maps = benign_map is not None and adv_map is not None
+        if with_maps:
             self.l1.update(adv_map, benign_map)
             self.l2.update(adv_map, benign_map)
             self.iou.update(adv_map, benign_map)
-        self.seconds += seconds
-        self.n += x.shape[0]
+        self.has_maps.update(float(with_maps))
+        self.seconds.update(float(seconds))
+        self.n.update(float(x.shape[0]))
 
     def compute(self) -> dict[str, float]:
+        n = float(self.n.compute())
         out = {"asr": float(self.asr.compute()), "confidence": float(self.conf.compute()),
-               "noise_rate": float(self.noise.compute()), "n": self.n,
-               "seconds_per_input": self.seconds / max(self.n, 1)}
-        if self.l1.update_count:
+               "noise_rate": float(self.noise.compute()), "n": int(round(n)), "linf": float(self.linf.compute()),
+               "seconds_per_input": float(self.seconds.compute()) / max(n, 1.0)}
+        if float(self.has_maps.compute()) > 0:
             out.update(l1=float(self.l1.compute()), l2=float(self.l2.compute()), iou=float(self.iou.compute()))
         return out
 
@@ -72,3 +90,153 @@ def run_attack(attack: ADV2, model: nn.Module, x: Tensor, target: Tensor, target
         if progress is not None:
             progress.update(res.x_adv.shape[0])
     return torch.cat(outs), seconds
+
+
+# --------------------------------------------------------------------------------------------- sharded (DDP) pass
+@dataclass
+class PlanItem:
+    """One row group of an attack evaluation: ``engine`` (attack x framework against ``interpreter``; ``None`` =
+    the plain attack, no interpretation term) whose inputs are measured by each interpreter of ``readers``."""
+
+    attack: str
+    framework: str
+    interpreter: str | None
+    engine: ADV2
+    readers: list[str]
+
+    @property
+    def key(self) -> str:
+        return f"{self.attack}/{self.framework}/{self.interpreter or '-'}"
+
+
+class _Shard(Dataset):
+    """Examples ``rank, rank + world, ...`` of the evaluation set (no padding: every input is counted once)."""
+
+    def __init__(self, tensors: dict[str, Tensor], rank: int, world: int) -> None:
+        self.tensors, self.idx = tensors, list(range(rank, next(iter(tensors.values())).shape[0], world))
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        j = self.idx[i]
+        return {"index": torch.tensor(j), **{k: v[j] for k, v in self.tensors.items()}}
+
+
+class AttackEvaluation(pl.LightningModule):
+    """Run a plan of attacks over an evaluation set with ``Trainer.test`` (1 process, 1 GPU or DDP).
+
+    Each rank attacks its own shard (examples ``rank::world``, un-padded, so the published figures count every
+    input exactly once); every figure is an :class:`AttackMeter` (torchmetrics) synced across ranks at the end.
+    ``results[(plan key, reader)]`` holds the figures on every rank; ``examples`` the adversarial inputs of the
+    first ``keep`` examples (gathered to every rank), ``benign`` their benign maps.
+
+    With ``cache_dir`` every (plan item, batch) result is written there (atomically) and reused by a re-run with the
+    same ``cache_key``: an interrupted evaluation resumes without redoing finished batches.
+    """
+
+    def __init__(self, model: nn.Module, interpreters: dict[str, Interpreter], plan: list[PlanItem],
+                 data: dict[str, Tensor], batch_size: int = 64, keep: int = 0, cache_dir: str | None = None,
+                 cache_key: str = "", progress: bool = True) -> None:
+        super().__init__()
+        for k in ("image", "label", "target"):
+            if k not in data:
+                raise ValueError(f"evaluation data needs {k!r}")
+        self.model = model
+        self.interpreters, self.plan, self.data = interpreters, plan, data
+        self.batch_size, self.keep, self.progress = int(batch_size), int(keep), progress
+        self.cache_dir, self.cache_key = (Path(cache_dir) if cache_dir else None), cache_key
+        self.meters = nn.ModuleDict({_mkey(p.key, r): AttackMeter() for p in plan for r in p.readers})
+        self.results: dict[tuple[str, str], dict[str, float]] = {}
+        self.examples: dict[str, Tensor] = {}
+        self.benign: dict[str, Tensor] = {}
+        self._local_examples: dict[str, dict[int, Tensor]] = {}
+        self._local_benign: dict[str, dict[int, Tensor]] = {}
+        self._bar = None
+
+    def test_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return DataLoader(_Shard(self.data, rank, world), batch_size=self.batch_size, shuffle=False)
+
+    def on_test_start(self) -> None:
+        n_local = len(range(self.trainer.global_rank, self.data["image"].shape[0], self.trainer.world_size))
+        self._bar = tqdm(total=n_local * len(self.plan), desc="attacks", unit="input",
+                         disable=not (self.progress and self.trainer.is_global_zero))
+
+    def _cached_attack(self, item: PlanItem, idx: Tensor, x: Tensor, y_t: Tensor,
+                       target_map: Tensor | None) -> tuple[Tensor, float]:
+        path = None
+        if self.cache_dir is not None:
+            h = hashlib.sha256(f"{self.cache_key}|{item.key}|{idx.tolist()}".encode()).hexdigest()[:24]
+            path = self.cache_dir / f"{h}.pt"
+            if path.is_file():
+                saved = torch.load(path, map_location=x.device, weights_only=True)
+                if torch.equal(saved["index"].to(idx.device), idx):
+                    return saved["x_adv"].to(x.device, x.dtype), float(saved["seconds"])
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        x_adv = item.engine(self.model, x, y_t, target_map).x_adv.detach()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds = time.perf_counter() - start
+        if path is not None:
+            with atomic_path(path) as tmp:
+                torch.save({"index": idx.cpu(), "x_adv": x_adv.cpu(), "seconds": torch.tensor(seconds)}, tmp)
+        return x_adv, seconds
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, y, y_t, idx = batch["image"], batch["label"], batch["target"], batch["index"]
+        keep = idx < self.keep
+        with torch.enable_grad():
+            benign = {n: g.map(self.model, x, y).detach() for n, g in self.interpreters.items()}
+            for n, m in benign.items():
+                for j in keep.nonzero().flatten().tolist():
+                    self._local_benign.setdefault(n, {})[int(idx[j])] = m[j].cpu()
+            for item in self.plan:
+                target_map = benign[item.interpreter] if item.interpreter is not None else None
+                x_adv, seconds = self._cached_attack(item, idx, x, y_t, target_map)
+                with torch.no_grad():
+                    logits = self.model(x_adv)
+                for reader in item.readers:
+                    adv_map = self.interpreters[reader].map(self.model, x_adv, y_t).detach()
+                    self.meters[_mkey(item.key, reader)].update(logits, y_t, x, x_adv, benign[reader], adv_map, seconds)
+                for j in keep.nonzero().flatten().tolist():
+                    self._local_examples.setdefault(item.key, {})[int(idx[j])] = x_adv[j].cpu()
+                if self._bar is not None:
+                    self._bar.update(x.shape[0])
+
+    def on_test_epoch_end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        for item in self.plan:  # same order on every rank: each compute() is a collective under DDP
+            for reader in item.readers:
+                self.results[(item.key, reader)] = self.meters[_mkey(item.key, reader)].compute()
+        local = (self._local_examples, self._local_benign)
+        parts = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, local)
+        for store, pos in ((self.examples, 0), (self.benign, 1)):
+            merged: dict[str, dict[int, Tensor]] = {}
+            for part in parts:
+                for k, d in part[pos].items():
+                    merged.setdefault(k, {}).update(d)
+            for k, d in merged.items():
+                store[k] = torch.stack([d[i] for i in sorted(d)])
+
+
+def _mkey(key: str, reader: str) -> str:
+    return f"{key}|{reader}".replace(".", "_")
+
+
+def evaluate_plan(model: nn.Module, interpreters: dict[str, Interpreter], plan: list[PlanItem],
+                  data: dict[str, Tensor], trainer: pl.Trainer, **options: Any) -> AttackEvaluation:
+    """Run :class:`AttackEvaluation` with ``trainer`` (build it with ``inference_mode=False`` and
+    ``use_distributed_sampler=False``); returns the module with ``results`` / ``examples`` filled on every rank."""
+    if trainer.test_loop.inference_mode:
+        raise ValueError("the attack evaluation needs input gradients: build the Trainer with inference_mode=False")
+    module = AttackEvaluation(model, interpreters, plan, data, **options)
+    with frozen(model):
+        trainer.test(module, verbose=False)
+    return module

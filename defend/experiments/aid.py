@@ -36,7 +36,7 @@ from ..metrics import localisation, map_l1, topk_iou
 from .common import get_classifier, make_trainer, markdown_table, select_correct, setup_data, write_outputs
 from .figures import map_grid
 
-__all__ = ["run", "BatchTimer", "noise_levels"]
+__all__ = ["run", "BatchTimer", "noise_levels", "get_rts"]
 
 
 class BatchTimer(pl.Callback):
@@ -82,6 +82,33 @@ def _train(cfg: dict[str, Any], clf_path: str, dm, spec: dict[str, Any], init_fr
     return {"network": load_rts(out_path), "train_seconds": seconds, "batch_seconds": timer.mean,
             "batches": len(timer.seconds), "epoch_seconds": timer.mean * full, "full_epoch_batches": full,
             "aid_weight": float(kw.get("aid_weight", 0.0))}
+
+
+RTS_RUN_KEYS = ("checkpoint", "retrain", "max_epochs", "limit_train_batches")
+
+
+def get_rts(cfg: dict[str, Any], dm, clf_path: str, out: Path, progress: bool = True) -> tuple[RTSNetwork, dict[str, Any]]:
+    """Reuse ``rts.checkpoint`` if it exists, else train a plain RTS as ``rts`` describes and save it there.
+
+    ``rts`` holds :class:`AIDModule` arguments plus ``checkpoint``, ``max_epochs`` and ``limit_train_batches``
+    (like ``classifier:`` for the classifier). A reused checkpoint must fit the classifier (encoder stages, classes).
+    """
+    rcfg = dict(cfg.get("rts") or {})
+    ckpt = Path(rcfg.get("checkpoint") or out / "rts.pt")
+    if ckpt.is_file() and not rcfg.get("retrain", False):
+        from ..classifier import load_classifier
+
+        net = load_rts(ckpt)
+        net.check_model(load_classifier(clf_path))
+        return net, {"trained": False, "checkpoint": str(ckpt)}
+    spec = {"aid_weight": 0.0, "max_epochs": rcfg.get("max_epochs", 2)}
+    if rcfg.get("limit_train_batches") is not None:
+        spec["limit_train_batches"] = rcfg["limit_train_batches"]
+    module_cfg = {**cfg, "rts": {k: v for k, v in rcfg.items() if k not in RTS_RUN_KEYS}}
+    if progress:
+        print(f"[rts] no RTS checkpoint at {ckpt}: training a plain RTS on {clf_path}")
+    t = _train(module_cfg, clf_path, dm, spec, None, ckpt, int(cfg.get("seed", 0)), progress)
+    return t["network"], {"trained": True, "checkpoint": str(ckpt), "train_seconds": t["train_seconds"]}
 
 
 def noise_levels(model, x: torch.Tensor, y: torch.Tensor, sigmas: list[float], rates: list[float],

@@ -6,19 +6,22 @@ noise rate, seconds per input), the papers' tables in ``report.md``, a transfera
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from attacks.adv2 import ATTACKS, build_attack, random_targets
 from attacks.frameworks import FRAMEWORKS
 from attacks.interpreters import INTERPRETERS
 from ..interpreters import build_interpreter
 
-from ..evaluation import AttackMeter, interpret, run_attack
-from .common import deep_get, get_classifier, markdown_table, select_correct, setup_data, write_outputs
+from ..evaluation import PlanItem, evaluate_plan, interpret
+from .common import deep_get, get_classifier, make_trainer, markdown_table, select_correct, setup_data, write_outputs
 from .figures import map_grid
 
 __all__ = ["run", "attack_options"]
@@ -65,46 +68,55 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     y_t = random_targets(y, dm.num_classes, torch.Generator().manual_seed(seed))
     bs = int(ecfg.get("batch_size", 64))
     interps = {n: build_interpreter(n, **(deep_get(cfg, f"interpreter_options.{n}") or {})) for n in ecfg["interpreters"]}
-    benign = {n: interpret(g, model, x, y) for n, g in interps.items()}
     transfer_fw = ecfg.get("transfer_framework", "pgd")
-    plan = [(a, fw, i) for fw in ecfg["frameworks"] for a in ecfg["attacks"]
-            for i in (ecfg["interpreters"] if a != "pgd" else [None])]
-    total = len(plan) * x.shape[0]
-    bar = tqdm(total=total, desc="attacks", unit="input", disable=not progress)
+    plan: list[PlanItem] = []
+    for fw in ecfg["frameworks"]:
+        for attack in ecfg["attacks"]:
+            for target_interp in (ecfg["interpreters"] if attack != "pgd" else [None]):
+                opts = attack_options(cfg, attack, fw, target_interp or "cam")
+                engine = build_attack(attack, fw, target_interp or "cam", seed=seed, **opts)
+                readers = ecfg["interpreters"] if (target_interp is None or fw == transfer_fw) else [target_interp]
+                plan.append(PlanItem(attack, fw, target_interp, engine, list(readers)))
+    n_show = int(ecfg.get("n_figure", 3))
+    trainer = make_trainer(cfg, 1, inference_mode=False, use_distributed_sampler=False, enable_progress_bar=False,
+                           logger=False)
+    cache = ecfg.get("cache_dir")
+    key = hashlib.sha256(json.dumps({k: cfg.get(k) for k in ("seed", "data", "attack", "per_interpreter",
+                                                                "per_framework", "per_interpreter_framework",
+                                                                "interpreter_options")}, sort_keys=True,
+                                    default=str).encode() + Path(info["checkpoint"]).read_bytes()).hexdigest()[:16]
+    start = time.perf_counter()
+    ev = evaluate_plan(model, interps, plan, {"image": x, "label": y, "target": y_t}, trainer, batch_size=bs,
+                       keep=n_show, cache_dir=cache, cache_key=key, progress=progress)
+    wall = time.perf_counter() - start
+    if not trainer.is_global_zero:  # one rank publishes; the figures are already synced on every rank
+        return []
     rows: list[dict[str, Any]] = []
-    adv_store: dict[tuple, torch.Tensor] = {}
     transfer: list[dict[str, Any]] = []
-    for attack, fw, target_interp in plan:
-        opts = attack_options(cfg, attack, fw, target_interp or "cam")
-        atk = build_attack(attack, fw, target_interp or "cam", seed=seed, **opts)
-        bar.set_postfix_str(f"{attack}/{fw}/{target_interp or '-'}")
-        x_adv, seconds = run_attack(atk, model, x, y_t, None if target_interp is None else benign[target_interp], bs, bar)
-        adv_store[(attack, fw, target_interp)] = x_adv
-        with torch.no_grad():
-            logits = model(x_adv)
-        read_by = ecfg["interpreters"] if (target_interp is None or fw == transfer_fw) else [target_interp]
-        for reader in read_by:
-            adv_map = interpret(interps[reader], model, x_adv, y_t)
-            meter = AttackMeter()
-            meter.update(logits, y_t, x, x_adv, benign[reader], adv_map, seconds)
-            res = meter.compute()
-            res["linf"] = float((x_adv - x).abs().amax().item())
-            if target_interp is None or reader == target_interp:
-                rows.append({"attack": attack, "framework": fw, "interpreter": reader, **res})
-            if target_interp is not None and fw == transfer_fw:
-                transfer.append({"attack": attack, "source": target_interp, "target": reader, "l1": res["l1"], "iou": res["iou"]})
-            if target_interp is None and fw == transfer_fw:
-                adv_store[(attack, fw, reader)] = x_adv
-    bar.close()
+    for item in plan:
+        for reader in item.readers:
+            res = ev.results[(item.key, reader)]
+            if item.interpreter is None or reader == item.interpreter:
+                rows.append({"attack": item.attack, "framework": item.framework, "interpreter": reader, **res,
+                             "processes": trainer.world_size, "evaluation_wall_seconds": wall})
+            if item.interpreter is not None and item.framework == transfer_fw:
+                transfer.append({"attack": item.attack, "source": item.interpreter, "target": reader,
+                                 "l1": res["l1"], "iou": res["iou"]})
     for t in transfer:
         rows.append({"attack": t["attack"], "framework": transfer_fw, "interpreter": t["source"],
                      "read_by": t["target"], "transfer_l1": t["l1"], "transfer_iou": t["iou"]})
-    _figure(out, model, x, y, y_t, benign, interps, adv_store, transfer_fw, ecfg)
-    write_outputs(out, rows, _report(cfg, info, ecfg, rows, x.shape[0]))
+    adv_store = {}
+    for item in plan:
+        if item.framework != transfer_fw or item.key not in ev.examples:
+            continue
+        for name in (ecfg["interpreters"] if item.interpreter is None else [item.interpreter]):
+            adv_store[(item.attack, item.framework, name)] = ev.examples[item.key]
+    _figure(out, model, x[:n_show], y_t[:n_show], ev.benign, interps, adv_store, transfer_fw, n_show)
+    write_outputs(out, rows, _report(cfg, info, ecfg, rows, x.shape[0], trainer.world_size, wall))
     return rows
 
 
-def _figure(out, model, x, y, y_t, benign, interps, adv_store, fw, ecfg, n_show: int = 3) -> None:
+def _figure(out, model, x, y_t, benign, interps, adv_store, fw, n_show: int = 3) -> None:
     columns = []
     for name, g in interps.items():
         columns.append((f"{name.upper()} benign", benign[name][:n_show]))
@@ -117,11 +129,13 @@ def _figure(out, model, x, y, y_t, benign, interps, adv_store, fw, ecfg, n_show:
     map_grid(out / "maps.png", columns, rows=n_show)
 
 
-def _report(cfg, info, ecfg, rows, n) -> str:
+def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("nan")) -> str:
     main = [r for r in rows if "read_by" not in r]
     interps = ecfg["interpreters"]
     lines = [f"# Attack evaluation ({n} correctly classified test inputs, random target classes)", "",
-             f"Classifier checkpoint: `{info['checkpoint']}`. Attack options: `{cfg.get('attack')}`.", ""]
+             f"Classifier checkpoint: `{info['checkpoint']}`. Attack options: `{cfg.get('attack')}`.", "",
+             f"Evaluated by {processes} process(es) in {wall:.0f} s of wall time (each input attacked once; "
+             "seconds per input = attack compute time summed over processes / inputs).", ""]
 
     def table(field: str, title: str) -> None:
         lines.extend([f"## {title}", ""])

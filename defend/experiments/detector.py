@@ -13,6 +13,7 @@ detection rate on those inputs is reported next to the non-adaptive one.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from pathlib import Path
@@ -42,18 +43,30 @@ def combinations(names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
     return out
 
 
-def _interpreters(cfg: dict[str, Any], names: list[str], notes: list[str]) -> dict[str, Any]:
+def _interpreters(cfg: dict[str, Any], names: list[str], dm, clf_path: str, out_dir: Path, notes: list[str],
+                  progress: bool) -> dict[str, Any]:
+    """The interpreters the detector reads. RTS uses ``interpreter_options.rts.network`` when given, else the plain
+    RTS of ``rts.checkpoint``, trained there first when missing (:func:`defend.experiments.aid.get_rts`)."""
     out = {}
     for n in names:
         opts = dict(deep_get(cfg, f"interpreter_options.{n}") or {})
-        if n == "rts":
-            net = opts.get("network")
-            if not net or not Path(str(net)).is_file():
-                notes.append(f"RTS skipped: no trained RTS checkpoint at interpreter_options.rts.network={net!r} "
-                             "(train one with `defend fit -c configs/aid/digits_rts.yaml`); RTS rows are missing.")
-                continue
+        if n == "rts" and not opts.get("network"):
+            from .aid import get_rts
+
+            net, rinfo = get_rts(cfg, dm, clf_path, out_dir, progress)
+            opts["network"] = net
+            notes.append(f"RTS: plain RTS {'trained and saved to' if rinfo['trained'] else 'loaded from'} "
+                         f"{rinfo['checkpoint']}" + (f" ({rinfo['train_seconds']:.0f} s)" if rinfo["trained"] else "") + ".")
         out[n] = build_interpreter(n, **opts)
     return out
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +97,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     notes: list[str] = []
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
-    interps = _interpreters(cfg, names, notes)
+    interps = _interpreters(cfg, names, dm, str(info["checkpoint"]), out, notes, progress)
     names = [n for n in names if n in interps]
     targets = [t for t in dcfg.get("target_interpreters", ["cam"]) if t in interps]
     if len(names) < 2 or not targets:
@@ -102,6 +115,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     cache = Path(dcfg.get("cache_dir") or out / "cache")
     base_spec = {"data": cfg.get("data"), "classifier": info["checkpoint"], "n_benign": n_b, "n_adversarial": n_a,
                  "seed": seed, "interpreter_options": cfg.get("interpreter_options"), "batch_size": bs}
+    if "rts" in interps:  # the cached maps depend on the RTS weights, not only on where they came from
+        base_spec["rts_weights"] = _state_digest(interps["rts"].network)
     t0 = time.perf_counter()
     benign = build_detection_data(model, interps, benign=xb, batch_size=bs, cache_dir=cache,
                                   spec={**base_spec, "set": "benign"}, progress=progress, desc="benign maps")
