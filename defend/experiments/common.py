@@ -64,7 +64,9 @@ def get_classifier(cfg: dict[str, Any], dm: pl.LightningDataModule, out: Path, p
     seconds = time.perf_counter() - start
     model = module.model.eval()
     target = Path(ckpt) if ckpt else out / "classifier.pt"
-    save_classifier(model, target, ccfg.get("model_options"), extra={"train_seconds": seconds})
+    if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
+        save_classifier(model, target, ccfg.get("model_options"), extra={"train_seconds": seconds})
+    trainer.strategy.barrier("classifier saved")
     return model, {"trained": True, "checkpoint": str(target), "train_seconds": seconds}
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
+import tempfile
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from ..distributed import is_global_zero
 
 __all__ = ["main", "load_config", "deep_merge", "EXPERIMENTS"]
 
@@ -82,10 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"unknown experiment {name!r} in {args.config}; choose one of: {', '.join(EXPERIMENTS)}")
         module = importlib.import_module(EXPERIMENTS[name])
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        cfg["output_dir"] = str(out)  # where rank 0 publishes (other ranks run in a scratch directory)
         start = time.perf_counter()
-        module.run(cfg, out, progress=not args.no_progress)
-        print(f"[defend] experiment '{name}' finished in {time.perf_counter() - start:.1f}s -> {out}")
+        if is_global_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            module.run(cfg, out, progress=not args.no_progress)
+            print(f"[defend] experiment '{name}' finished in {time.perf_counter() - start:.1f}s -> {out}")
+        else:  # DDP: the other ranks train / attack their shards; only rank 0 publishes into --out
+            with tempfile.TemporaryDirectory(prefix="defend-rank-") as scratch:
+                module.run(cfg, Path(scratch), progress=False)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"defend experiment: error: {exc}", file=sys.stderr)
         return 2

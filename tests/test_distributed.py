@@ -1,0 +1,120 @@
+"""The attack evaluation is a sharded Lightning test pass: 2 CPU DDP processes publish the same rows as 1 process
+(every input counted once), and an interrupted evaluation resumes from its per-batch cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import yaml
+
+from attacks.adv2 import build_attack, random_targets
+from attacks.interpreters import CAMInterpreter
+from defend.classifier import save_classifier
+from defend.data import DigitsDataModule
+from defend.evaluation import PlanItem, evaluate_plan
+from defend.experiments.common import take_split
+from defend.models.small import small_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A width-8 small CNN trained briefly on the embedded digits (one render per digit), saved as an artifact."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
+    dm.setup("fit")
+    train, test = take_split(dm, "train"), take_split(dm, "test", 64)
+    model = small_cnn(num_classes=10, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        idx = torch.randint(0, train["image"].shape[0], (64,), generator=gen)
+        loss = F.cross_entropy(model(train["image"][idx]), train["label"][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = tmp_path_factory.mktemp("clf") / "tiny.pt"
+    save_classifier(model, path, {"width": 8})
+    yield {"model": model, "path": path, "test": test}
+    torch.set_num_threads(before)
+
+
+def _experiment(tmp_path: Path, clf: Path, extra: list[str], out: str) -> list[dict]:
+    cfg = {
+        "experiment": "attacks", "seed": 0, "data": {"name": "digits", "seed": 0, "renders_per_digit": [1, 1, 1]},
+        "classifier": {"arch": "small_cnn", "model_options": {"width": 8}, "checkpoint": str(clf)},
+        "evaluation": {"n_images": 9, "batch_size": 4, "attacks": ["pgd", "adv2"], "frameworks": ["pgd"],
+                       "interpreters": ["cam"], "n_figure": 2},
+        "attack": {"eps": 0.031, "alpha": 0.00784, "warm_steps": 10, "steps": 10, "c": 20.0},
+    }
+    path = tmp_path / "attacks.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "defend.cli", "experiment", "-c", str(path), *extra, "--out", str(tmp_path / out),
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / out / "metrics.json").read_text())
+
+
+def test_attack_evaluation_ddp_cpu_matches_one_process(tiny, tmp_path):
+    one = _experiment(tmp_path, tiny["path"], [], "one")
+    two = _experiment(tmp_path, tiny["path"], ["-c", str(ROOT / "configs/trainer/ddp_cpu.yaml")], "two")
+    assert [r["processes"] for r in one if "processes" in r] == [1] * 2
+    assert [r["processes"] for r in two if "processes" in r] == [2] * 2
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert (a["attack"], a["framework"], a["interpreter"]) == (b["attack"], b["framework"], b["interpreter"])
+        if "read_by" in a:
+            continue
+        assert a["n"] == b["n"] == 9  # 5 + 4 inputs on the two ranks: nothing padded, nothing dropped
+        for k in ("asr", "confidence", "l1", "l2", "iou", "noise_rate", "linf"):
+            assert abs(a[k] - b[k]) <= 1e-4, (a["attack"], k, a[k], b[k])  # stated tolerance: float reordering
+    adv2 = next(r for r in one if r["attack"] == "adv2" and "read_by" not in r)
+    pgd = next(r for r in one if r["attack"] == "pgd")
+    assert adv2["l1"] < pgd["l1"]  # the evaluation measured real attacks, not empty rows
+    assert (tmp_path / "two" / "maps.png").is_file()
+
+
+class _Exploding:
+    """An engine that must not be called (the cache has its batches)."""
+
+    def __call__(self, *a, **k):
+        raise AssertionError("re-attacked a batch that the cache already holds")
+
+
+def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path):
+    torch.set_num_threads(1)
+    model, x, y = tiny["model"], tiny["test"]["image"][:6], tiny["test"]["label"][:6]
+    y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    engine = build_attack("adv2", "pgd", "cam", warm_steps=5, steps=5, framework_options={"eps": 0.031, "alpha": 0.01})
+    interps = {"cam": CAMInterpreter()}
+    data = {"image": x, "label": y, "target": y_t}
+
+    def trainer():
+        return pl.Trainer(accelerator="cpu", devices=1, inference_mode=False, use_distributed_sampler=False,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    cache = tmp_path / "cache"
+    first = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
+                          batch_size=4, cache_dir=str(cache), cache_key="k", progress=False)
+    assert len(list(cache.glob("*.pt"))) == 2  # one file per finished batch
+    again = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", _Exploding(), ["cam"])], data, trainer(),
+                          batch_size=4, cache_dir=str(cache), cache_key="k", progress=False)
+    a, b = first.results[("adv2/pgd/cam", "cam")], again.results[("adv2/pgd/cam", "cam")]
+    assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
+    assert a["asr"] > 0.5 and a["n"] == 6
+    with pytest.raises(AssertionError, match="re-attacked"):  # another cache key: nothing is reused
+        evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", _Exploding(), ["cam"])], data, trainer(),
+                      batch_size=4, cache_dir=str(cache), cache_key="other", progress=False)
