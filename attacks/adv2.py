@@ -12,6 +12,7 @@ except an optional all-finished check every ``check_every`` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -31,6 +32,7 @@ from .terms import InterpretationTerm, MaskTerm, make_term
 __all__ = ["ADV2", "AttackResult", "ATTACKS", "build_attack", "random_targets"]
 
 ATTACKS = {"pgd": None, "adv2": None, "advedge": "soft", "advedge_plus": "binary"}
+AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -104,6 +106,9 @@ class ADV2:
         mask_search_steps, mask_alpha_max: per-image binary search of the PGD step size against MASK.
         early_stop: freeze examples of the *plain* attack once they succeed.
         seed: seeds random starts and label smoothing.
+        autocast: ``None`` (float32) or ``"bf16"`` / ``"fp16"``: forward passes of the classifier and interpreter
+            terms under ``torch.autocast`` on the input's device (GPU mixed precision); the perturbation, the step,
+            the projection and the quantised best iterate stay float32.
     """
 
     def __init__(self, interpreter: str | Interpreter | Sequence[str | Interpreter] | None = "cam",
@@ -115,7 +120,10 @@ class ADV2:
                  interpreter_options: dict[str, dict] | None = None,
                  mask_search_steps: int = 4, mask_alpha_max: float | None = None,
                  early_stop: bool = False, check_every: int = 50, seed: int = 0,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, autocast: str | None = None) -> None:
+        if autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {sorted(k for k in AUTOCAST if k)} or None, got {autocast!r}")
+        self.autocast = autocast
         if edge not in (None, "soft", "binary"):
             raise ValueError(f"unknown edge mode {edge!r}; choose None, 'soft' or 'binary'")
         if edge_stages not in ("all", "warm"):
@@ -142,6 +150,12 @@ class ADV2:
         self.mask_alpha_max = mask_alpha_max
         self.early_stop, self.check_every, self.seed = early_stop, check_every, seed
         self.progress = progress
+
+    def _amp(self, x: Tensor):
+        """``torch.autocast`` on ``x``'s device when mixed precision is on, else a no-op context."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=AUTOCAST[self.autocast])
 
     # ------------------------------------------------------------------------------------------------
     def _networks(self) -> list[nn.Module]:
@@ -208,9 +222,12 @@ class ADV2:
             z = z.detach().requires_grad_(True)
             x = self.threat.apply(x0, z, weight)
             xq = x + (self.threat.quantise(x0, x) - x).detach()
-            l_int, logits = (None, None) if term is None else term.loss_and_logits(model, xq, y_t, m_t, state)
-            if logits is None:
-                logits = model(xq)
+            with self._amp(x0):
+                l_int, logits = (None, None) if term is None else term.loss_and_logits(model, xq, y_t, m_t, state)
+                if logits is None:
+                    logits = model(xq)
+            logits = logits.float()
+            l_int = None if l_int is None else l_int.float()
             if term is not None and self.smoothing is not None:
                 rho = self.smoothing[0] + frac * (self.smoothing[1] - self.smoothing[0])
                 l_prd = -(_soft_targets(y_t, k, rho, gen) * F.log_softmax(logits, 1)).sum(1)
@@ -257,7 +274,8 @@ class ADV2:
     def _refresh(self, model, x0, y_t, z, weight, term, m_t, state, best, step) -> None:
         """Let the term update its state; score the iterate when the term measured the real map."""
         xq = self.threat.quantise(x0, self.threat.apply(x0, z, weight)).detach()
-        term.refresh(model, xq, y_t, m_t, state, step)
+        with self._amp(x0):
+            term.refresh(model, xq, y_t, m_t, state, step)
         sel = state.pop("selection_loss", None)
         if sel is not None:
             with torch.no_grad():
@@ -276,12 +294,14 @@ class ADV2:
         n = x0.shape[0]
         hi = torch.full((n,), self.mask_alpha_max or 2 * threat.alpha, device=x0.device)
         lo = torch.zeros(n, device=x0.device)
-        p_now = model(threat.apply(x0, z, weight)).softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
+        with self._amp(x0):
+            p_now = model(threat.apply(x0, z, weight)).float().softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
         floor = torch.clamp(0.5 * p_now, min=self.confidence)
         for _ in range(self.mask_search_steps):
             mid = (lo + hi) / 2
             z_try = threat.project(x0, threat.step(z, g, active, weight, alpha=mid))
-            p = model(threat.apply(x0, z_try, weight)).softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
+            with self._amp(x0):
+                p = model(threat.apply(x0, z_try, weight)).float().softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
             ok = p >= floor
             lo = torch.where(ok, mid, lo)
             hi = torch.where(ok, hi, mid)

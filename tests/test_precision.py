@@ -1,0 +1,64 @@
+"""bf16 autocast of the attack engine (the GPU mixed-precision path, exercised here on CPU): the perturbation stays
+float32 and in its ball, success and map distances match float32 within noise."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attacks.adv2 import ADV2, build_attack, random_targets
+from attacks.interpreters import get_interpreter
+from defend.data import DigitsDataModule
+from defend.experiments.common import take_split
+from defend.metrics import map_l1
+from defend.models.small import small_cnn
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
+    dm.setup("fit")
+    train, test = take_split(dm, "train"), take_split(dm, "test", 64)
+    model = small_cnn(num_classes=10, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        idx = torch.randint(0, train["image"].shape[0], (64,), generator=gen)
+        loss = F.cross_entropy(model(train["image"][idx]), train["label"][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        ok = model(test["image"]).argmax(1) == test["label"]
+    yield model, test["image"][ok][:16], test["label"][ok][:16]
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("interpreter", ["cam", "grad"])
+def test_bf16_autocast_matches_float32(tiny, interpreter):
+    model, x, y = tiny
+    y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    g = get_interpreter(interpreter)
+    benign = g(model, x, y)
+    out = {}
+    for mode in (None, "bf16"):
+        atk = build_attack("adv2", "pgd", interpreter, warm_steps=20, steps=20, c=20.0, autocast=mode,
+                           framework_options={"eps": 0.063, "alpha": 2 / 255})
+        res = atk(model, x, y_t, benign)
+        assert res.x_adv.dtype == torch.float32
+        assert float((res.x_adv - x).abs().max()) <= 0.063 + 1e-6
+        assert float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
+        out[mode] = (res.success.float().mean().item(), map_l1(g(model, res.x_adv, y_t), benign).mean().item())
+    (asr32, l1_32), (asr16, l1_16) = out[None], out["bf16"]
+    assert asr32 >= 0.8, out
+    assert abs(asr32 - asr16) <= 2 / 16  # at most two of 16 inputs flip
+    assert abs(l1_32 - l1_16) <= 0.25 * l1_32 + 0.01
+
+
+def test_unknown_autocast_is_rejected():
+    with pytest.raises(ValueError, match="autocast"):
+        ADV2("cam", autocast="int8")
