@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[str, str, str | None]] = {
     "adv2_cam": ("adv2", "pgd", "cam"),
     "adv2_grad": ("adv2", "pgd", "grad"),
     "adv2_mask": ("adv2", "pgd", "mask"),
+    "adv2_rts": ("adv2", "pgd", "rts"),
     "advedge_cam": ("advedge", "pgd", "cam"),
     "advedge_plus_cam": ("advedge_plus", "pgd", "cam"),
     "cw": ("adv2", "cw", "cam"),
@@ -81,7 +82,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
     return model.to(device).eval()
 
 
-def make_attack(variant: str, steps: int, mask_inner_steps: int) -> ADV2:
+def make_attack(variant: str, steps: int, mask_inner_steps: int, model: torch.nn.Module | None = None) -> ADV2:
     name, framework, interpreter = VARIANTS[variant]
     schedule = {"warm_steps": steps, "steps": 0} if name == "pgd" else {"warm_steps": 0, "steps": steps}
     options: dict[str, Any] = dict(framework=framework, seed=0, **schedule)
@@ -91,6 +92,12 @@ def make_attack(variant: str, steps: int, mask_inner_steps: int) -> ADV2:
         # the initial MASK solve is setup (it cancels); no periodic reset falls inside S_HI steps
         options["interpreter_options"] = {"mask": {"iterations": 10}}
         options["mask_options"] = {"inner_steps": mask_inner_steps, "reset_every": 10_000}
+    if interpreter == "rts":  # an untrained RTS masking network on the model's stages (weights do not change timing)
+        from attacks.interpreters import RTSInterpreter, RTSNetwork
+
+        torch.manual_seed(0)
+        net = RTSNetwork(model.stage_channels, model.num_classes).to(next(model.parameters()).device).eval()
+        return build_attack(name, interpreter=RTSInterpreter(net), **options)
     return build_attack(name, interpreter=interpreter or "cam", **options)
 
 
@@ -123,7 +130,7 @@ def step_seconds(model, x, target, variants: list[str], args: argparse.Namespace
     result: dict[str, float | Exception] = {}
     for variant in variants:
         try:
-            attacks[variant] = {s: make_attack(variant, s, args.mask_inner_steps) for s in (lo, hi)}
+            attacks[variant] = {s: make_attack(variant, s, args.mask_inner_steps, model) for s in (lo, hi)}
             run(attacks[variant][lo])()  # warm-up: lazy initialisation, cudnn autotuning, allocator
         except Exception as exc:  # report and go on: one unsupported variant should not lose the others
             result[variant] = exc

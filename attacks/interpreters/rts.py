@@ -112,7 +112,20 @@ class RTSNetwork(nn.Module):
 
     def forward(self, model: nn.Module, x: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
         self.check_model(model)
+        return self.decode(self.encode(model, x), x, cls)
+
+    def forward_with_logits(self, model: nn.Module, x: Tensor, cls: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(mask, encoder logits, classifier logits)`` from one encoder pass: the classifier's logits come from
+        its last stage (``head(pool(stages[-1]))``) when it has that GAP head, else ``None``."""
+        self.check_model(model)
         feats = self.encode(model, x)
+        logits = None
+        if isinstance(getattr(model, "head", None), nn.Module) and isinstance(getattr(model, "pool", None), nn.Module):
+            logits = model.head(model.pool(feats[-1]))
+        return (*self.decode(feats, x, cls), logits)
+
+    def decode(self, feats: list[Tensor], x: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
+        """Masking network on encoder features: ``(mask at x's resolution, encoder class logits)``."""
         h = self.bottleneck(feats[-1])
         enc_logits = self.class_head(h.mean((2, 3)))
         h = self.center(h * self.selector(cls.to(x.device)).unsqueeze(-1).unsqueeze(-1))
@@ -248,9 +261,13 @@ def _rts_term_class() -> type:
             super().__init__(interpreter)
             self.enc_weight = float(enc_weight)
 
+        def loss_and_logits(self, model, x, y_t, m_t, state):
+            m, enc_logits, logits = self.interpreter.network.forward_with_logits(model, x, y_t)
+            loss = map_mse(m.clamp(0, 1), m_t) + self.enc_weight * F.cross_entropy(enc_logits, y_t, reduction="none")
+            return loss, logits  # the classifier's logits from the shared encoder pass (no second forward)
+
         def loss(self, model, x, y_t, m_t, state):
-            m, logits = self.interpreter.maps_and_logits(model, x, y_t)
-            return map_mse(m.clamp(0, 1), m_t) + self.enc_weight * F.cross_entropy(logits, y_t, reduction="none")
+            return self.loss_and_logits(model, x, y_t, m_t, state)[0]
 
     RTSTerm.__module__ = __name__
     return RTSTerm
