@@ -101,19 +101,40 @@ class DetectorModule(pl.LightningModule):
         return self.net(maps)
 
     def features(self, maps: Tensor, batch_size: int = 128) -> Tensor:
-        """GAP features of the trunk, ``[N, 1472]`` (every stage) or ``[N, 512]`` (last stage); eval, no grad."""
+        """GAP features of the trunk, ``[N, 1472]`` (every stage) or ``[N, 512]`` (last stage); eval, no grad.
+
+        Under DDP each rank extracts the rows ``rank::world`` and the features are gathered (every rank returns
+        all ``N`` rows, in order), so the booster is trained on the whole set, each input computed once."""
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        idx = torch.arange(rank, maps.shape[0], world)
         was = self.training
         self.eval()
         out = []
         with torch.no_grad():
-            for i in range(0, maps.shape[0], batch_size):
-                xb = maps[i:i + batch_size].to(self.device, torch.float32)
+            for i in range(0, idx.numel(), batch_size):
+                xb = maps[idx[i:i + batch_size]].to(self.device, torch.float32)
                 if self.hparams.feature_stages == "all":
                     out.append(torch.cat([h.mean((2, 3)) for h in self.net.forward_stages(xb)], 1).cpu())
                 else:
                     out.append(self.net.pool(self.net.forward_features(xb)).cpu())
         self.train(was)
-        return torch.cat(out)
+        local = torch.cat(out) if out else torch.zeros(0, self.feature_dim)
+        if world == 1:
+            return local
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (idx, local))
+        full = torch.empty(maps.shape[0], local.shape[1] if local.numel() else self.feature_dim)
+        for i, f in parts:
+            full[i] = f
+        return full
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`features` rows."""
+        chans = self.net.stage_channels
+        return int(sum(chans)) if self.hparams.feature_stages == "all" else int(chans[-1])
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         maps, label = batch[0], batch[1]

@@ -118,3 +118,34 @@ def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path):
     with pytest.raises(AssertionError, match="re-attacked"):  # another cache key: nothing is reused
         evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", _Exploding(), ["cam"])], data, trainer(),
                       batch_size=4, cache_dir=str(cache), cache_key="other", progress=False)
+
+
+def _features_worker(rank: int, world: int, init: str, maps_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        from defend.detector import DetectorModule
+
+        torch.manual_seed(0)
+        det = DetectorModule(in_channels=2, input_size=32)
+        feats = det.features(torch.load(maps_path, weights_only=True), batch_size=2)
+        torch.save(feats, f"{out_dir}/feats{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_detector_features_are_sharded_and_gathered_under_ddp(tmp_path):
+    """2 gloo ranks each extract half of the rows; both end with all rows, equal to one process's features."""
+    from defend.detector import DetectorModule
+
+    torch.set_num_threads(1)
+    maps = torch.rand(7, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(maps, tmp_path / "maps.pt")
+    torch.manual_seed(0)
+    single = DetectorModule(in_channels=2, input_size=32).features(maps)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(_features_worker, args=(2, init, str(tmp_path / "maps.pt"), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        gathered = torch.load(tmp_path / f"feats{r}.pt", weights_only=True)
+        assert gathered.shape == single.shape == (7, DetectorModule(in_channels=2, input_size=32).feature_dim)
+        assert torch.allclose(gathered, single, atol=1e-5)
