@@ -248,7 +248,7 @@ class ADV2:
                 if term is None and self.early_stop:
                     active = active & ~success
                 if search:
-                    alpha = self._search_step(model, x0, y_t, z.detach(), g, active, weight)
+                    alpha = self._search_step(model, x0, y_t, z.detach(), g, active, weight, p_t)
                     z = self.threat.step(z, g, active, weight, alpha=alpha)
                 else:
                     z = self.threat.step(z, g, active, weight)
@@ -288,14 +288,13 @@ class ADV2:
     def _uses_mask(term: InterpretationTerm) -> bool:
         return any(isinstance(t, MaskTerm) for t in getattr(term, "terms", [term]))
 
-    def _search_step(self, model, x0, y_t, z, g, active, weight) -> Tensor:
-        """Per-image binary search for the largest sign step keeping ``p_t >= max(confidence, 0.5 p_t now)``."""
+    def _search_step(self, model, x0, y_t, z, g, active, weight, p_now: Tensor) -> Tensor:
+        """Per-image binary search for the largest sign step keeping ``p_t >= max(confidence, 0.5 p_t now)``
+        (``p_now``: the target probability of the current iterate, from this step's forward pass)."""
         threat: PGD = self.threat  # type: ignore[assignment]
         n = x0.shape[0]
         hi = torch.full((n,), self.mask_alpha_max or 2 * threat.alpha, device=x0.device)
         lo = torch.zeros(n, device=x0.device)
-        with self._amp(x0):
-            p_now = model(threat.apply(x0, z, weight)).float().softmax(1).gather(1, y_t.view(-1, 1)).squeeze(1)
         floor = torch.clamp(0.5 * p_now, min=self.confidence)
         for _ in range(self.mask_search_steps):
             mid = (lo + hi) / 2
