@@ -6,11 +6,32 @@ from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .batch import IMAGE, INDEX, LABEL, MASK
 
-__all__ = ["TensorImageDataset", "BaseDataModule"]
+__all__ = ["TensorImageDataset", "BaseDataModule", "EpochShuffleSampler"]
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A random order that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` at the start of every training epoch, so a run resumed from a checkpoint
+    sees exactly the batches an uninterrupted run would have seen (a generator carried across epochs would restart
+    from its seed instead). Under DDP Lightning swaps it for a seeded ``DistributedSampler`` (also per epoch).
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
 
 class TensorImageDataset(Dataset):
@@ -95,13 +116,14 @@ class BaseDataModule(pl.LightningDataModule):
         return self._datasets[2]
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        """Shuffled loaders draw their order from :class:`EpochShuffleSampler` (seeded per epoch); the loader's own
+        generator (worker seeds) keeps iterator creation from consuming the global RNG."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=self.num_workers > 0,
         )
 
