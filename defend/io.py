@@ -1,6 +1,7 @@
 """Artifacts: atomic writes and safe checkpoint loading (``torch.load(weights_only=True)``, no code runs)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 __all__ = ["atomic_path", "atomic_write_text", "write_json", "save_artifact", "load_artifact",
-           "CheckpointError", "FORMAT_VERSION", "project_version"]
+           "CheckpointError", "FORMAT_VERSION", "project_version", "state_digest"]
 
 FORMAT_VERSION = 1
 
@@ -54,10 +55,37 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def state_digest(state: Any) -> str:
+    """SHA-256 of a (nested) state: keys, dtypes, shapes and the bytes of every tensor, in key order."""
+    h = hashlib.sha256()
+
+    def feed(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for k in sorted(node, key=str):
+                h.update(f"K{k!s}".encode())
+                feed(node[k])
+        elif isinstance(node, (list, tuple)):
+            h.update(f"L{len(node)}".encode())
+            for v in node:
+                feed(v)
+        else:
+            h.update(f"V{node!r}".encode())
+
+    feed(state)
+    return h.hexdigest()
+
+
 def save_artifact(path: str | os.PathLike, kind: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Save ``{"format", "kind", "meta", "state"}`` atomically; loadable with ``weights_only=True``."""
+    """Save ``{"format", "kind", "meta", "state", "sha256"}`` atomically; loadable with ``weights_only=True``.
+
+    ``sha256`` (:func:`state_digest`) lets :func:`load_artifact` detect corrupted weights, which a zip archive
+    whose bytes were damaged in place still yields without complaint."""
     payload = {"format": "idls-defend", "format_version": FORMAT_VERSION, "kind": kind,
-               "version": project_version(), "meta": meta, "state": state}
+               "version": project_version(), "meta": meta, "state": state, "sha256": state_digest(state)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -77,6 +105,9 @@ def load_artifact(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     if payload.get("format") == "idls-defend":
         if payload.get("kind") != kind:
             raise CheckpointError(f"{path} holds a '{payload.get('kind')}' artifact, expected '{kind}'")
+        digest = payload.get("sha256")  # absent in artifacts written before checksums
+        if digest is not None and digest != state_digest(payload.get("state")):
+            raise CheckpointError(f"{path} is corrupt: its weights do not match the checksum stored with them")
         return payload
     meta = payload.get("idls_meta")  # a Lightning checkpoint written by one of our modules
     if isinstance(meta, dict) and meta.get("kind") == kind:
