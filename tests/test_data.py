@@ -236,7 +236,9 @@ def test_folder_module_errors(tmp_path: Path) -> None:
     _write_tree(tree, per_class=3)
     bad = tree / "benign" / "img_0.png"
     bad.write_bytes(b"this is not a png")
-    dm = ImageFolderDataModule(str(tree), image_size=8, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(ValueError, match="1 unreadable image file.*img_0.png"):
+        ImageFolderDataModule(str(tree), image_size=8, val_fraction=0.0, test_fraction=0.0)
+    dm = ImageFolderDataModule(str(tree), image_size=8, val_fraction=0.0, test_fraction=0.0, check_files=False)
     idx = dm.train_dataset.files.index(bad)
     with pytest.raises(ValueError, match="img_0.png"):
         dm.train_dataset[idx]

@@ -19,14 +19,30 @@ from torchvision import transforms
 from .base import BaseDataModule
 from .batch import IMAGE, INDEX, LABEL, quantize
 
-__all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder"]
+__all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder", "find_unreadable"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _SPLIT_DIRS = ("train", "val", "test")
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        entries = list(root.iterdir())
+    except OSError as exc:
+        raise ValueError(f"cannot read dataset folder '{root}': {exc.strerror or exc}") from None
+    return sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+
+
+def find_unreadable(files: Sequence[Path]) -> list[tuple[Path, str]]:
+    """``(file, reason)`` for every file whose image header PIL cannot read (fast: no pixel data is decoded)."""
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - parsing the header is the check
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            bad.append((Path(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    return bad
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -102,7 +118,21 @@ class FolderDataset(Dataset):
 
 
 class ImageFolderDataModule(BaseDataModule):
-    """Image classification from a ``root/<class_name>/<image files>`` tree."""
+    """Image classification from a ``root/<class_name>/<image files>`` tree.
+
+    Args:
+        root: the folder (``root/<class>/...`` or ``root/train|val|test/<class>/...``).
+        image_size: side of the (centre or random) square crop fed to the model.
+        resize: shorter side after resizing, before the crop (default ``image_size * 256 / 224``).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of each class held out for validation (when there is no ``root/val``).
+        test_fraction: share of each class held out for testing (when there is no ``root/test``).
+        seed: seeds the stratified split and the per-epoch shuffle.
+        augment: random crop + horizontal flip on the training split.
+        check_files: open the header of every image once at start-up, so an unreadable file fails before
+            training instead of mid-epoch.
+    """
 
     name = "folder"
     has_mask = False
@@ -118,6 +148,7 @@ class ImageFolderDataModule(BaseDataModule):
         test_fraction: float = 0.1,
         seed: int = 0,
         augment: bool = False,
+        check_files: bool = True,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
@@ -136,6 +167,11 @@ class ImageFolderDataModule(BaseDataModule):
         self.image_shape = (3, self.image_size, self.image_size)
         self.class_names, self._splits = self._scan()
         self.num_classes = len(self.class_names)
+        if check_files:
+            bad = find_unreadable([f for files, _ in self._splits.values() for f in files])
+            if bad:
+                path, why = bad[0]
+                raise ValueError(f"{len(bad)} unreadable image file(s) under {self.root}, e.g. '{path}': {why}")
 
     def _scan(self) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]]:
         """Find classes and per-split (files, labels)."""
