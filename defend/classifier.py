@@ -15,23 +15,30 @@ from attacks._checks import check_images, check_labels
 from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
 from .models import GapClassifier, build_classifier
 
-__all__ = ["ClassifierModule", "load_classifier", "save_classifier"]
+__all__ = ["ClassifierModule", "load_classifier", "save_classifier", "init_from_checkpoint"]
 
 
 class ClassifierModule(pl.LightningModule):
-    """Cross-entropy training of a zoo classifier (SGD + cosine or Adam), accuracy per stage.
+    """Cross-entropy training of a zoo classifier (one-cycle schedule), accuracy per stage.
 
     Args:
         arch: zoo architecture name (``small_cnn``, ``resnet18_cifar``, ``wide_resnet``, ``resnet50``, ...).
         num_classes: number of classes; must match the data module.
-        model_options: extra keyword arguments of the architecture (width, depth, pretrained=path, ...).
-        optimizer: ``"sgd"`` or ``"adam"``; lr, weight_decay, momentum as usual.
-        label_smoothing: cross-entropy label smoothing.
+        model_options: extra keyword arguments of the architecture (width, depth, input_size, pretrained=path, ...).
+        optimizer: ``"sgd"`` (Nesterov) or ``"adam"`` (AdamW).
+        lr: peak learning rate of the one-cycle schedule.
+        weight_decay: weight decay of the optimiser.
+        momentum: SGD momentum (ignored by Adam).
+        label_smoothing: cross-entropy label smoothing of the training loss.
+        init_from: classifier artifact or Lightning checkpoint to start from (fine-tuning; loaded with
+            ``weights_only``, same architecture and options required).
+        new_head: with ``init_from``, start a fresh linear head when the checkpoint has another class count
+            (otherwise a class count mismatch is an error).
     """
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
                  optimizer: str = "adam", lr: float = 2e-3, weight_decay: float = 5e-4, momentum: float = 0.9,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, init_from: str | None = None, new_head: bool = False) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -39,6 +46,8 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         self.save_hyperparameters()
         self.model: GapClassifier = build_classifier(arch, num_classes, **(model_options or {}))
+        if init_from:
+            init_from_checkpoint(self.model, init_from, new_head=new_head)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -91,6 +100,22 @@ class ClassifierModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["idls_meta"] = {"kind": "classifier", "version": project_version(), **self.model.describe(),
                                    "model_options": dict(self.hparams.model_options or {})}
+
+
+def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head: bool = False) -> None:
+    """Copy the weights of a saved classifier into ``model`` (fine-tuning); ``new_head`` keeps ``model``'s own
+    freshly initialised head when the class counts differ. Raises :class:`CheckpointError` when it does not fit."""
+    source = load_classifier(path)
+    if source.arch != model.arch:
+        raise CheckpointError(f"{path} holds a '{source.arch}' classifier, the model is '{model.arch}'")
+    state = source.state_dict()
+    if source.num_classes != model.num_classes:
+        if not new_head:
+            raise CheckpointError(f"class count mismatch: {path} has {source.num_classes} classes, the model has "
+                                  f"{model.num_classes} (set new_head: true to fine-tune with a new head)")
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    load_state_checked(model, state, path)
 
 
 def save_classifier(model: GapClassifier, path: str | os.PathLike, model_options: dict[str, Any] | None = None,

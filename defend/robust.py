@@ -43,6 +43,7 @@ from attacks._state import eval_mode
 from attacks.frameworks.pgd import pgd_maximise
 from attacks.interpreters import GradInterpreter, minmax
 
+from .classifier import init_from_checkpoint
 from .io import project_version
 from .models import GapClassifier, build_classifier
 
@@ -161,18 +162,29 @@ class RobustClassifierModule(pl.LightningModule):
     """Normal, PGD-adversarial or interpretation-robust training of a zoo classifier (see the module docstring).
 
     Args:
-        arch, num_classes, model_options: the zoo classifier (e.g. ``wide_resnet`` with ``batchnorm: false``).
+        arch: zoo architecture name (e.g. ``small_cnn``, ``wide_resnet``).
+        num_classes: number of classes; must match the data module.
+        model_options: extra keyword arguments of the architecture (e.g. ``width``, ``batchnorm: false``).
         mode: ``"normal"``, ``"pgd_at"``, ``"int"`` or ``"int_adv"``.
         interpretation: ``"cam"`` or ``"grad"`` (maps inside D).
         gamma: weight of the worst-case discrepancy.
         eps: L-inf radius of the inner maximisations (images in [0, 1]).
-        inner_steps, inner_alpha: PGD steps / step size of the inner maximisations (``alpha`` is given at the full
-            ``eps`` and scaled with the ramp: ``alpha_t = alpha * eps_t / eps``).
+        inner_steps: PGD steps of the inner maximisations.
+        inner_alpha: PGD step size of the inner maximisations, given at the full ``eps`` and scaled with the ramp
+            (``alpha_t = alpha * eps_t / eps``).
         eps_ramp_epochs: ``eps_t`` grows linearly (per batch) from 0 to ``eps`` over this many epochs (0: no ramp).
         random_start: uniform random start in the ball for the inner attacks.
         ce_attack: in ``int_adv``, the adversarial CE input: ``"pgd"`` a separate untargeted PGD on the CE
             (default), ``"interp"`` reuse the D-maximising input (half the cost).
-        optimizer: ``"adam"`` (reference) or ``"sgd"``; ``lr_milestones`` (epochs) with ``lr_decay``: step decay.
+        optimizer: ``"adam"`` (reference) or ``"sgd"`` (Nesterov).
+        lr: learning rate of the optimiser.
+        weight_decay: weight decay of the optimiser.
+        momentum: SGD momentum (ignored by Adam).
+        lr_milestones: epochs at which the learning rate is multiplied by ``lr_decay`` (none: constant).
+        lr_decay: factor of the step decay.
+        init_from: classifier artifact or Lightning checkpoint to start from (fine-tune a trained classifier to be
+            interpretation-robust; loaded with ``weights_only``, same architecture and options required).
+        new_head: with ``init_from``, start a fresh linear head when the checkpoint has another class count.
     """
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
@@ -180,7 +192,7 @@ class RobustClassifierModule(pl.LightningModule):
                  inner_steps: int = 10, inner_alpha: float = 2 / 255, eps_ramp_epochs: float = 0.0,
                  random_start: bool = True, ce_attack: str = "pgd", optimizer: str = "adam", lr: float = 1e-3,
                  weight_decay: float = 0.0, momentum: float = 0.9, lr_milestones: Sequence[int] | None = None,
-                 lr_decay: float = 0.1) -> None:
+                 lr_decay: float = 0.1, init_from: str | None = None, new_head: bool = False) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -196,6 +208,8 @@ class RobustClassifierModule(pl.LightningModule):
             raise ValueError(f"mode {mode!r} needs eps > 0 and inner_steps >= 1")
         self.save_hyperparameters()
         self.model: GapClassifier = build_classifier(arch, num_classes, **(model_options or {}))
+        if init_from:
+            init_from_checkpoint(self.model, init_from, new_head=new_head)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
