@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from attacks._checks import check_images, check_labels
 from attacks.adv2 import ADV2, random_targets
+from attacks.frameworks import get_framework
 from attacks.interpreters.rts import RTSInterpreter, RTSNetwork, rts_objective
 
 from .classifier import load_classifier
@@ -120,8 +121,18 @@ class AIDModule(pl.LightningModule):
         width: channels of the RTS bottleneck / decoder.
         init_from: an RTS artifact or AIDModule checkpoint to start from (fine-tuning); its width wins.
         explain: class explained during training: ``"label"`` (ground truth) or ``"pred"`` (classifier).
-        tv_weight, area_weight, area_power, destroyer_weight, destroyer_power, preserver_weight, tv_beta,
-            replacement, noise_std, blur_sigma: the RTS objective (see :func:`rts_objective`).
+        tv_weight: lambda1, weight of the mask's total variation (RTS objective, :func:`rts_objective`).
+        area_weight: lambda2, weight of the area term ``mean((m + 5e-4)^area_power)``.
+        area_power: exponent of the area term.
+        destroyer_weight: lambda3, weight of ``f_c(phi(x, 1 - m))^destroyer_power`` (deleting the region must
+            destroy the evidence).
+        destroyer_power: lambda4, exponent of the destroyer term.
+        preserver_weight: weight of ``-log f_c(phi(x, m))`` (keeping the region must preserve the evidence).
+        tv_beta: exponent of the neighbour differences in the total variation.
+        replacement: what replaces the deleted pixels: ``"noise"``, ``"blur"`` or ``"random"`` (a seeded coin per
+            batch picks one).
+        noise_std: standard deviation of the Gaussian noise (around a random colour) of the noise replacement.
+        blur_sigma: Gaussian sigma of the blur replacement (default ``max(2, H / 6)``).
         class_weight: weight of the selector class head's cross-entropy (the RTS "encoder" output).
         fake_label_prob: share of training examples explained for a random wrong class with only the area and
             smoothness terms (their mask should be empty; trains the class selector, Dabkowski & Gal).
@@ -138,11 +149,18 @@ class AIDModule(pl.LightningModule):
         aid_batch_size: run the inner attack and ``l_aid`` on the first ``aid_batch_size`` examples of an AID batch
             only (cheaper; default: the whole batch).
         aid_success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
-        attack_framework, attack_eps, attack_alpha, attack_warm_steps, attack_steps, attack_c,
-            attack_enc_weight, attack_framework_options: the inner ADV2 (PGD by default).
+        attack_framework: framework of the inner ADV2: ``"pgd"``, ``"cw"`` or ``"stadv"``.
+        attack_eps: L-inf radius of the inner PGD (images in [0, 1]).
+        attack_alpha: step size of the inner PGD.
+        attack_warm_steps: steps of the inner attack's warm start (plain attack on the classifier).
+        attack_steps: steps of the inner attack's joint stage (classifier + RTS terms).
+        attack_c: weight of the interpretation term in the inner attack.
+        attack_enc_weight: weight of the RTS encoder (class head) term in the inner attack.
+        attack_framework_options: extra options of the inner framework (e.g. C&W ``lr``, PGD ``random_start``).
         val_attack_batches: run the inner ADV2 on this many validation batches and log ``val/l1_adv``
             (needs ``Trainer(inference_mode=False)``).
-        lr, weight_decay: Adam on the RTS parameters only.
+        lr: learning rate of the Adam on the RTS parameters (the classifier is frozen).
+        weight_decay: weight decay of the Adam on the RTS parameters.
         seed: seeds the blend choice, random targets and attack starts (offset by step and rank).
     """
 
@@ -174,6 +192,10 @@ class AIDModule(pl.LightningModule):
             raise ValueError("need aid_every >= 1, aid_weight >= 0, lr > 0 and attack steps >= 0")
         if aid_weight > 0 and attack_warm_steps + attack_steps == 0:
             raise ValueError("AID (aid_weight > 0) needs attack_warm_steps + attack_steps > 0")
+        fw_opts = dict(attack_framework_options or {})
+        if attack_framework == "pgd":
+            fw_opts = {"eps": attack_eps, "alpha": attack_alpha, **fw_opts}
+        get_framework(attack_framework, **fw_opts)  # unknown framework / bad radius fails here, not mid-training
         self.save_hyperparameters()
         clf = load_classifier(classifier)
         if num_classes is not None and clf.num_classes != int(num_classes):

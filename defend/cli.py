@@ -3,29 +3,54 @@
 - ``defend fit|validate|test|predict -c configs/<x>.yaml``: LightningCLI over any defence module + data module;
 - ``defend experiment -c configs/experiments/<name>.yaml [-c configs/trainer/<preset>.yaml] --out DIR``:
   run a table end to end (metrics.json, report.md, figures).
+
+Errors a user can cause (bad config values, unusable data or checkpoints) print one line,
+``defend <command>: error: <what is wrong>``, and exit with status 2.
 """
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "HELP"]
 
 HELP = """usage: defend {fit,validate,test,predict,experiment} [options]
 
 Defence training for interpretable deep learning systems (IDLS = classifier + interpreter).
 
 commands:
-  fit         train a LightningModule (classifier, RTS / AID, robust classifier, detector) from YAML:
-              defend fit -c configs/classifier/digits.yaml [--trainer.max_epochs=5] [--print_config]
-  validate    evaluate a module on the validation split   (same options as fit)
+  fit         train a LightningModule (classifier, RTS / AID, robust classifier) from YAML (LightningCLI):
+                defend fit -c configs/classifier/digits.yaml [--trainer.max_epochs=5] [--print_config]
+              -c FILE             YAML config (repeatable; later files and --key=value options win)
+              --model.*           the module: class_path + init_args (e.g. --model.init_args.lr=0.001)
+              --data.*            the data module: class_path + init_args (e.g. --data.init_args.root=DIR)
+              --trainer.*         pytorch_lightning.Trainer arguments (max_epochs, accelerator, devices, ...)
+              --ckpt_path last    resume from the last checkpoint (last.ckpt) of the config's ModelCheckpoint;
+                                  ends with the same weights as an uninterrupted run with the same seed
+              --seed_everything N  seed of the run (every epoch is reseeded from it)
+              --print_config      print the merged config and exit
+  validate    evaluate a module on the validation split   (same options as fit; --ckpt_path PATH loads weights)
   test        evaluate a module on the test split         (same options as fit)
   predict     run predict_step over the predict split     (same options as fit)
-  experiment  reproduce a table end to end:
-              defend experiment -c configs/experiments/classifier.yaml --out runs/classifier [--quick]
+  experiment  reproduce a table end to end, writing DIR/metrics.json, DIR/report.md and figures:
+                defend experiment -c configs/experiments/classifier.yaml --out runs/classifier [--quick]
+              -c FILE             experiment YAML (repeatable: e.g. an experiment, then configs/trainer/cpu.yaml)
+              --out DIR           output directory; nothing is written there when the config is invalid
+              --quick             apply the config's `quick:` section (small, fast run)
+              --set KEY=VALUE     override a config value by dotted path (repeatable), e.g. --set attack.eps=0.02
+              --no-progress       hide progress bars
 
+Errors print one line (`defend <command>: error: ...`) and exit with status 2; DEFEND_DEBUG=1 shows tracebacks.
 Run `defend <command> --help` for every option of a command.
 """
+
+
+def _lightning_errors() -> tuple[type[BaseException], ...]:
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from .errors import USER_ERRORS
+
+    return (*USER_ERRORS, MisconfigurationException)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,12 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"defend: unknown command '{argv[0]}'\n\n{HELP}", file=sys.stderr)
         return 2
+    from .errors import debug_enabled, one_line
     from .lightning_cli import run_lightning_cli
 
     try:
         run_lightning_cli(argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"defend {argv[0]}: error: {exc}", file=sys.stderr)
+    except SystemExit as exc:  # --help / --print_config exit 0; Lightning exits 1 on Ctrl+C
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _lightning_errors() as exc:
+        if debug_enabled():
+            raise
+        print(f"defend {argv[0]}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -55,7 +55,17 @@ def read_cifar10(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 class CIFAR10DataModule(BaseDataModule):
-    """CIFAR-10 with a seeded train/val split; train augmentation = random crop (pad 4) + h-flip."""
+    """CIFAR-10 with a seeded train/val split; train augmentation = random crop (pad 4) + h-flip.
+
+    Args:
+        root: folder holding ``cifar-10-batches-py`` (the extracted ``cifar-10-python.tar.gz``).
+        download: fetch the archive with torchvision when it is missing (needs network access).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        val_size: training images held out (seeded) for validation.
+        seed: seeds the train/val split and the per-epoch shuffle.
+        augment: random crop (pad 4) + horizontal flip on the training split.
+    """
 
     name = "cifar10"
     has_mask = False

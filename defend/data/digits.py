@@ -165,6 +165,15 @@ class DigitsDataModule(BaseDataModule):
 
     Items follow the batch contract in :mod:`defend.data.batch` and include a ``"mask"``.
     Each split dataset also carries ``.sources`` (source-digit index of every item).
+
+    Args:
+        seed: seeds the source split, the rendering and the per-epoch shuffle.
+        image_size: side of the rendered scenes (>= 16 px).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        renders_per_digit: renders of every source digit in the train, val and test splits.
+        split_fractions: shares of the 1797 source digits in the train, val and test splits (sum 1).
+        limit_test: keep only the first ``limit_test`` test images (None: all).
     """
 
     name = "digits"

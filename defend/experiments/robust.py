@@ -35,7 +35,7 @@ from ..robust import RobustClassifierModule, maps_and_logits, discrepancy, pgd_c
 from .common import make_trainer, markdown_table, setup_data, take_split, write_outputs
 from .figures import line_plot
 
-__all__ = ["run", "EpochTimer", "pgd_accuracy", "interpretation_attack", "DEFAULT_MODELS"]
+__all__ = ["run", "validate", "EpochTimer", "pgd_accuracy", "interpretation_attack", "DEFAULT_MODELS"]
 
 DEFAULT_MODELS = [{"name": "normal", "mode": "normal"}, {"name": "pgd_at", "mode": "pgd_at"},
                   {"name": "int_adv", "mode": "int_adv"}]
@@ -179,6 +179,15 @@ def _module_kwargs(cfg: dict[str, Any], spec: dict[str, Any], num_classes: int) 
             kw[k] = float(kw[k]) / 255
     kw["mode"] = spec.get("mode", spec["name"])
     return kw
+
+
+def validate(cfg: dict[str, Any], dm: Any) -> None:
+    """Build every model of ``models:`` once, so a bad mode, interpretation or radius fails before any training."""
+    for spec in cfg.get("models") or DEFAULT_MODELS:
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"every entry of models: needs a name, got {spec}")
+        with torch.random.fork_rng(devices=[]):
+            RobustClassifierModule(**_module_kwargs(cfg, dict(spec), dm.num_classes))
 
 
 def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
