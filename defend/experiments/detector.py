@@ -201,7 +201,7 @@ def _adaptive(cfg, dcfg, model, interps, best, det, xad, yt_ad, target, bs, cach
     opts = attack_options(cfg, name, dcfg.get("framework", "pgd"), target)
     opts.update({k: v for k, v in acfg.items() if k not in ("framework_options",)})
     opts["framework_options"] = {**opts.get("framework_options", {}), **(acfg.get("framework_options") or {})}
-    atk = build_attack(name, dcfg.get("framework", "pgd"), list(combo), seed=seed, **opts)
+    atk = build_attack(name, dcfg.get("framework", "pgd"), [interps[n] for n in combo], seed=seed, **opts)
     t0 = time.perf_counter()
     adv = build_detection_data(model, interps, source=xad, target=yt_ad, attack=atk, batch_size=bs, cache_dir=cache,
                                spec={**base_spec, "set": "adaptive", "attack": name, "ensemble": combo, "options": opts},
