@@ -75,7 +75,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
         for attack in ecfg["attacks"]:
             for target_interp in (ecfg["interpreters"] if attack != "pgd" else [None]):
                 opts = attack_options(cfg, attack, fw, target_interp or "cam")
-                engine = build_attack(attack, fw, target_interp or "cam", seed=seed, **opts)
+                engine = build_attack(attack, fw, interps[target_interp] if target_interp else "cam", seed=seed, **opts)
                 readers = ecfg["interpreters"] if (target_interp is None or fw == transfer_fw) else [target_interp]
                 plan.append(PlanItem(attack, fw, target_interp, engine, list(readers)))
     n_show = int(ecfg.get("n_figure", 3))
