@@ -11,16 +11,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 import yaml
 
 from attacks.adv2 import build_attack, random_targets
 from attacks.interpreters import CAMInterpreter
 from defend.classifier import save_classifier
-from defend.data import DigitsDataModule
 from defend.evaluation import PlanItem, evaluate_plan
-from defend.experiments.common import take_split
-from defend.models.small import small_cnn
+
+from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,20 +28,7 @@ def tiny(tmp_path_factory):
     """A width-8 small CNN trained briefly on the embedded digits (one render per digit), saved as an artifact."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
-    dm.setup("fit")
-    train, test = take_split(dm, "train"), take_split(dm, "test", 64)
-    model = small_cnn(num_classes=10, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        idx = torch.randint(0, train["image"].shape[0], (64,), generator=gen)
-        loss = F.cross_entropy(model(train["image"][idx]), train["label"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, test = train_tiny_classifier()
     path = tmp_path_factory.mktemp("clf") / "tiny.pt"
     save_classifier(model, path, {"width": 8})
     yield {"model": model, "path": path, "test": test}

@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attacks.adv2 import ADV2, build_attack, random_targets
 from attacks.interpreters import get_interpreter
-from defend.data import DigitsDataModule
-from defend.experiments.common import take_split
 from defend.metrics import map_l1
-from defend.models.small import small_cnn
+
+from _tiny import train_tiny_classifier
 
 
 @pytest.fixture(scope="module")
 def tiny():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
-    dm.setup("fit")
-    train, test = take_split(dm, "train"), take_split(dm, "test", 64)
-    model = small_cnn(num_classes=10, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        idx = torch.randint(0, train["image"].shape[0], (64,), generator=gen)
-        loss = F.cross_entropy(model(train["image"][idx]), train["label"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, test = train_tiny_classifier()
     with torch.no_grad():
         ok = model(test["image"]).argmax(1) == test["label"]
     yield model, test["image"][ok][:16], test["label"][ok][:16]
