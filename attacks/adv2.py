@@ -49,10 +49,15 @@ class AttackResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def random_targets(labels: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
-    """A target class different from ``labels`` for every example, drawn uniformly (seeded)."""
-    off = torch.randint(1, num_classes, labels.shape, generator=generator, device="cpu").to(labels.device)
-    return (labels + off) % num_classes
+def random_targets(labels: Tensor, num_classes: int, generator: torch.Generator | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """A target class different from ``labels`` for every example, drawn uniformly (seeded).
+
+    ``shard=(rank, world)``: ``labels`` are rows ``rank::world`` of a global batch; the draw is made for the whole
+    global batch and this shard's rows are kept, so the targets do not depend on how the batch was split."""
+    rank, world = shard
+    off = torch.randint(1, num_classes, (labels.shape[0] * world,), generator=generator, device="cpu")
+    return (labels + off[rank::world].to(labels.device)) % num_classes
 
 
 def _soft_targets(y_t: Tensor, k: int, rho: float, gen: torch.Generator | None) -> Tensor:

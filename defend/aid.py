@@ -38,6 +38,7 @@ from attacks.frameworks import get_framework
 from attacks.interpreters.rts import RTSInterpreter, RTSNetwork, rts_objective
 
 from .classifier import load_classifier
+from .distributed import mean_over_ranks, rank_world, shard_draw
 from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
 from .metrics import localisation
 from .models import GapClassifier
@@ -226,9 +227,9 @@ class AIDModule(pl.LightningModule):
         return RTSInterpreter(self.rts, self.hparams.attack_enc_weight if enc_weight is None else enc_weight)
 
     def _generator(self, batch_idx: int, salt: int = 0) -> torch.Generator:
-        rank = self.global_rank if self._trainer is not None else 0
+        """The same stream on every rank: draws are made for the global batch and sharded (``rank_world``)."""
         step = self.global_step if self._trainer is not None else batch_idx
-        return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + step * 7919 + rank * 104_729 + salt)
+        return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + step * 7919 + salt)
 
     def _explained(self, x: Tensor, y: Tensor) -> Tensor:
         if self.hparams.explain == "label":
@@ -248,11 +249,12 @@ class AIDModule(pl.LightningModule):
         p = float(self.hparams.fake_label_prob)
         fake = None
         sel = cls
+        shard = rank_world()
         if p > 0:
-            fake = (torch.rand(cls.shape, generator=gen) < p).to(cls.device)
-            sel = torch.where(fake, random_targets(cls, self.model.num_classes, gen), cls)
+            fake = (shard_draw(lambda n: torch.rand(n, generator=gen), cls.shape[0]) < p).to(cls.device)
+            sel = torch.where(fake, random_targets(cls, self.model.num_classes, gen, shard=shard), cls)
         m, logits = self.rts(self.model, x, sel)
-        out = rts_objective(self.model, x, cls, m, generator=gen, fake=fake, **self._objective)
+        out = rts_objective(self.model, x, cls, m, generator=gen, fake=fake, shard=shard, **self._objective)
         ce = F.cross_entropy(logits, cls)
         res = {k: v.mean() for k, v in out.items()}
         res["class_ce"] = ce
@@ -274,7 +276,7 @@ class AIDModule(pl.LightningModule):
         if hp.aid_batch_size:
             x, cls = x[:hp.aid_batch_size], cls[:hp.aid_batch_size]
         gen = self._generator(batch_idx, salt=1)
-        y_t = random_targets(cls, self.model.num_classes, gen)
+        y_t = random_targets(cls, self.model.num_classes, gen, shard=rank_world())
         res = aid_attack(self.model, self.rts, x, y_t, warm_steps=hp.attack_warm_steps, steps=hp.attack_steps,
                          c=hp.attack_c, eps=hp.attack_eps, alpha=hp.attack_alpha, enc_weight=hp.attack_enc_weight,
                          framework=hp.attack_framework, framework_options=hp.attack_framework_options,
@@ -287,7 +289,7 @@ class AIDModule(pl.LightningModule):
             m_b = m_b.detach()
         l1 = (m_b - m_a).abs().flatten(1).mean(1)
         w = res.success.float() if hp.aid_success_only else torch.ones_like(l1)
-        l_aid = -(w * l1).sum() / w.sum().clamp_min(1.0)
+        l_aid = -(w * l1).sum() / mean_over_ranks(w.sum()).clamp_min(1.0 / rank_world()[1])
         ce = F.cross_entropy(logits[:n], cls)
         out = {"l_aid": l_aid, "class_ce": ce, "asr": res.success.float().mean(), "l1_adv": l1.detach().mean()}
         if self.anchor_rts is not None:

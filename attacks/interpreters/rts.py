@@ -140,15 +140,17 @@ class RTSNetwork(nn.Module):
 
 # --------------------------------------------------------------------------------------------- objective
 def replacement_images(x: Tensor, kind: str, generator: torch.Generator | None = None, *, noise_std: float = 0.2,
-                       blur_sigma: float | None = None) -> Tensor:
+                       blur_sigma: float | None = None, shard: tuple[int, int] = (0, 1)) -> Tensor:
     """The "deleted" image ``r`` of the blend: ``"noise"`` (random colour per image + Gaussian noise, clipped)
-    or ``"blur"`` (a strong Gaussian blur, sigma ``max(2, H / 6)`` by default)."""
+    or ``"blur"`` (a strong Gaussian blur, sigma ``max(2, H / 6)`` by default). ``shard=(rank, world)``: ``x`` is
+    rows ``rank::world`` of a global batch; the noise is drawn for the global batch and this shard's rows kept."""
     if kind == "blur":
         return gaussian_blur(x, blur_sigma or max(2.0, x.shape[-1] / 6))
     if kind == "noise":
-        n, c = x.shape[:2]
-        colour = torch.rand(n, c, 1, 1, generator=generator).to(x)
-        noise = torch.randn(x.shape, generator=generator).to(x) * noise_std
+        rank, world = shard
+        n, c = x.shape[0] * world, x.shape[1]
+        colour = torch.rand(n, c, 1, 1, generator=generator)[rank::world].to(x)
+        noise = torch.randn((n, *x.shape[1:]), generator=generator)[rank::world].to(x) * noise_std
         return (colour + noise).clamp(0, 1)
     raise ValueError(f"replacement must be 'noise' or 'blur', got {kind!r}")
 
@@ -164,7 +166,7 @@ def rts_objective(model: nn.Module, x: Tensor, cls: Tensor, mask: Tensor, *, tv_
                   destroyer_power: float = 0.3, preserver_weight: float = 1.0, tv_beta: float = 2.0,
                   replacement: str = "random", generator: torch.Generator | None = None,
                   noise_std: float = 0.2, blur_sigma: float | None = None,
-                  fake: Tensor | None = None) -> dict[str, Tensor]:
+                  fake: Tensor | None = None, shard: tuple[int, int] = (0, 1)) -> dict[str, Tensor]:
     """The RTS loss of ADV2 Eqn 8 / Eqn 15 per example, for masks ``mask`` of ``x`` and classes ``cls``::
 
         lambda1 * TV(m) + lambda2 * mean((m + 5e-4)^area_power) - log f_c(phi(x, m))
@@ -179,11 +181,11 @@ def rts_objective(model: nn.Module, x: Tensor, cls: Tensor, mask: Tensor, *, tv_
     (Dabkowski & Gal's training of the class selector). The classifier must be frozen by the caller
     (gradients flow to the mask only). Returns a dict of per-example tensors: ``loss``, ``tv``, ``area``,
     ``preserver``, ``destroyer`` (un-weighted) and ``p_keep`` / ``p_del`` (class probability of the
-    preserved and of the deleted image).
+    preserved and of the deleted image). ``shard=(rank, world)``: see :func:`replacement_images`.
     """
     if replacement == "random":
         replacement = "noise" if float(torch.rand((), generator=generator)) < 0.5 else "blur"
-    r = replacement_images(x, replacement, generator, noise_std=noise_std, blur_sigma=blur_sigma).detach()
+    r = replacement_images(x, replacement, generator, noise_std=noise_std, blur_sigma=blur_sigma, shard=shard).detach()
     n = x.shape[0]
     both = model(torch.cat([blend(x, mask, r), blend(x, 1 - mask, r)]))
     logp = F.log_softmax(both, 1)

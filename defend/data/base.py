@@ -6,32 +6,55 @@ from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..distributed import rank_world
 
 from .batch import IMAGE, INDEX, LABEL, MASK
 
 __all__ = ["TensorImageDataset", "BaseDataModule", "EpochShuffleSampler"]
 
 
-class EpochShuffleSampler(RandomSampler):
-    """A random order that depends only on ``(seed, epoch)``.
+class EpochShuffleSampler(DistributedSampler):
+    """A random order that depends only on ``(seed, epoch)``, sharded the same way on any number of processes.
 
     Lightning calls :meth:`set_epoch` at the start of every training epoch, so a run resumed from a checkpoint
     sees exactly the batches an uninterrupted run would have seen (a generator carried across epochs would restart
-    from its seed instead). Under DDP Lightning swaps it for a seeded ``DistributedSampler`` (also per epoch).
+    from its seed instead). Under DDP with ``W`` processes the epoch's permutation is padded to a multiple of ``W``
+    (repeating its first indices, as ``DistributedSampler`` does) and rank ``r`` takes positions ``r::W``: with a
+    per-process batch of ``B / W`` the ``k``-th batches of all ranks together are exactly the ``k``-th batch of
+    size ``B`` of one process, so DDP training follows the one-process run (see ``tests/test_ddp_parity.py``).
+    It subclasses ``DistributedSampler`` only so that Lightning keeps it instead of substituting its own; the
+    rank and world size are read when iterating (the process group may not exist when the loader is built).
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        super().__init__(data_source)
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:  # no super().__init__: see above
+        self.dataset = self.data_source = data_source
         self.seed = int(seed)
         self.epoch = 0
+        self.shuffle, self.drop_last = True, False
+
+    @property
+    def num_replicas(self) -> int:
+        return rank_world()[1]
+
+    @property
+    def rank(self) -> int:
+        return rank_world()[0]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+        order = torch.randperm(len(self.data_source), generator=g).tolist()
+        rank, world = rank_world()
+        if world > 1:
+            order = (order + order[:(-len(order)) % world])[rank::world]
+        return iter(order)
+
+    def __len__(self) -> int:
+        return -(-len(self.data_source) // rank_world()[1])
 
 
 class TensorImageDataset(Dataset):

@@ -11,17 +11,23 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+def _conv_bn(cin: int, cout: int, stride: int = 1, batchnorm: bool = True) -> list[nn.Module]:
+    if not batchnorm:
+        return [nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU()]
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-def small_cnn(num_classes: int = 10, width: int = 32, input_size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD) -> GapClassifier:
-    """Three conv stages (w, 2w, 4w channels) at 32, 16 and 8 px: CAM is 8x8 for 32 px inputs."""
-    w = width
+def small_cnn(num_classes: int = 10, width: int = 32, input_size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD,
+              batchnorm: bool = True) -> GapClassifier:
+    """Three conv stages (w, 2w, 4w channels) at 32, 16 and 8 px: CAM is 8x8 for 32 px inputs.
+
+    ``batchnorm=False`` drops the BatchNorm layers (conv biases instead): under DDP each process normalises its own
+    shard of the batch, so only a BN-free model trains exactly like one process with the whole batch."""
+    w, bn = width, batchnorm
     stages = [
-        nn.Sequential(*_conv_bn(3, w), *_conv_bn(w, w)),
-        nn.Sequential(nn.MaxPool2d(2), *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w)),
-        nn.Sequential(nn.MaxPool2d(2), *_conv_bn(2 * w, 4 * w), *_conv_bn(4 * w, 4 * w)),
+        nn.Sequential(*_conv_bn(3, w, batchnorm=bn), *_conv_bn(w, w, batchnorm=bn)),
+        nn.Sequential(nn.MaxPool2d(2), *_conv_bn(w, 2 * w, batchnorm=bn), *_conv_bn(2 * w, 2 * w, batchnorm=bn)),
+        nn.Sequential(nn.MaxPool2d(2), *_conv_bn(2 * w, 4 * w, batchnorm=bn), *_conv_bn(4 * w, 4 * w, batchnorm=bn)),
     ]
     return GapClassifier(stages, 4 * w, num_classes, mean, std, arch="small_cnn", input_size=input_size,
                          stage_channels=[w, 2 * w, 4 * w])
