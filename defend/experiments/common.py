@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -109,9 +109,16 @@ def deep_get(cfg: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int, split: str = "test") -> dict[str, Tensor]:
-    """The first ``n`` inputs of a split that the classifier gets right (attacks start from correct inputs)."""
-    data = take_split(dm, split)
+def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int,
+                   split: str | Sequence[str] = "test") -> dict[str, Tensor]:
+    """The first ``n`` inputs of a split (or of several, concatenated in order: ``["test", "val"]``) that the
+    classifier gets right (attacks start from correct inputs)."""
+    splits = [split] if isinstance(split, str) else list(split)
+    unknown = [s for s in splits if s not in ("train", "val", "test")]
+    if unknown or not splits:
+        raise ValueError(f"unknown data split(s) {unknown or splits}; choose from train, val, test")
+    parts = [take_split(dm, s) for s in splits]
+    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with torch.no_grad():
         ok = torch.cat([model(data["image"][i:i + 512]).argmax(1) == data["label"][i:i + 512]
                         for i in range(0, data["image"].shape[0], 512)])

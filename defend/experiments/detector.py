@@ -106,7 +106,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     pool = select_correct(model, dm, n_b + n_a + n_ad, split=dcfg.get("split", "test"))
     x, y = pool["image"], pool["label"]
     if x.shape[0] < n_b + n_a + n_ad:
-        raise ValueError(f"only {x.shape[0]} correctly classified inputs; need {n_b + n_a + n_ad}")
+        raise ValueError(f"only {x.shape[0]} correctly classified inputs in split {dcfg.get('split', 'test')}; "
+                         f"need n_benign + n_adversarial + n_adaptive = {n_b + n_a + n_ad} (add a split: [test, val])")
     xb, xs, xad = x[:n_b], x[n_b:n_b + n_a], x[n_b + n_a:]
     ys, yad = y[n_b:n_b + n_a], y[n_b + n_a:]
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +115,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     bs = int(dcfg.get("batch_size", 50))
     cache = Path(dcfg.get("cache_dir") or out / "cache")
     base_spec = {"data": cfg.get("data"), "classifier": info["checkpoint"], "n_benign": n_b, "n_adversarial": n_a,
-                 "seed": seed, "interpreter_options": cfg.get("interpreter_options"), "batch_size": bs}
+                 "split": dcfg.get("split", "test"), "seed": seed, "interpreter_options": cfg.get("interpreter_options"), "batch_size": bs}
     if "rts" in interps:  # the cached maps depend on the RTS weights, not only on where they came from
         base_spec["rts_weights"] = _state_digest(interps["rts"].network)
     t0 = time.perf_counter()
