@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs=2, default=[3, 13], metavar=("S_LO", "S_HI"))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--mask-inner-steps", type=int, default=4, help="inner steps k of the MASK term")
+    p.add_argument("--mask-search-steps", type=int, default=4,
+                   help="binary-search steps of the per-image MASK step size (0: fixed step)")
     p.add_argument("--bf16", action="store_true", help="run the attacks under bfloat16 autocast")
     p.add_argument("--checkpoint", default=None, help="classifier artifact (defend.classifier.load_classifier)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: leave the default)")
@@ -82,7 +84,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
     return model.to(device).eval()
 
 
-def make_attack(variant: str, steps: int, mask_inner_steps: int, model: torch.nn.Module | None = None) -> ADV2:
+def make_attack(variant: str, steps: int, mask_inner_steps: int, model: torch.nn.Module | None = None,
+                mask_search_steps: int = 4) -> ADV2:
     name, framework, interpreter = VARIANTS[variant]
     schedule = {"warm_steps": steps, "steps": 0} if name == "pgd" else {"warm_steps": 0, "steps": steps}
     options: dict[str, Any] = dict(framework=framework, seed=0, **schedule)
@@ -92,6 +95,7 @@ def make_attack(variant: str, steps: int, mask_inner_steps: int, model: torch.nn
         # the initial MASK solve is setup (it cancels); no periodic reset falls inside S_HI steps
         options["interpreter_options"] = {"mask": {"iterations": 10}}
         options["mask_options"] = {"inner_steps": mask_inner_steps, "reset_every": 10_000}
+        options["mask_search_steps"] = mask_search_steps
     if interpreter == "rts":  # an untrained RTS masking network on the model's stages (weights do not change timing)
         from attacks.interpreters import RTSInterpreter, RTSNetwork
 
@@ -130,7 +134,7 @@ def step_seconds(model, x, target, variants: list[str], args: argparse.Namespace
     result: dict[str, float | Exception] = {}
     for variant in variants:
         try:
-            attacks[variant] = {s: make_attack(variant, s, args.mask_inner_steps, model) for s in (lo, hi)}
+            attacks[variant] = {s: make_attack(variant, s, args.mask_inner_steps, model, args.mask_search_steps) for s in (lo, hi)}
             run(attacks[variant][lo])()  # warm-up: lazy initialisation, cudnn autotuning, allocator
         except Exception as exc:  # report and go on: one unsupported variant should not lose the others
             result[variant] = exc
@@ -151,7 +155,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if r.get("error"):
             lines.append(f"| {r['variant']} | {r['batch_size']} | - | - | - | error: {r['error']} |")
             continue
-        note = f"k={r['mask_inner_steps']}" if r["mask_inner_steps"] is not None else ""
+        note = f"k={r['mask_inner_steps']}, search {r['mask_search_steps']}" if r["mask_inner_steps"] is not None else ""
         ratio = "-" if r["step_cost_vs_pgd"] is None else f"{r['step_cost_vs_pgd']:.2f}"
         lines.append(f"| {r['variant']} | {r['batch_size']} | {1e3 * r['step_seconds']:.2f} | {ratio} | "
                      f"{r['inputs_per_second']:.0f} | {note} |")
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "variant": variant, "batch_size": batch_size, "step_seconds": None, "step_cost_vs_pgd": None,
                 "inputs_per_second": None, "device": device_name, "arch": arch, "image_size": image_size,
                 "mask_inner_steps": args.mask_inner_steps if interpreter == "mask" else None,
+                "mask_search_steps": args.mask_search_steps if interpreter == "mask" else None,
                 "framework": framework, "interpreter": interpreter,
                 "edge": {"advedge": "soft", "advedge_plus": "binary"}.get(name),
                 "dtype": "bf16-autocast" if args.bf16 else "fp32", "steps": list(args.steps), "repeats": args.repeats,
