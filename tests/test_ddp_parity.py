@@ -9,9 +9,6 @@ its own) and the robust inner PGD starts at the input (a random start is drawn p
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from defend.classifier import save_classifier
 from defend.data import DigitsDataModule
 from defend.distributed import shard_draw
 
+from _ddp import run_defend
 from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +32,8 @@ COMMON = [f"--trainer.limit_train_batches={STEPS}", "--trainer.limit_val_batches
 
 def _fit(workdir: Path, config: Path, extra: list[str], batch_size: int, ddp: bool) -> dict[str, torch.Tensor]:
     workdir.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "defend.cli", "fit", "-c", str(config), *(["-c", DDP] if ddp else []), *COMMON,
-           f"--data.init_args.batch_size={batch_size}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_defend(["fit", "-c", str(config), *(["-c", DDP] if ddp else []), *COMMON,
+                f"--data.init_args.batch_size={batch_size}", *extra], workdir)
     ckpt = next(workdir.glob("checkpoints/*/last.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] >= STEPS

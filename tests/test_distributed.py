@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from attacks.interpreters import CAMInterpreter
 from defend.classifier import save_classifier
 from defend.evaluation import PlanItem, evaluate_plan
 
+from _ddp import run_defend
 from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +43,7 @@ def _experiment(tmp_path: Path, clf: Path, extra: list[str], out: str) -> list[d
     }
     path = tmp_path / "attacks.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "defend.cli", "experiment", "-c", str(path), *extra, "--out", str(tmp_path / out),
-           "--no-progress"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_defend(["experiment", "-c", str(path), *extra, "--out", str(tmp_path / out), "--no-progress"], tmp_path)
     return json.loads((tmp_path / out / "metrics.json").read_text())
 
 
