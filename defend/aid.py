@@ -148,7 +148,7 @@ class AIDModule(pl.LightningModule):
         aid_detach_benign: use the benign map as a fixed anchor in ``l_aid`` (only ``g(A(x))`` moves); the
             paper differentiates both (False).
         aid_batch_size: run the inner attack and ``l_aid`` on the first ``aid_batch_size`` examples of an AID batch
-            only (cheaper; default: the whole batch).
+            only (cheaper; default: the whole batch). Under DDP it applies to each process's shard.
         aid_success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
         attack_framework: framework of the inner ADV2: ``"pgd"``, ``"cw"`` or ``"stadv"``.
         attack_eps: L-inf radius of the inner PGD (images in [0, 1]).
