@@ -15,7 +15,23 @@ from attacks._checks import check_images, check_labels
 from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
 from .models import GapClassifier, build_classifier
 
-__all__ = ["ClassifierModule", "load_classifier", "save_classifier", "init_from_checkpoint"]
+__all__ = ["ClassifierModule", "classification_step", "load_classifier", "save_classifier", "init_from_checkpoint"]
+
+
+def classification_step(module: pl.LightningModule, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str,
+                        label_smoothing: float = 0.0, check: bool = True) -> Tensor:
+    """Cross-entropy of ``module.model`` on a batch, accuracy into ``metric``, both logged as ``{stage}/loss`` and
+    ``{stage}/acc`` (the loss synced across ranks outside training). Shared by the classifier modules."""
+    x, y = batch["image"], batch["label"]
+    if check:
+        check_images(x)
+        check_labels(y, module.hparams.num_classes, x.shape[0])
+    logits = module.model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    metric.update(logits, y)
+    module.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train", batch_size=x.shape[0])
+    module.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
+    return loss
 
 
 class ClassifierModule(pl.LightningModule):
@@ -56,16 +72,9 @@ class ClassifierModule(pl.LightningModule):
         return self.model(x)
 
     def _step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> Tensor:
-        x, y = batch["image"], batch["label"]
-        if stage != "train" or self.global_step == 0:
-            check_images(x)
-            check_labels(y, self.hparams.num_classes, x.shape[0])
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
-        metric.update(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train", batch_size=x.shape[0])
-        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        return loss
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        return classification_step(self, batch, metric, stage, label_smoothing=smoothing,
+                                   check=stage != "train" or self.global_step == 0)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, self.train_acc, "train")

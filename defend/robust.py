@@ -43,7 +43,7 @@ from attacks._state import eval_mode
 from attacks.frameworks.pgd import pgd_maximise
 from attacks.interpreters import GradInterpreter, minmax
 
-from .classifier import init_from_checkpoint
+from .classifier import classification_step, init_from_checkpoint
 from .io import project_version
 from .models import GapClassifier, build_classifier
 
@@ -291,21 +291,11 @@ class RobustClassifierModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
         return out["loss"]
 
-    def _eval_step(self, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str) -> None:
-        x, y = batch["image"], batch["label"]
-        check_images(x)
-        check_labels(y, self.hparams.num_classes, x.shape[0])
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        metric.update(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=x.shape[0])
-        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
-
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_acc, "val")
+        classification_step(self, batch, self.val_acc, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_acc, "test")
+        classification_step(self, batch, self.test_acc, "test")
 
     def predict_step(self, batch, batch_idx):
         return self.model(batch["image"]).softmax(1)

@@ -12,7 +12,8 @@ __all__ = ["train_tiny_classifier"]
 
 
 def train_tiny_classifier(steps: int = 120, width: int = 8, n_test: int = 64):
-    """``(model, test split)``: a width-``width`` small CNN after ``steps`` Adam steps on the embedded digits."""
+    """``(model, test split, train split)``: a width-``width`` small CNN after ``steps`` Adam steps on the embedded
+    digits (one render per digit)."""
     torch.manual_seed(0)
     dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
     dm.setup("fit")
@@ -26,4 +27,4 @@ def train_tiny_classifier(steps: int = 120, width: int = 8, n_test: int = 64):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), test
+    return model.eval(), test, train

@@ -60,17 +60,11 @@ def make_shapes(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return torch.round(x.clamp(0, 1) * 255) / 255, y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(_one_thread) -> nn.Module:
+def model(one_thread) -> nn.Module:
     """``small_cnn(4, width=8)`` trained for 3 epochs on 2000 synthetic shape images (~1 s, ~100% test accuracy)."""
     torch.manual_seed(0)
     x, y = make_shapes(2000, seed=0)

@@ -15,12 +15,7 @@ from defend.io import CheckpointError, atomic_write_text
 from defend.models import build_classifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_and_unknown_command(capsys):

@@ -61,7 +61,7 @@ def _assert_same_training(one: dict, two: dict) -> None:
 def tiny_clf(tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, _ = train_tiny_classifier()
+    model, _, _ = train_tiny_classifier()
     path = tmp_path_factory.mktemp("clf") / "tiny.pt"
     save_classifier(model, path, {"width": 8})
     torch.set_num_threads(before)

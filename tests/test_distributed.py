@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     """A width-8 small CNN trained briefly on the embedded digits (one render per digit), saved as an artifact."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, test = train_tiny_classifier()
+    model, test, _ = train_tiny_classifier()
     path = tmp_path_factory.mktemp("clf") / "tiny.pt"
     save_classifier(model, path, {"width": 8})
     yield {"model": model, "path": path, "test": test}

@@ -25,13 +25,12 @@ CLASSES = ("disc", "square", "stripes")
 QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    yield
-    torch.set_num_threads(old)
+def _no_global_seed(monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything sets it; restored afterwards
 
 
 def make_tree(root: Path, per_class: int = 40, size: int = 32, seed: int = 0) -> Path:

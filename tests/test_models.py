@@ -11,13 +11,7 @@ from defend.models.imagenet import IMAGENET_MEAN, IMAGENET_STD, densenet169, res
 from defend.models.small import CIFAR_MEAN, CIFAR_STD, wide_resnet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-sample CPU forwards: intra-op threading stalls badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(shape, seed: int = 0) -> torch.Tensor:

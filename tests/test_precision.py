@@ -16,7 +16,7 @@ from _tiny import train_tiny_classifier
 def tiny():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, test = train_tiny_classifier()
+    model, test, _ = train_tiny_classifier()
     with torch.no_grad():
         ok = model(test["image"]).argmax(1) == test["label"]
     yield model, test["image"][ok][:16], test["label"][ok][:16]

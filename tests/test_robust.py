@@ -28,12 +28,7 @@ MEAN = (0.4, 0.5, 0.6)
 STD = (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(k: int = 2, num_classes: int = 3, seed: int = 0) -> GapClassifier:

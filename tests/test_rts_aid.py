@@ -20,42 +20,22 @@ from attacks.interpreters import RTSInterpreter, RTSNetwork, get_interpreter, rt
 from attacks.terms import MapTerm, make_term
 from defend.aid import AIDModule, load_rts, save_rts
 from defend.classifier import save_classifier
-from defend.data import DigitsDataModule
-from defend.experiments.common import take_split
 from defend.interpreters import build_interpreter
 from defend.metrics import localisation, map_l1
 from defend.models.small import small_cnn
 
+from _tiny import train_tiny_classifier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A width-8 small CNN trained briefly on ~1,250 digits (saved as an artifact), and the data splits."""
-    torch.manual_seed(0)
-    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
-    dm.setup("fit")
-    train, test = take_split(dm, "train"), take_split(dm, "test", 128)
-    model = small_cnn(num_classes=10, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    n = train["image"].shape[0]
-    model.train()
-    for _ in range(150):
-        idx = torch.randint(0, n, (64,), generator=gen)
-        loss = F.cross_entropy(model(train["image"][idx]), train["label"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, test, train = train_tiny_classifier(steps=150, n_test=128)
     path = tmp_path_factory.mktemp("clf") / "tiny.pt"
     save_classifier(model, path, {"width": 8})
     with torch.no_grad():
