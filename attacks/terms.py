@@ -1,6 +1,8 @@
 """Interpretation loss terms ``l_int(g(x), m_t)`` of ADV2, one per interpreter family (ADV2 section 3).
 
-A term turns an interpreter into a per-example loss that is differentiable w.r.t. the input:
+A term turns an interpreter into a per-example loss that is differentiable w.r.t. the input. Terms that
+differentiate a gradient again record the model under :func:`~attacks.constant_weights.constant_weights`
+(same values and input derivatives, no wasted weight-gradient convolutions in the double backward):
 
 - :class:`MapTerm` (CAM and any differentiable interpreter): ``mean((g(x) - m_t)^2)``;
 - :class:`GradTerm` (GRAD): the same map computed with the smooth ReLU-derivative surrogate (section 3.2);
@@ -14,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .constant_weights import constant_weights
 from .interpreters import CAMInterpreter, GradInterpreter, Interpreter, MaskInterpreter, get_interpreter
 from .interpreters.surrogate import relu_surrogate
 from .interpreters.base import to_input_size
@@ -70,7 +73,8 @@ class MapTerm(InterpretationTerm):
     """``l_int = mean((g(x) - m_t)^2)`` for a differentiable interpreter (RTS, or any other)."""
 
     def loss(self, model, x, y_t, m_t, state):
-        return map_mse(self.interpreter.map(model, x, y_t, create_graph=True), m_t)
+        with constant_weights():
+            return map_mse(self.interpreter.map(model, x, y_t, create_graph=True), m_t)
 
 
 class CAMTerm(InterpretationTerm):
@@ -99,8 +103,9 @@ class GradTerm(InterpretationTerm):
 
     def loss_and_logits(self, model, x, y_t, m_t, state):
         if self.paper_map:
-            return map_mse(self.surrogate.map(model, x, y_t, create_graph=True), m_t), None
-        with relu_surrogate(self.tau, exact_first_order=True):
+            with constant_weights():
+                return map_mse(self.surrogate.map(model, x, y_t, create_graph=True), m_t), None
+        with relu_surrogate(self.tau, exact_first_order=True), constant_weights():
             logits = model(x)
         scores = logits.softmax(1) if self.interpreter.score == "prob" else logits
         (g,) = torch.autograd.grad(scores.gather(1, y_t.view(-1, 1)).sum(), x, create_graph=True)
