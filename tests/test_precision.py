@@ -44,6 +44,28 @@ def test_bf16_autocast_matches_float32(tiny, interpreter):
     assert abs(l1_32 - l1_16) <= 0.25 * l1_32 + 0.01
 
 
+def test_bf16_autocast_mask_attack_matches_float32(tiny):
+    """The bilevel MASK attack (inner mask steps, lookahead double backward, step-size search) under bf16."""
+    model, x, y = tiny
+    y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    g = get_interpreter("mask", iterations=50)
+    benign = g(model, x, y)
+    out = {}
+    for mode in (None, "bf16"):
+        atk = build_attack("adv2", "pgd", g, warm_steps=20, steps=20, c=500.0, autocast=mode,
+                           mask_options={"inner_steps": 2, "reset_every": 5, "reset_iterations": 50, "lookahead_lr": 0.5},
+                           framework_options={"eps": 0.063, "alpha": 2 / 255})
+        res = atk(model, x, y_t, benign)
+        assert res.x_adv.dtype == torch.float32 and float((res.x_adv - x).abs().max()) <= 0.063 + 1e-6
+        out[mode] = (res.success.float().mean().item(), map_l1(g(model, res.x_adv, y_t), benign).mean().item())
+    pgd = build_attack("pgd", "pgd", g, warm_steps=40, framework_options={"eps": 0.063, "alpha": 2 / 255})(model, x, y_t)
+    l1_pgd = map_l1(g(model, pgd.x_adv, y_t), benign).mean().item()
+    (asr32, l1_32), (asr16, l1_16) = out[None], out["bf16"]
+    assert asr32 >= 0.8 and abs(asr32 - asr16) <= 2 / 16, out
+    assert abs(l1_32 - l1_16) <= 0.25 * l1_32 + 0.01, out
+    assert l1_16 <= 0.7 * l1_pgd, (out, l1_pgd)  # still ADV2: the maps stay much closer to benign than PGD's
+
+
 def test_unknown_autocast_is_rejected():
     with pytest.raises(ValueError, match="autocast"):
         ADV2("cam", autocast="int8")
