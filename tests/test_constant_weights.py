@@ -54,10 +54,11 @@ def test_fast_path_taken_only_for_weights_without_grad():
     model, x = _model(), torch.rand(2, 3, 15, 15, dtype=torch.float64, requires_grad=True)
 
     def ops(out: torch.Tensor) -> set[str]:
-        seen, todo = set(), [out.grad_fn]
+        seen, visited, todo = set(), set(), [out.grad_fn]
         while todo:
             fn = todo.pop()
-            if fn is not None and type(fn).__name__ not in seen:
+            if fn is not None and id(fn) not in visited:
+                visited.add(id(fn))
                 seen.add(type(fn).__name__)
                 todo += [n for n, _ in fn.next_functions]
         return seen
