@@ -11,6 +11,7 @@ differentiate a gradient again record the model under :func:`~attacks.constant_w
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -142,7 +143,9 @@ class MaskTerm(InterpretationTerm):
 
     def _grad_m(self, model, x, y_t, m, create_graph: bool, blurred: Tensor) -> Tensor:
         m = m if m.requires_grad else m.detach().requires_grad_(True)
-        obj = self.interpreter.objective(model, x, y_t, m, blurred).sum()
+        # the lookahead's double backward needs no weight gradients; first-order steps gain nothing from it
+        with constant_weights() if create_graph else nullcontext():
+            obj = self.interpreter.objective(model, x, y_t, m, blurred).sum()
         (g,) = torch.autograd.grad(obj, m, create_graph=create_graph)
         return g
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..constant_weights import constant_weights
 from ..optim import BatchAdam
 from .base import Interpreter, to_input_size
 
@@ -79,13 +78,10 @@ class MaskInterpreter(Interpreter):
         return torch.full((x.shape[0], 1, s, s), self.init, device=x.device, dtype=x.dtype)
 
     def objective(self, model: nn.Module, x: Tensor, target: Tensor, m: Tensor, blurred: Tensor | None = None) -> Tensor:
-        """Per-example ``l_map(m; x)``, differentiable w.r.t. both ``m`` and ``x`` (to second order: ADV2's
-        lookahead differentiates ``grad_m l_map`` w.r.t. ``x``; frozen weights make that cheaper, see
-        :mod:`attacks.constant_weights`)."""
+        """Per-example ``l_map(m; x)``, differentiable w.r.t. both ``m`` and ``x``."""
         blurred = self.blurred(x) if blurred is None else blurred
         up = to_input_size(m, tuple(x.shape[-2:]))
-        with constant_weights():
-            probs = model(x * up + blurred * (1 - up)).softmax(1)
+        probs = model(x * up + blurred * (1 - up)).softmax(1)
         p = probs.gather(1, target.view(-1, 1)).squeeze(1)
         return p + self.l1 * (1 - m).flatten(1).mean(1) + self.tv * total_variation(m, self.tv_beta)
 
