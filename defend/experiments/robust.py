@@ -280,7 +280,6 @@ def _comparison(results: dict[str, dict[str, Any]], at: float = 8.0) -> list[str
 
 def _report(cfg: dict[str, Any], dm, results: dict[str, dict[str, Any]], eps_list: list[Any]) -> str:
     mcfg = cfg.get("model") or {}
-    ecfg = cfg.get("evaluation") or {}
     headers = ["eps"] + [_eps_label(e) for e in eps_list]
     acc_rows = [[LABELS.get(res["mode"], name) + f" `{name}`"] + [r["accuracy"] for r in res["rows"]]
                 for name, res in results.items()]
@@ -309,7 +308,7 @@ def _report(cfg: dict[str, Any], dm, results: dict[str, dict[str, Any]], eps_lis
                         "training s"], time_rows),
         "",
         *_comparison(results),
-        f"Images evaluated for tau per eps (prediction kept): " + ", ".join(
+        "Images evaluated for tau per eps (prediction kept): " + ", ".join(
             f"{name}: " + "/".join(str(r["n_tau"]) for r in res["rows"]) for name, res in results.items()),
         "",
         "![accuracy and Kendall's tau](robust.png)",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import os
 import tempfile
 import sys
 import time
