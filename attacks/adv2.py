@@ -139,6 +139,7 @@ class ADV2:
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence must lie in [0, 1), got {confidence}")
         self.threat = get_framework(framework, **(framework_options or {}))
+        self.threat.check_grid_budget()
         self.term: InterpretationTerm | None = None
         if interpreter is not None:
             self.term = make_term(interpreter, surrogate_tau=surrogate_tau, mask_options=mask_options,

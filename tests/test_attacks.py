@@ -335,11 +335,12 @@ def test_sobel_edges_range_and_constant_images():
 
 
 def test_advedge_soft_weighting_scales_every_step(model, batch):
-    """Each PGD step moves a pixel by at most ``alpha * E(x)``: the total change is bounded per pixel."""
+    """Each PGD step moves a pixel by at most ``alpha * E(x)``: the total change is bounded per pixel (plus the half
+    level that rounding to the uint8 grid may add)."""
     x, _, target = batch
     warm, joint = 6, 4
     result = small("advedge", eps=16 / 255, warm_steps=warm, steps=joint)(model, x, target)
-    bound = (warm + joint) * (2 / 255) * sobel_edges(x)  # [N, 1, H, W], broadcast over channels
+    bound = (warm + joint) * (2 / 255) * sobel_edges(x) + 0.5 / 255  # [N, 1, H, W], broadcast over channels
     assert bool(((result.x_adv - x).abs() <= bound + TOL).all())
     flat = sobel_edges(x) < 0.05
     assert flat.any()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ThreatModel, quantise
+from .base import ThreatModel, grid_levels, quantise, quantise_linf
 from .cw import CW
 from .pgd import PGD, pgd_maximise
 from .stadv import StAdv, flow_loss, flow_warp
 
-__all__ = ["ThreatModel", "PGD", "CW", "StAdv", "FRAMEWORKS", "get_framework", "pgd_maximise", "quantise",
+__all__ = ["ThreatModel", "PGD", "CW", "StAdv", "FRAMEWORKS", "get_framework", "pgd_maximise", "quantise", "quantise_linf", "grid_levels",
            "flow_warp", "flow_loss"]
 
 FRAMEWORKS = {"pgd": PGD, "cw": CW, "stadv": StAdv}

@@ -10,7 +10,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["ThreatModel", "quantise", "clip01"]
+__all__ = ["ThreatModel", "quantise", "quantise_linf", "grid_levels", "clip01"]
+
+LEVELS = 255
 
 
 def clip01(x: Tensor) -> Tensor:
@@ -24,7 +26,29 @@ def clip01(x: Tensor) -> Tensor:
 
 def quantise(x: Tensor) -> Tensor:
     """Round to the uint8 grid: what a saved adversarial image really is."""
-    return torch.round(x * 255) / 255
+    return torch.round(x * LEVELS) / LEVELS
+
+
+def grid_levels(eps: float) -> int:
+    """The largest whole number of uint8 levels inside an L-inf radius: ``floor(eps * 255)`` (robust to
+    ``k / 255`` computing as ``k - tiny``)."""
+    return int(eps * LEVELS + 1e-6)
+
+
+def quantise_linf(x0: Tensor, x: Tensor, eps: float) -> Tensor:
+    """The uint8-grid image nearest to ``x`` inside the L-inf ball of radius ``eps`` around ``x0``.
+
+    The perturbation is rounded to the nearest whole level and clamped to ``grid_levels(eps)`` levels. Truncating
+    toward zero instead would lose a level on almost every pixel: in float32 a sum of steps of ``1/255`` computes
+    ``k/255`` as ``k - tiny`` levels. Where ``x0`` is on the grid the result is exactly ``round(x * 255) / 255``'s
+    representation of its level; an off-grid ``x0`` keeps its offset (the result stays inside the ball and [0, 1]).
+    """
+    k = grid_levels(eps)
+    steps = torch.round((x - x0) * LEVELS).clamp(-k, k)
+    base = torch.round(x0 * LEVELS)
+    on_grid = base / LEVELS == x0
+    out = torch.where(on_grid, (base + steps) / LEVELS, x0 + steps / LEVELS)
+    return out.clamp(0, 1)
 
 
 class ThreatModel(ABC):
@@ -54,3 +78,6 @@ class ThreatModel(ABC):
 
     def start(self, x0: Tensor) -> None:
         """Reset per-run optimiser state (called once per attack stage)."""
+
+    def check_grid_budget(self) -> None:
+        """Raise ``ValueError`` when the constraint admits no uint8 image other than the input (default: it does)."""

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._checks import check_positive
 from ..optim import expand_like
-from .base import ThreatModel, clip01
+from .base import ThreatModel, clip01, grid_levels, quantise_linf
 
 __all__ = ["PGD", "pgd_maximise"]
 
@@ -42,13 +42,18 @@ class PGD(ThreatModel):
         upd = upd * expand_like(active.to(z.dtype), z)
         return (z.detach() - upd).clamp(-self.eps, self.eps)
 
+    def check_grid_budget(self) -> None:
+        if grid_levels(self.eps) == 0:
+            raise ValueError(f"eps {self.eps:g} is below one uint8 level (1/255 = 0.00392): an 8-bit image cannot "
+                             "move inside this ball; use eps >= 1/255")
+
     def project(self, x0: Tensor, z: Tensor) -> Tensor:
         """Keep ``x0 + z`` inside [0, 1]."""
         return (x0 + z).clamp(0, 1) - x0
 
     def quantise(self, x0: Tensor, x: Tensor) -> Tensor:
-        # round the perturbation toward zero: on the uint8 grid when x0 is, and never outside the ball
-        return x0 + torch.trunc((x - x0) * 255) / 255
+        """Nearest uint8 level, at most ``floor(eps * 255)`` levels from ``x0`` (:func:`quantise_linf`)."""
+        return quantise_linf(x0, x, self.eps)
 
 
 def pgd_maximise(loss_fn: Callable[[Tensor], Tensor], x0: Tensor, eps: float, alpha: float, steps: int,
