@@ -28,11 +28,18 @@ Definitions
 * Kendall's tau-b rank correlation between flattened maps (Boopathy et al. 2020,
   "Proper network interpretability requires adversarial robustness").
 * Localisation: share of the map's energy inside a ground-truth mask.
+* Spearman's rank correlation (average ranks for ties, as ``scipy.stats.spearmanr``),
+  top-k intersection ``|T_k(benign) ∩ T_k(attacked)| / k`` for integer k and the
+  centre-of-mass shift (Ghorbani et al., AAAI 2019; Chen et al., NeurIPS 2019).
+* Cosine similarity of flattened maps.
+* Max-sensitivity (Yeh et al., NeurIPS 2019), the definition of captum's
+  ``sensitivity_max`` with inputs clamped to ``[0, 1]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -56,6 +63,11 @@ __all__ = [
     "noise_rate",
     "kendall_tau",
     "localisation",
+    "spearman_rho",
+    "topk_intersection",
+    "map_cosine_similarity",
+    "centre_of_mass_shift",
+    "max_sensitivity",
     # metric classes
     "AttackSuccessRate",
     "MisclassificationConfidence",
@@ -64,6 +76,11 @@ __all__ = [
     "NoiseRate",
     "KendallTau",
     "Localisation",
+    "SpearmanRho",
+    "TopKIntersection",
+    "MapCosineSimilarity",
+    "CentreOfMassShift",
+    "MaxSensitivity",
 ]
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -498,6 +515,228 @@ def localisation(m: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------- #
+# Spearman's rho
+# --------------------------------------------------------------------------- #
+def _average_ranks(f: Tensor) -> Tensor:
+    """1-based ranks of every row of ``f`` ``[N, P]`` (float64), ties given their average rank.
+
+    Sort each row; a tie group occupying sorted positions ``s..e`` (0-based) gets rank
+    ``(s + e) / 2 + 1`` (scipy's ``rankdata(method="average")``), scattered back to the pixels.
+    """
+    n, p = f.shape
+    srt, order = torch.sort(f, dim=1, stable=True)
+    idx = torch.arange(p, device=f.device).expand(n, p)
+    new = torch.ones(n, p, dtype=torch.bool, device=f.device)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]  # first position of a tie group
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]  # last position of a tie group
+    start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
+    end = torch.cummin(torch.where(last, idx, torch.full_like(idx, p - 1)).flip(1), dim=1).values.flip(1)
+    avg = (start + end).double() / 2.0 + 1.0
+    return torch.empty_like(avg).scatter_(1, order, avg)
+
+
+def spearman_rho(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's rank correlation between two maps per example (pixels flattened) -> ``[N]``.
+
+    The Pearson correlation of the average ranks of the pixels (ties share the mean of the
+    ranks they span), equal to ``scipy.stats.spearmanr`` on each example's flattened pair.
+    Rank correlations are the standard way to compare attribution maps under attack
+    (Ghorbani et al., AAAI 2019, "Interpretation of neural networks is fragile").
+
+    * If either map of an example is constant (zero rank variance), rho is defined as 0
+      (scipy returns nan), as for :func:`kendall_tau`.
+    * Computed in float64 with a batched sort (O(N P log P)); returns float32.
+    """
+    _check_map_pair(a, b)
+    n = a.shape[0]
+    if n == 0:
+        return torch.zeros(0, device=a.device)
+    ra = _average_ranks(a.reshape(n, -1).double())
+    rb = _average_ranks(b.reshape(n, -1).double())
+    ra = ra - ra.mean(dim=1, keepdim=True)
+    rb = rb - rb.mean(dim=1, keepdim=True)
+    cov = (ra * rb).sum(dim=1)
+    den = torch.sqrt((ra * ra).sum(dim=1) * (rb * rb).sum(dim=1))
+    ok = den > 0
+    rho = torch.where(ok, cov / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+    return rho.clamp(-1.0, 1.0).float()
+
+
+# --------------------------------------------------------------------------- #
+# top-k intersection
+# --------------------------------------------------------------------------- #
+def _check_ks(ks: Sequence[int], num_pixels: int | None = None) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("ks must not be empty")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"ks must be integer pixel counts, got {k!r}")
+        if k < 1:
+            raise ValueError(f"ks must be >= 1, got {k}")
+        if num_pixels is not None and k > num_pixels:
+            raise ValueError(f"k = {k} exceeds the number of pixels H * W = {num_pixels}")
+    return ks
+
+
+def topk_intersection(benign: Tensor, attacked: Tensor, ks: Sequence[int]) -> Tensor:
+    """Top-k intersection per example and k -> ``[N, len(ks)]``.
+
+    ``|T_k(benign) ∩ T_k(attacked)| / k``: the share of the benign map's ``k`` largest
+    pixels that are still among the attacked map's ``k`` largest pixels (Ghorbani et al.,
+    AAAI 2019; Chen et al., NeurIPS 2019). ``ks`` are integer pixel counts with
+    ``1 <= k <= H * W``. Ties are broken deterministically by flat pixel index (lower
+    index wins), as in :func:`topk_masks`.
+    """
+    _check_map_pair(benign, attacked, "benign", "attacked")
+    ks = _check_ks(ks, benign.shape[-1] * benign.shape[-2])
+    kt = torch.tensor(ks, device=benign.device)
+    kk = kt.view(1, -1, 1)  # [1, K, 1]
+    rb = _pixel_ranks(benign).unsqueeze(1)  # [N, 1, P]
+    ra = _pixel_ranks(attacked).unsqueeze(1)
+    inter = ((rb < kk) & (ra < kk)).sum(dim=2).float()  # [N, K]
+    return inter / kt.float().unsqueeze(0)
+
+
+# --------------------------------------------------------------------------- #
+# cosine similarity
+# --------------------------------------------------------------------------- #
+def map_cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity ``<a, b> / (||a||_2 ||b||_2)`` of the flattened maps per example -> ``[N]``.
+
+    Defined as 0 when either map is all zero (no direction). Computed in float64; returns float32.
+    """
+    _check_map_pair(a, b)
+    n = a.shape[0]
+    fa = a.reshape(n, -1).double()
+    fb = b.reshape(n, -1).double()
+    dot = (fa * fb).sum(dim=1)
+    den = fa.norm(dim=1) * fb.norm(dim=1)
+    ok = den > 0
+    cos = torch.where(ok, dot / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+    return cos.clamp(-1.0, 1.0).float()
+
+
+# --------------------------------------------------------------------------- #
+# centre of mass
+# --------------------------------------------------------------------------- #
+def _centre_of_mass(m: Tensor) -> Tensor:
+    """``[N, 2]`` (row, col) centre of mass of non-negative maps ``[N, 1, H, W]`` (float64)."""
+    h, w = m.shape[-2:]
+    mm = m.double().reshape(m.shape[0], h, w)
+    rows = torch.arange(h, dtype=torch.float64, device=m.device)
+    cols = torch.arange(w, dtype=torch.float64, device=m.device)
+    total = mm.sum(dim=(1, 2))
+    num = torch.stack(((mm.sum(dim=2) * rows).sum(dim=1), (mm.sum(dim=1) * cols).sum(dim=1)), dim=1)
+    centre = torch.tensor([(h - 1) / 2.0, (w - 1) / 2.0], dtype=torch.float64, device=m.device)
+    ok = (total > 0).unsqueeze(1)
+    com = num / torch.where(ok, total.unsqueeze(1), torch.ones_like(num))
+    return torch.where(ok, com, centre.expand_as(com))
+
+
+def centre_of_mass_shift(a: Tensor, b: Tensor, normalise: bool = False) -> Tensor:
+    """Euclidean distance in pixels between the centres of mass of two maps per example -> ``[N]``.
+
+    The centre of mass of a map ``m`` is ``(sum_ij m_ij i, sum_ij m_ij j) / sum_ij m_ij``
+    with pixel ``(i, j)`` at row ``i``, column ``j`` (pixel centres on the integer grid); the
+    map values are the masses and must be non-negative (``ValueError`` otherwise). A map
+    that sums to 0 has its centre at the image centre ``((H - 1) / 2, (W - 1) / 2)``.
+    ``normalise=True`` divides by the image diagonal ``sqrt(H^2 + W^2)`` (so the value is
+    below 1). A location-shift measure of attacked maps in the spirit of Ghorbani et al.
+    (AAAI 2019), who report the shift of the centre of mass of saliency maps.
+    """
+    _check_map_pair(a, b)
+    for name, t in (("map_a", a), ("map_b", b)):
+        if t.numel() and bool((t < 0).any()):
+            raise ValueError(f"{name} has negative values; centre of mass needs non-negative masses")
+    h, w = a.shape[-2:]
+    d = (_centre_of_mass(a) - _centre_of_mass(b)).pow(2).sum(dim=1).sqrt()
+    if normalise:
+        d = d / math.sqrt(h * h + w * w)
+    return d.float()
+
+
+# --------------------------------------------------------------------------- #
+# max-sensitivity
+# --------------------------------------------------------------------------- #
+def _explanation_norm(e: Tensor, norm: str | float) -> Tensor:
+    """Norm of each flattened explanation ``[B, ...]`` -> ``[B]`` (``"fro"`` = L2 of the flattened map)."""
+    ord_ = 2.0 if norm == "fro" else float(norm)
+    return torch.linalg.vector_norm(e.reshape(e.shape[0], -1).double(), ord=ord_, dim=1)
+
+
+def _check_sensitivity_args(radius: float, n_samples: int, norm: str | float) -> None:
+    if not radius >= 0.0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if isinstance(norm, str) and norm != "fro":
+        raise ValueError(f"norm must be 'fro' or a positive number, got {norm!r}")
+    if not isinstance(norm, str) and not float(norm) > 0:
+        raise ValueError(f"norm must be 'fro' or a positive number, got {norm!r}")
+
+
+def max_sensitivity(
+    explain: Callable[[Tensor], Tensor],
+    x: Tensor,
+    radius: float = 0.02,
+    n_samples: int = 10,
+    generator: torch.Generator | None = None,
+    norm: str | float = "fro",
+    max_examples_per_batch: int | None = None,
+) -> Tensor:
+    """Max-sensitivity of an explanation (Yeh et al., NeurIPS 2019) per example -> ``[N]``.
+
+    captum's ``sensitivity_max``: with ``e = explain`` (a callable ``[N, C, H, W] -> [N, ...]``,
+    e.g. maps ``[N, 1, H, W]``) and ``u_1..u_S`` (``S = n_samples``) uniform noise in the
+    L-inf ball of ``radius``::
+
+        MS(x) = max_s ||e(x + u_s) - e(x)|| / ||e(x)||
+
+    with the norm over the flattened explanation (``"fro"`` = L2; a number = that ``ord``),
+    and, as in captum, ``||e(x)||`` replaced by 1 where it is 0 (the plain difference norm).
+
+    * Noise: ``u = (2 * torch.rand([N, S, C, H, W], generator=generator) - 1) * radius`` drawn
+      at once (on the generator's device, in ``x``'s dtype), example-major like captum's
+      ``repeat_interleave``. Documented difference: the perturbed images are clamped to
+      ``[0, 1]`` (captum does not clamp) since our images live in ``[0, 1]``.
+    * Samples are stacked into the batch, ``max(1, max_examples_per_batch // N)`` samples
+      per call of ``explain`` (all at once if ``None``). ``explain`` is called without
+      ``torch.no_grad`` (gradient explanations need autograd); its outputs are detached.
+    """
+    _check_sensitivity_args(radius, n_samples, norm)
+    if x.ndim != 4:
+        raise ValueError(f"x must be a 4-D image batch of shape [N, C, H, W], got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if n == 0:
+        return torch.zeros(0, device=x.device)
+    x = x if x.is_floating_point() else x.float()
+    e0 = explain(x)
+    if not isinstance(e0, Tensor) or e0.ndim < 1 or e0.shape[0] != n:
+        raise ValueError(f"explain must return a tensor [N, ...] with N = {n}")
+    e0 = e0.detach()
+    den = _explanation_norm(e0, norm)
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    dev = generator.device if generator is not None else x.device
+    u = torch.rand((n, n_samples, *x.shape[1:]), generator=generator, dtype=x.dtype, device=dev)
+    u = ((2.0 * u - 1.0) * radius).to(x.device)
+    step = n_samples if max_examples_per_batch is None else max(1, max_examples_per_batch // n)
+    best = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
+    for s0 in range(0, n_samples, step):
+        k = min(step, n_samples - s0)
+        xp = (x.unsqueeze(1) + u[:, s0:s0 + k]).clamp(0.0, 1.0).reshape(n * k, *x.shape[1:])
+        ep = explain(xp).detach()
+        if ep.shape != (n * k, *e0.shape[1:]):
+            raise ValueError(f"explain returned shape {tuple(ep.shape)} for {n * k} perturbed inputs, "
+                             f"expected {(n * k, *e0.shape[1:])}")
+        diff = (ep.reshape(n, k, -1) - e0.reshape(n, 1, -1)).reshape(n * k, -1)
+        sens = _explanation_norm(diff, norm).view(n, k) / den.unsqueeze(1)
+        best = torch.maximum(best, sens.amax(dim=1))
+    return best.float()
+
+
+# --------------------------------------------------------------------------- #
 # torchmetrics classes
 # --------------------------------------------------------------------------- #
 class _MeanMetric(Metric):
@@ -658,3 +897,105 @@ class Localisation(Metric):
             "energy_in_mask": (self.energy_total / self.count).float(),
             "mask_area": (self.area_total / self.count).float(),
         }
+
+
+class SpearmanRho(_MeanMetric):
+    """Mean Spearman's rank correlation between attribution maps, see :func:`spearman_rho` (constant map -> 0)."""
+
+    higher_is_better = True
+
+    def update(self, map_a: Tensor, map_b: Tensor) -> None:
+        self._accumulate(spearman_rho(map_a, map_b))
+
+
+class TopKIntersection(Metric):
+    """Top-k intersection between benign and attacked maps (Ghorbani et al. 2019), see :func:`topk_intersection`.
+
+    ``compute()`` returns the mean over examples and ``ks``; ``compute_per_k()`` returns
+    ``{k: mean intersection}``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, ks: Sequence[int], **kwargs: Any) -> None:
+        ks = _check_ks(ks)
+        super().__init__(**kwargs)
+        self.ks = ks
+        self.add_state("total", default=torch.zeros(len(ks), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, benign: Tensor, attacked: Tensor) -> None:
+        inter = topk_intersection(benign, attacked, self.ks).detach()
+        self.total += inter.sum(dim=0, dtype=torch.float64)
+        self.count += inter.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).mean().float()
+
+    def compute_per_k(self) -> dict[int, Tensor]:
+        """Mean intersection for each k (synchronised across processes like ``compute``)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, process_group=self.process_group):
+            per = (self.total / self.count).float()
+        return {k: per[i] for i, k in enumerate(self.ks)}
+
+
+class MapCosineSimilarity(_MeanMetric):
+    """Mean cosine similarity of flattened maps, see :func:`map_cosine_similarity` (an all-zero map -> 0)."""
+
+    higher_is_better = True
+
+    def update(self, map_a: Tensor, map_b: Tensor) -> None:
+        self._accumulate(map_cosine_similarity(map_a, map_b))
+
+
+class CentreOfMassShift(_MeanMetric):
+    """Mean centre-of-mass shift between maps (pixels, or image diagonals with ``normalise``), see
+    :func:`centre_of_mass_shift`."""
+
+    higher_is_better = False
+
+    def __init__(self, normalise: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.normalise = bool(normalise)
+
+    def update(self, map_a: Tensor, map_b: Tensor) -> None:
+        self._accumulate(centre_of_mass_shift(map_a, map_b, normalise=self.normalise))
+
+
+class MaxSensitivity(_MeanMetric):
+    """Mean max-sensitivity of an explanation (Yeh et al. 2019; captum ``sensitivity_max``), see
+    :func:`max_sensitivity`.
+
+    ``radius`` (L-inf noise radius, default 0.02) and ``n_samples`` (default 10) are attributes
+    to report with the value. ``seed`` seeds a CPU generator created once; successive
+    updates continue its stream (``reset()`` does not reseed), so with a seed two updates
+    equal one update on the concatenated batch. ``update(explain, x)`` takes the callable.
+    """
+
+    higher_is_better = False
+
+    def __init__(
+        self,
+        radius: float = 0.02,
+        n_samples: int = 10,
+        norm: str | float = "fro",
+        seed: int | None = None,
+        max_examples_per_batch: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_sensitivity_args(radius, n_samples, norm)
+        super().__init__(**kwargs)
+        self.radius = float(radius)
+        self.n_samples = n_samples
+        self.norm = norm
+        self.seed = seed
+        self.max_examples_per_batch = max_examples_per_batch
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def update(self, explain: Callable[[Tensor], Tensor], x: Tensor) -> None:
+        self._accumulate(
+            max_sensitivity(explain, x, radius=self.radius, n_samples=self.n_samples, generator=self.generator,
+                            norm=self.norm, max_examples_per_batch=self.max_examples_per_batch)
+        )

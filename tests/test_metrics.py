@@ -10,23 +10,33 @@ from torchmetrics.utilities.data import dim_zero_sum
 
 from defend.metrics import (
     AttackSuccessRate,
+    CentreOfMassShift,
     KendallTau,
     Localisation,
+    MapCosineSimilarity,
     MapDistance,
+    MaxSensitivity,
     MisclassificationConfidence,
     NoiseRate,
+    SpearmanRho,
+    TopKIntersection,
     TopKIoU,
     attack_success,
+    centre_of_mass_shift,
     kendall_tau,
     localisation,
+    map_cosine_similarity,
     map_l1,
     map_l2,
     map_lp_distance,
+    max_sensitivity,
     minmax_normalise,
     noise_rate,
     resize_map,
+    spearman_rho,
     ssim,
     target_confidence,
+    topk_intersection,
     topk_iou,
     topk_masks,
 )
@@ -344,6 +354,251 @@ def test_localisation_exact():
 
 
 # --------------------------------------------------------------------------- #
+# Spearman's rho
+# --------------------------------------------------------------------------- #
+def test_spearman_rho_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(4)
+    quantised_a = torch.randint(0, 4, (4, 1, 5, 6), generator=g).float() / 3
+    quantised_b = torch.randint(0, 5, (4, 1, 5, 6), generator=g).float() / 4
+    sparse_a = torch.rand(4, 1, 7, 5, generator=g) * (torch.rand(4, 1, 7, 5, generator=g) > 0.7)  # many zeros
+    sparse_b = torch.rand(4, 1, 7, 5, generator=g) * (torch.rand(4, 1, 7, 5, generator=g) > 0.5)
+    cont_a, cont_b = torch.rand(3, 1, 9, 9, generator=g), torch.rand(3, 1, 9, 9, generator=g)
+    pairs = ((quantised_a, quantised_b), (sparse_a, sparse_b), (cont_a, cont_b), (quantised_a[..., :5], sparse_a[..., :5, :]))
+    for a, b in pairs:
+        got = spearman_rho(a, b)
+        assert got.shape == (a.shape[0],)
+        for i in range(a.shape[0]):
+            ref = spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy()).statistic
+            assert got[i].item() == pytest.approx(ref, abs=1e-6)
+
+    # hand-made: a has a tie (average ranks 1, 2.5, 2.5, 4), b is strictly increasing
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0]).view(1, 1, 2, 2)
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2)
+    ra, rb = [-1.5, 0.0, 0.0, 1.5], [-1.5, -0.5, 0.5, 1.5]
+    hand = sum(x * y for x, y in zip(ra, rb)) / math.sqrt(sum(x * x for x in ra) * sum(y * y for y in rb))
+    assert spearman_rho(a, b).item() == pytest.approx(hand, abs=1e-7)
+
+
+def test_spearman_rho_properties():
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(3, 1, 6, 6, generator=g)
+    q = (a * 3).round() / 3  # ties
+    assert torch.allclose(spearman_rho(a, a), torch.ones(3))
+    assert torch.allclose(spearman_rho(q, q), torch.ones(3))
+    assert torch.allclose(spearman_rho(a, a.pow(3)), torch.ones(3))  # monotone transform keeps the ranks
+    assert torch.allclose(spearman_rho(a, 1 - a), -torch.ones(3))  # reversed ranking
+    assert torch.equal(spearman_rho(a, torch.full_like(a, 0.4)), torch.zeros(3))  # constant map -> 0 (scipy: nan)
+    m = SpearmanRho()
+    m.update(a[:1], q[:1])
+    m.update(a[1:], q[1:])
+    assert m.compute().item() == pytest.approx(spearman_rho(a, q).mean().item(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# top-k intersection
+# --------------------------------------------------------------------------- #
+def ref_topk_set(values: list[float], k: int) -> set[int]:
+    """Indices of the k largest values, ties broken by lower index."""
+    return set(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
+
+
+def test_topk_intersection_matches_python_sets_with_ties():
+    # hand-made with ties: benign top-2 = {0, 1} (0.9, 0.9); attacked top-2 = {1, 3}: 0.8 tie at 1 and 3 vs 0.2
+    benign = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.1, 0.0]).view(1, 1, 2, 3)
+    attacked = torch.tensor([0.2, 0.8, 0.1, 0.8, 0.8, 0.0]).view(1, 1, 2, 3)
+    # k=1: {0} vs {1} -> 0; k=2: {0,1} vs {1,3} -> 1/2; k=3: {0,1,2} vs {1,3,4} -> 1/3; k=6 -> 1
+    assert torch.allclose(topk_intersection(benign, attacked, [1, 2, 3, 6]), torch.tensor([[0.0, 0.5, 1 / 3, 1.0]]))
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(0, 4, (5, 1, 4, 5), generator=g).float() / 3
+    b = torch.randint(0, 3, (5, 1, 4, 5), generator=g).float() / 2
+    ks = [1, 3, 7, 20]
+    got = topk_intersection(a, b, ks)
+    assert got.shape == (5, 4)
+    for i in range(5):
+        va, vb = a[i].flatten().tolist(), b[i].flatten().tolist()
+        for j, k in enumerate(ks):
+            ref = len(ref_topk_set(va, k) & ref_topk_set(vb, k)) / k
+            assert got[i, j].item() == pytest.approx(ref)
+    assert torch.equal(topk_intersection(a, a, ks), torch.ones(5, 4))
+
+
+def test_topk_intersection_metric_and_validation():
+    benign = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.1, 0.0]).view(1, 1, 2, 3)
+    attacked = torch.tensor([0.2, 0.8, 0.1, 0.8, 0.8, 0.0]).view(1, 1, 2, 3)
+    m = TopKIntersection(ks=(2, 3))
+    m.update(benign, attacked)
+    m.update(benign, benign)
+    assert m.compute().item() == pytest.approx(((0.5 + 1 / 3) / 2 + 1.0) / 2)
+    per = m.compute_per_k()
+    assert set(per) == {2, 3}
+    assert per[2].item() == pytest.approx(0.75)
+    assert per[3].item() == pytest.approx((1 / 3 + 1) / 2)
+    for bad in ([], [0], [2.0], [True]):
+        with pytest.raises(ValueError, match="ks"):
+            topk_intersection(benign, attacked, bad)
+    with pytest.raises(ValueError, match="exceeds"):
+        topk_intersection(benign, attacked, [7])
+    with pytest.raises(ValueError, match="ks"):
+        TopKIntersection(ks=(0,))
+    with pytest.raises(ValueError, match="exceeds"):
+        TopKIntersection(ks=(50,)).update(benign, attacked)
+    with pytest.raises(ValueError, match=r"\(1, 1, 2, 3\).*\(1, 1, 3, 3\)"):
+        m.update(benign, torch.rand(1, 1, 3, 3))
+
+
+# --------------------------------------------------------------------------- #
+# cosine similarity
+# --------------------------------------------------------------------------- #
+def test_map_cosine_similarity_matches_numpy():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.rand(4, 1, 5, 7, generator=g), torch.rand(4, 1, 5, 7, generator=g) - 0.3
+    got = map_cosine_similarity(a, b)
+    for i in range(4):
+        va, vb = a[i].flatten().double().numpy(), b[i].flatten().double().numpy()
+        assert got[i].item() == pytest.approx(float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb))), abs=1e-6)
+    assert torch.allclose(map_cosine_similarity(a, a), torch.ones(4))
+    assert torch.allclose(map_cosine_similarity(a, 3 * a), torch.ones(4))  # scale invariant
+    assert torch.allclose(map_cosine_similarity(a, -a), -torch.ones(4))
+    e0 = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    e1 = torch.tensor([0.0, 1.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    assert map_cosine_similarity(e0, e1).item() == 0.0  # orthogonal
+    assert torch.equal(map_cosine_similarity(a, torch.zeros_like(a)), torch.zeros(4))  # all-zero map -> 0
+    assert torch.equal(map_cosine_similarity(torch.zeros_like(a), torch.zeros_like(a)), torch.zeros(4))
+    m = MapCosineSimilarity()
+    m.update(a[:1], b[:1])
+    m.update(a[1:], b[1:])
+    assert m.compute().item() == pytest.approx(got.mean().item(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# centre of mass
+# --------------------------------------------------------------------------- #
+def ref_centre(m: torch.Tensor) -> tuple[float, float]:
+    h, w = m.shape[-2:]
+    tot = sy = sx = 0.0
+    for i in range(h):
+        for j in range(w):
+            v = float(m[0, i, j])
+            tot += v
+            sy += v * i
+            sx += v * j
+    return ((h - 1) / 2, (w - 1) / 2) if tot == 0 else (sy / tot, sx / tot)
+
+
+def test_centre_of_mass_shift_matches_weighted_sums():
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.rand(4, 1, 6, 9, generator=g), torch.rand(4, 1, 6, 9, generator=g) ** 4
+    a[3] = 0.0  # zero map: centre at the image centre (2.5, 4)
+    got = centre_of_mass_shift(a, b)
+    got_n = centre_of_mass_shift(a, b, normalise=True)
+    for i in range(4):
+        (ya, xa), (yb, xb) = ref_centre(a[i]), ref_centre(b[i])
+        ref = math.hypot(ya - yb, xa - xb)
+        assert got[i].item() == pytest.approx(ref, abs=1e-5)
+        assert got_n[i].item() == pytest.approx(ref / math.hypot(6, 9), abs=1e-6)
+    assert torch.equal(centre_of_mass_shift(a, a), torch.zeros(4))
+
+
+def test_centre_of_mass_shift_of_moved_peak_and_validation():
+    base = torch.zeros(1, 1, 10, 12)
+    base[0, 0, 2, 3] = 1.0
+    for dy, dx in ((0, 0), (3, 4), (5, -2), (-1, 7)):
+        moved = torch.roll(base, shifts=(dy, dx), dims=(2, 3))
+        assert centre_of_mass_shift(base, moved).item() == pytest.approx(math.hypot(dy, dx), abs=1e-6)
+    # a zero map sits at the centre (4.5, 5.5): distance to the peak at (2, 3)
+    assert centre_of_mass_shift(base, torch.zeros_like(base)).item() == pytest.approx(math.hypot(2.5, 2.5))
+    # a two-pixel map with masses 1 and 3 has its centre a quarter of the way from the heavier pixel
+    two = torch.zeros(1, 1, 10, 12)
+    two[0, 0, 2, 3], two[0, 0, 2, 7] = 1.0, 3.0
+    assert centre_of_mass_shift(base, two).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="negative"):
+        centre_of_mass_shift(base, base - 0.5)
+    m = CentreOfMassShift(normalise=True)
+    m.update(base, torch.roll(base, (3, 4), (2, 3)))
+    m.update(base, base)
+    assert m.compute().item() == pytest.approx(5.0 / math.hypot(10, 12) / 2)
+
+
+# --------------------------------------------------------------------------- #
+# max-sensitivity
+# --------------------------------------------------------------------------- #
+def _square_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(1, keepdim=True) ** 2
+
+
+def ref_max_sensitivity(explain, x, radius, n_samples, seed):
+    """Explicit loop over examples and samples; noise drawn as documented (example-major, [N, S, C, H, W])."""
+    g = torch.Generator().manual_seed(seed)
+    u = (2 * torch.rand((x.shape[0], n_samples, *x.shape[1:]), generator=g, dtype=x.dtype) - 1) * radius
+    out = []
+    for i in range(x.shape[0]):
+        e0 = explain(x[i : i + 1]).double()
+        den = float(e0.norm()) or 1.0  # captum: a zero-norm explanation is divided by 1
+        best = -math.inf
+        for s in range(n_samples):
+            xp = (x[i : i + 1] + u[i, s]).clamp(0, 1)
+            best = max(best, float((explain(xp).double() - e0).norm()) / den)
+        out.append(best)
+    return out
+
+
+def test_max_sensitivity_matches_explicit_loop():
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(4, 3, 6, 5, generator=g)
+    x[1] = 1.0  # saturated image: the clamp matters
+    x[2] = 0.0  # e(x) = 0: captum's zero-norm convention (plain difference norm)
+    ref = ref_max_sensitivity(_square_mean, x, 0.05, 6, seed=11)
+    got = max_sensitivity(_square_mean, x, radius=0.05, n_samples=6, generator=torch.Generator().manual_seed(11))
+    assert got.shape == (4,)
+    assert got.tolist() == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert got[2].item() > 0
+    # chunking the samples does not change anything
+    for chunk in (4, 9, 100):
+        gen = torch.Generator().manual_seed(11)
+        again = max_sensitivity(_square_mean, x, 0.05, 6, gen, max_examples_per_batch=chunk)
+        assert torch.allclose(again, got)
+    # without the clamp the saturated image would be perturbed both ways; with it, only downwards
+    no_clamp = (2 * torch.rand((4, 6, 3, 6, 5), generator=torch.Generator().manual_seed(11)) - 1) * 0.05
+    unclamped = max(float((_square_mean(x[1:2] + no_clamp[1, s]) - 1).norm()) / math.sqrt(30) for s in range(6))
+    assert got[1].item() != pytest.approx(unclamped, rel=1e-3)
+
+
+def test_max_sensitivity_properties_and_metric():
+    g = torch.Generator().manual_seed(10)
+    x = 0.25 + 0.5 * torch.rand(3, 3, 8, 8, generator=g)  # inside [0.25, 0.75]: no clamping at radius 0.1
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(max_sensitivity(_square_mean, x, radius=0.0, generator=gen()), torch.zeros(3))
+    # explanation = first channel: ||u_s|| / ||x_0|| <= radius * sqrt(P) / ||x_0||, and more samples never lower it
+    first = lambda t: t[:, :1]  # noqa: E731
+    s10 = max_sensitivity(first, x, radius=0.1, n_samples=10, generator=gen())
+    bound = 0.1 * 8 / x[:, 0].reshape(3, -1).norm(dim=1)
+    assert (s10 > 0).all() and (s10 <= bound + 1e-6).all()
+    # one example: its first 10 of 20 draws are the 10 draws of n_samples=10, so the max can only grow
+    one10 = max_sensitivity(first, x[:1], radius=0.1, n_samples=10, generator=gen())
+    one20 = max_sensitivity(first, x[:1], radius=0.1, n_samples=20, generator=gen())
+    assert one10.item() == pytest.approx(s10[0].item()) and one20.item() >= one10.item()
+    # a constant explanation is perfectly insensitive
+    assert torch.equal(max_sensitivity(lambda t: torch.ones_like(t[:, :1]), x, generator=gen()), torch.zeros(3))
+
+    m = MaxSensitivity(radius=0.1, n_samples=5, seed=3)
+    assert (m.radius, m.n_samples) == (0.1, 5)
+    m.update(_square_mean, x)
+    ref = ref_max_sensitivity(_square_mean, x, 0.1, 5, seed=3)
+    assert m.compute().item() == pytest.approx(sum(ref) / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="n_samples"):
+        MaxSensitivity(n_samples=0)
+    with pytest.raises(ValueError, match="radius"):
+        max_sensitivity(_square_mean, x, radius=-1.0)
+    with pytest.raises(ValueError, match="explain"):
+        max_sensitivity(lambda t: t[:1], x)
+
+
+# --------------------------------------------------------------------------- #
 # accumulation / DDP states
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize(
@@ -357,6 +612,12 @@ def test_localisation_exact():
         (lambda: AttackSuccessRate(), "logits"),
         (lambda: MisclassificationConfidence(), "logits"),
         (lambda: Localisation(), "mask"),
+        (lambda: SpearmanRho(), "maps"),
+        (lambda: TopKIntersection(ks=(1, 5, 20)), "maps"),
+        (lambda: MapCosineSimilarity(), "maps"),
+        (lambda: CentreOfMassShift(), "maps"),
+        (lambda: CentreOfMassShift(normalise=True), "maps"),
+        (lambda: MaxSensitivity(radius=0.05, n_samples=4, seed=0), "explain"),
     ],
 )
 def test_two_updates_equal_one_on_concatenation(factory, kind):
@@ -367,12 +628,19 @@ def test_two_updates_equal_one_on_concatenation(factory, kind):
         x, y = torch.rand(5, 3, 12, 12, generator=g), torch.rand(5, 3, 12, 12, generator=g)
     elif kind == "logits":
         x, y = torch.randn(5, 4, generator=g), torch.randint(0, 4, (5,), generator=g)
+    elif kind == "explain":
+        x, y = torch.rand(5, 3, 8, 8, generator=g), None
     else:
         x, y = torch.rand(5, 1, 8, 8, generator=g), torch.rand(5, 1, 8, 8, generator=g) > 0.5
     split, whole = factory(), factory()
-    split.update(x[:2], y[:2])
-    split.update(x[2:], y[2:])
-    whole.update(x, y)
+    if kind == "explain":  # the seeded noise is drawn example-major, so the stream splits with the batch
+        split.update(_square_mean, x[:2])
+        split.update(_square_mean, x[2:])
+        whole.update(_square_mean, x)
+    else:
+        split.update(x[:2], y[:2])
+        split.update(x[2:], y[2:])
+        whole.update(x, y)
     a, b = split.compute(), whole.compute()
     if isinstance(a, dict):
         for k in a:
