@@ -8,8 +8,9 @@ when available). :meth:`DetectorModule.save` writes the trunk as a safe checkpoi
 is ever unpickled on load.
 
 :class:`FeatureSqueezer` is the baseline of Xu et al. (NDSS 2018, used in ADV2 Table 4): bit-depth reduction and
-2x2 median smoothing; the score is the largest L1 distance between the classifier's softmax on the input and on each
-squeezed version; the threshold is chosen on training scores.
+2x2 median smoothing (exactly ``scipy.ndimage.median_filter(..., mode="reflect")`` per channel); the score is the
+largest L1 distance between the classifier's softmax on the input and on each squeezed version; the threshold is
+chosen on training scores.
 """
 from __future__ import annotations
 
@@ -250,17 +251,42 @@ def bit_depth(x: Tensor, bits: int) -> Tensor:
     return torch.round(x * levels) / levels
 
 
+def _reflect_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
+    """Indices ``-before .. n + after - 1`` folded into ``[0, n)`` by scipy's ``reflect`` (half-sample symmetric)
+    extension ``d c b a | a b c d | d c b a`` (the edge pixel is repeated; period ``2 n``, so any pad works)."""
+    idx = torch.arange(-before, n + after, device=device) % (2 * n)
+    return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+
+
 def median_smooth(x: Tensor, size: int = 2) -> Tensor:
-    """Median filter with a ``size x size`` window (even sizes pad right / bottom, as in Xu et al.)."""
-    lo = (size - 1) // 2
-    hi = size - 1 - lo
-    xp = F.pad(x, (lo, hi, lo, hi), mode="reflect")
-    patches = xp.unfold(2, size, 1).unfold(3, size, 1)
-    flat = patches.reshape(*patches.shape[:4], -1)
-    # torch.median returns the lower of the two middle values for even windows; average them like scipy / Xu et al.
-    srt = flat.sort(-1).values
-    k = flat.shape[-1]
-    return srt[..., k // 2] if k % 2 else 0.5 * (srt[..., k // 2 - 1] + srt[..., k // 2])
+    """Median smoothing of images ``[N, C, H, W]``: exactly ``scipy.ndimage.median_filter(x, size=(1, 1, size, size),
+    mode="reflect")``, the squeezer of Xu et al. (NDSS 2018) and ART's ``SpatialSmoothing``.
+
+    * Each channel is filtered separately with a ``size x size`` window; output pixel ``(i, j)`` uses rows
+      ``i - size // 2 .. i - size // 2 + size - 1`` (and likewise columns), i.e. scipy's ``origin=0`` placement:
+      centred for odd sizes, ``[i - 1, i]`` for size 2, ``[i - 2, i + 1]`` for size 4.
+    * Borders use scipy's ``reflect`` mode, which repeats the edge pixel (``d c b a | a b c d | d c b a``; torch's
+      ``reflect`` padding would not repeat it), built with ``index_select``.
+    * The value is the rank-``size * size // 2`` element (0-based, ascending) of the window, i.e. scipy's median
+      filter as a rank filter: the middle value for odd sizes and the UPPER of the two middle values for even sizes
+      (no averaging).
+
+    Batched torch on ``x``'s device and dtype, no loop over pixels or images.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be an image batch [N, C, H, W], got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h == 0 or w == 0 or size == 1:
+        return x.clone()
+    before = size // 2
+    after = size - 1 - before
+    xp = x.index_select(2, _reflect_index(h, before, after, x.device))
+    xp = xp.index_select(3, _reflect_index(w, before, after, x.device))
+    patches = xp.unfold(2, size, 1).unfold(3, size, 1)  # [N, C, H, W, size, size]
+    flat = patches.reshape(*patches.shape[:4], size * size)
+    return flat.sort(dim=-1).values[..., (size * size) // 2]
 
 
 def best_threshold(scores: Tensor, labels: Tensor) -> float:

@@ -101,7 +101,9 @@ def test_feature_squeezing_hand_computation_and_separation():
     x = torch.tensor([[[[0.0, 0.3], [0.6, 1.0]]]])
     assert torch.allclose(bit_depth(x, 1), torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]]))
     med = median_smooth(torch.arange(9.0).view(1, 1, 3, 3), 2)
-    assert med[0, 0, 0, 0] == pytest.approx(2.0)  # window {0, 1, 3, 4}: mean of the middle two
+    # scipy placement: pixel (i, j) uses rows/cols {i-1, i} x {j-1, j}, edge repeated (reflect), upper middle value:
+    # (0, 0): {0, 0, 0, 0} -> 0; (1, 1): {0, 1, 3, 4} -> 3; (2, 2): {4, 5, 7, 8} -> 7
+    assert torch.equal(med, torch.tensor([[[[0.0, 1.0, 2.0], [3.0, 3.0, 4.0], [6.0, 6.0, 7.0]]]]))
     model = _Tiny()
     sq = FeatureSqueezer(model, bits=(4,), median=(2,))
     xs = torch.rand(1, 3, 8, 8)
@@ -118,6 +120,30 @@ def test_feature_squeezing_hand_computation_and_separation():
     sq.fit(torch.cat([benign, adv]), labels)
     assert float((sq.predict(torch.cat([benign, adv])) == labels).float().mean()) >= 0.9
     assert best_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_median_smooth_equals_scipy_reflect(size):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(size)
+    images = [
+        torch.rand(3, 3, 9, 9, generator=g, dtype=torch.float64),  # continuous, square
+        torch.randint(0, 256, (2, 3, 7, 11), generator=g).double() / 255,  # uint8 grid, non-square, ties
+        torch.randint(0, 3, (2, 1, 5, 4), generator=g).double() / 2,  # heavy ties, non-square
+        torch.rand(1, 2, 2, 3, generator=g, dtype=torch.float64),  # smaller than the window
+    ]
+    for x in images:
+        ref = ndimage.median_filter(x.numpy(), size=(1, 1, size, size), mode="reflect")
+        got = median_smooth(x, size)
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert torch.allclose(got, torch.from_numpy(ref), rtol=0, atol=1e-7)
+    # float32 input stays float32 and equal to scipy on the same values
+    xf = torch.rand(2, 3, 6, 8, generator=g)
+    ref = ndimage.median_filter(xf.numpy(), size=(1, 1, size, size), mode="reflect")
+    assert torch.allclose(median_smooth(xf, size), torch.from_numpy(ref), rtol=0, atol=1e-7)
+    # each output is one of the window's values (no averaging of the two middle values)
+    x = torch.randint(0, 256, (1, 1, 6, 6), generator=g).float() / 255
+    assert torch.isin(median_smooth(x, size), x).all()
 
 
 def test_detection_data_real_tiny_attack_cached(tmp_path):
