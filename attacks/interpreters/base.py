@@ -71,6 +71,22 @@ class Interpreter(ABC):
         """Map a raw map on the input grid to [0, 1] (per-example min-max by default)."""
         return minmax(m)
 
+    def attack_map(self, model: nn.Module, x: Tensor, target: Tensor, *, native: bool = False) -> Tensor:
+        """The normalised map as an attack loss sees it: differentiable w.r.t. ``x`` with a useful gradient
+        (GRAD overrides it with the ReLU-derivative surrogate). ``native=True`` keeps the interpreter's own grid
+        (CAM: the feature grid). Unchecked fast path, like :meth:`map`; non-differentiable interpreters raise."""
+        if not self.differentiable:
+            raise ValueError(f"interpreter '{self.name}' has no input gradient (its map is an optimisation result); "
+                             "gradient attacks on its map need a dedicated term (ADV2's bilevel MASK term)")
+        raw = self.explain(model, x, target, create_graph=True)
+        return self.normalise(raw if native else to_input_size(raw, tuple(x.shape[-2:])))
+
+    def attack_map_and_logits(self, model: nn.Module, x: Tensor, target: Tensor, *,
+                              native: bool = False) -> tuple[Tensor, Tensor | None]:
+        """:meth:`attack_map` and, where the map's forward pass already computed them, the exact logits of ``x``
+        (CAM shares the classifier's pass), else ``None``."""
+        return self.attack_map(model, x, target, native=native), None
+
     @abstractmethod
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
         """Raw (un-normalised) maps ``[N, 1, h, w]`` for classes ``target``."""

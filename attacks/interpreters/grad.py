@@ -32,6 +32,12 @@ class GradInterpreter(Interpreter):
     def with_surrogate(self, tau: float = 1e-4) -> "GradInterpreter":
         return GradInterpreter(self.score, tau)
 
+    def attack_map(self, model: nn.Module, x: Tensor, target: Tensor, *, native: bool = False) -> Tensor:
+        """The map through the smooth ReLU-derivative surrogate (section 3.2): a ReLU net's exact GRAD map has a
+        zero input gradient, so an attack on the exact map would not move."""
+        g = self if self.surrogate_tau is not None else self.with_surrogate()
+        return g.normalise(g.explain(model, x, target, create_graph=True))
+
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
         inp = x if x.requires_grad else x.detach().requires_grad_(True)
         with torch.enable_grad():
