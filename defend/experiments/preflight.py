@@ -26,6 +26,7 @@ from attacks.interpreters import INTERPRETERS
 from ..data import BaseDataModule, build_datamodule
 from ..models import ARCHITECTURES, build_classifier
 from ..robust import INTERPRETATIONS
+from ..robust_eval import INTERPRETATION_ATTACKS
 
 __all__ = ["preflight", "check_values", "check_data", "check_classifier"]
 
@@ -37,6 +38,9 @@ _NAMES: dict[str, tuple[str, Any]] = {
     "interpreter": ("interpreter", INTERPRETERS),
     "arch": ("model", ARCHITECTURES),
     "interpretation": ("interpretation (interpretation-robust training)", INTERPRETATIONS),
+}
+_PATH_NAMES: dict[str, tuple[str, Any]] = {
+    "evaluation.interpretation.attacks": ("interpretation attack", INTERPRETATION_ATTACKS),
 }
 _NON_NEGATIVE = {"eps", "attack_eps", "epsilon"}
 _POSITIVE = {"alpha", "attack_alpha", "inner_alpha", "lr", "aid_lr"}
@@ -70,8 +74,9 @@ def _is_number(v: Any) -> bool:
 def check_values(cfg: dict[str, Any]) -> None:
     """Names and numeric ranges anywhere in the config (see the module docstring)."""
     for path, key, value in _walk(cfg):
-        if key in _NAMES and (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-            what, known = _NAMES[key]
+        names = _PATH_NAMES.get(path) or _NAMES.get(key)
+        if names and (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            what, known = names
             for name in _numbers(value):
                 if name not in known:
                     raise ValueError(f"unknown {what} '{name}' in {path}; choose one of: {', '.join(known)}")

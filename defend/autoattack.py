@@ -1,0 +1,103 @@
+"""Robust accuracy under AutoAttack (Croce & Hein, ICML 2020), standard version, from the authors' code.
+
+We call ``pyautoattack`` (the packaging of github.com/fra31/auto-attack that RobustBench itself depends on) rather
+than a re-implementation, so that our figures are RobustBench's figures: APGD-CE, APGD-T (DLR loss, 9 target classes),
+FAB-T (9 target classes) and Square (5,000 queries), L-inf. The only change is forced by small label sets: with K < 10
+classes the targeted attacks use the K - 1 classes there are (the standard version cannot run otherwise; reported).
+
+The classifier is wrapped so the package sees the logits of [0, 1] inputs (normalisation stays inside the model), in
+eval mode with frozen parameters (no ``.grad`` left on them); the caller's flags are restored.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from attacks._checks import check_images, check_labels
+from attacks._state import frozen
+
+__all__ = ["AutoAttackResult", "autoattack_accuracy", "AUTOATTACK_VERSION"]
+
+AUTOATTACK_VERSION = "standard"
+_STAGE = re.compile(r"robust accuracy after (\S+): ([0-9.]+)%")
+
+
+class _Logits(nn.Module):
+    """The classifier as AutoAttack sees it: float32 logits of [0, 1] images."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).float()
+
+
+class _Collect(logging.Handler):
+    """Keeps AutoAttack's log lines: its per-attack robust accuracy and its own gradient-masking warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.stages: dict[str, float] = {}
+        self.flags: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        hit = _STAGE.search(msg)
+        if hit:
+            self.stages[hit.group(1).lower()] = float(hit.group(2)) / 100
+        if record.levelno >= logging.WARNING:
+            self.flags.append(" ".join(msg.split()))
+
+
+@dataclass
+class AutoAttackResult:
+    """Per-input robustness (``robust[i]``: still correct after every attack), the adversarial inputs, the
+    accuracy after each attack of the ensemble, AutoAttack's own warnings, and the settings used."""
+
+    robust: Tensor
+    x_adv: Tensor
+    stages: dict[str, float]
+    flags: list[str]
+    settings: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.robust.float().mean())
+
+
+def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int = 0,
+                        batch_size: int = 256) -> AutoAttackResult:
+    """Run AutoAttack (standard, L-inf radius ``eps``) on ``x`` with labels ``y``; clean errors count as non-robust."""
+    from pyautoattack import AutoAttack
+
+    check_images(x)
+    num_classes = getattr(model, "num_classes", None) or int(model(x[:1]).shape[1])
+    check_labels(y, num_classes, x.shape[0])
+    if not eps > 0:
+        raise ValueError(f"AutoAttack needs eps > 0, got {eps}")
+    targets = min(9, num_classes - 1)
+    log = logging.getLogger("auto-attack")
+    handler, level, propagate = _Collect(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    try:
+        with frozen(model):
+            aa = AutoAttack(_Logits(model), eps=float(eps), norm="Linf", version=AUTOATTACK_VERSION, seed=seed,
+                            device=x.device)
+            aa.apgd_targeted.n_target_classes = targets
+            aa.fab.n_target_classes = targets
+            x_adv, y_adv = aa.run_standard_evaluation(x.detach(), y.detach(), batch_size=batch_size)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    settings = {"version": AUTOATTACK_VERSION, "attacks": list(aa.attacks_to_run), "norm": "Linf", "eps": float(eps),
+                "target_classes": targets, "square_queries": int(aa.square.n_queries), "seed": seed,
+                "n": int(x.shape[0])}
+    return AutoAttackResult(y_adv.to(y.device) == y, x_adv.detach(), handler.stages, handler.flags, settings)

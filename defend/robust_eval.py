@@ -1,0 +1,165 @@
+"""Robustness of a classifier and of its explanations, as the field measures them.
+
+* Accuracy under untargeted L-inf PGD on the cross-entropy (:func:`pgd_accuracy`) and under AutoAttack
+  (:mod:`defend.autoattack`).
+* Interpretation robustness: benign maps against the maps of inputs attacked to change the explanation while the
+  prediction is kept, scored with the field's agreement measures (:class:`MapAgreement`: Kendall's tau-b, Spearman's
+  rho, top-k intersection at several k, cosine similarity, centre-of-mass shift). Attacks: Boopathy et al.'s top-k
+  attack (:class:`attacks.topk.TopKAttack`), the interpretation-discrepancy attack of the robust training objective
+  (:func:`discrepancy_attack`) and, as the floor any attack must beat, uniform noise of the same radius. Maps are
+  compared on the interpreter's own grid (the 8x8 CAM grid of a 32 px model, where the top-k set is defined); Kendall's
+  tau is also given on the input grid (bilinearly upsampled maps, the figure of earlier versions).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks._state import frozen
+from attacks.frameworks import PGD, pgd_maximise
+from attacks.interpreters import Interpreter
+from attacks.topk import TopKAttack
+
+from .metrics import (CentreOfMassShift, KendallTau, MapCosineSimilarity, MaxSensitivity, SpearmanRho,
+                      TopKIntersection)
+from .robust import discrepancy, maps_and_logits
+
+__all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "craft_interpretation_attack",
+           "interpretation_robustness", "sensitivity", "INTERPRETATION_ATTACKS", "native_map"]
+
+INTERPRETATION_ATTACKS = ("topk", "discrepancy", "noise")
+
+
+def native_map(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor) -> Tensor:
+    """The interpreter's normalised map on its own grid (no resampling), detached."""
+    return interp.normalise(interp.explain(model, x, cls)).detach()
+
+
+class MapAgreement(nn.Module):
+    """Agreement of benign and attacked maps: the torchmetrics of :mod:`defend.metrics`, summed across DDP ranks."""
+
+    def __init__(self, ks: Sequence[int] = (4, 8, 16)) -> None:
+        super().__init__()
+        self.ks = tuple(int(k) for k in ks)
+        self.tau, self.rho, self.cos = KendallTau(), SpearmanRho(), MapCosineSimilarity()
+        self.topk, self.shift = TopKIntersection(self.ks), CentreOfMassShift()
+
+    def update(self, benign: Tensor, attacked: Tensor) -> None:
+        for m in (self.tau, self.rho, self.cos, self.topk, self.shift):
+            m.update(benign, attacked)
+
+    def compute(self) -> dict[str, float]:
+        out = {"kendall_tau": float(self.tau.compute()), "spearman": float(self.rho.compute()),
+               "topk_intersection": float(self.topk.compute()), "cosine": float(self.cos.compute()),
+               "com_shift": float(self.shift.compute())}
+        out.update({f"topk_intersection_k{k}": float(v) for k, v in self.topk.compute_per_k().items()})
+        return out
+
+
+def pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, alpha: float,
+                 generator: torch.Generator | None = None, batch_size: int = 256) -> Tensor:
+    """Per-input correctness ``[N]`` under untargeted PGD on the cross-entropy, random start (clean at eps 0)."""
+    out = []
+    with frozen(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            if eps > 0:
+                xb = pgd_maximise(lambda z: F.cross_entropy(model(z), yb, reduction="none"), xb, eps, alpha, steps,
+                                  random_start=True, generator=generator)
+            with torch.no_grad():
+                out.append(model(xb).argmax(1) == yb)
+    return torch.cat(out)
+
+
+def discrepancy_attack(model: nn.Module, x: Tensor, cls: Tensor, eps: float, alpha: float, steps: int,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """PGD ascent on the CAM discrepancy ``D(x, x')`` of :mod:`defend.robust` (class ``cls``); per input the uint8-grid
+    iterate with the largest ``D`` among those still classified ``cls``. Returns ``(x_best, kept)``; the model must be
+    frozen (the caller's business)."""
+    threat = PGD(eps, alpha, random_start=True)
+    x0 = x.detach()
+    with torch.no_grad():
+        maps_x = maps_and_logits(model, x0, "cam")[0]
+    z = threat.init(x0, generator)
+    best_x, best_d = x0.clone(), torch.full((x0.shape[0],), -1.0, device=x0.device)
+    active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+    with torch.enable_grad():
+        for it in range(steps + 1):
+            z = z.detach().requires_grad_(True)
+            x_it = threat.apply(x0, z, None)
+            xq = x_it + (threat.quantise(x0, x_it) - x_it).detach()
+            maps_z, logits_z = maps_and_logits(model, xq, "cam")
+            d = discrepancy(maps_x, maps_z, logits_z, cls)
+            with torch.no_grad():
+                better = (logits_z.argmax(1) == cls) & (d > best_d)
+                best_d = torch.where(better, d.detach(), best_d)
+                best_x = torch.where(better.view(-1, 1, 1, 1), xq.detach(), best_x)
+            if it == steps:
+                break
+            (g,) = torch.autograd.grad(d.sum(), z)
+            z = threat.project(x0, threat.step(z, -g, active, None))
+    return best_x, best_d >= 0
+
+
+def craft_interpretation_attack(model: nn.Module, interp: Interpreter, x: Tensor, cls: Tensor, eps: float,
+                                attack: str, options: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(x_attacked, kept)`` for one of :data:`INTERPRETATION_ATTACKS` (``kept``: the prediction is still ``cls``)."""
+    if attack == "topk":
+        res = TopKAttack(interp, eps=eps, seed=int(torch.randint(0, 2**31 - 1, (), generator=generator)),
+                         **options)(model, x, cls)
+        return res.x_adv, res.kept
+    if attack == "discrepancy":
+        steps = int(options.get("steps", 20))
+        return discrepancy_attack(model, x, cls, eps, eps * float(options.get("step_ratio", 0.25)), steps, generator)
+    if attack == "noise":
+        u = (2 * torch.rand(x.shape, generator=generator) - 1).to(x) * eps
+        xn = torch.round((x + u).clamp(0, 1) * 255) / 255
+        with torch.no_grad():
+            return xn, model(xn).argmax(1) == cls
+    raise ValueError(f"unknown interpretation attack {attack!r}; choose one of {', '.join(INTERPRETATION_ATTACKS)}")
+
+
+def interpretation_robustness(model: nn.Module, interp: Interpreter, x: Tensor, eps: float, attack: str, *,
+                              options: dict[str, Any] | None = None, ks: Sequence[int] = (4, 8, 16), seed: int = 0,
+                              batch_size: int = 128) -> dict[str, Any]:
+    """Benign vs attacked maps of the inputs whose prediction the attack kept (class = benign prediction).
+
+    Returns :class:`MapAgreement`'s figures (native grid), ``kendall_tau_input_grid``, ``n`` (inputs attacked) and
+    ``n_kept``; at eps 0 the maps are identical."""
+    gen = torch.Generator().manual_seed(seed)
+    agree, tau_in = MapAgreement(ks), KendallTau()
+    n_kept = 0
+    with frozen(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            with torch.no_grad():
+                cls = model(xb).argmax(1)
+            xa, kept = (xb, torch.ones_like(cls, dtype=torch.bool)) if eps == 0 else \
+                craft_interpretation_attack(model, interp, xb, cls, eps, attack, dict(options or {}), gen)
+            if not bool(kept.any()):
+                continue
+            xb, xa, cls = xb[kept], xa[kept], cls[kept]
+            with torch.no_grad():
+                agree.update(native_map(interp, model, xb, cls), native_map(interp, model, xa, cls))
+                tau_in.update(interp.map(model, xb, cls).detach(), interp.map(model, xa, cls).detach())
+            n_kept += int(kept.sum())
+    if n_kept == 0:
+        return {"n": int(x.shape[0]), "n_kept": 0}
+    return {**agree.compute(), "kendall_tau_input_grid": float(tau_in.compute()), "n": int(x.shape[0]),
+            "n_kept": n_kept}
+
+
+def sensitivity(model: nn.Module, interp: Interpreter, x: Tensor, radius: float, n_samples: int = 10,
+                seed: int = 0, batch_size: int = 128) -> float:
+    """captum-style max-sensitivity of the native-grid map (uniform L-inf noise of ``radius``, ``n_samples``)."""
+    metric = MaxSensitivity(radius=radius, n_samples=n_samples, seed=seed)
+    with frozen(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            with torch.no_grad():
+                cls = model(xb).argmax(1)
+            metric.update(lambda z, c=cls: native_map(interp, model, z, c.repeat_interleave(z.shape[0] // c.shape[0])), xb)
+    return float(metric.compute())
