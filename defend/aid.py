@@ -215,6 +215,7 @@ class AIDModule(pl.LightningModule):
             self.anchor_rts = load_rts(anchor_from or init_from).requires_grad_(False)
         self._objective = {k: self.hparams[k] for k in OBJECTIVE_KEYS}
         self.automatic_optimization = False  # alternating objectives: one optimiser step per batch, chosen here
+        self.aid_steps = 0  # l_aid optimiser steps taken (stored with checkpoints and exported artifacts)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -238,8 +239,15 @@ class AIDModule(pl.LightningModule):
             return self.model(x).argmax(1)
 
     def is_aid_batch(self, batch_idx: int) -> bool:
+        """Every ``aid_every``-th batch; in an epoch of fewer than ``aid_every`` batches, its last batch, so that every
+        epoch of an AID run has at least one ``l_aid`` step (a small fine-tuning set would otherwise train none)."""
         hp = self.hparams
-        return hp.aid_weight > 0 and batch_idx % hp.aid_every == hp.aid_every - 1
+        if hp.aid_weight <= 0:
+            return False
+        nb = self._trainer.num_training_batches if self._trainer is not None else float("inf")
+        if isinstance(nb, int) and 0 < nb < hp.aid_every:
+            return batch_idx == nb - 1
+        return batch_idx % hp.aid_every == hp.aid_every - 1
 
     def interpretation_loss(self, x: Tensor, cls: Tensor, gen: torch.Generator | None = None) -> dict[str, Tensor]:
         """``l_int`` (Eqn 15) + the class-head CE on a batch; every entry is a batch mean.
@@ -313,6 +321,7 @@ class AIDModule(pl.LightningModule):
         cls = self._explained(x, y)
         logs: dict[str, Tensor] = {}
         if self.is_aid_batch(batch_idx):
+            self.aid_steps += 1
             a = self.aid_loss(x, cls, batch_idx)
             loss = hp.aid_weight * a["l_aid"] + hp.class_weight * a["class_ce"]
             logs.update({"l_aid": a["l_aid"], "aid_asr": a["asr"]})
@@ -404,10 +413,15 @@ class AIDModule(pl.LightningModule):
         hp = self.hparams
         return {"network": self.rts.config(), "classifier": str(hp.classifier), "classifier_meta": self.model.describe(),
                 "aid_weight": float(hp.aid_weight), "aid_mode": hp.aid_mode, "aid_every": int(hp.aid_every),
+                "aid_steps": int(self.aid_steps),
                 "init_from": hp.init_from, "objective": dict(self._objective), "class_weight": float(hp.class_weight)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["idls_meta"] = {"kind": "rts", "version": project_version(), **self.rts_meta()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("idls_meta")
+        self.aid_steps = int(meta.get("aid_steps", 0)) if isinstance(meta, dict) else 0  # a resumed run keeps counting
 
     def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Save the RTS network alone as a safe artifact (:func:`save_rts`)."""

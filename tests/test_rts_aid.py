@@ -231,3 +231,23 @@ def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
     assert net.width == 8
     m = RTSInterpreter(net)(setup["model"], setup["test"]["image"][:2], setup["test"]["label"][:2])
     assert m.shape == (2, 1, 32, 32)
+
+
+def test_aid_epoch_shorter_than_aid_every_still_trains_l_aid(setup):
+    """A fine-tuning set with fewer batches per epoch than ``aid_every``: the last batch of each epoch is an AID batch,
+    so an "AID" run never silently trains plain RTS (issue: zero l_aid steps on a small folder)."""
+    import pytorch_lightning as pl
+
+    from defend.data import DigitsDataModule
+
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=16)
+    module = AIDModule(setup["path"], width=8, aid_weight=1.0, aid_every=4, attack_warm_steps=1, attack_steps=1,
+                       seed=0)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         inference_mode=False)
+    trainer.fit(module, datamodule=dm)
+    assert module.aid_steps == 2  # one per epoch: batch 2 of 3 (batch_idx % 4 == 3 never fires)
+    assert module.rts_meta()["aid_steps"] == 2
+    plain = AIDModule(setup["path"], width=8, aid_weight=0.0, seed=0)
+    assert not any(plain.is_aid_batch(i) for i in range(8))

@@ -132,6 +132,17 @@ def _figure(out, model, x, y_t, benign, interps, adv_store, fw, n_show: int = 3)
     map_grid(out / "maps.png", columns, rows=n_show)
 
 
+#: figures that describe successful adversarial inputs: meaningless for a row where every input failed
+_SUCCESS_FIGURES = ("l1", "l2", "iou", "noise_rate")
+
+
+def _cell(row: dict[str, Any], field: str) -> Any:
+    """A table cell; "not measured" where the figure would describe adversarial inputs that all failed."""
+    if field in _SUCCESS_FIGURES and row.get("asr", 1.0) == 0:
+        return "not measured (0 % success)"
+    return row.get(field, float("nan"))
+
+
 def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("nan")) -> str:
     main = [r for r in rows if "read_by" not in r]
     interps = ecfg["interpreters"]
@@ -149,7 +160,7 @@ def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("n
                 vals = []
                 for i in interps:
                     hit = [r for r in main if r["attack"] == a and r["framework"] == fw and r["interpreter"] == i]
-                    vals.append(hit[0].get(field, float("nan")) if hit else "-")
+                    vals.append(_cell(hit[0], field) if hit else "-")
                 body.append([fw, a] + vals)
         lines.extend([markdown_table(headers, body), ""])
 

@@ -31,7 +31,10 @@ from ..detector import FeatureSqueezer, train_detector, xgb_device
 from .attacks import attack_options
 from .common import deep_get, get_classifier, markdown_table, select_correct, setup_data, write_outputs
 
-__all__ = ["run", "combinations"]
+__all__ = ["run", "combinations", "MIN_ADVERSARIAL"]
+
+#: fewest successful adversarial inputs a detector is trained and scored on (below it the row says "not measured")
+MIN_ADVERSARIAL = 10
 
 
 def combinations(names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
@@ -138,6 +141,13 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
         asr = float(ok.float().mean())
         attack_seconds = float(adv["attack_seconds"].sum())
         adv = select(adv, ok.nonzero().flatten())
+        if int(ok.sum()) < MIN_ADVERSARIAL:
+            rows.append({"detector": "not measured", "interpreters": "-", "target_interpreter": target,
+                         "attack": attack_name, "framework": framework, "attack_success": asr,
+                         "attack_seconds": attack_seconds, "n_adversarial": int(ok.sum()),
+                         "status": f"not measured: the attack succeeded on {int(ok.sum())} of {n_a} inputs "
+                                   f"(a detector needs >= {MIN_ADVERSARIAL} adversarial inputs)"})
+            continue
         both = {"label": torch.cat([benign["label"], adv["label"]]), "image": torch.cat([benign["image"], adv["image"]]),
                 "maps": {n: torch.cat([benign["maps"][n], adv["maps"][n]]) for n in names}}
         tr, te = _split(both["label"], float(dcfg.get("test_fraction", 0.3)), seed)
@@ -237,6 +247,9 @@ def _report(cfg, info, names, targets, rows, notes, total, data_seconds) -> str:
         if not tr:
             continue
         r0 = tr[0]
+        if r0["detector"] == "not measured":
+            lines += [f"## Adversarial inputs crafted against {t.upper()}: {r0['status']}", ""]
+            continue
         lines += [f"## Adversarial inputs crafted against {t.upper()} (attack success {r0['attack_success']:.2f}; "
                   f"{r0['n_train']} train / {r0['n_test']} test inputs; crafting took {r0['attack_seconds']:.0f} s)", ""]
 
@@ -269,7 +282,8 @@ def _report(cfg, info, names, targets, rows, notes, total, data_seconds) -> str:
                       markdown_table(["detector", "non-adaptive detection rate", "adaptive detection rate",
                                       "adaptive attack success", "adaptive inputs", "attack s"],
                                      [[a["interpreters"] + (" +product" if a["product"] else ""), a["detection_rate"],
-                                       a["adaptive_detection_rate"], a["attack_success"], a["n_test"],
+                                       a["adaptive_detection_rate"] if a["n_test"] else "not measured (no successful "
+                                       "adaptive input)", a["attack_success"], a["n_test"],
                                        a["attack_seconds"]]]), "",
                       "Detection rate = share of successful adversarial inputs the detector flags (probability > 0.5). "
                       "The adaptive inputs are new source images; only successful ones are scored.", ""]
