@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch and torchvision come as the registry's matching pair (see README: install pitfall)
-	$(PY) -m pip install --quiet -e ".[test]"
+	# the exact tested set (constraints.txt): torch and torchvision as the registry's matching pair (install pitfall)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	$(PY) -c "import torch, torchvision; from torchvision.ops import nms; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	@touch $(STAMP)
 
