@@ -1,8 +1,10 @@
 """Standard classifier training as a LightningModule, and safe loading of classifier checkpoints."""
 from __future__ import annotations
 
+import inspect
+import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -13,9 +15,98 @@ from torchmetrics.classification import MulticlassAccuracy
 from attacks._checks import check_images, check_labels
 
 from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
-from .models import GapClassifier, build_classifier
+from .models import ARCHITECTURES, GapClassifier, build_classifier
 
-__all__ = ["ClassifierModule", "classification_step", "load_classifier", "save_classifier", "init_from_checkpoint"]
+__all__ = ["ClassifierModule", "classification_step", "load_classifier", "save_classifier", "init_from_checkpoint",
+           "effective_options", "plain", "same_value", "value_differences", "state_differences",
+           "load_reused_classifier", "MIN_ONE_CYCLE_STEPS"]
+
+# OneCycleLR divides by zero when its warm-up ends on step 0 (pct_start * total_steps == 1, i.e. 4 steps here) and
+# spends a 1-step run at its final, 1e5 times smaller learning rate: shorter runs follow the first steps of a
+# cycle of this many steps instead (see ClassifierModule.configure_optimizers).
+MIN_ONE_CYCLE_STEPS = 5
+_PCT_START = 0.25
+
+
+# --------------------------------------------------------------------------------------------- comparing models
+def plain(value: Any) -> Any:
+    """``value`` as plain YAML-like data (tuples -> lists, mappings -> dicts, paths -> str, 0-d tensors -> numbers),
+    so that hyper-parameters from a config and from a checkpoint compare equal when they mean the same."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality of plain values, floats to 1e-6 relative (``1`` and ``1.0`` are the same)."""
+    a, b = plain(a), plain(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
+def effective_options(arch: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model_options`` of ``arch`` with the architecture's defaults filled in, as plain values; ``pretrained`` is
+    dropped (it picks the initial weights, not the model)."""
+    opts = {k: v for k, v in dict(options or {}).items() if k != "pretrained"}
+    builder = ARCHITECTURES.get(str(arch))
+    if builder is not None:
+        for name, param in inspect.signature(builder).parameters.items():
+            if name in ("num_classes", "pretrained") or param.default is inspect.Parameter.empty:
+                continue
+            opts.setdefault(name, param.default)
+    return {k: plain(opts[k]) for k in sorted(opts)}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(plain(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def value_differences(stored: Mapping[str, Any], configured: Mapping[str, Any], stored_name: str = "checkpoint",
+                      configured_name: str = "config") -> list[str]:
+    """``"key: checkpoint X, config Y"`` for every key whose values differ (a key missing on one side differs);
+    for a ``model_options`` key next to an ``arch`` the architecture's defaults are filled in on both sides and only
+    the options that differ are shown (none when the architectures differ)."""
+    out = []
+    for key in list(stored) + [k for k in configured if k not in stored]:
+        a, b = stored.get(key, "<absent>"), configured.get(key, "<absent>")
+        if key == "model_options" and "arch" in stored and "arch" in configured:
+            if not same_value(stored["arch"], configured["arch"]):
+                continue  # options of two architectures do not compare: the arch is reported
+            a, b = effective_options(stored["arch"], a or {}), effective_options(configured["arch"], b or {})
+            a, b = ({k: v for k, v in a.items() if not same_value(v, b.get(k, "<absent>"))},
+                    {k: v for k, v in b.items() if not same_value(v, a.get(k, "<absent>"))})
+        if not same_value(a, b):
+            out.append(f"{key}: {stored_name} {_short(a)}, {configured_name} {_short(b)}")
+    return out
+
+
+def state_differences(own: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
+    """``"missing: a, b; unexpected: c; shape: d (checkpoint [4, 3], model [8, 3])"`` or ``""`` when the state
+    ``theirs`` has exactly the keys and shapes of ``own``."""
+    missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+    shapes = [k for k in own if k in theirs and hasattr(theirs[k], "shape")
+              and tuple(own[k].shape) != tuple(theirs[k].shape)]
+    parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if shapes:
+        k = shapes[0]
+        more = f" and {len(shapes) - 1} more" if len(shapes) > 1 else ""
+        parts.append(f"shape: {k} (checkpoint {list(theirs[k].shape)}, model {list(own[k].shape)}){more}")
+    return "; ".join(parts)
 
 
 def classification_step(module: pl.LightningModule, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str,
@@ -63,7 +154,7 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model: GapClassifier = build_classifier(arch, num_classes, **(model_options or {}))
         if init_from:
-            init_from_checkpoint(self.model, init_from, new_head=new_head)
+            init_from_checkpoint(self.model, init_from, new_head=new_head, model_options=model_options or {})
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -96,7 +187,13 @@ class ClassifierModule(pl.LightningModule):
         else:
             opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         steps = self.trainer.estimated_stepping_batches
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(int(steps), 1), pct_start=0.25)
+        if not math.isfinite(steps):
+            raise ValueError("the one-cycle learning-rate schedule needs a finite run: set trainer.max_epochs (>= 1) "
+                             "or trainer.max_steps")
+        # a run shorter than MIN_ONE_CYCLE_STEPS follows the first steps of a cycle of that length (OneCycleLR
+        # fails on 4 steps and runs a 1-step cycle at its final learning rate); it is never stepped past its end
+        total = max(int(steps), MIN_ONE_CYCLE_STEPS)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=_PCT_START)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -111,10 +208,12 @@ class ClassifierModule(pl.LightningModule):
                                    "model_options": dict(self.hparams.model_options or {})}
 
 
-def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head: bool = False) -> None:
+def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head: bool = False,
+                         model_options: Mapping[str, Any] | None = None) -> None:
     """Copy the weights of a saved classifier into ``model`` (fine-tuning); ``new_head`` keeps ``model``'s own
-    freshly initialised head when the class counts differ. Raises :class:`CheckpointError` when it does not fit."""
-    source = load_classifier(path)
+    freshly initialised head when the class counts differ. Raises :class:`CheckpointError` when it does not fit,
+    naming the weights that differ and why (architecture, ``model_options`` when given, input channels)."""
+    source, meta = _load(path)
     if source.arch != model.arch:
         raise CheckpointError(f"{path} holds a '{source.arch}' classifier, the model is '{model.arch}'")
     state = source.state_dict()
@@ -124,6 +223,16 @@ def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head
                                   f"{model.num_classes} (set new_head: true to fine-tune with a new head)")
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    detail = state_differences(model.state_dict(), state)
+    if detail:
+        theirs = {"in_channels": source.in_channels}
+        ours = {"in_channels": model.in_channels}
+        if model_options is not None:
+            theirs.update(arch=source.arch, model_options=meta.get("model_options") or {})
+            ours.update(arch=model.arch, model_options=dict(model_options))
+        why = value_differences(theirs, ours, "init_from", "model")
+        raise CheckpointError(f"init_from {path} does not fit the model: {'; '.join(why + [detail])}; set the model's "
+                              "arch and model_options to those of the checkpoint, or drop init_from")
     load_state_checked(model, state, path)
 
 
@@ -134,21 +243,64 @@ def save_classifier(model: GapClassifier, path: str | os.PathLike, model_options
     save_artifact(path, "classifier", model.state_dict(), meta)
 
 
-def load_classifier(path: str | os.PathLike, num_classes: int | None = None, input_size: int | None = None) -> GapClassifier:
-    """Rebuild a classifier from an exported artifact or a Lightning checkpoint, checking that it fits."""
+def load_classifier(path: str | os.PathLike, num_classes: int | None = None, input_size: int | None = None,
+                    arch: str | None = None, model_options: Mapping[str, Any] | None = None,
+                    fix: str = "") -> GapClassifier:
+    """Rebuild a classifier from an exported artifact or a Lightning checkpoint, checking that it fits: the data's
+    class count and input size, and (when ``arch`` is given) the configured architecture and ``model_options``
+    (architecture defaults filled in on both sides); ``fix`` is appended to the message of a configuration
+    mismatch (e.g. what to change in an experiment config)."""
+    return _load(path, num_classes, input_size, arch, model_options, fix)[0]
+
+
+REUSE_FIX = "delete the checkpoint or set classifier.retrain: true"
+
+
+def load_reused_classifier(path: str | os.PathLike, ccfg: Mapping[str, Any], num_classes: int | None = None,
+                           input_size: int | None = None) -> GapClassifier:
+    """The classifier an experiment reuses from ``classifier.checkpoint``: it must be the one the config's
+    ``classifier:`` section (``ccfg``) describes (``arch``, default ``small_cnn``, or ``resnet50`` with
+    ``train: false``; ``model_options`` with the architecture's defaults filled in) and fit the data; shared by
+    the preflight check and the experiments, so both refuse the same files with the same message."""
+    default = "resnet50" if ccfg.get("train", True) is False else "small_cnn"
+    return load_classifier(path, num_classes=num_classes, input_size=input_size, arch=ccfg.get("arch") or default,
+                           model_options=ccfg.get("model_options") or {},
+                           fix=f"{REUSE_FIX} (or set classifier.arch / classifier.model_options to the checkpoint's)")
+
+
+def _load(path: str | os.PathLike, num_classes: int | None = None, input_size: int | None = None,
+          arch: str | None = None, model_options: Mapping[str, Any] | None = None,
+          fix: str = "") -> tuple[GapClassifier, dict[str, Any]]:
+    """:func:`load_classifier`, and the checkpoint's metadata."""
     payload = load_artifact(path, "classifier")
     meta = payload["meta"]
     for key in ("arch", "num_classes", "input_size"):
         if key not in meta:
             raise CheckpointError(f"{path} lacks '{key}' in its metadata")
+    if arch is not None:
+        stored = {"arch": meta["arch"], "model_options": meta.get("model_options") or {}}
+        diff = value_differences(stored, {"arch": arch, "model_options": dict(model_options or {})},
+                                 "checkpoint", "config")
+        if diff:
+            raise CheckpointError(f"{path} holds another classifier than the config describes: {'; '.join(diff)}"
+                                  + (f"; {fix}" if fix else ""))
     if num_classes is not None and int(meta["num_classes"]) != int(num_classes):
         raise CheckpointError(f"class count mismatch: {path} has {meta['num_classes']} classes, the data has {num_classes}")
     if input_size is not None and int(meta["input_size"]) != int(input_size):
         raise CheckpointError(f"input size mismatch: {path} expects {meta['input_size']} px, the data is {input_size} px")
     options = {k: v for k, v in dict(meta.get("model_options") or {}).items() if k != "pretrained"}
-    model = build_classifier(meta["arch"], int(meta["num_classes"]), **options)
+    try:
+        model = build_classifier(meta["arch"], int(meta["num_classes"]), **options)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its metadata describes a model that cannot be built ({exc}); "
+                              "re-export it") from None
     state = payload["state"]
     if payload["format"] == "lightning":
         state = strip_prefix(state, "model.")
+    detail = state_differences(model.state_dict(), state)
+    if detail:
+        raise CheckpointError(f"{path}: its weights do not fit the '{meta['arch']}' classifier its metadata describes "
+                              f"(model_options {options}): {detail}; the file was damaged or written by other code: "
+                              "re-export it")
     load_state_checked(model, state, path)
-    return model.eval()
+    return model.eval(), meta

@@ -27,6 +27,8 @@ commands:
               --trainer.*         pytorch_lightning.Trainer arguments (max_epochs, accelerator, devices, ...)
               --ckpt_path last    resume from the last checkpoint (last.ckpt) of the config's ModelCheckpoint;
                                   ends with the same weights as an uninterrupted run with the same seed
+                                  (or --ckpt_path FILE; loaded with weights_only, and refused unless it was
+                                  written for the configured model: nothing in it changes the config)
               --seed_everything N  seed of the run (every epoch is reseeded from it)
               --print_config      print the merged config and exit
   validate    evaluate a module on the validation split   (same options as fit; --ckpt_path PATH loads weights)

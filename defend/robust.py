@@ -309,7 +309,9 @@ class RobustClassifierModule(pl.LightningModule):
             opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if not hp.lr_milestones:
             return opt
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(m) for m in hp.lr_milestones],
+        from .checks import check_milestones  # whole epochs >= 1 (later than max_epochs: the run ends first)
+
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=check_milestones(hp.lr_milestones),
                                                      gamma=hp.lr_decay)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 

@@ -2,7 +2,17 @@
 
 An existing ``root/train`` (plus optional ``root/val``, ``root/test``) split layout is used as is;
 missing val/test splits, or all splits for a flat layout, are carved out with a stratified,
-seeded split.  Images are loaded lazily with PIL.
+seeded split.  Images are loaded lazily with PIL and turned into RGB in [0, 1] (:func:`load_image`):
+
+* 8-bit grey, palette, RGB, CMYK, YCbCr and bilevel images: PIL's conversion to RGB (grey -> 3 equal channels);
+* 16-bit grey (``I;16`` and the like, ``I`` with values in 0..65535): ``v / 65535`` (not clipped to 8 bits, which
+  would turn almost every pixel white), resized in floating point, then quantised onto the uint8 grid like every
+  image (the batch contract);
+* alpha (``RGBA``, ``LA``, ``PA``, and palette / grey / RGB images with a ``transparency`` entry): composited
+  on black, ``rgb * alpha / 255``, so fully transparent pixels are black whatever colour the file stores under
+  them (dropping alpha would show that hidden colour);
+* any other mode (32-bit float ``F``, ``LAB``, ``HSV``, ...) is refused, naming the file and the mode, when the
+  folder is scanned (``check_files``) or, at the latest, when the image is read.
 """
 
 from __future__ import annotations
@@ -19,8 +29,12 @@ from torchvision import transforms
 from .base import BaseDataModule
 from .batch import IMAGE, INDEX, LABEL, quantize
 
-__all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder", "find_unreadable"]
+__all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder", "find_unreadable",
+           "load_image", "IMAGE_MODES"]
 
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+IMAGE_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "I"} | _SIXTEEN_BIT | _ALPHA)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _SPLIT_DIRS = ("train", "val", "test")
 
@@ -33,13 +47,43 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
 
 
+def _mode_problem(mode: str) -> str | None:
+    if mode in IMAGE_MODES:
+        return None
+    return (f"image mode '{mode}' is not supported (its value range is unknown); save it as 8- or 16-bit grey, RGB "
+            "or RGBA")
+
+
+def load_image(img: Image.Image, path: Path | str = "") -> Image.Image:
+    """An opened PIL image as an 8-bit ``RGB`` image, or a 1-channel ``F`` image with values in [0, 1] for 16-bit
+    grey (see the module docstring: alpha is composited on black); raise ``ValueError`` naming ``path`` and the
+    mode for a mode that cannot be read faithfully."""
+    mode = img.mode
+    problem = _mode_problem(mode)
+    if problem:
+        raise ValueError(f"cannot read image file '{path}': {problem}")
+    if mode in _SIXTEEN_BIT or mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"cannot read image file '{path}': mode '{mode}' with values in [{arr.min():g}, "
+                             f"{arr.max():g}], expected 16-bit values 0..65535; save it as 8- or 16-bit")
+        return Image.fromarray((arr / 65535.0).astype(np.float32))
+    if mode in _ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def find_unreadable(files: Sequence[Path]) -> list[tuple[Path, str]]:
-    """``(file, reason)`` for every file whose image header PIL cannot read (fast: no pixel data is decoded)."""
+    """``(file, reason)`` for every file whose image header PIL cannot read or whose mode :func:`load_image` does
+    not handle (fast: no pixel data is decoded)."""
     bad = []
     for path in files:
         try:
             with Image.open(path) as img:
-                img.size  # noqa: B018 - parsing the header is the check
+                problem = _mode_problem(img.mode)  # parsing the header is the check
+            if problem:
+                bad.append((Path(path), problem))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             bad.append((Path(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
     return bad
@@ -110,10 +154,17 @@ class FolderDataset(Dataset):
         path = self.files[idx]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                img = load_image(img, path)
+        except ValueError as exc:
+            if str(exc).startswith("cannot read image file"):
+                raise
             raise ValueError(f"cannot read image file '{path}': {exc}") from exc
-        image = quantize(self.transform(img))
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError(f"cannot read image file '{path}': {exc}") from exc
+        image = self.transform(img)
+        if image.shape[0] == 1:  # 16-bit grey: one channel, repeated like PIL's grey -> RGB
+            image = image.expand(3, -1, -1)
+        image = quantize(image)
         return {IMAGE: image, LABEL: self.labels[idx].clone(), INDEX: torch.tensor(idx, dtype=torch.int64)}
 
 

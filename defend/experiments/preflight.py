@@ -42,6 +42,7 @@ _NAMES: dict[str, tuple[str, Any]] = {
 _PATH_NAMES: dict[str, tuple[str, Any]] = {
     "evaluation.interpretation.attacks": ("interpretation attack", INTERPRETATION_ATTACKS),
 }
+_LISTS = {"attacks", "frameworks", "interpreters", "target_interpreters"}  # keys that hold a list of names
 _NON_NEGATIVE = {"eps", "attack_eps", "epsilon"}
 _POSITIVE = {"alpha", "attack_alpha", "inner_alpha", "lr", "aid_lr"}
 _COUNTS = {"steps", "warm_steps", "attack_steps", "attack_warm_steps", "inner_steps", "max_epochs", "epochs",
@@ -75,6 +76,8 @@ def check_values(cfg: dict[str, Any]) -> None:
     """Names and numeric ranges anywhere in the config (see the module docstring)."""
     for path, key, value in _walk(cfg):
         names = _PATH_NAMES.get(path) or _NAMES.get(key)
+        if names and key in _LISTS and not isinstance(value, list):
+            raise ValueError(f"{path} must be a list of names, e.g. [{value}] (got {value!r})")
         if names and (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             what, known = names
             for name in _numbers(value):
@@ -105,16 +108,18 @@ def check_data(cfg: dict[str, Any]) -> BaseDataModule:
 
 
 def check_classifier(cfg: dict[str, Any], dm: BaseDataModule) -> None:
-    """A classifier checkpoint that the experiment will reuse must load (``weights_only``) and fit the data; one that
-    will be trained must be buildable from ``arch`` and ``model_options``."""
+    """A classifier checkpoint that the experiment will reuse must load (``weights_only``), hold the classifier the
+    ``classifier:`` section describes (``arch``, ``model_options``) and fit the data (the same check as
+    :func:`defend.experiments.common.get_classifier`); one that will be trained must be buildable from ``arch``
+    and ``model_options``."""
     ccfg = cfg.get("classifier")
     if not isinstance(ccfg, dict):
         return
     ckpt = ccfg.get("checkpoint")
     if ckpt and Path(ckpt).is_file() and not ccfg.get("retrain", False):
-        from ..classifier import load_classifier
+        from ..classifier import load_reused_classifier
 
-        load_classifier(ckpt, num_classes=dm.num_classes, input_size=dm.image_shape[-1])
+        load_reused_classifier(ckpt, ccfg, num_classes=dm.num_classes, input_size=dm.image_shape[-1])
         return
     options = {k: v for k, v in (ccfg.get("model_options") or {}).items() if k != "pretrained"}
     try:
