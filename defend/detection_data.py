@@ -6,13 +6,19 @@ classifier predicts (the adversarial target class for a successful attack). Maps
 input grid; :func:`stack_maps` stacks them as channels, optionally with the product of two maps as an extra channel.
 
 Built batch by batch with a progress bar; every batch is cached on disk (``torch.save`` of a dict of tensors plus
-metadata, written atomically, read back with ``weights_only=True``) under a key derived from the configuration, so
-tables can be re-run without re-attacking and an interrupted build resumes at the first missing batch.
+metadata, written atomically - an entry is complete or absent - and read back with ``weights_only=True``), so tables
+can be re-run without re-attacking and an interrupted build resumes at the first missing batch. The cache is keyed
+on content: the directory on the spec, the classifier's weights and the settings of the interpreters and of the
+attack (:func:`defend.io.describe`); every entry on a digest of its batch's input tensors (images, and target
+classes for adversarial sets), checked on reuse. A reused entry is also validated (shapes, dtypes, finite values,
+maps in [0, 1], adversarial images on the uint8 grid and inside the attack's L-inf ball) and recomputed with a
+notice otherwise; a cache write that fails (disk full) is a notice and the build goes on.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,7 +29,9 @@ from tqdm.auto import tqdm
 from attacks._state import frozen
 from attacks.interpreters import Interpreter
 
-from .io import CheckpointError, load_artifact, save_artifact
+from .evaluation import check_adversarial
+from .io import (Undescribable, cache_notice, describe, load_artifact, load_cache_entry, save_artifact,
+                 save_cache_entry, state_digest)
 
 __all__ = ["cache_key", "code_fingerprint", "stack_maps", "compute_maps", "build_detection_data", "combine", "load_detection_data",
            "save_detection_data", "select"]
@@ -87,27 +95,79 @@ def _batch_path(cache_dir: Path, kind: str, i: int) -> Path:
     return cache_dir / f"{kind}_{i:05d}.pt"
 
 
+def _check_part(part: Mapping[str, Any], kind: str, x_in: Tensor, names: Sequence[str], attack: Any) -> str | None:
+    """Why a cached batch cannot be what :func:`_build_set` computes for inputs ``x_in`` (``None`` when it can)."""
+    n = x_in.shape[0]
+    need = ["image", "pred", *(f"map_{m}" for m in names)]
+    if kind != "benign":
+        need += ["success", "target", "attack_seconds"]
+    missing = [k for k in need if not isinstance(part.get(k), Tensor)]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    image = part["image"]
+    if kind == "benign":
+        if image.shape != x_in.shape or image.dtype != torch.float32:
+            return (f"holding images of shape {tuple(image.shape)} / {image.dtype}, "
+                    f"expected {tuple(x_in.shape)} / float32")
+        if not torch.equal(image, x_in.detach().float().cpu()):
+            return "holding other images than its inputs"
+    else:
+        why = check_adversarial(image, x_in.detach().float().cpu(), attack)
+        if why is not None:
+            return f"holding adversarial images {why}"
+    for name in names:
+        m = part[f"map_{name}"]
+        if m.shape != (n, 1, *x_in.shape[-2:]) or not m.is_floating_point():
+            return f"holding '{name}' maps of shape {tuple(m.shape)} / {m.dtype}, expected {(n, 1, *x_in.shape[-2:])}"
+        if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+            return f"holding '{name}' maps that are not finite values in [0, 1]"
+    vectors = [("pred", False)] + ([("success", None), ("target", False), ("attack_seconds", True)]
+                                   if kind != "benign" else [])
+    for k, floating in vectors:
+        v = part[k]
+        ok_dtype = (v.dtype == torch.bool) if floating is None else (v.is_floating_point() == floating
+                                                                     and v.dtype != torch.bool)
+        if v.shape != (n,) or not ok_dtype:
+            return f"holding '{k}' of shape {tuple(v.shape)} / {v.dtype}"
+    if kind != "benign" and not bool((torch.isfinite(part["attack_seconds"]) & (part["attack_seconds"] >= 0)).all()):
+        return "holding invalid attack times"
+    return None
+
+
 def _build_set(kind: str, x: Tensor, model: nn.Module, interpreters: Mapping[str, Interpreter], batch_size: int,
                make_inputs: Callable[[Tensor, slice], tuple[Tensor, dict[str, Tensor]]] | None,
-               cache_dir: Path | None, meta: dict[str, Any], bar: Any) -> dict[str, Tensor]:
+               cache_dir: Path | None, meta: dict[str, Any], bar: Any, inputs: Mapping[str, Tensor] | None = None,
+               attack: Any = None) -> dict[str, Tensor]:
     parts: list[dict[str, Tensor]] = []
+    names = sorted(interpreters)
     for b, i in enumerate(range(0, x.shape[0], batch_size)):
         sl = slice(i, i + batch_size)
         path = None if cache_dir is None else _batch_path(cache_dir, kind, b)
         part = None
+        # the entry is keyed on the batch's input tensors too: inputs rewritten in place are never served stale
+        entry = cache_key({"key": meta.get("key"), "set": kind, "batch": b,
+                           "inputs": state_digest({"image": x[sl], **{k: v[sl] for k, v in (inputs or {}).items()}})})
         if path is not None and path.is_file():
-            try:
-                payload = load_artifact(path, KIND)
-                if payload["meta"].get("key") == meta.get("key"):
-                    part = payload["state"]
-            except CheckpointError:
-                part = None  # corrupt / foreign: rebuild this batch
+            payload = load_cache_entry(path, KIND)
+            if payload is not None:
+                meta_in, state = payload.get("meta"), payload.get("state")
+                if not isinstance(meta_in, dict) or meta_in.get("entry") != entry:
+                    why = "stale (built from other inputs or settings)"
+                elif not isinstance(state, dict):
+                    why = "not a batch of tensors"
+                else:
+                    why = _check_part(state, kind, x[sl], names, attack)
+                if why is None:
+                    part = state
+                else:
+                    cache_notice(path, why)
         if part is None:
             xb, extra = (x[sl], {}) if make_inputs is None else make_inputs(x[sl], sl)
             maps, pred = compute_maps(model, xb, interpreters)
-            part = {"image": xb.detach().float(), "pred": pred, **{f"map_{n}": m for n, m in maps.items()}, **extra}
-            if path is not None:
-                save_artifact(path, KIND, part, {**meta, "set": kind, "batch": b})
+            part = {"image": xb.detach().float().cpu(), "pred": pred.cpu(),
+                    **{f"map_{n}": m.cpu() for n, m in maps.items()}, **extra}
+            if path is not None:  # a failed write (disk full) is a notice: the batch is used uncached
+                save_cache_entry(path, KIND, part, {**meta, "set": kind, "batch": b, "entry": entry})
         parts.append(part)
         if bar is not None:
             bar.update(int(part["image"].shape[0]))
@@ -128,22 +188,32 @@ def build_detection_data(model: nn.Module, interpreters: Mapping[str, Interprete
         benign: benign inputs (label 0).
         source, target, attack: the attack (an :class:`attacks.adv2.ADV2`) is run on ``source`` toward ``target``
             batch by batch; the adversarial inputs get label 1, with ``success`` (prediction == target) recorded.
-        cache_dir: directory for the per-batch cache; the key of ``spec`` (plus the interpreter names and a hash of
-            the ``attacks`` sources) names a sub-directory, so a different configuration or changed attack /
-            interpreter code never reuses stale batches.
-        spec: a JSON-serialisable description of everything that determines the data (cache key).
+        cache_dir: directory for the per-batch cache; the key of ``spec`` plus the classifier's weights, the
+            settings of the interpreters and of the attack (:func:`defend.io.describe`) and a hash of the ``attacks``
+            sources names a sub-directory, and every entry records a digest of its batch's inputs, so other inputs,
+            weights, settings or attack / interpreter code never reuse stale batches. An object whose settings have
+            no stable description disables the cache (with a notice).
+        spec: a JSON-serialisable description of how the data were chosen (part of the cache key).
 
     Returns ``{"maps": {name: [N,1,H,W]}, "label": [N], "image", "pred", "success" (adversarial only, benign True),
     "attack_seconds", "map_names", "key"}``.
     """
     spec = dict(spec or {})
-    spec["interpreters"] = sorted(interpreters)
     spec.setdefault("code", code_fingerprint())
+    spec["model"] = state_digest(model.state_dict())
+    try:
+        spec["interpreters"] = {n: describe(g) for n, g in sorted(interpreters.items())}
+        spec["attack_settings"] = describe(attack) if source is not None else None
+    except Undescribable as exc:
+        if cache_dir is not None:
+            print(f"[defend] {desc} is not cached: its settings cannot be described stably ({exc})",
+                  file=sys.stderr, flush=True)
+        cache_dir = None
+        spec["interpreters"] = sorted(interpreters)
     key = cache_key(spec)
     cdir = None
     if cache_dir is not None:
         cdir = Path(cache_dir) / key
-        cdir.mkdir(parents=True, exist_ok=True)
     meta = {"key": key, "spec": json.dumps(spec, sort_keys=True, default=str)}
     total = (0 if benign is None else benign.shape[0]) + (0 if source is None else source.shape[0])
     bar = tqdm(total=total, desc=desc, unit="input", disable=not progress)
@@ -163,7 +233,8 @@ def build_detection_data(model: nn.Module, interpreters: Mapping[str, Interprete
             per = torch.full((xb.shape[0],), res.seconds / max(xb.shape[0], 1))
             return res.x_adv.detach(), {"success": res.success.cpu(), "target": res.target.cpu(), "attack_seconds": per}
 
-        part = _build_set("adversarial", source, model, interpreters, batch_size, make, cdir, meta, bar)
+        part = _build_set("adversarial", source, model, interpreters, batch_size, make, cdir, meta, bar,
+                          inputs={"target": target}, attack=attack)
         part["label"] = torch.ones(source.shape[0], dtype=torch.long)
         part.pop("target", None)
         sets.append(part)

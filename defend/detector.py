@@ -4,8 +4,8 @@
 maps): a VGG-16 convolutional trunk whose input layer takes the ``C`` channels and whose 2-way head is trained with
 cross-entropy (which layers train is configurable: ``"input"`` = first conv + head as in the paper, ``"all"``,
 ``"head"``), then the trunk's GAP features feed an ``xgboost.XGBClassifier`` (``tree_method="hist"``, device "cuda"
-when available). :meth:`DetectorModule.save` writes the trunk as a safe checkpoint and the booster as JSON; nothing
-is ever unpickled on load.
+when available). :meth:`DetectorModule.save` writes the trunk as a safe checkpoint and the booster as JSON, and
+``detector.json`` with the sha256 of both; :meth:`DetectorModule.load` checks every file and unpickles nothing.
 
 :class:`FeatureSqueezer` is the baseline of Xu et al. (NDSS 2018, used in ADV2 Table 4): bit-depth reduction and
 2x2 median smoothing (exactly ``scipy.ndimage.median_filter(..., mode="reflect")`` per channel); the score is the
@@ -14,7 +14,9 @@ chosen on training scores.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import atomic_path, load_artifact, load_state_checked, save_artifact, write_json
+from .io import (CheckpointError, atomic_write_bytes, load_artifact, load_state_checked, save_artifact, write_error,
+                 write_json)
 from .models.imagenet import vgg16
 
 __all__ = ["DetectorModule", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth", "best_threshold",
@@ -187,34 +190,106 @@ class DetectorModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ artifacts
     def save(self, directory: str | Path) -> None:
-        """``trunk.pt`` (safe weights + hyper-parameters), ``booster.json`` (XGBoost JSON) and ``detector.json``."""
+        """``trunk.pt`` (safe weights + hyper-parameters), ``booster.json`` (XGBoost JSON) and ``detector.json``.
+
+        ``detector.json`` is written last and lists the sha256 of every other file (plus a checksum of its own
+        content), so :meth:`load` refuses a detector with a tampered, truncated or missing file, and an interrupted
+        save (which leaves the previous ``detector.json`` or none) never loads as a mix of old and new files."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(d, exc) from None
         hp = {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr", "weight_decay", "seed",
                                            "feature_stages")}
-        save_artifact(d / "trunk.pt", "detector", self.net.state_dict(),
-                      {"hparams": hp, "booster": json.dumps(self.booster_options)})
+        files = {"trunk.pt": save_artifact(d / "trunk.pt", "detector", self.net.state_dict(),
+                                           {"hparams": hp, "booster": json.dumps(self.booster_options)})}
         if self.booster is not None:
-            with atomic_path(d / "booster.json") as tmp:
-                json_tmp = tmp.with_suffix(".json")  # xgboost picks the format from the suffix
-                self.booster.save_model(str(json_tmp))
-                json_tmp.replace(tmp)
-        write_json(d / "detector.json", {"hparams": hp, "booster_options": self.booster_options,
-                                         "has_booster": self.booster is not None})
+            from xgboost.core import XGBoostError
+
+            try:
+                with tempfile.TemporaryDirectory(prefix=".booster-", dir=d) as scratch:
+                    raw = Path(scratch) / "booster.json"  # xgboost picks the format from the suffix
+                    self.booster.save_model(str(raw))
+                    data = raw.read_bytes()
+            except (OSError, XGBoostError) as exc:  # e.g. a full disk: one line naming the file
+                raise write_error(d / "booster.json", exc) from None
+            files["booster.json"] = atomic_write_bytes(d / "booster.json", data)
+        info = {"format": DETECTOR_FORMAT, "hparams": hp, "booster_options": self.booster_options,
+                "has_booster": self.booster is not None, "files": files}
+        write_json(d / "detector.json", {**info, "sha256": _json_digest(info)})
 
     @classmethod
     def load(cls, directory: str | Path) -> "DetectorModule":
-        """Rebuild a saved detector: ``torch.load(weights_only=True)`` and XGBoost JSON, no unpickling."""
+        """Rebuild a saved detector: ``torch.load(weights_only=True)`` and XGBoost JSON, no unpickling.
+
+        Every file is checked against the sha256 that ``detector.json`` lists for it (and ``detector.json``
+        against its own checksum) before it is used; a missing, tampered or truncated file is a one-line
+        :class:`~defend.io.CheckpointError` naming it."""
         d = Path(directory)
-        payload = load_artifact(d / "trunk.pt", "detector")
+        info = _read_detector_json(d / "detector.json")
+        blobs = {name: _verified_bytes(d, name, digest, d / "detector.json") for name, digest in info["files"].items()}
+        payload = load_artifact(d / "trunk.pt", "detector", data=blobs["trunk.pt"])
         hp = dict(payload["meta"]["hparams"])
         booster = json.loads(payload["meta"].get("booster") or "{}")
         det = cls(booster=booster, **hp)
         load_state_checked(det.net, payload["state"], d / "trunk.pt")
-        if (d / "booster.json").is_file():
+        if "booster.json" in blobs:
             det.booster = det._make_booster()
-            det.booster.load_model(str(d / "booster.json"))
+            try:
+                det.booster.load_model(bytearray(blobs["booster.json"]))
+            except Exception as exc:  # xgboost rejects it although the checksum matched: not an XGBoost model
+                text = " ".join(str(exc).split())[:200]
+                raise CheckpointError(f"{d / 'booster.json'} is not a valid XGBoost model: {text}") from None
         return det.eval()
+
+
+#: ``format`` of ``detector.json``
+DETECTOR_FORMAT = "idls-defend-detector/1"
+#: the files :meth:`DetectorModule.save` writes next to ``detector.json`` (the only names ``load`` reads)
+DETECTOR_FILES = ("trunk.pt", "booster.json")
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _read_detector_json(path: Path) -> dict[str, Any]:
+    """``detector.json``, checked: present, JSON, our format, its own checksum, the files it lists."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {path.parent} is not a saved detector (write one with "
+                              "DetectorModule.save)")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        text = " ".join(str(exc).split())[:120]
+        raise CheckpointError(f"{path} is not readable JSON ({text}): re-save the detector") from None
+    if not isinstance(info, dict) or info.get("format") != DETECTOR_FORMAT or not isinstance(info.get("files"), dict):
+        raise CheckpointError(f"{path} lists no file checksums (written by an older version or not by "
+                              "DetectorModule.save): re-save the detector")
+    body = {k: v for k, v in info.items() if k != "sha256"}
+    if info.get("sha256") != _json_digest(body):
+        raise CheckpointError(f"{path} was modified or is corrupt: its content does not match its checksum; "
+                              "re-save the detector")
+    files = info["files"]
+    unknown = sorted(set(files) - set(DETECTOR_FILES))
+    if unknown or "trunk.pt" not in files or ("booster.json" in files) != bool(info.get("has_booster")):
+        raise CheckpointError(f"{path} lists unexpected files {sorted(files)}: re-save the detector")
+    return info
+
+
+def _verified_bytes(d: Path, name: str, digest: Any, listed_in: Path) -> bytes:
+    path = d / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (listed in {listed_in}): re-save the detector") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"{path} was modified or is corrupt: it does not match the sha256 listed in "
+                              f"{listed_in}; re-save the detector")
+    return data
 
 
 def train_detector(maps: Tensor, labels: Tensor, *, epochs: int = 3, batch_size: int = 32, trainable: str = "input",

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,46 @@ from attacks.interpreters import Interpreter
 
 from torchmetrics import MaxMetric, SumMetric
 
-from .io import atomic_path
+from .io import Undescribable, cache_notice, load_cache_entry, save_cache_entry, settings_digest, state_digest
 from .metrics import AttackSuccessRate, MapDistance, MisclassificationConfidence, NoiseRate, TopKIoU
 
-__all__ = ["AttackMeter", "run_attack", "interpret", "PlanItem", "AttackEvaluation", "evaluate_plan"]
+__all__ = ["AttackMeter", "run_attack", "interpret", "PlanItem", "AttackEvaluation", "evaluate_plan",
+           "check_adversarial", "CACHE_KIND"]
+
+#: the ``kind`` of an attack-evaluation cache entry (a :func:`defend.io.save_artifact` file)
+CACHE_KIND = "attack-batch"
+#: bumped when the cache key or the entry layout changes
+CACHE_FORMAT = 2
+
+
+def check_adversarial(x_adv: Any, x: Tensor, engine: Any = None) -> str | None:
+    """Why ``x_adv`` cannot be the attack's output for inputs ``x`` (``None`` when it can).
+
+    Checks: a tensor of ``x``'s shape and dtype, finite, in [0, 1], on the uint8 grid wherever ``x`` is (every
+    framework quantises its best iterate), and, for attacks with an L-inf ball (``engine.threat.eps``: PGD),
+    ``|x_adv - x| <= eps + 1e-6``. C&W and StAdv have no ball: range, grid and finiteness only."""
+    if not isinstance(x_adv, Tensor):
+        return f"not a tensor (got {type(x_adv).__name__})"
+    if tuple(x_adv.shape) != tuple(x.shape):
+        return f"of shape {tuple(x_adv.shape)}, expected {tuple(x.shape)}"
+    if x_adv.dtype != x.dtype:
+        return f"of dtype {x_adv.dtype}, expected {x.dtype}"
+    xa = x_adv.detach().to(x.device)
+    if not bool(torch.isfinite(xa).all()):
+        return "not finite (NaN or Inf values)"
+    lo, hi = float(xa.min()), float(xa.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        return f"outside [0, 1] (range [{lo:.4g}, {hi:.4g}])"
+    lv, la = x.detach() * 255, xa * 255
+    off = ((lv - lv.round()).abs() <= 1e-3) & ((la - la.round()).abs() > 1e-3)
+    if bool(off.any()):
+        return f"off the uint8 grid of its inputs ({int(off.sum())} values)"
+    eps = getattr(getattr(engine, "threat", None), "eps", None)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        d = float((xa - x.detach()).abs().max())
+        if d > float(eps) + 1e-6:
+            return f"outside the attack's L-inf ball (|x_adv - x| = {d:.4g} > eps = {float(eps):.4g})"
+    return None
 
 
 def interpret(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor, batch_size: int = 256) -> Tensor:
@@ -131,8 +169,13 @@ class AttackEvaluation(pl.LightningModule):
     ``results[(plan key, reader)]`` holds the figures on every rank; ``examples`` the adversarial inputs of the
     first ``keep`` examples (gathered to every rank), ``benign`` their benign maps.
 
-    With ``cache_dir`` every (plan item, batch) result is written there (atomically) and reused by a re-run with the
-    same ``cache_key``: an interrupted evaluation resumes without redoing finished batches.
+    With ``cache_dir`` every (plan item, batch) result is written there (atomically: an entry is complete or absent)
+    and reused by a re-run: an interrupted evaluation resumes without redoing finished batches. The entry's key is a
+    digest of the batch's tensors (images, labels, targets, target maps), the model's weights, the engine's settings
+    (:func:`defend.io.describe`) and ``cache_key`` (e.g. a fingerprint of the attack code), so images rewritten in
+    place, other weights or other attack options never reuse old results. A reused entry is checked
+    (:func:`check_adversarial`) and recomputed, with a notice, when it is unreadable or implausible; a failed cache
+    write (disk full) is a notice and the evaluation goes on.
     """
 
     def __init__(self, model: nn.Module, interpreters: dict[str, Interpreter], plan: list[PlanItem],
@@ -153,6 +196,8 @@ class AttackEvaluation(pl.LightningModule):
         self._local_examples: dict[str, dict[int, Tensor]] = {}
         self._local_benign: dict[str, dict[int, Tensor]] = {}
         self._bar = None
+        self._model_digest: str | None = None
+        self._settings_digest: dict[str, str | None] = {}
 
     def test_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -163,16 +208,63 @@ class AttackEvaluation(pl.LightningModule):
         self._bar = tqdm(total=n_local * len(self.plan), desc="attacks", unit="input",
                          disable=not (self.progress and self.trainer.is_global_zero))
 
-    def _cached_attack(self, item: PlanItem, idx: Tensor, x: Tensor, y_t: Tensor,
+    # ------------------------------------------------------------------------------------------ cache
+    def _settings(self, item: PlanItem) -> str | None:
+        """Digest of the engine's configuration (:func:`defend.io.describe`); ``None`` (with a one-time notice)
+        when it has no stable description: that item is then never cached."""
+        if item.key not in self._settings_digest:
+            try:
+                self._settings_digest[item.key] = settings_digest(item.engine)
+            except Undescribable as exc:
+                print(f"[defend] attack {item.key} is not cached: its settings cannot be described stably ({exc})",
+                      file=sys.stderr, flush=True)
+                self._settings_digest[item.key] = None
+        return self._settings_digest[item.key]
+
+    def _cache_path(self, item: PlanItem, x: Tensor, y: Tensor, y_t: Tensor,
+                    target_map: Tensor | None) -> tuple[Path, str] | None:
+        """The entry of this (item, batch): keyed on the batch's tensors, the model's weights, the engine's
+        settings and ``cache_key`` (code fingerprint), so inputs rewritten in place never reuse old results."""
+        if self.cache_dir is None:
+            return None
+        settings = self._settings(item)
+        if settings is None:
+            return None
+        if self._model_digest is None:
+            self._model_digest = state_digest(self.model.state_dict())
+        spec = {"format": CACHE_FORMAT, "key": self.cache_key, "item": item.key, "model": self._model_digest,
+                "attack": settings, "inputs": state_digest({"image": x, "label": y, "target": y_t,
+                                                            "target_map": target_map})}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        return self.cache_dir / f"{key[:32]}.pt", key
+
+    def _reuse(self, path: Path, key: str, item: PlanItem, x: Tensor) -> tuple[Tensor, float] | None:
+        """A validated cached result, or ``None`` (with a notice when the entry is unusable)."""
+        payload = load_cache_entry(path, CACHE_KIND)
+        if payload is None:
+            return None
+        state, meta = payload.get("state"), payload.get("meta")
+        state, meta = (state if isinstance(state, dict) else {}), (meta if isinstance(meta, dict) else {})
+        if meta.get("key") != key:
+            why = "stale (built for other inputs, weights or settings)"
+        else:
+            why = check_adversarial(state.get("x_adv"), x, item.engine)
+        seconds = state.get("seconds")
+        if why is None and not (isinstance(seconds, Tensor) and seconds.numel() == 1 and bool(torch.isfinite(seconds))
+                                and float(seconds) >= 0):
+            why = "missing a valid attack time"
+        if why is not None:
+            cache_notice(path, why)
+            return None
+        return state["x_adv"].to(x.device, x.dtype), float(seconds)
+
+    def _cached_attack(self, item: PlanItem, idx: Tensor, x: Tensor, y: Tensor, y_t: Tensor,
                        target_map: Tensor | None) -> tuple[Tensor, float]:
-        path = None
-        if self.cache_dir is not None:
-            h = hashlib.sha256(f"{self.cache_key}|{item.key}|{idx.tolist()}".encode()).hexdigest()[:24]
-            path = self.cache_dir / f"{h}.pt"
-            if path.is_file():
-                saved = torch.load(path, map_location=x.device, weights_only=True)
-                if torch.equal(saved["index"].to(idx.device), idx):
-                    return saved["x_adv"].to(x.device, x.dtype), float(saved["seconds"])
+        entry = self._cache_path(item, x, y, y_t, target_map)
+        if entry is not None and entry[0].is_file():
+            hit = self._reuse(entry[0], entry[1], item, x)
+            if hit is not None:
+                return hit
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
@@ -180,9 +272,9 @@ class AttackEvaluation(pl.LightningModule):
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         seconds = time.perf_counter() - start
-        if path is not None:
-            with atomic_path(path) as tmp:
-                torch.save({"index": idx.cpu(), "x_adv": x_adv.cpu(), "seconds": torch.tensor(seconds)}, tmp)
+        if entry is not None:  # a failed write (disk full) is a notice: the result is used uncached
+            save_cache_entry(entry[0], CACHE_KIND, {"index": idx.cpu(), "x_adv": x_adv.cpu(),
+                                                    "seconds": torch.tensor(seconds)}, {"key": entry[1]})
         return x_adv, seconds
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -195,7 +287,7 @@ class AttackEvaluation(pl.LightningModule):
                     self._local_benign.setdefault(n, {})[int(idx[j])] = m[j].cpu()
             for item in self.plan:
                 target_map = benign[item.interpreter] if item.interpreter is not None else None
-                x_adv, seconds = self._cached_attack(item, idx, x, y_t, target_map)
+                x_adv, seconds = self._cached_attack(item, idx, x, y, y_t, target_map)
                 with torch.no_grad():
                     logits = self.model(x_adv)
                 for reader in item.readers:

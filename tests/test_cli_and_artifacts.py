@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import defend.io as defend_io
 from defend.classifier import load_classifier, save_classifier
 from defend.cli import main as defend_main
 from defend.io import CheckpointError, atomic_write_text
@@ -106,10 +107,10 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "report.md"
     atomic_write_text(path, "old")
 
-    def boom(self, *args, **kwargs):
+    def boom(fd, data):  # the file write itself fails (atomic writes go through defend.io._write_all)
         raise OSError("disk full")
 
-    monkeypatch.setattr(Path, "write_text", boom)
+    monkeypatch.setattr(defend_io, "_write_all", boom)
     with pytest.raises(OSError):
         atomic_write_text(path, "new")
     monkeypatch.undo()

@@ -146,7 +146,7 @@ def test_median_smooth_equals_scipy_reflect(size):
     assert torch.isin(median_smooth(x, size), x).all()
 
 
-def test_detection_data_real_tiny_attack_cached(tmp_path):
+def test_detection_data_real_tiny_attack_cached(tmp_path, monkeypatch):
     from attacks.adv2 import build_attack
     from attacks.interpreters import get_interpreter
     from defend.models import small_cnn
@@ -170,7 +170,10 @@ def test_detection_data_real_tiny_attack_cached(tmp_path):
     def no_attack(*a, **k):
         raise AssertionError("re-attacked although cached")
 
-    again = build_detection_data(model, interps, **{**kw, "attack": no_attack})
+    # the cache is keyed on the attack's settings too: the same engine (its call disabled) must hit every batch
+    monkeypatch.setattr(type(atk), "__call__", no_attack)
+    again = build_detection_data(model, interps, **kw)
+    monkeypatch.undo()
     assert torch.equal(again["maps"]["cam"], data["maps"]["cam"]) and torch.equal(again["image"], data["image"])
     save_detection_data(tmp_path / "d.pt", data, {"note": "x"})
     back = load_detection_data(tmp_path / "d.pt")

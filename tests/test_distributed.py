@@ -73,7 +73,7 @@ class _Exploding:
         raise AssertionError("re-attacked a batch that the cache already holds")
 
 
-def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path):
+def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     model, x, y = tiny["model"], tiny["test"]["image"][:6], tiny["test"]["label"][:6]
     y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
@@ -89,13 +89,15 @@ def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path):
     first = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
                           batch_size=4, cache_dir=str(cache), cache_key="k", progress=False)
     assert len(list(cache.glob("*.pt"))) == 2  # one file per finished batch
-    again = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", _Exploding(), ["cam"])], data, trainer(),
+    # entries are keyed on the engine's settings too: the same engine, its attack disabled, must hit every batch
+    monkeypatch.setattr(type(engine), "__call__", _Exploding().__call__)
+    again = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
                           batch_size=4, cache_dir=str(cache), cache_key="k", progress=False)
     a, b = first.results[("adv2/pgd/cam", "cam")], again.results[("adv2/pgd/cam", "cam")]
     assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
     assert a["asr"] > 0.5 and a["n"] == 6
     with pytest.raises(AssertionError, match="re-attacked"):  # another cache key: nothing is reused
-        evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", _Exploding(), ["cam"])], data, trainer(),
+        evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
                       batch_size=4, cache_dir=str(cache), cache_key="other", progress=False)
 
 

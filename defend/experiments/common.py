@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..classifier import ClassifierModule, load_classifier, save_classifier
 from ..data import build_datamodule
-from ..io import atomic_write_text, write_json
+from ..io import atomic_write_text, refuse_conflicts, write_json
 from ..models import GapClassifier
 
 __all__ = ["setup_data", "get_classifier", "make_trainer", "take_split", "write_outputs", "markdown_table", "fmt",
@@ -39,13 +39,17 @@ def make_trainer(cfg: dict[str, Any], max_epochs: int, out: Path | None = None, 
 
 
 def get_classifier(cfg: dict[str, Any], dm: pl.LightningDataModule, out: Path, progress: bool = True) -> tuple[GapClassifier, dict[str, Any]]:
-    """Reuse ``classifier.checkpoint`` if it exists, else train the classifier the config describes and save it there."""
+    """Reuse ``classifier.checkpoint`` if it exists (it must hold the classifier the config describes:
+    :func:`defend.classifier.load_reused_classifier`), else train that classifier and save it there."""
     ccfg = dict(cfg.get("classifier") or {})
     ckpt = ccfg.get("checkpoint")
     num_classes = dm.num_classes
     size = dm.image_shape[-1]
     if ckpt and Path(ckpt).is_file() and not ccfg.get("retrain", False):
-        return load_classifier(ckpt, num_classes=num_classes, input_size=size), {"trained": False, "checkpoint": ckpt}
+        from ..classifier import load_reused_classifier  # the classifier this section describes, not just any
+
+        model = load_reused_classifier(ckpt, ccfg, num_classes=num_classes, input_size=size)
+        return model, {"trained": False, "checkpoint": ckpt}
     if ccfg.get("train", True) is False:  # e.g. ImageNet weights from a local file, used as they are
         from ..models import build_classifier
 
@@ -91,11 +95,14 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], report: str) -> None:
-    """``metrics.json`` (a list of flat rows) and ``report.md``, each written atomically."""
+    """``metrics.json`` (a list of flat rows) and ``report.md``, each written atomically (a full disk is a one-line
+    ``cannot write <file>`` error that leaves the previous file intact). Under ``defend experiment`` both are checked
+    against the output manifest before either is written, so a refused pair is not left half replaced."""
     for r in rows:
         for k, v in r.items():
             if isinstance(v, (dict, list)):
                 raise ValueError(f"metrics rows must be flat; field {k!r} is a {type(v).__name__}")
+    refuse_conflicts(out / "metrics.json", out / "report.md")
     write_json(out / "metrics.json", rows)
     atomic_write_text(out / "report.md", report)
 

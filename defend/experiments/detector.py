@@ -13,7 +13,6 @@ detection rate on those inputs is reported next to the non-adaptive one.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 from pathlib import Path
@@ -64,14 +63,6 @@ def _interpreters(cfg: dict[str, Any], names: list[str], dm, clf_path: str, out_
     return out
 
 
-def _state_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(labels.shape[0]).numpy()
     tr, te = train_test_split(idx, test_size=test_fraction, stratify=labels.numpy(), random_state=seed)
@@ -117,10 +108,10 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     yt_s, yt_ad = random_targets(ys, dm.num_classes, gen), random_targets(yad, dm.num_classes, gen)
     bs = int(dcfg.get("batch_size", 50))
     cache = Path(dcfg.get("cache_dir") or out / "cache")
-    base_spec = {"data": cfg.get("data"), "classifier": info["checkpoint"], "n_benign": n_b, "n_adversarial": n_a,
-                 "split": dcfg.get("split", "test"), "seed": seed, "interpreter_options": cfg.get("interpreter_options"), "batch_size": bs}
-    if "rts" in interps:  # the cached maps depend on the RTS weights, not only on where they came from
-        base_spec["rts_weights"] = _state_digest(interps["rts"].network)
+    # how the inputs were chosen; build_detection_data adds what the data are computed from (the classifier's
+    # weights, the interpreters' and the attack's settings, RTS weights included) and keys every batch on its inputs
+    base_spec = {"data": cfg.get("data"), "n_benign": n_b, "n_adversarial": n_a,
+                 "split": dcfg.get("split", "test"), "seed": seed, "batch_size": bs}
     t0 = time.perf_counter()
     benign = build_detection_data(model, interps, benign=xb, batch_size=bs, cache_dir=cache,
                                   spec={**base_spec, "set": "benign"}, progress=progress, desc="benign maps")

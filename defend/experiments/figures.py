@@ -1,4 +1,5 @@
-"""Figures: grids of images and attribution maps (matplotlib, Agg backend, written atomically)."""
+"""Figures: grids of images and attribution maps (matplotlib, Agg backend, written atomically through
+:func:`defend.io.atomic_path`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,7 @@ def map_grid(path: Path, columns: Sequence[tuple[str, Tensor]], rows: int, row_l
             if j == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[i], fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    _save(fig, path, path.suffix.lstrip(".") or "png")
 
 
 def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str = "") -> None:
@@ -43,6 +42,14 @@ def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]]
         ax.plot(list(x), list(ys), marker="o", label=name)
     ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title, fontsize=9); ax.grid(alpha=0.3); ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path, "png")
+
+
+def _save(fig, path: Path, fmt: str) -> None:
+    """Write ``fig`` atomically (mode ``0o666 & ~umask``; a full disk is a one-line ``cannot write <file>`` error
+    with no partial file left) and close it whatever happens."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=fmt)
+    finally:
+        plt.close(fig)

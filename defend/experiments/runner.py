@@ -1,4 +1,11 @@
-"""``defend experiment``: load and merge YAML configs, dispatch to the experiment, write artifacts atomically."""
+"""``defend experiment``: load and merge YAML configs, dispatch to the experiment, write artifacts atomically.
+
+Nothing the user made is overwritten: every run records the files it writes in ``DIR/.defend-manifest.json``
+(relative path + sha256, :class:`defend.io.OutputGuard`). A later run may replace the files listed there whose
+content is unchanged (the framework's own outputs); before anything runs it refuses, on one line, to write over any
+other existing file among the outputs the experiment will write (:func:`planned_outputs`), unless ``--overwrite``
+is given, and every write into ``DIR`` is checked against the manifest again when it happens.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +20,9 @@ from typing import Any, Sequence
 import yaml
 
 from ..distributed import is_global_zero
+from ..io import OutputGuard, guarded_outputs, write_error
 
-__all__ = ["main", "load_config", "deep_merge", "EXPERIMENTS"]
+__all__ = ["main", "load_config", "deep_merge", "EXPERIMENTS", "planned_outputs"]
 
 EXPERIMENTS = {
     "classifier": "defend.experiments.classifier",
@@ -75,7 +83,10 @@ examples:
 
 The config is checked before anything runs (names of attacks / frameworks / interpreters / models, radii, step
 counts, the data and a reused classifier checkpoint): an invalid config exits with status 2 and one error line,
-and writes nothing into --out. Set DEFEND_DEBUG=1 to see full tracebacks.
+and writes nothing into --out. So is --out: a run refuses to overwrite files in it that it did not write (listed
+with their sha256 in DIR/.defend-manifest.json) unless --overwrite is given. A full disk or a permission error is
+one line too (`cannot write <file>: <reason>`), leaving the previous file intact. Set DEFEND_DEBUG=1 to see full
+tracebacks.
 """
 
 
@@ -94,9 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                         help="experiment YAML; repeat to compose, later files win (e.g. an experiment, then a trainer "
                              "preset from configs/trainer/)")
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", required=True, metavar="DIR", type=_out_dir,
                         help="output directory for metrics.json, report.md and figures (created; files are replaced "
-                             "atomically; nothing is written when the config is invalid)")
+                             "atomically; nothing is written when the config is invalid). The files a run writes "
+                             "are listed in DIR/.defend-manifest.json; a later run replaces only those (unchanged "
+                             "since) and refuses, before anything runs, to overwrite any other file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow replacing existing files in --out that defend did not write or that were edited "
+                             "since it wrote them (e.g. your own report.md); without it the run refuses up front")
     parser.add_argument("--quick", action="store_true",
                         help="apply the config's `quick:` section: fewer inputs, steps and epochs (a fast smoke run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -105,6 +121,54 @@ def _parser() -> argparse.ArgumentParser:
                              "repeatable")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+#: figures each experiment writes into --out (next to metrics.json and report.md)
+FIGURES = {"classifier": ["maps.png"], "attacks": ["maps.png"], "gap": ["gap.png"], "robust": ["robust.png"],
+           "aid": ["aid.png"], "detector": []}
+#: experiments that train (and save) the classifier when ``classifier.checkpoint`` is not a file to reuse
+USES_CLASSIFIER = ("classifier", "attacks", "gap", "detector", "aid")
+
+
+def _will_train(section: dict[str, Any], default: Path) -> Path | None:
+    """Where a ``classifier:`` / ``rts:``-style section saves what it trains, or ``None`` when it reuses a file."""
+    ckpt = section.get("checkpoint")
+    if ckpt and Path(ckpt).is_file() and not section.get("retrain", False):
+        return None
+    return Path(ckpt) if ckpt else default
+
+
+def planned_outputs(name: str, cfg: dict[str, Any], out: Path, module: Any = None) -> list[Path]:
+    """The files experiment ``name`` will write for ``cfg``: ``metrics.json``, ``report.md``, its figure and the
+    checkpoints it trains (``classifier.pt``, ``rts.pt`` / ``rts_aid.pt``, the robust models' ``<name>.pt``).
+    Caches (hash-named entries, never replacing a file of the user's) and Lightning's versioned log folders are not
+    listed; any write the list misses is still checked against the manifest when it happens."""
+    files = [out / "metrics.json", out / "report.md"] + [out / f for f in FIGURES.get(name, [])]
+    if name in USES_CLASSIFIER:
+        ccfg = dict(cfg.get("classifier") or {})
+        target = _will_train(ccfg, out / "classifier.pt")
+        if target is not None:
+            files.append(target)
+    if name == "aid":
+        files += [out / "rts.pt", out / "rts_aid.pt"]
+    if name == "detector":
+        dcfg = dict(cfg.get("detection") or {})
+        rts_opts = ((cfg.get("interpreter_options") or {}).get("rts") or {})
+        if "rts" in (dcfg.get("interpreters") or ["grad", "cam", "mask"]) and not rts_opts.get("network"):
+            target = _will_train(dict(cfg.get("rts") or {}), out / "rts.pt")
+            if target is not None:
+                files.append(target)
+    if name == "robust":
+        specs = cfg.get("models") or getattr(module, "DEFAULT_MODELS", [])
+        files += [out / f"{spec['name']}.pt" for spec in specs if isinstance(spec, dict) and "name" in spec]
+    return files
+
+
+def _out_dir(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"--out must name a directory, got {value!r} (an empty --out would write "
+                                         "into the working directory); pass e.g. --out runs/NAME")
+    return value
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -136,9 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg["output_dir"] = str(out)  # where rank 0 publishes (other ranks run in a scratch directory)
         start = time.perf_counter()
         if is_global_zero():
+            guard = OutputGuard(out, overwrite=args.overwrite)
+            guard.refuse(planned_outputs(name, cfg, out, module))  # before anything trains or is written
             created = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
-            module.run(cfg, out, progress=not args.no_progress)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # e.g. permission denied: one line naming the directory
+                raise write_error(out, exc) from None
+            with guarded_outputs(guard):
+                module.run(cfg, out, progress=not args.no_progress)
             print(f"[defend] experiment '{name}' finished in {time.perf_counter() - start:.1f}s -> {out}")
         else:  # DDP: the other ranks train / attack their shards; only rank 0 publishes into --out
             with tempfile.TemporaryDirectory(prefix="defend-rank-") as scratch:
