@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_images, check_labels, check_positive
-from ._state import frozen
+from .checks import check_images, check_labels, check_positive
+from .state import frozen
 from .edges import edge_weights
 from .frameworks import PGD, ThreatModel, get_framework
 from .interpreters import GradInterpreter, Interpreter

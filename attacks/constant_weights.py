@@ -13,7 +13,7 @@ through the general batch-statistics formula. Inside :func:`constant_weights`,
 
 The values and all input derivatives are those of the original ops (tests compare them in float64). A weight
 that requires grad is left to PyTorch, so the context never drops a gradient somebody asked for; attacks run
-with frozen parameters (:func:`attacks._state.frozen`), where every convolution takes the fast path.
+with frozen parameters (:func:`attacks.state.frozen`), where every convolution takes the fast path.
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_images, check_positive
-from ._state import frozen
+from .checks import check_images, check_positive
+from .state import frozen
 from .frameworks import PGD
 from .interpreters import Interpreter, get_interpreter
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks._checks import check_images, check_labels
+from attacks.checks import check_images, check_labels
 from attacks.adv2 import ADV2, random_targets
 from attacks.frameworks import get_framework
 from attacks.interpreters.rts import RTSInterpreter, RTSNetwork, rts_objective

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attacks._checks import check_images, check_labels
-from attacks._state import frozen
+from attacks.checks import check_images, check_labels
+from attacks.state import frozen
 
 __all__ = ["AutoAttackResult", "autoattack_accuracy", "AUTOATTACK_VERSION"]
 

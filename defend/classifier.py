@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from attacks._checks import check_images, check_labels
+from attacks.checks import check_images, check_labels
 
 from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
 from .models import ARCHITECTURES, GapClassifier, build_classifier

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attacks._state import frozen
+from attacks.state import frozen
 from attacks.interpreters import Interpreter
 
 from .evaluation import check_adversarial

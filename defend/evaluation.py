@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from attacks._state import frozen
+from attacks.state import frozen
 from attacks.adv2 import ADV2
 from attacks.interpreters import Interpreter
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from attacks._checks import check_images, check_labels
-from attacks._state import eval_mode
+from attacks.checks import check_images, check_labels
+from attacks.state import eval_mode
 from attacks.frameworks.pgd import pgd_maximise
 from attacks.interpreters import GradInterpreter, minmax
 

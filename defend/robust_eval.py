@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks._state import frozen
+from attacks.state import frozen
 from attacks.frameworks import PGD, pgd_maximise
 from attacks.interpreters import Interpreter
 from attacks.topk import TopKAttack

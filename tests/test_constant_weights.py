@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacks._state import frozen
+from attacks.state import frozen
 from attacks.constant_weights import constant_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks._state import eval_mode, frozen
+from attacks.state import eval_mode, frozen
 from attacks.interpreters import (
     CAMInterpreter,
     GradInterpreter,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacks._state import eval_mode
+from attacks.state import eval_mode
 from defend.classifier import load_classifier
 from defend.models import GapClassifier
 from defend.robust import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_positive
+from ..checks import check_positive
 from ..optim import BatchAdam
 from .base import ThreatModel
 

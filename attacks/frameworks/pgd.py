@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_positive
+from ..checks import check_positive
 from ..optim import expand_like
 from .base import ThreatModel, clip01, grid_levels, quantise_linf
 

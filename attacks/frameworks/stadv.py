@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_positive
+from ..checks import check_positive
 from ..optim import BatchAdam
 from .base import ThreatModel, clip01
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_images, check_labels
+from ..checks import check_images, check_labels
 
 __all__ = ["Interpreter", "minmax", "to_input_size", "resolve_target"]
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._state import eval_mode
+from ..state import eval_mode
 from .base import Interpreter, to_input_size
 from .mask import gaussian_blur, total_variation
 

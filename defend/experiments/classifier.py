@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from attacks._state import frozen
+from attacks.state import frozen
 from attacks.interpreters import get_interpreter
 from attacks.interpreters.base import to_input_size
 

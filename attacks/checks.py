@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_labels", "check_positive", "check_maps"]
+__all__ = ["check_images", "check_labels", "check_positive"]
 
 
 def check_images(x: Tensor, name: str = "images") -> None:
@@ -43,13 +43,6 @@ def check_labels(y: Tensor, num_classes: int, n: int | None = None, name: str = 
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes - 1}] for a {num_classes}-class model, got [{lo}, {hi}]")
-
-
-def check_maps(m: Tensor, name: str = "maps") -> None:
-    """Raise ``ValueError`` unless ``m`` is an attribution-map batch ``[N, 1, H, W]``."""
-    if not isinstance(m, Tensor) or m.dim() != 4 or m.shape[1] != 1:
-        shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
-        raise ValueError(f"{name} must have shape [N, 1, H, W], got {shape}")
 
 
 def check_positive(value: float, name: str, allow_zero: bool = False) -> None:
