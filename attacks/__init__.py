@@ -1,6 +1,33 @@
-"""Attack core: interpreters of IDLSes and the ADV2 / AdvEdge attacks against them. Pure PyTorch."""
+"""Attack core: interpreters of IDLSes and the attacks against them (ADV2, AdvEdge, AdvEdge+ on PGD / C&W / StAdv,
+the top-k interpretation attack). Pure PyTorch: it never imports Lightning or ``defend``.
+
+A flat namespace, as torchattacks has::
+
+    import attacks
+    cam = attacks.CAMInterpreter()
+    attack = attacks.build_attack("adv2", "pgd", "cam", eps=8 / 255)
+    res = attack(model, x, target_classes)          # res.x_adv, res.success, res.target_prob
+    maps = cam(model, res.x_adv, target_classes)    # detached [N, 1, H, W] in [0, 1]
+
+Registries (filled where things are defined): :data:`INTERPRETERS`, :data:`FRAMEWORKS`, :data:`ATTACKS`.
+"""
 from __future__ import annotations
 
-from .interpreters import Interpreter, get_interpreter
+from .adv2 import ADV2, AttackResult, make_term, random_targets
+from .edges import edge_weights, sobel_edges
+from .factory import ATTACKS, build_attack
+from .frameworks import CW, FRAMEWORKS, PGD, StAdv, ThreatModel, get_framework, pgd_maximise, quantise_linf
+from .interpreters import (INTERPRETERS, CAMInterpreter, GradInterpreter, Interpreter, MaskInterpreter,
+                           RTSInterpreter, RTSNetwork, get_interpreter)
+from .state import eval_mode, frozen
+from .terms import EnsembleTerm, InterpretationTerm, MapTerm
+from .topk import TopKAttack, TopKResult
 
-__all__ = ["Interpreter", "get_interpreter"]
+__all__ = [
+    "ADV2", "AttackResult", "build_attack", "make_term", "random_targets", "ATTACKS",
+    "Interpreter", "GradInterpreter", "CAMInterpreter", "MaskInterpreter", "RTSInterpreter", "RTSNetwork",
+    "INTERPRETERS", "get_interpreter",
+    "ThreatModel", "PGD", "CW", "StAdv", "FRAMEWORKS", "get_framework", "pgd_maximise", "quantise_linf",
+    "InterpretationTerm", "MapTerm", "EnsembleTerm", "TopKAttack", "TopKResult",
+    "sobel_edges", "edge_weights", "frozen", "eval_mode",
+]

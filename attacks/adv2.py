@@ -7,14 +7,16 @@ Stage 1 (warm start) runs the plain attack on the classifier; stage 2 (joint) mi
 with a linear ``c`` schedule. Losses are evaluated on the uint8-quantised iterate (straight-through),
 so the best iterate kept per example (target class with probability >= ``confidence``, smallest map
 loss) is a real image. AdvEdge weights every step / perturbation / flow by the Sobel edges of the benign
-image; AdvEdge+ by their binarisation. Everything is batched; no per-example Python loop, no host sync
-except an optional all-finished check every ``check_every`` steps.
+image; AdvEdge+ by their binarisation. The engine asks the interpreter for its term
+(:meth:`~attacks.interpreters.Interpreter.attack_term`) and reads the term's and the threat model's capabilities;
+it never asks what type either is. Everything is batched; no per-example Python loop, no host sync except an
+optional all-finished check every ``check_every`` steps.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,16 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_images, check_labels, check_positive
-from .state import frozen
 from .edges import edge_weights
-from .frameworks import PGD, ThreatModel, get_framework
-from .interpreters import GradInterpreter, Interpreter
+from .frameworks import ThreatModel, get_framework
+from .interpreters import Interpreter, get_interpreter
 from .optim import expand_like
-from .terms import InterpretationTerm, MaskTerm, make_term
+from .state import frozen
+from .terms import EnsembleTerm, InterpretationTerm
 
-__all__ = ["ADV2", "AttackResult", "ATTACKS", "build_attack", "random_targets"]
+__all__ = ["ADV2", "AttackResult", "make_term", "random_targets", "AUTOCAST"]
 
-ATTACKS = {"pgd": None, "adv2": None, "advedge": "soft", "advedge_plus": "binary"}
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,7 +47,6 @@ class AttackResult:
     int_loss: Tensor | None
     seconds: float
     steps: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def random_targets(labels: Tensor, num_classes: int, generator: torch.Generator | None = None,
@@ -66,6 +66,21 @@ def _soft_targets(y_t: Tensor, k: int, rho: float, gen: torch.Generator | None) 
     soft = ((1 - u) / (k - 1)).unsqueeze(1).expand(-1, k).clone()
     soft.scatter_(1, y_t.view(-1, 1), u.view(-1, 1))
     return soft
+
+
+def make_term(interpreter: str | Interpreter | Sequence[str | Interpreter], *,
+              term_options: dict[str, dict] | None = None,
+              interpreter_options: dict[str, dict] | None = None) -> InterpretationTerm:
+    """The interpreter's own ADV2 term (the ensemble term for a list). ``term_options[name]`` go to that interpreter's
+    :meth:`attack_term`; ``interpreter_options[name]`` build an interpreter given by name."""
+    if isinstance(interpreter, (list, tuple)):
+        if len(interpreter) != 1:
+            return EnsembleTerm([make_term(i, term_options=term_options, interpreter_options=interpreter_options)
+                                 for i in interpreter])
+        interpreter = interpreter[0]
+    opts = (interpreter_options or {}).get(str(interpreter), {}) if isinstance(interpreter, str) else {}
+    g = get_interpreter(interpreter, **opts)
+    return g.attack_term(**(term_options or {}).get(g.name, {}))
 
 
 class _Best:
@@ -105,15 +120,24 @@ class ADV2:
         warm_steps, steps: iterations of the warm start and of the joint stage.
         c, c_end: interpretation-loss weight, linearly annealed from ``c`` to ``c_end`` (default constant).
         confidence: minimum target probability for an iterate to count as a success.
-        smoothing: ``(rho_start, rho_end)`` label smoothing of l_prd; ``"auto"`` = (0.05, 0.01) for GRAD only.
-        surrogate_tau: tau of the smooth ReLU derivative used in the GRAD term.
-        mask_options: options of :class:`MaskTerm` (inner_steps, lookahead_lr, reset_every, reset_iterations).
-        mask_search_steps, mask_alpha_max: per-image binary search of the PGD step size against MASK.
+        smoothing: ``(rho_start, rho_end)`` label smoothing of l_prd; ``"auto"`` = (0.05, 0.01) where the term asks
+            for it (GRAD), else none.
+        term_options: ``{interpreter name: options of its attack_term}`` (GRAD ``tau``; MASK ``inner_steps``,
+            ``lookahead_lr``, ``reset_every``, ...).
+        interpreter_options: ``{interpreter name: constructor options}`` for interpreters given by name.
+        mask_search_steps, mask_alpha_max: the per-image binary search of the step size, for terms that want it
+            (MASK) on threat models that support it (PGD).
         early_stop: freeze examples of the *plain* attack once they succeed.
         seed: seeds random starts and label smoothing.
         autocast: ``None`` (float32) or ``"bf16"`` / ``"fp16"``: forward passes of the classifier and interpreter
             terms under ``torch.autocast`` on the input's device (GPU mixed precision); the perturbation, the step,
             the projection and the quantised best iterate stay float32.
+
+    Example::
+
+        attack = ADV2("cam", "pgd", framework_options={"eps": 8 / 255, "alpha": 1 / 255}, warm_steps=60, steps=80,
+                      c=20.0)
+        res = attack(model, x, target_classes)      # res.x_adv on the uint8 grid, res.success, res.target_prob
     """
 
     def __init__(self, interpreter: str | Interpreter | Sequence[str | Interpreter] | None = "cam",
@@ -121,14 +145,32 @@ class ADV2:
                  edge: str | None = None, edge_threshold: float = 0.1, edge_stages: str = "all",
                  warm_steps: int = 300, steps: int = 300, c: float = 1.0, c_end: float | None = None,
                  confidence: float = 0.0, smoothing: tuple[float, float] | str | None = "auto",
-                 surrogate_tau: float = 1e-4, mask_options: dict[str, Any] | None = None,
-                 interpreter_options: dict[str, dict] | None = None,
+                 term_options: dict[str, dict] | None = None, interpreter_options: dict[str, dict] | None = None,
                  mask_search_steps: int = 4, mask_alpha_max: float | None = None,
                  early_stop: bool = False, check_every: int = 50, seed: int = 0,
                  progress: Callable[[int], None] | None = None, autocast: str | None = None) -> None:
+        self._check(autocast, edge, edge_stages, warm_steps, steps, c, confidence)
+        self.autocast = autocast
+        self.threat = get_framework(framework, **(framework_options or {}))
+        self.threat.check_grid_budget()
+        self.term: InterpretationTerm | None = None
+        if interpreter is not None:
+            self.term = make_term(interpreter, term_options=term_options, interpreter_options=interpreter_options)
+        self.edge, self.edge_threshold, self.edge_stages = edge, edge_threshold, edge_stages
+        self.warm_steps, self.steps = warm_steps, (steps if self.term is not None else 0)
+        self.c, self.c_end, self.confidence = c, (c if c_end is None else c_end), confidence
+        if smoothing == "auto":
+            smoothing = (0.05, 0.01) if self.term is not None and self.term.wants_label_smoothing else None
+        self.smoothing = smoothing
+        self.mask_search_steps = mask_search_steps
+        self.mask_alpha_max = mask_alpha_max
+        self.early_stop, self.check_every, self.seed = early_stop, check_every, seed
+        self.progress = progress
+
+    @staticmethod
+    def _check(autocast, edge, edge_stages, warm_steps, steps, c, confidence) -> None:
         if autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {sorted(k for k in AUTOCAST if k)} or None, got {autocast!r}")
-        self.autocast = autocast
         if edge not in (None, "soft", "binary"):
             raise ValueError(f"unknown edge mode {edge!r}; choose None, 'soft' or 'binary'")
         if edge_stages not in ("all", "warm"):
@@ -138,24 +180,6 @@ class ADV2:
         check_positive(c, "c", allow_zero=True)
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence must lie in [0, 1), got {confidence}")
-        self.threat = get_framework(framework, **(framework_options or {}))
-        self.threat.check_grid_budget()
-        self.term: InterpretationTerm | None = None
-        if interpreter is not None:
-            self.term = make_term(interpreter, surrogate_tau=surrogate_tau, mask_options=mask_options,
-                                  interpreter_options=interpreter_options)
-        self.edge, self.edge_threshold, self.edge_stages = edge, edge_threshold, edge_stages
-        self.warm_steps, self.steps = warm_steps, (steps if self.term is not None else 0)
-        self.c, self.c_end, self.confidence = c, (c if c_end is None else c_end), confidence
-        if smoothing == "auto":
-            has_grad = self.term is not None and any(
-                isinstance(t.interpreter, GradInterpreter) for t in getattr(self.term, "terms", [self.term]))
-            smoothing = (0.05, 0.01) if has_grad else None
-        self.smoothing = smoothing
-        self.mask_search_steps = mask_search_steps
-        self.mask_alpha_max = mask_alpha_max
-        self.early_stop, self.check_every, self.seed = early_stop, check_every, seed
-        self.progress = progress
 
     def _amp(self, x: Tensor):
         """``torch.autocast`` on ``x``'s device when mixed precision is on, else a no-op context."""
@@ -163,16 +187,19 @@ class ADV2:
             return contextlib.nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=AUTOCAST[self.autocast])
 
-    # ------------------------------------------------------------------------------------------------
     def _networks(self) -> list[nn.Module]:
         """Trainable networks inside the attacked interpreters (RTS): frozen and restored like the classifier."""
-        terms = [] if self.term is None else getattr(self.term, "terms", [self.term])
-        nets = [getattr(t.interpreter, "network", None) for t in terms]
-        return [n for n in nets if isinstance(n, nn.Module)]
+        return [] if self.term is None else self.term.networks()
 
     @property
     def interpreter(self) -> Interpreter | None:
         return None if self.term is None else self.term.interpreter
+
+    @property
+    def searches_step(self) -> bool:
+        """Whether the joint stage runs the per-image step-size search (the term wants it, the threat supports it)."""
+        return (self.term is not None and self.term.wants_step_search and self.threat.supports_step_search
+                and bool(self.mask_search_steps))
 
     def target_maps(self, model: nn.Module, x: Tensor, cls: Tensor | None = None) -> Tensor:
         """Benign maps (the stealthy default target) of ``x`` for class ``cls`` (default: prediction)."""
@@ -198,10 +225,8 @@ class ADV2:
             m_t = None
             if self.term is not None:
                 m_t = self.target_maps(model, x0) if target_map is None else target_map.detach().to(x0.device)
-            z = self.threat.init(x0, gen)
             weight = edge_weights(x0, self.edge, self.edge_threshold)
-            if weight is not None and isinstance(self.threat, PGD):
-                z = z * weight  # AdvEdge: the random start is edge-weighted like every step (AdvEdge+: edges only)
+            z = self.threat.init(x0, gen, weight)  # AdvEdge: a random start is edge-weighted like every step
             best = _Best(self.threat.quantise(x0, self.threat.apply(x0, z, None)))
             z = self._stage(model, x0, y_t, z, weight, self.warm_steps, None, None, best, gen, k)
             if self.steps:
@@ -215,67 +240,73 @@ class ADV2:
         return AttackResult(best.x, y_t, success, p_t, best.score if self.steps else None,
                             time.perf_counter() - start, self.warm_steps + self.steps)
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------ one stage
+    def _loss(self, model, x0, xq, x, z, y_t, term, m_t, state, frac, gen, k) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(loss, logits, l_int)`` of one iterate: prediction loss (label-smoothed where the term wants it),
+        the threat model's penalty and the annealed interpretation term."""
+        with self._amp(x0):
+            l_int, logits = (None, None) if term is None else term.loss_and_logits(model, xq, y_t, m_t, state)
+            if logits is None:
+                logits = model(xq)
+        logits = logits.float()
+        l_int = None if l_int is None else l_int.float()
+        if term is not None and self.smoothing is not None:
+            rho = self.smoothing[0] + frac * (self.smoothing[1] - self.smoothing[0])
+            l_prd = -(_soft_targets(y_t, k, rho, gen) * F.log_softmax(logits, 1)).sum(1)
+        else:
+            l_prd = F.cross_entropy(logits, y_t, reduction="none")
+        loss = l_prd + self.threat.penalty(x0, x, z)
+        if l_int is not None:
+            loss = loss + (self.c + frac * (self.c_end - self.c)) * l_int
+        return loss, logits, l_int
+
+    def _success(self, logits: Tensor, y_t: Tensor) -> tuple[Tensor, Tensor]:
+        probs = logits.detach().float().softmax(1)
+        p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
+        return (probs.argmax(1) == y_t) & (p_t >= self.confidence), p_t
+
     def _stage(self, model, x0, y_t, z, weight, n_steps, term, m_t, best, gen, k) -> Tensor:
         if n_steps == 0:
             return z
         self.threat.start(x0)
         active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         state = term.init(model, self.threat.apply(x0, z, weight).detach(), y_t, m_t) if term is not None else None
-        search = term is not None and isinstance(self.threat, PGD) and self._uses_mask(term) and self.mask_search_steps
+        search = term is not None and self.searches_step
         for i in range(n_steps):
-            frac = i / max(n_steps - 1, 1)
             z = z.detach().requires_grad_(True)
             x = self.threat.apply(x0, z, weight)
             xq = x + (self.threat.quantise(x0, x) - x).detach()
-            with self._amp(x0):
-                l_int, logits = (None, None) if term is None else term.loss_and_logits(model, xq, y_t, m_t, state)
-                if logits is None:
-                    logits = model(xq)
-            logits = logits.float()
-            l_int = None if l_int is None else l_int.float()
-            if term is not None and self.smoothing is not None:
-                rho = self.smoothing[0] + frac * (self.smoothing[1] - self.smoothing[0])
-                l_prd = -(_soft_targets(y_t, k, rho, gen) * F.log_softmax(logits, 1)).sum(1)
-            else:
-                l_prd = F.cross_entropy(logits, y_t, reduction="none")
-            loss = l_prd + self.threat.penalty(x0, x, z)
-            if l_int is not None:
-                loss = loss + (self.c + frac * (self.c_end - self.c)) * l_int
+            loss, logits, l_int = self._loss(model, x0, xq, x, z, y_t, term, m_t, state, i / max(n_steps - 1, 1), gen, k)
             (g,) = torch.autograd.grad(loss.sum(), z)
             with torch.no_grad():
-                probs = logits.detach().softmax(1)
-                p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
-                success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+                success, p_t = self._success(logits, y_t)
                 score = l_int.detach() if l_int is not None else -p_t
                 if term is not None and term.selects_on_refresh:
                     score = torch.full_like(p_t, float("inf"))  # scored at refresh on the real map
                 best.update(xq.detach(), success, score, p_t)
                 if term is None and self.early_stop:
                     active = active & ~success
-                if search:
-                    alpha = self._search_step(model, x0, y_t, z.detach(), g, active, weight, p_t)
-                    z = self.threat.step(z, g, active, weight, alpha=alpha)
-                else:
-                    z = self.threat.step(z, g, active, weight)
-                if isinstance(self.threat, PGD):
-                    z = self.threat.project(x0, z)
+                alpha = self._search_step(model, x0, y_t, z.detach(), g, active, weight, p_t) if search else None
+                z = self.threat.project(x0, self.threat.step(z, g, active, weight, **(
+                    {"alpha": alpha} if alpha is not None else {})))
             if term is not None:
                 self._refresh(model, x0, y_t, z, weight, term, m_t, state, best, i)
             if self.progress is not None:
                 self.progress(1)
             if term is None and self.early_stop and (i + 1) % self.check_every == 0 and not bool(active.any()):
                 break  # one host sync every `check_every` steps
-        with torch.no_grad():  # score the final iterate too
+        self._finish(model, x0, y_t, z, weight, term, m_t, state, best)
+        return z.detach()
+
+    def _finish(self, model, x0, y_t, z, weight, term, m_t, state, best) -> None:
+        """Score the final iterate too (the plain attack on its probability, a term at its last refresh)."""
+        with torch.no_grad():
             xq = self.threat.quantise(x0, self.threat.apply(x0, z, weight))
-            probs = model(xq).softmax(1)
-            p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
-            success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+            success, p_t = self._success(model(xq), y_t)
             if term is None:
                 best.update(xq, success, -p_t, p_t)
         if term is not None:
             self._refresh(model, x0, y_t, z, weight, term, m_t, state, best, None)
-        return z.detach()
 
     def _refresh(self, model, x0, y_t, z, weight, term, m_t, state, best, step) -> None:
         """Let the term update its state; score the iterate when the term measured the real map."""
@@ -285,19 +316,13 @@ class ADV2:
         sel = state.pop("selection_loss", None)
         if sel is not None:
             with torch.no_grad():
-                probs = model(xq).softmax(1)
-            p_t = probs.gather(1, y_t.view(-1, 1)).squeeze(1)
-            success = (probs.argmax(1) == y_t) & (p_t >= self.confidence)
+                success, p_t = self._success(model(xq), y_t)
             best.update(xq, success, sel, p_t)
-
-    @staticmethod
-    def _uses_mask(term: InterpretationTerm) -> bool:
-        return any(isinstance(t, MaskTerm) for t in getattr(term, "terms", [term]))
 
     def _search_step(self, model, x0, y_t, z, g, active, weight, p_now: Tensor) -> Tensor:
         """Per-image binary search for the largest sign step keeping ``p_t >= max(confidence, 0.5 p_t now)``
         (``p_now``: the target probability of the current iterate, from this step's forward pass)."""
-        threat: PGD = self.threat  # type: ignore[assignment]
+        threat = self.threat
         n = x0.shape[0]
         hi = torch.full((n,), self.mask_alpha_max or 2 * threat.alpha, device=x0.device)
         lo = torch.zeros(n, device=x0.device)
@@ -311,13 +336,3 @@ class ADV2:
             lo = torch.where(ok, mid, lo)
             hi = torch.where(ok, hi, mid)
         return torch.clamp(lo, min=0.25 * threat.alpha)
-
-
-def build_attack(name: str, framework: str | ThreatModel = "pgd", interpreter: Any = "cam", **options: Any) -> ADV2:
-    """``pgd`` (plain attack in any framework), ``adv2``, ``advedge`` or ``advedge_plus`` by name."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack '{name}'; choose one of: {', '.join(ATTACKS)}")
-    if name == "pgd":
-        options = {k: v for k, v in options.items() if k not in ("edge", "c", "c_end", "mask_options", "edge_stages")}
-        return ADV2(None, framework, **{**options, "steps": 0})
-    return ADV2(interpreter, framework, edge=ATTACKS[name], **options)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from attacks.adv2 import ADV2, build_attack, random_targets  # noqa: E402
+from attacks import ADV2, build_attack, random_targets  # noqa: E402
 from defend.io import write_json  # noqa: E402
 
 #: variant -> (attack name, framework, interpreter); ``cw`` / ``stadv`` are ADV2 (CAM) in those frameworks.
@@ -94,7 +94,7 @@ def make_attack(variant: str, steps: int, mask_inner_steps: int, model: torch.nn
     if interpreter == "mask":
         # the initial MASK solve is setup (it cancels); no periodic reset falls inside S_HI steps
         options["interpreter_options"] = {"mask": {"iterations": 10}}
-        options["mask_options"] = {"inner_steps": mask_inner_steps, "reset_every": 10_000}
+        options["term_options"] = {"mask": {"inner_steps": mask_inner_steps, "reset_every": 10_000}}
         options["mask_search_steps"] = mask_search_steps
     if interpreter == "rts":  # an untrained RTS masking network on the model's stages (weights do not change timing)
         from attacks.interpreters import RTSInterpreter, RTSNetwork

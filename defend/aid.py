@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from attacks.checks import check_images, check_labels
 from attacks.adv2 import ADV2, random_targets
 from attacks.frameworks import get_framework
-from attacks.interpreters.rts import RTSInterpreter, RTSNetwork, rts_objective
+from attacks.interpreters import RTSInterpreter, RTSNetwork, rts_objective
 
 from .classifier import load_classifier
 from .distributed import mean_over_ranks, rank_world, shard_draw

@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from attacks.checks import check_images, check_labels
 from attacks.state import eval_mode
 from attacks.frameworks.pgd import pgd_maximise
-from attacks.interpreters import GradInterpreter, minmax
+from attacks.interpreters import CAMInterpreter, GradInterpreter, minmax
 
 from .classifier import classification_step, init_from_checkpoint
 from .io import project_version
@@ -63,38 +63,29 @@ def normalise_maps(m: Tensor) -> Tensor:
     return minmax(m.reshape(n * c, 1, *m.shape[2:])).view_as(m)
 
 
-def _grad_interpreter() -> GradInterpreter:
-    return GradInterpreter(score="logit", surrogate_tau=1e-4)
+#: the interpreters inside D: CAM at the feature grid; GRAD of the logit through the smooth ReLU-derivative
+#: surrogate, so the map has a non-zero input and weight derivative
+INTERPRETERS_IN_D = {"cam": CAMInterpreter, "grad": lambda: GradInterpreter(score="logit", surrogate_tau=1e-4)}
 
 
-def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam",
-                    classes: Sequence[int] | Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Normalised maps ``[N, C', h, w]`` of ``classes`` (default: every class) and the logits ``[N, C]``.
-
-    Both are differentiable in ``x`` (when it requires grad) and in the model's parameters.
-    """
-    if interpretation == "cam":
-        feats = model.forward_features(x)
-        logits = model.head(model.pool(feats))
-        weight = model.head.weight if classes is None else model.head.weight[torch.as_tensor(classes, device=x.device)]
-        raw = torch.einsum("ck,nkhw->nchw", weight, feats)
-        return normalise_maps(raw), logits
-    if interpretation == "grad":
-        interp = _grad_interpreter()
-        logits = model(x)
-        cls = range(logits.shape[1]) if classes is None else [int(c) for c in torch.as_tensor(classes).flatten()]
+def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam") -> tuple[Tensor, Tensor]:
+    """Normalised maps of every class ``[N, C, h, w]`` (the interpreter's :meth:`explain_classes`) and the logits
+    ``[N, C]``; both differentiable in ``x`` (when it requires grad) and in the model's parameters."""
+    if interpretation not in INTERPRETERS_IN_D:
+        raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
+    graph = torch.is_grad_enabled()  # under no_grad (benign reference maps) no graph is recorded
+    if interpretation == "grad":  # a gradient map needs autograd even for a reference map
         inp = x if x.requires_grad else x.detach().requires_grad_(True)
         with torch.enable_grad():
-            raw = torch.cat([interp.explain(model, inp, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device),
-                                            create_graph=True) for c in cls], 1)
-        return normalise_maps(raw), logits
-    raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
+            raw, logits = INTERPRETERS_IN_D["grad"]().explain_classes(model, inp, create_graph=True)
+    else:
+        raw, logits = INTERPRETERS_IN_D[interpretation]().explain_classes(model, x, create_graph=graph)
+    return normalise_maps(raw), model(x) if logits is None else logits
 
 
-def class_maps(model: GapClassifier, x: Tensor, interpretation: str = "cam",
-               classes: Sequence[int] | Tensor | None = None) -> Tensor:
-    """Normalised maps ``[N, C', h, w]`` (see :func:`maps_and_logits`)."""
-    return maps_and_logits(model, x, interpretation, classes)[0]
+def class_maps(model: GapClassifier, x: Tensor, interpretation: str = "cam") -> Tensor:
+    """Normalised maps of every class ``[N, C, h, w]`` (see :func:`maps_and_logits`)."""
+    return maps_and_logits(model, x, interpretation)[0]
 
 
 def discrepancy(maps_x: Tensor, maps_adv: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.adv2 import ADV2, AttackResult, _soft_targets, build_attack, random_targets
+from attacks import build_attack
+from attacks.adv2 import ADV2, AttackResult, _soft_targets, random_targets
 from attacks.edges import edge_weights, sobel_edges
 from attacks.frameworks import CW, PGD, StAdv, flow_loss, flow_warp, get_framework, pgd_maximise
 from attacks.interpreters import CAMInterpreter, GradInterpreter
@@ -274,7 +275,7 @@ def test_mask_term_runs_and_stays_in_ball(model, batch):
     eps = 8 / 255
     attack = build_attack("adv2", interpreter="mask", warm_steps=5, steps=4,
                           interpreter_options={"mask": {"iterations": 10}},
-                          mask_options={"inner_steps": 2, "reset_every": 3, "reset_iterations": 5},
+                          term_options={"mask": {"inner_steps": 2, "reset_every": 3, "reset_iterations": 5}},
                           framework_options=dict(eps=eps, alpha=2 / 255))
     result = attack(model, x[:4], target[:4])
     assert result.x_adv.shape == x[:4].shape
@@ -308,10 +309,11 @@ def test_batch_gives_the_same_result_as_each_example_alone(model, batch):
 @pytest.mark.parametrize("random_start", [False, True])
 def test_advedge_plus_changes_only_edge_pixels(model, batch, random_start):
     x, _, target = batch
-    mask = edge_weights(x, "binary", 0.1)
+    attack = small("advedge_plus", eps=16 / 255, random_start=random_start, warm_steps=6, steps=4)
+    mask = edge_weights(x, "binary", attack.edge_threshold)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert 0 < mask.mean() < 1  # the test images have both edge and flat regions
-    result = small("advedge_plus", eps=16 / 255, random_start=random_start, warm_steps=6, steps=4)(model, x, target)
+    result = attack(model, x, target)
     changed = (result.x_adv != x).any(1, keepdim=True)  # per pixel, across channels
     assert changed.any()
     assert not bool((changed & (mask == 0)).any())
@@ -483,7 +485,7 @@ def test_unknown_names_fail_with_the_choices():
         build_attack("fgsm")
     with pytest.raises(ValueError, match="pgd, cw, stadv"):
         build_attack("adv2", framework="deepfool")
-    with pytest.raises(ValueError, match="cam.*grad.*mask"):
+    with pytest.raises(ValueError, match="choose one of: grad, cam, mask"):
         build_attack("adv2", interpreter="lime")
     with pytest.raises(ValueError, match="pgd, cw, stadv"):
         get_framework("nope")

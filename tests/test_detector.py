@@ -147,7 +147,7 @@ def test_median_smooth_equals_scipy_reflect(size):
 
 
 def test_detection_data_real_tiny_attack_cached(tmp_path, monkeypatch):
-    from attacks.adv2 import build_attack
+    from attacks import build_attack
     from attacks.interpreters import get_interpreter
     from defend.models import small_cnn
 

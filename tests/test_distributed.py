@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from attacks.adv2 import build_attack, random_targets
+from attacks import build_attack, random_targets
 from attacks.interpreters import CAMInterpreter
 from defend.classifier import save_classifier
 from defend.evaluation import PlanItem, evaluate_plan

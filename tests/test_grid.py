@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.adv2 import build_attack, random_targets
+from attacks import build_attack, random_targets
 from attacks.frameworks import grid_levels, quantise_linf
 
 from _tiny import train_tiny_classifier

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.adv2 import ADV2, build_attack, random_targets
+from attacks import ADV2, build_attack, random_targets
 from attacks.interpreters import get_interpreter
 from defend.metrics import map_l1
 
@@ -53,7 +53,7 @@ def test_bf16_autocast_mask_attack_matches_float32(tiny):
     out = {}
     for mode in (None, "bf16"):
         atk = build_attack("adv2", "pgd", g, warm_steps=20, steps=20, c=500.0, autocast=mode,
-                           mask_options={"inner_steps": 2, "reset_every": 5, "reset_iterations": 50, "lookahead_lr": 0.5},
+                           term_options={"mask": {"inner_steps": 2, "reset_every": 5, "reset_iterations": 50, "lookahead_lr": 0.5}},
                            framework_options={"eps": 0.063, "alpha": 2 / 255})
         res = atk(model, x, y_t, benign)
         assert res.x_adv.dtype == torch.float32 and float((res.x_adv - x).abs().max()) <= 0.063 + 1e-6

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from attacks.adv2 import ADV2, random_targets
 from attacks.interpreters import RTSInterpreter, RTSNetwork, get_interpreter, rts_objective
-from attacks.terms import MapTerm, make_term
+from attacks import make_term
+from attacks.terms import MapTerm
 from defend.aid import AIDModule, load_rts, save_rts
 from defend.classifier import save_classifier
 from defend.interpreters import build_interpreter
@@ -155,7 +156,7 @@ def test_adv2_against_rts_uses_encoder_term_reaches_target_in_ball(trained_rts, 
         m, logits = module.rts(model, x, y_t)
     expected = (m - m_t).pow(2).flatten(1).mean(1) + 0.2 * F.cross_entropy(logits, y_t, reduction="none")
     with torch.no_grad():
-        assert torch.allclose(term.loss(model, x, y_t, m_t, {}), expected, atol=1e-6)
+        assert torch.allclose(term.loss_and_logits(model, x, y_t, m_t, {})[0], expected, atol=1e-6)
     before = copy.deepcopy(module.rts.state_dict())
     grads_before = [None if p.grad is None else p.grad.clone() for p in module.rts.parameters()]
     eps = 0.031

@@ -24,7 +24,7 @@ import yaml
 
 import defend.detection_data as detection_data
 import defend.io as dio
-from attacks.adv2 import ADV2, build_attack, random_targets
+from attacks import ADV2, build_attack, random_targets
 from attacks.interpreters import CAMInterpreter, GradInterpreter
 from defend.classifier import save_classifier
 from defend.detection_data import build_detection_data

@@ -10,7 +10,12 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["ThreatModel", "quantise", "quantise_linf", "grid_levels", "clip01"]
+from ..registry import Registry
+
+__all__ = ["ThreatModel", "FRAMEWORKS", "quantise", "quantise_linf", "grid_levels", "clip01"]
+
+#: every attack framework (threat model), registered where it is defined
+FRAMEWORKS: Registry = Registry("framework")
 
 LEVELS = 255
 
@@ -52,13 +57,18 @@ def quantise_linf(x0: Tensor, x: Tensor, eps: float) -> Tensor:
 
 
 class ThreatModel(ABC):
-    """Parameterisation, constraint, penalty and update rule of one attack framework."""
+    """Parameterisation, constraint, penalty and update rule of one attack framework.
+
+    Capabilities the engine reads (it never asks for the type): ``supports_step_search`` (``step`` takes a per-example
+    ``alpha``: the MASK attack's step-size search) and :meth:`project` (identity unless the framework has a box to
+    keep ``x0 + z`` in)."""
 
     name: str = "threat"
+    supports_step_search: bool = False
 
     @abstractmethod
-    def init(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
-        """The initial optimisation variable for benign images ``x0``."""
+    def init(self, x0: Tensor, generator: torch.Generator | None, weight: Tensor | None = None) -> Tensor:
+        """The initial optimisation variable for benign images ``x0`` (``weight``: the AdvEdge edge map)."""
 
     @abstractmethod
     def apply(self, x0: Tensor, z: Tensor, weight: Tensor | None) -> Tensor:
@@ -71,6 +81,10 @@ class ThreatModel(ABC):
     @abstractmethod
     def step(self, z: Tensor, grad: Tensor, active: Tensor, weight: Tensor | None) -> Tensor:
         """One descent update of ``z`` (frozen where ``active`` is False)."""
+
+    def project(self, x0: Tensor, z: Tensor) -> Tensor:
+        """Bring ``z`` back into the feasible set after a step (default: nothing to do)."""
+        return z
 
     def quantise(self, x0: Tensor, x: Tensor) -> Tensor:
         """The uint8-grid image closest to ``x`` that still satisfies the constraint."""

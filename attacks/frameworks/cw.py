@@ -6,11 +6,12 @@ from torch import Tensor
 
 from ..checks import check_positive
 from ..optim import BatchAdam
-from .base import ThreatModel
+from .base import FRAMEWORKS, ThreatModel
 
 __all__ = ["CW"]
 
 
+@FRAMEWORKS.register("cw")
 class CW(ThreatModel):
     """``x_w = (tanh(w) + 1) / 2``; the perturbation ``x_w - x0`` is scaled by the edge weight (AdvEdge).
 
@@ -26,7 +27,7 @@ class CW(ThreatModel):
         self.lr, self.l2_weight = lr, l2_weight
         self._adam: BatchAdam | None = None
 
-    def init(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+    def init(self, x0: Tensor, generator: torch.Generator | None, weight: Tensor | None = None) -> Tensor:
         return torch.atanh((2 * x0 - 1).clamp(-1 + 1e-6, 1 - 1e-6))
 
     def start(self, x0: Tensor) -> None:

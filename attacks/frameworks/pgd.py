@@ -8,26 +8,30 @@ from torch import Tensor
 
 from ..checks import check_positive
 from ..optim import expand_like
-from .base import ThreatModel, clip01, grid_levels, quantise_linf
+from .base import FRAMEWORKS, ThreatModel, clip01, grid_levels, quantise_linf
 
 __all__ = ["PGD", "pgd_maximise"]
 
 
+@FRAMEWORKS.register("pgd")
 class PGD(ThreatModel):
     """``x = clip(x0 + delta)``, ``|delta|_inf <= eps``, sign steps of size ``alpha`` (times the edge weight)."""
 
     name = "pgd"
+    supports_step_search = True
 
     def __init__(self, eps: float = 0.031, alpha: float = 1 / 255, random_start: bool = False) -> None:
         check_positive(eps, "eps")
         check_positive(alpha, "alpha")
         self.eps, self.alpha, self.random_start = eps, alpha, random_start
 
-    def init(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+    def init(self, x0: Tensor, generator: torch.Generator | None, weight: Tensor | None = None) -> Tensor:
+        """Zero, or a uniform random start in the ball; AdvEdge weights it by the edges like every step."""
         if not self.random_start:
             return torch.zeros_like(x0)
         u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return ((x0 + (2 * u - 1) * self.eps).clamp(0, 1) - x0)
+        z = (x0 + (2 * u - 1) * self.eps).clamp(0, 1) - x0
+        return z if weight is None else z * weight
 
     def apply(self, x0: Tensor, z: Tensor, weight: Tensor | None) -> Tensor:
         return clip01(x0 + z)  # project() keeps x0 + z in [0, 1]; the clip is a guard with identity gradient

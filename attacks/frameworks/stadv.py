@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..checks import check_positive
 from ..optim import BatchAdam
-from .base import ThreatModel, clip01
+from .base import FRAMEWORKS, ThreatModel, clip01
 
 __all__ = ["StAdv", "flow_warp", "flow_loss"]
 
@@ -39,6 +39,7 @@ def flow_loss(flow: Tensor) -> Tensor:
     return total
 
 
+@FRAMEWORKS.register("stadv")
 class StAdv(ThreatModel):
     name = "stadv"
 
@@ -48,7 +49,7 @@ class StAdv(ThreatModel):
         self.lr, self.tau, self.max_flow = lr, tau, max_flow
         self._adam: BatchAdam | None = None
 
-    def init(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+    def init(self, x0: Tensor, generator: torch.Generator | None, weight: Tensor | None = None) -> Tensor:
         n, _, h, w = x0.shape
         return torch.zeros(n, 2, h, w, device=x0.device, dtype=x0.dtype)
 

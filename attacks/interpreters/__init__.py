@@ -1,40 +1,31 @@
-"""Interpreters of an IDLS: GRAD, CAM, MASK (and RTS), all returning ``[N, 1, H, W]`` maps in [0, 1]."""
+"""Interpreters of an IDLS, all returning ``[N, 1, H, W]`` maps in [0, 1]: GRAD, CAM, MASK, RTS, SmoothGrad,
+Integrated Gradients and Grad-CAM. Each registers itself in :data:`INTERPRETERS` where it is defined."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from .base import Interpreter, minmax, resolve_target, to_input_size
-from .cam import CAMInterpreter, raw_cam
-from .grad import GradInterpreter
-from .mask import MaskInterpreter
-from .rts import RTSInterpreter, RTSNetwork, rts_objective
+from .base import INTERPRETERS, Interpreter, minmax, resolve_target, to_input_size
+from .grad import GradInterpreter, GradTerm  # noqa: I001 - registration order: grad, cam, mask, rts, ...
+from .cam import CAMInterpreter, cam_and_logits, raw_cam
+from .mask import MaskInterpreter, MaskTerm
+from .rts import RTSInterpreter, RTSNetwork, RTSTerm
+from .rts_objective import rts_objective
+from .smoothgrad import SmoothGrad
+from .integrated_gradients import IntegratedGradients
+from .gradcam import GradCAM
 from .surrogate import relu_surrogate
 
 __all__ = [
     "Interpreter", "GradInterpreter", "CAMInterpreter", "MaskInterpreter", "RTSInterpreter", "RTSNetwork",
-    "rts_objective", "INTERPRETERS",
-    "get_interpreter", "register_interpreter", "minmax", "to_input_size", "resolve_target", "raw_cam",
-    "relu_surrogate",
+    "SmoothGrad", "IntegratedGradients", "GradCAM", "GradTerm", "MaskTerm", "RTSTerm", "rts_objective", "INTERPRETERS", "get_interpreter", "minmax",
+    "to_input_size", "resolve_target", "raw_cam", "cam_and_logits", "relu_surrogate",
 ]
-
-INTERPRETERS: dict[str, Callable[..., Interpreter]] = {
-    "grad": GradInterpreter,
-    "cam": CAMInterpreter,
-    "mask": MaskInterpreter,
-    "rts": RTSInterpreter,  # needs network=<trained RTSNetwork or checkpoint path>
-}
-
-
-def register_interpreter(name: str, factory: Callable[..., Interpreter]) -> None:
-    """Make an interpreter available by name (RTS registers itself this way)."""
-    INTERPRETERS[name] = factory
 
 
 def get_interpreter(name: str | Interpreter, **kwargs: Any) -> Interpreter:
-    """Build an interpreter by name; unknown names fail with the list of choices."""
+    """Build an interpreter by (case-insensitive) name, or pass an instance through; unknown names list the choices."""
     if isinstance(name, Interpreter):
+        if kwargs:
+            raise ValueError(f"options {sorted(kwargs)} given for an interpreter instance ({name!r}); pass a name")
         return name
-    key = str(name).lower()
-    if key not in INTERPRETERS:
-        raise ValueError(f"unknown interpreter '{name}'; choose one of: {', '.join(sorted(INTERPRETERS))}")
-    return INTERPRETERS[key](**kwargs)
+    return INTERPRETERS.build(str(name).lower(), **kwargs)

@@ -8,8 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_images, check_labels
+from ..registry import Registry
+from ..terms import InterpretationTerm, MapTerm
 
-__all__ = ["Interpreter", "minmax", "to_input_size", "resolve_target"]
+__all__ = ["Interpreter", "INTERPRETERS", "minmax", "to_input_size", "resolve_target"]
+
+#: every interpreter, registered where it is defined (``@INTERPRETERS.register("name")``)
+INTERPRETERS: Registry = Registry("interpreter")
 
 
 def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:
@@ -40,13 +45,20 @@ def resolve_target(model: nn.Module, x: Tensor, target: Tensor | int | None) -> 
 class Interpreter(ABC):
     """An interpreter g of an IDLS. The classifier is passed at call time; the caller's state is untouched.
 
-    Subclasses implement :meth:`explain` (raw maps at their native resolution, differentiable when
-    ``create_graph``); :meth:`__call__` validates, resamples to the input grid and normalises to [0, 1].
+    A new interpreter is one class: :meth:`explain` (raw maps at their native resolution, differentiable when
+    ``create_graph``), optionally :meth:`normalise`, :meth:`attack_map` (a map with a useful input gradient) and
+    :meth:`attack_term` (its ADV2 term; the default is map MSE on :meth:`attack_map`), registered with
+    ``@INTERPRETERS.register("name")``. :meth:`__call__` validates, resamples to the input grid, normalises to
+    [0, 1] and returns detached maps unless ``create_graph``.
     """
 
     name: str = "interpreter"
-    #: True when the maps are differentiable functions of the input (usable inside attack losses).
+    #: False when the map is an optimisation result with no input gradient (MASK): attacks need a dedicated term.
     differentiable: bool = True
+    #: True when the map is itself a gradient, so attacking it differentiates twice (recorded under constant_weights).
+    second_order: bool = False
+    #: ADV2 options tuned on the embedded default for this interpreter (``attacks.build_attack`` applies them).
+    attack_defaults: dict = {}
 
     def __call__(self, model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                  create_graph: bool = False, raw: bool = False) -> Tensor:
@@ -55,9 +67,8 @@ class Interpreter(ABC):
         num_classes = getattr(model, "num_classes", None)
         if num_classes is not None:
             check_labels(target, num_classes, x.shape[0], name="target classes")
-        if raw:
-            return self.explain(model, x, target, create_graph=create_graph)
-        return self.map(model, x, target, create_graph=create_graph)
+        out = (self.explain if raw else self.map)(model, x, target, create_graph=create_graph)
+        return out if create_graph else out.detach()
 
     def map(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
         """Unchecked fast path (no validation, no host sync): normalised maps on the input grid.
@@ -75,17 +86,40 @@ class Interpreter(ABC):
         """The normalised map as an attack loss sees it: differentiable w.r.t. ``x`` with a useful gradient
         (GRAD overrides it with the ReLU-derivative surrogate). ``native=True`` keeps the interpreter's own grid
         (CAM: the feature grid). Unchecked fast path, like :meth:`map`; non-differentiable interpreters raise."""
+        raw = self.attack_explain(model, x, target)
+        return self.normalise(raw if native else to_input_size(raw, tuple(x.shape[-2:])))
+
+    def attack_explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+        """Raw maps with a useful input gradient (default: :meth:`explain` with ``create_graph``; GRAD-like
+        interpreters go through the ReLU-derivative surrogate). Non-differentiable interpreters raise."""
         if not self.differentiable:
             raise ValueError(f"interpreter '{self.name}' has no input gradient (its map is an optimisation result); "
                              "gradient attacks on its map need a dedicated term (ADV2's bilevel MASK term)")
-        raw = self.explain(model, x, target, create_graph=True)
-        return self.normalise(raw if native else to_input_size(raw, tuple(x.shape[-2:])))
+        return self.explain(model, x, target, create_graph=True)
 
     def attack_map_and_logits(self, model: nn.Module, x: Tensor, target: Tensor, *,
                               native: bool = False) -> tuple[Tensor, Tensor | None]:
         """:meth:`attack_map` and, where the map's forward pass already computed them, the exact logits of ``x``
         (CAM shares the classifier's pass), else ``None``."""
         return self.attack_map(model, x, target, native=native), None
+
+    def explain_classes(self, model: nn.Module, x: Tensor, *,
+                        create_graph: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Raw maps of every class ``[N, K, h, w]`` and, when the maps' pass computed them, the logits (else ``None``):
+        what interpretation-robust training compares. Default: one :meth:`explain` per class."""
+        k = getattr(model, "num_classes", None)
+        if k is None:
+            with torch.no_grad():
+                k = model(x[:1]).shape[1]
+        maps = [self.explain(model, x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device),
+                             create_graph=create_graph) for c in range(k)]
+        return torch.cat(maps, 1), None
+
+    def attack_term(self, **options) -> InterpretationTerm:
+        """The ADV2 term against this interpreter (default: map MSE on :meth:`attack_map`; no options)."""
+        if options:
+            raise ValueError(f"interpreter '{self.name}' takes no attack-term options, got {sorted(options)}")
+        return MapTerm(self)
 
     @abstractmethod
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:

@@ -14,10 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim import BatchAdam
-from .base import Interpreter, to_input_size
+from contextlib import nullcontext
+from typing import Any
 
-__all__ = ["MaskInterpreter", "gaussian_blur"]
+from ..constant_weights import constant_weights
+from ..optim import BatchAdam
+from ..terms import InterpretationTerm, map_mse
+from .base import INTERPRETERS, Interpreter, to_input_size
+
+__all__ = ["MaskInterpreter", "MaskTerm", "gaussian_blur", "total_variation"]
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -40,6 +45,7 @@ def total_variation(m: Tensor, beta: float = 3.0) -> Tensor:
     return dh + dw
 
 
+@INTERPRETERS.register("mask")
 class MaskInterpreter(Interpreter):
     """Batched MASK solver.
 
@@ -56,6 +62,8 @@ class MaskInterpreter(Interpreter):
 
     name = "mask"
     differentiable = False
+    attack_defaults = {"c": 500.0, "steps": 40, "term_options": {
+        "inner_steps": 4, "lookahead_steps": 1, "lookahead_lr": 0.5, "reset_every": 5, "target_deletion_weight": 0.3}}
 
     def __init__(self, size: int | None = None, iterations: int = 300, lr: float = 0.1, l1: float = 0.05,
                  tv: float = 0.2, tv_beta: float = 3.0, blur_sigma: float | None = None, init: float = 0.5) -> None:
@@ -107,6 +115,77 @@ class MaskInterpreter(Interpreter):
     def normalise(self, m: Tensor) -> Tensor:
         return m.clamp(0, 1)
 
+    def attack_term(self, **options: Any) -> "MaskTerm":
+        """ADV2's bilevel MASK term (Algorithm 1); ``options`` are :class:`MaskTerm`'s."""
+        return MaskTerm(self, **options)
+
     def __repr__(self) -> str:
         return (f"MaskInterpreter(size={self.size}, iterations={self.iterations}, lr={self.lr}, l1={self.l1}, "
                 f"tv={self.tv})")
+
+
+class MaskTerm(InterpretationTerm):
+    """ADV2 against MASK (Algorithm 1, section 3.6).
+
+    Each step first moves the running mask ``inner_steps`` Adam steps on ``l_map(m; x)``; the loss then
+    unrolls ``lookahead_steps`` differentiable gradient steps of size ``lookahead_lr`` (the follower's next
+    moves, with ``create_graph``) and averages the interpretation loss over the unrolled maps. Every
+    ``reset_every`` steps the running mask is replaced by a fresh MASK solve of the current input, which is the map
+    the evaluation measures, so it also scores the iterate (``selects_on_refresh``).
+    ``target_deletion_weight`` (an addition of this framework, 0 = the paper) adds the target-class
+    probability of the input with the *target* map's region blurred out, which makes the target map a
+    good MASK solution directly. The engine's per-image step-size search is on (``wants_step_search``).
+    """
+
+    wants_step_search = True
+    selects_on_refresh = True
+
+    def __init__(self, interpreter: MaskInterpreter, inner_steps: int = 4, lookahead_steps: int = 1,
+                 lookahead_lr: float = 0.1, reset_every: int = 50, reset_iterations: int | None = None,
+                 target_deletion_weight: float = 0.0) -> None:
+        super().__init__(interpreter)
+        if inner_steps < 0 or lookahead_steps < 1:
+            raise ValueError(f"MASK inner_steps must be >= 0 and lookahead_steps >= 1, got {inner_steps}, {lookahead_steps}")
+        self.inner_steps, self.lookahead_steps, self.lookahead_lr = inner_steps, lookahead_steps, lookahead_lr
+        self.reset_every = reset_every
+        self.reset_iterations = reset_iterations
+        self.target_deletion_weight = target_deletion_weight
+
+    def init(self, model, x, y_t, m_t):
+        m = self.interpreter.solve(model, x, y_t, iterations=self.reset_iterations)
+        return {"m": m, "adam": BatchAdam(m, lr=self.interpreter.lr)}
+
+    def _grad_m(self, model, x, y_t, m, create_graph: bool, blurred: Tensor) -> Tensor:
+        m = m if m.requires_grad else m.detach().requires_grad_(True)
+        # the lookahead's double backward needs no weight gradients; first-order steps gain nothing from it
+        with constant_weights() if create_graph else nullcontext():
+            obj = self.interpreter.objective(model, x, y_t, m, blurred).sum()
+        (g,) = torch.autograd.grad(obj, m, create_graph=create_graph)
+        return g
+
+    def loss_and_logits(self, model, x, y_t, m_t, state):
+        xd = x.detach()
+        m = state["m"]
+        blurred = self.interpreter.blurred(xd)
+        for _ in range(self.inner_steps):  # line 3: update the running mask
+            m = state["adam"].step(m, self._grad_m(model, xd, y_t, m, False, blurred)).clamp(0, 1)
+        state["m"] = m.detach()
+        total = x.new_zeros(x.shape[0])
+        look = m.detach().requires_grad_(True)
+        blurred_x = self.interpreter.blurred(x)
+        for _ in range(self.lookahead_steps):  # line 4: differentiable lookahead
+            look = (look - self.lookahead_lr * self._grad_m(model, x, y_t, look, True, blurred_x)).clamp(0, 1)
+            total = total + map_mse(1 - to_input_size(look, tuple(x.shape[-2:])), m_t)
+        total = total / self.lookahead_steps
+        if self.target_deletion_weight:
+            # make the target map a good MASK solution: deleting the target region must remove the prediction
+            probs = model(x * (1 - m_t) + blurred_x * m_t).softmax(1)
+            total = total + self.target_deletion_weight * probs.gather(1, y_t.view(-1, 1)).squeeze(1)
+        return total, None
+
+    def refresh(self, model, x, y_t, m_t, state, step):
+        """Periodic reset to a fresh MASK solve; that solve is the real map, so it also scores the iterate."""
+        if step is None or (self.reset_every and (step + 1) % self.reset_every == 0):
+            state["m"] = self.interpreter.solve(model, x.detach(), y_t, iterations=self.reset_iterations)
+            state["adam"] = BatchAdam(state["m"], lr=self.interpreter.lr)
+            state["selection_loss"] = map_mse(1 - to_input_size(state["m"], tuple(x.shape[-2:])), m_t)

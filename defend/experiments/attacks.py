@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from attacks.adv2 import ATTACKS, build_attack, random_targets
+from attacks import ATTACKS, build_attack, random_targets
 from attacks.frameworks import FRAMEWORKS
 from attacks.interpreters import INTERPRETERS
 from ..interpreters import build_interpreter

@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from attacks.adv2 import ATTACKS, build_attack, random_targets
+from attacks import ATTACKS, build_attack, random_targets
 from ..interpreters import build_interpreter
 
 from ..detection_data import build_detection_data, select, stack_maps

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from attacks.adv2 import build_attack, random_targets
+from attacks import build_attack, random_targets
 from ..interpreters import build_interpreter
 from attacks.targets import other_class_maps, random_patch_maps
 

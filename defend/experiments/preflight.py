@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
-from attacks.adv2 import ATTACKS
+from attacks import ATTACKS
 from attacks.frameworks import FRAMEWORKS
 from attacks.interpreters import INTERPRETERS
 
