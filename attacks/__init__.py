@@ -14,6 +14,7 @@ Registries (filled where things are defined): :data:`INTERPRETERS`, :data:`FRAME
 from __future__ import annotations
 
 from .adv2 import ADV2, AttackResult, make_term, random_targets
+from .adaptive import DetectorAwareTerm, Restarts, stack_channels
 from .edges import edge_weights, sobel_edges
 from .factory import ATTACKS, build_attack
 from .frameworks import CW, FRAMEWORKS, PGD, StAdv, ThreatModel, get_framework, pgd_maximise, quantise_linf
@@ -29,5 +30,6 @@ __all__ = [
     "INTERPRETERS", "get_interpreter",
     "ThreatModel", "PGD", "CW", "StAdv", "FRAMEWORKS", "get_framework", "pgd_maximise", "quantise_linf",
     "InterpretationTerm", "MapTerm", "EnsembleTerm", "TopKAttack", "TopKResult",
+    "DetectorAwareTerm", "Restarts", "stack_channels",
     "sobel_edges", "edge_weights", "frozen", "eval_mode",
 ]

@@ -68,11 +68,13 @@ def _soft_targets(y_t: Tensor, k: int, rho: float, gen: torch.Generator | None) 
     return soft
 
 
-def make_term(interpreter: str | Interpreter | Sequence[str | Interpreter], *,
+def make_term(interpreter: str | Interpreter | InterpretationTerm | Sequence[str | Interpreter], *,
               term_options: dict[str, dict] | None = None,
               interpreter_options: dict[str, dict] | None = None) -> InterpretationTerm:
     """The interpreter's own ADV2 term (the ensemble term for a list). ``term_options[name]`` go to that interpreter's
     :meth:`attack_term`; ``interpreter_options[name]`` build an interpreter given by name."""
+    if isinstance(interpreter, InterpretationTerm):  # a term built by the caller (adaptive attacks)
+        return interpreter
     if isinstance(interpreter, (list, tuple)):
         if len(interpreter) != 1:
             return EnsembleTerm([make_term(i, term_options=term_options, interpreter_options=interpreter_options)

@@ -73,6 +73,13 @@ class InterpretationTerm:
                 step: int | None) -> None:
         """Hook after an input update (MASK moves its running mask here); ``step=None`` after the last step."""
 
+    def last_map(self, state: dict[str, Any]) -> Tensor:
+        """The differentiable map ``[N, 1, H, W]`` of the last :meth:`loss_and_logits` call (on the input grid, with
+        its graph): what an adaptive attack feeds to a detector that reads this interpreter."""
+        if "map" not in state:
+            raise ValueError(f"term of '{self.name}' has no map yet: call loss_and_logits first")
+        return state["map"]
+
 
 class MapTerm(InterpretationTerm):
     """``l_int = mean((g(x) - m_t)^2)`` on the interpreter's :meth:`attack_map` (any differentiable interpreter).
@@ -86,6 +93,7 @@ class MapTerm(InterpretationTerm):
     def loss_and_logits(self, model, x, y_t, m_t, state):
         with self._record():
             m, logits = self.interpreter.attack_map_and_logits(model, x, y_t)
+        state["map"] = m
         return map_mse(m, m_t), logits
 
     def init(self, model, x, y_t, m_t):
@@ -129,6 +137,9 @@ class EnsembleTerm(InterpretationTerm):
             losses.append(l_i)
             logits = lg if logits is None else logits
         return torch.stack(losses).mean(0), logits
+
+    def last_map(self, state):
+        return torch.cat([t.last_map(state[i]) for i, t in enumerate(self.terms)], dim=1)
 
     def refresh(self, model, x, y_t, m_t, state, step):
         for i, t in enumerate(self.terms):

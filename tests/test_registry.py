@@ -100,10 +100,21 @@ def test_every_framework_builds_and_returns_images_in_range(tiny, name):
     assert isinstance(get_framework(name), attacks.ThreatModel)
 
 
+def _attack_arguments(name: str, model) -> dict:
+    """What a named attack needs beyond the shared options (adaptive attacks name the defence they adapt to)."""
+    if name == "adaptive_detector":
+        torch.manual_seed(0)
+        return {"interpreter": ["cam", "grad"], "detector": nn.Sequential(nn.Conv2d(2, 2, 1), nn.AdaptiveAvgPool2d(1),
+                                                                          nn.Flatten())}
+    if name == "adaptive_rts":
+        return {"interpreter": build("rts", model), "restarts": 2}
+    return {"interpreter": "cam"}
+
+
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_named_attack_takes_the_config_options(tiny, name):
     model, x, _, y_t = tiny
-    atk = build_attack(name, "pgd", "cam", eps=4 / 255, alpha=1 / 255, warm_steps=2, steps=2)
+    atk = build_attack(name, "pgd", eps=4 / 255, alpha=1 / 255, warm_steps=2, steps=2, **_attack_arguments(name, model))
     assert atk.threat.eps == 4 / 255 and atk.threat.alpha == 1 / 255
     res = atk(model, x, y_t)
     assert float((res.x_adv - x).abs().max()) <= 4 / 255 + 1e-7

@@ -1,7 +1,10 @@
 """Interpreters of an IDLS, all returning ``[N, 1, H, W]`` maps in [0, 1]: GRAD, CAM, MASK, RTS, SmoothGrad,
-Integrated Gradients and Grad-CAM. Each registers itself in :data:`INTERPRETERS` where it is defined."""
+Integrated Gradients and Grad-CAM. Each registers itself in :data:`INTERPRETERS` where it is defined, and every
+module of this package is imported here, so a new interpreter is one new module (and its test)."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from .base import INTERPRETERS, Interpreter, minmax, resolve_target, to_input_size
@@ -20,6 +23,10 @@ __all__ = [
     "SmoothGrad", "IntegratedGradients", "GradCAM", "GradTerm", "MaskTerm", "RTSTerm", "rts_objective", "INTERPRETERS", "get_interpreter", "minmax",
     "to_input_size", "resolve_target", "raw_cam", "cam_and_logits", "relu_surrogate",
 ]
+
+
+for _module in pkgutil.iter_modules(__path__):  # a new interpreter module registers itself on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def get_interpreter(name: str | Interpreter, **kwargs: Any) -> Interpreter:

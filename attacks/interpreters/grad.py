@@ -89,4 +89,5 @@ class GradTerm(InterpretationTerm):
     def loss_and_logits(self, model, x, y_t, m_t, state):
         with relu_surrogate(self.tau, exact_first_order=True), constant_weights():
             raw, logits = self.interpreter.explain_with_logits(model, x, y_t, create_graph=True)
-        return map_mse(self.interpreter.normalise(raw), m_t), logits
+        state["map"] = self.interpreter.normalise(raw)
+        return map_mse(state["map"], m_t), logits

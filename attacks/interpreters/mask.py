@@ -175,7 +175,8 @@ class MaskTerm(InterpretationTerm):
         blurred_x = self.interpreter.blurred(x)
         for _ in range(self.lookahead_steps):  # line 4: differentiable lookahead
             look = (look - self.lookahead_lr * self._grad_m(model, x, y_t, look, True, blurred_x)).clamp(0, 1)
-            total = total + map_mse(1 - to_input_size(look, tuple(x.shape[-2:])), m_t)
+            state["map"] = 1 - to_input_size(look, tuple(x.shape[-2:]))
+            total = total + map_mse(state["map"], m_t)
         total = total / self.lookahead_steps
         if self.target_deletion_weight:
             # make the target map a good MASK solution: deleting the target region must remove the prediction

@@ -200,5 +200,6 @@ class RTSTerm(MapTerm):
 
     def loss_and_logits(self, model, x, y_t, m_t, state):
         m, enc_logits, logits = self.interpreter.network.forward_with_logits(model, x, y_t)
-        loss = map_mse(m.clamp(0, 1), m_t) + self.enc_weight * F.cross_entropy(enc_logits, y_t, reduction="none")
+        state["map"] = m.clamp(0, 1)
+        loss = map_mse(state["map"], m_t) + self.enc_weight * F.cross_entropy(enc_logits, y_t, reduction="none")
         return loss, logits

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["relu_surrogate", "smooth_relu_grad", "smooth_relu_grad_derivative", "SurrogateReLU", "ExactFirstOrderReLU"]
+__all__ = ["relu_surrogate", "relu_as_softplus", "smooth_relu_grad", "smooth_relu_grad_derivative", "SurrogateReLU",
+           "ExactFirstOrderReLU"]
 
 
 def smooth_relu_grad(z: Tensor, tau: float) -> Tensor:
@@ -78,26 +79,33 @@ class ExactFirstOrderReLU(torch.autograd.Function):
         return grad * _SmoothStep.apply(z, ctx.tau), None
 
 
-_original_relu = F.relu
-
-
 @contextmanager
-def relu_surrogate(tau: float = 1e-4, exact_first_order: bool = False) -> Iterator[None]:
-    """Route every ``F.relu`` / ``nn.ReLU`` (also in-place ones) through :class:`SurrogateReLU`
-    (the paper's h as first derivative) or, with ``exact_first_order``, :class:`ExactFirstOrderReLU`.
-
-    Works on any model built from ``nn.ReLU`` modules or ``F.relu`` calls (torchvision included). It patches
-    ``torch.nn.functional.relu`` for the duration of the block and restores it on exit, also on error;
-    it is not thread-safe.
-    """
+def _relu_replaced(fn) -> Iterator[None]:
+    """Route every ``F.relu`` / ``nn.ReLU`` (also in-place ones) through ``fn(input)`` for the block; restores what
+    was there on exit (also on error), so nested blocks keep the outer replacement. Not thread-safe."""
 
     def patched(input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002 - mirrors F.relu
-        return fn.apply(input, tau)
+        return fn(input)
 
-    fn = ExactFirstOrderReLU if exact_first_order else SurrogateReLU
-    previous = F.relu  # restore what was there, so that nested blocks keep the outer surrogate active
+    previous = F.relu
     F.relu = patched
     try:
         yield
     finally:
         F.relu = previous
+
+
+def relu_surrogate(tau: float = 1e-4, exact_first_order: bool = False):
+    """Route every ``F.relu`` / ``nn.ReLU`` through :class:`SurrogateReLU` (the paper's h as first derivative) or,
+    with ``exact_first_order``, :class:`ExactFirstOrderReLU`. Works on any model built from ``nn.ReLU`` modules or
+    ``F.relu`` calls (torchvision included)."""
+    fn = ExactFirstOrderReLU if exact_first_order else SurrogateReLU
+    return _relu_replaced(lambda z: fn.apply(z, tau))
+
+
+def relu_as_softplus(beta: float):
+    """Every ReLU computed as ``softplus(beta z) / beta`` (forward and backward): the smoothed network of Dombrowski
+    et al. (NeurIPS 2019), whose gradient explanations are much harder to manipulate. ``beta -> inf`` is the ReLU."""
+    if not beta > 0:
+        raise ValueError(f"softplus beta must be > 0, got {beta}")
+    return _relu_replaced(lambda z: F.softplus(z, beta=beta))
