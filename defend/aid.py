@@ -11,57 +11,190 @@ classifier. Two losses:
   random target classes ``y_t``. Only input gradients are taken inside the attack; the maps of ``x`` and
   ``A(x)`` are then recomputed with gradients into the RTS parameters.
 
-With ``aid_weight > 0`` every ``aid_every``-th training batch is an AID batch. ``aid_mode="alternate"`` (the
-paper: "alternating between minimising l_int and l_aid") minimises ``aid_weight * l_aid`` on AID batches and
-``l_int`` on the others; ``aid_mode="joint"`` minimises ``l_int + aid_weight * l_aid`` on AID batches.
-With ``aid_weight = 0`` it is plain RTS training. ``init_from`` fine-tunes an existing RTS network (cheaper
-than training AID from scratch).
+The options come in groups: ``objective`` (:class:`RTSObjective`, ``l_int``), ``aid`` (:class:`AIDSchedule`,
+``l_aid``), ``attack`` (:class:`InnerAttack`, the inner ADV2) and ``optimiser``
+(:class:`~defend.module_base.Optimiser`). With ``aid.weight > 0`` every ``aid.every``-th training batch is an AID
+batch. ``aid.mode="alternate"`` (the paper: "alternating between minimising l_int and l_aid") minimises
+``aid.weight * l_aid`` on AID batches and ``l_int`` on the others; ``aid.mode="joint"`` minimises
+``l_int + aid.weight * l_aid`` on AID batches. With ``aid.weight = 0`` it is plain RTS training. ``init_from``
+fine-tunes an existing RTS network (cheaper than training AID from scratch).
 
-The classifier (``classifier`` = path of a classifier artifact or Lightning checkpoint) is held in a wrapper
-that stays in eval mode whatever Lightning does, with ``requires_grad=False`` on every parameter: it is not in
-the optimiser and DDP does not synchronise it (DDP only reduces parameters that require grad).
-Attacks in validation (``val_attack_batches > 0``) need ``Trainer(inference_mode=False)``.
+The classifier (``classifier`` = path of a classifier artifact or Lightning checkpoint) is held in a
+:class:`~defend.module_base.FrozenModule` that stays in eval mode whatever Lightning does, with
+``requires_grad=False`` on every parameter: it is not in the optimiser and DDP does not synchronise it (DDP only
+reduces parameters that require grad); so is the anchor network. The inner attack runs under
+:func:`attacks.frozen`. Attacks in validation (``val_attack_batches > 0``) need ``Trainer(inference_mode=False)``.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks import ADV2, AttackResult, RTSInterpreter, RTSNetwork, frozen, get_framework, random_targets
 from attacks.checks import check_images, check_labels
-from attacks.adv2 import ADV2, random_targets
-from attacks.frameworks import get_framework
-from attacks.interpreters import RTSInterpreter, RTSNetwork, rts_objective
+from attacks.interpreters import rts_objective
 
 from .classifier import load_classifier
 from .distributed import mean_over_ranks, rank_world, shard_draw
-from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
+from .io import CheckpointError, load_artifact, load_state_checked, save_artifact, strip_prefix
 from .metrics import localisation
 from .models import GapClassifier
+from .module_base import DefenceModule, FrozenModule, Optimiser, as_options, build_optimiser
 
-__all__ = ["AIDModule", "FrozenClassifier", "save_rts", "load_rts", "aid_attack", "AID_MODES"]
+__all__ = ["AIDModule", "RTSObjective", "AIDSchedule", "InnerAttack", "AID_OPTIMISER", "FrozenClassifier", "save_rts",
+           "load_rts", "aid_attack", "AID_MODES", "OBJECTIVE_KEYS"]
 
 AID_MODES = ("alternate", "joint")
+REPLACEMENTS = ("random", "noise", "blur")
+
+
+# --------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class RTSObjective:
+    """``l_int``: the RTS objective (ADV2 Eqn 8 = Eqn 15, :func:`~attacks.interpreters.rts.rts_objective`) plus the
+    class head's cross-entropy.
+
+    Args:
+        tv_weight: lambda1, weight of the mask's total variation.
+        area_weight: lambda2, weight of the area term ``mean((m + 5e-4)^area_power)``.
+        area_power: exponent of the area term.
+        destroyer_weight: lambda3, weight of ``f_c(phi(x, 1 - m))^destroyer_power`` (deleting the region must
+            destroy the evidence).
+        destroyer_power: lambda4, exponent of the destroyer term.
+        preserver_weight: weight of ``-log f_c(phi(x, m))`` (keeping the region must preserve the evidence).
+        tv_beta: exponent of the neighbour differences in the total variation.
+        replacement: what replaces the deleted pixels: ``"noise"``, ``"blur"`` or ``"random"`` (a seeded coin per
+            batch picks one).
+        noise_std: standard deviation of the Gaussian noise (around a random colour) of the noise replacement.
+        blur_sigma: Gaussian sigma of the blur replacement (default ``max(2, H / 6)``).
+        class_weight: weight of the selector class head's cross-entropy (the RTS "encoder" output the ADV2 RTS
+            term attacks).
+        fake_label_prob: share of training examples explained for a random wrong class with only the area and
+            smoothness terms (their mask should be empty; trains the class selector, Dabkowski & Gal).
+    """
+
+    tv_weight: float = 1.0
+    area_weight: float = 8.0
+    area_power: float = 0.3
+    destroyer_weight: float = 5.0
+    destroyer_power: float = 0.3
+    preserver_weight: float = 1.0
+    tv_beta: float = 2.0
+    replacement: Literal["random", "noise", "blur"] = "random"
+    noise_std: float = 0.2
+    blur_sigma: float | None = None
+    class_weight: float = 1.0
+    fake_label_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.replacement not in REPLACEMENTS:
+            raise ValueError(f"objective.replacement must be 'random', 'noise' or 'blur', got {self.replacement!r}")
+        if not 0 <= self.fake_label_prob < 1:
+            raise ValueError(f"objective.fake_label_prob must lie in [0, 1), got {self.fake_label_prob}")
+        weights = {k: getattr(self, k) for k in ("tv_weight", "area_weight", "destroyer_weight", "preserver_weight",
+                                                 "class_weight")}
+        bad = [f"{k} {v}" for k, v in weights.items() if v < 0]
+        if bad:
+            raise ValueError(f"the objective's weights must be >= 0, got {', '.join(bad)}")
+
+    def rts_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~attacks.interpreters.rts.rts_objective`."""
+        return {k: getattr(self, k) for k in OBJECTIVE_KEYS}
+
+
+#: the fields of :class:`RTSObjective` that are arguments of ``rts_objective`` (stored as ``objective`` in artifacts)
 OBJECTIVE_KEYS = ("tv_weight", "area_weight", "area_power", "destroyer_weight", "destroyer_power",
                   "preserver_weight", "tv_beta", "replacement", "noise_std", "blur_sigma")
 
 
-class FrozenClassifier(nn.Module):
-    """Holds a classifier in eval mode with ``requires_grad=False``; ``train()`` cannot switch it back."""
+@dataclass(frozen=True)
+class AIDSchedule:
+    """When and how ``l_aid`` (ADV2 Eqn 16) is trained.
 
-    def __init__(self, model: GapClassifier) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
+    Args:
+        weight: weight of ``l_aid``; 0 = plain RTS training.
+        every: every ``every``-th batch (``batch_idx % every == every - 1``) is an AID batch.
+        mode: ``"alternate"`` (the paper: AID batches minimise ``weight * l_aid`` only, with their own optimiser) or
+            ``"joint"`` (AID batches minimise ``l_int + weight * l_aid``).
+        lr: learning rate of the ``l_aid`` optimiser in alternating mode (default: ``optimiser.lr``).
+        anchor_weight: not in the paper: when fine-tuning (``init_from``), add ``anchor_weight * mean|g(x) - g0(x)|``
+            on the benign batch to ``l_int``, ``g0`` the frozen initial network (distils its benign maps so that AID
+            changes the maps of adversarial inputs rather than the benign ones; 0 = off).
+        anchor_from: the anchor network ``g0`` (default: ``init_from``).
+        detach_benign: use the benign map as a fixed anchor in ``l_aid`` (only ``g(A(x))`` moves); the paper
+            differentiates both (false).
+        success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
+        batch_size: run the inner attack and ``l_aid`` on the first ``batch_size`` examples of an AID batch only
+            (cheaper; default: the whole batch). Under DDP it applies to each process's shard.
+    """
 
-    def train(self, mode: bool = True) -> "FrozenClassifier":
-        return super().train(False)
+    weight: float = 0.0
+    every: int = 2
+    mode: Literal["alternate", "joint"] = "alternate"
+    lr: float | None = None
+    anchor_weight: float = 0.0
+    anchor_from: str | None = None
+    detach_benign: bool = False
+    success_only: bool = True
+    batch_size: int | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def __post_init__(self) -> None:
+        if self.mode not in AID_MODES:
+            raise ValueError(f"aid.mode must be one of {AID_MODES}, got {self.mode!r}")
+        if self.every < 1 or self.weight < 0 or self.anchor_weight < 0:
+            raise ValueError(f"need aid.every >= 1, aid.weight >= 0 and aid.anchor_weight >= 0, got {self.every}, "
+                             f"{self.weight} and {self.anchor_weight}")
+        if (self.lr is not None and not self.lr > 0) or (self.batch_size is not None and self.batch_size < 1):
+            raise ValueError(f"need aid.lr > 0 and aid.batch_size >= 1 (or null), got {self.lr} and {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class InnerAttack:
+    """The ADV2 attack inside ``l_aid`` (and in validation), against the current RTS interpreter.
+
+    Args:
+        framework: ``"pgd"``, ``"cw"`` or ``"stadv"``.
+        eps: L-inf radius of the PGD framework (images in [0, 1]).
+        alpha: step size of the PGD framework.
+        warm_steps: steps of the warm start (plain attack on the classifier).
+        steps: steps of the joint stage (classifier + RTS terms).
+        c: weight of the interpretation term.
+        enc_weight: weight of the RTS encoder (class head) term.
+        framework_options: extra options of the framework (e.g. C&W ``lr``, PGD ``random_start``).
+    """
+
+    framework: str = "pgd"
+    eps: float = 0.031
+    alpha: float = 2 / 255
+    warm_steps: int = 10
+    steps: int = 10
+    c: float = 20.0
+    enc_weight: float = 0.1
+    framework_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.warm_steps < 0 or self.steps < 0:
+            raise ValueError(f"need attack.warm_steps >= 0 and attack.steps >= 0, got {self.warm_steps} and "
+                             f"{self.steps}")
+        get_framework(self.framework, **self.framework_kwargs())  # unknown framework / bad radius: fails here
+
+    def framework_kwargs(self) -> dict[str, Any]:
+        """Options of the framework: PGD gets ``eps`` and ``alpha`` unless ``framework_options`` sets them."""
+        opts = dict(self.framework_options or {})
+        return {"eps": self.eps, "alpha": self.alpha, **opts} if self.framework == "pgd" else opts
+
+
+#: the default optimiser of :class:`AIDModule`: Adam on the RTS parameters, constant learning rate
+AID_OPTIMISER = Optimiser(name="adam", lr=1e-3, weight_decay=0.0, schedule="constant")
+
+
+class FrozenClassifier(FrozenModule):
+    """The classifier an :class:`AIDModule` explains: eval mode, ``requires_grad=False``, ``train()`` a no-op."""
 
 
 # --------------------------------------------------------------------------------------------- artifacts
@@ -86,35 +219,24 @@ def load_rts(path: str | os.PathLike) -> RTSNetwork:
 
 
 # --------------------------------------------------------------------------------------------- inner attack
-def aid_attack(classifier: GapClassifier, network: RTSNetwork, x: Tensor, y_t: Tensor, *, warm_steps: int = 10,
-               steps: int = 10, c: float = 20.0, eps: float = 0.031, alpha: float = 2 / 255,
-               enc_weight: float = 0.1, framework: str = "pgd", framework_options: dict[str, Any] | None = None,
-               seed: int = 0):
-    """ADV2 against the current RTS network (input gradients only); returns the :class:`AttackResult`.
+def aid_attack(classifier: GapClassifier, network: RTSNetwork, x: Tensor, y_t: Tensor,
+               attack: InnerAttack = InnerAttack(), seed: int = 0) -> AttackResult:
+    """ADV2 (``attack``) against the current RTS network, input gradients only; returns the :class:`AttackResult`.
 
-    Runs under ``torch.enable_grad()`` on a detached copy of ``x``; neither the classifier's nor the network's
-    parameters receive gradients, and both modules' train / eval flags and ``requires_grad`` are restored.
+    Runs on a detached copy of ``x`` inside :func:`attacks.frozen` (eval mode, ``requires_grad=False``, gradients
+    enabled): neither the classifier's nor the network's parameters receive gradients, and both modules' train /
+    eval flags and ``requires_grad`` are restored, also when the attack raises.
     """
-    opts = dict(framework_options or {})
-    if framework == "pgd":
-        opts = {"eps": eps, "alpha": alpha, **opts}
-    attack = ADV2(RTSInterpreter(network, enc_weight=enc_weight), framework, framework_options=opts,
-                  warm_steps=warm_steps, steps=steps, c=c, seed=seed)
-    flags = [(p, p.requires_grad) for p in network.parameters()]
-    was_training = network.training
-    try:
-        network.eval().requires_grad_(False)  # the attack needs input gradients only
-        with torch.enable_grad():
-            return attack(classifier, x.detach().clone(), y_t.detach())
-    finally:
-        network.train(was_training)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    adv2 = ADV2(RTSInterpreter(network, enc_weight=attack.enc_weight), attack.framework,
+                framework_options=attack.framework_kwargs(), warm_steps=attack.warm_steps, steps=attack.steps,
+                c=attack.c, seed=seed)
+    with frozen(classifier, network):
+        return adv2(classifier, x.detach().clone(), y_t.detach())
 
 
 # --------------------------------------------------------------------------------------------- module
-class AIDModule(pl.LightningModule):
-    """Train RTS on its own objective (``aid_weight = 0``) or with AID (``aid_weight > 0``) on a frozen classifier.
+class AIDModule(DefenceModule):
+    """Train RTS on its own objective (``aid.weight = 0``) or with AID (``aid.weight > 0``) on a frozen classifier.
 
     Args:
         classifier: path of the classifier (artifact or Lightning checkpoint, loaded with ``weights_only``).
@@ -122,82 +244,32 @@ class AIDModule(pl.LightningModule):
         width: channels of the RTS bottleneck / decoder.
         init_from: an RTS artifact or AIDModule checkpoint to start from (fine-tuning); its width wins.
         explain: class explained during training: ``"label"`` (ground truth) or ``"pred"`` (classifier).
-        tv_weight: lambda1, weight of the mask's total variation (RTS objective, :func:`rts_objective`).
-        area_weight: lambda2, weight of the area term ``mean((m + 5e-4)^area_power)``.
-        area_power: exponent of the area term.
-        destroyer_weight: lambda3, weight of ``f_c(phi(x, 1 - m))^destroyer_power`` (deleting the region must
-            destroy the evidence).
-        destroyer_power: lambda4, exponent of the destroyer term.
-        preserver_weight: weight of ``-log f_c(phi(x, m))`` (keeping the region must preserve the evidence).
-        tv_beta: exponent of the neighbour differences in the total variation.
-        replacement: what replaces the deleted pixels: ``"noise"``, ``"blur"`` or ``"random"`` (a seeded coin per
-            batch picks one).
-        noise_std: standard deviation of the Gaussian noise (around a random colour) of the noise replacement.
-        blur_sigma: Gaussian sigma of the blur replacement (default ``max(2, H / 6)``).
-        class_weight: weight of the selector class head's cross-entropy (the RTS "encoder" output).
-        fake_label_prob: share of training examples explained for a random wrong class with only the area and
-            smoothness terms (their mask should be empty; trains the class selector, Dabkowski & Gal).
-        aid_weight: weight of ``l_aid``; 0 = plain RTS training.
-        aid_every: every ``aid_every``-th batch (``batch_idx % aid_every == aid_every - 1``) is an AID batch.
-        aid_mode: ``"alternate"`` (AID batches minimise ``aid_weight * l_aid`` only) or ``"joint"``.
-        aid_lr: learning rate of the ``l_aid`` optimiser in alternating mode (default ``lr``).
-        anchor_weight: not in the paper: when fine-tuning (``init_from``), add ``anchor_weight * mean|g(x) - g0(x)|``
-            on the benign batch to ``l_int``, ``g0`` the frozen initial network (distils its benign maps so that AID
-            changes the maps of adversarial inputs rather than the benign ones; 0 = off).
-        anchor_from: the anchor network ``g0`` (default: ``init_from``).
-        aid_detach_benign: use the benign map as a fixed anchor in ``l_aid`` (only ``g(A(x))`` moves); the
-            paper differentiates both (False).
-        aid_batch_size: run the inner attack and ``l_aid`` on the first ``aid_batch_size`` examples of an AID batch
-            only (cheaper; default: the whole batch). Under DDP it applies to each process's shard.
-        aid_success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
-        attack_framework: framework of the inner ADV2: ``"pgd"``, ``"cw"`` or ``"stadv"``.
-        attack_eps: L-inf radius of the inner PGD (images in [0, 1]).
-        attack_alpha: step size of the inner PGD.
-        attack_warm_steps: steps of the inner attack's warm start (plain attack on the classifier).
-        attack_steps: steps of the inner attack's joint stage (classifier + RTS terms).
-        attack_c: weight of the interpretation term in the inner attack.
-        attack_enc_weight: weight of the RTS encoder (class head) term in the inner attack.
-        attack_framework_options: extra options of the inner framework (e.g. C&W ``lr``, PGD ``random_start``).
+        objective: ``l_int``, the RTS objective and the class head's weight (:class:`RTSObjective`).
+        aid: when and how ``l_aid`` is trained (:class:`AIDSchedule`; weight 0 = plain RTS).
+        attack: the inner ADV2 of ``l_aid`` and of validation (:class:`InnerAttack`).
+        optimiser: the optimiser of the RTS parameters (the classifier is frozen); manual optimisation, so its
+            schedule must be ``constant``. Alternating AID gets a second optimiser of the same kind (lr ``aid.lr``).
         val_attack_batches: run the inner ADV2 on this many validation batches and log ``val/l1_adv``
             (needs ``Trainer(inference_mode=False)``).
-        lr: learning rate of the Adam on the RTS parameters (the classifier is frozen).
-        weight_decay: weight decay of the Adam on the RTS parameters.
         seed: seeds the blend choice, random targets and attack starts (offset by step and rank).
     """
 
+    artifact_kind = "rts"
+    network_name = "classifier"
+    mismatch_fix = "train the RTS with the classifier of this data (classifier: PATH)"
+
     def __init__(self, classifier: str, num_classes: int | None = None, width: int = 32,
-                 init_from: str | None = None, explain: str = "label",
-                 tv_weight: float = 1.0, area_weight: float = 8.0, area_power: float = 0.3,
-                 destroyer_weight: float = 5.0, destroyer_power: float = 0.3, preserver_weight: float = 1.0,
-                 tv_beta: float = 2.0, replacement: str = "random", noise_std: float = 0.2,
-                 blur_sigma: float | None = None, class_weight: float = 1.0, fake_label_prob: float = 0.0,
-                 aid_weight: float = 0.0, aid_every: int = 2, aid_mode: str = "alternate", aid_lr: float | None = None,
-                 anchor_weight: float = 0.0, anchor_from: str | None = None,
-                 aid_detach_benign: bool = False, aid_success_only: bool = True, aid_batch_size: int | None = None,
-                 attack_framework: str = "pgd", attack_eps: float = 0.031, attack_alpha: float = 2 / 255,
-                 attack_warm_steps: int = 10, attack_steps: int = 10, attack_c: float = 20.0,
-                 attack_enc_weight: float = 0.1, attack_framework_options: dict[str, Any] | None = None,
-                 val_attack_batches: int = 0, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> None:
-        super().__init__()
-        if explain not in ("label", "pred"):
-            raise ValueError(f"explain must be 'label' or 'pred', got {explain!r}")
-        if aid_mode not in AID_MODES:
-            raise ValueError(f"aid_mode must be one of {AID_MODES}, got {aid_mode!r}")
-        if replacement not in ("random", "noise", "blur"):
-            raise ValueError(f"replacement must be 'random', 'noise' or 'blur', got {replacement!r}")
-        if not 0 <= fake_label_prob < 1:
-            raise ValueError(f"fake_label_prob must lie in [0, 1), got {fake_label_prob}")
-        if anchor_weight < 0 or (aid_lr is not None and aid_lr <= 0) or (aid_batch_size is not None and aid_batch_size < 1):
-            raise ValueError("need anchor_weight >= 0, aid_lr > 0 and aid_batch_size >= 1")
-        if aid_every < 1 or aid_weight < 0 or lr <= 0 or attack_warm_steps < 0 or attack_steps < 0:
-            raise ValueError("need aid_every >= 1, aid_weight >= 0, lr > 0 and attack steps >= 0")
-        if aid_weight > 0 and attack_warm_steps + attack_steps == 0:
-            raise ValueError("AID (aid_weight > 0) needs attack_warm_steps + attack_steps > 0")
-        fw_opts = dict(attack_framework_options or {})
-        if attack_framework == "pgd":
-            fw_opts = {"eps": attack_eps, "alpha": attack_alpha, **fw_opts}
-        get_framework(attack_framework, **fw_opts)  # unknown framework / bad radius fails here, not mid-training
-        self.save_hyperparameters()
+                 init_from: str | None = None, explain: str = "label", objective: RTSObjective = RTSObjective(),
+                 aid: AIDSchedule = AIDSchedule(), attack: InnerAttack = InnerAttack(),
+                 optimiser: Optimiser = AID_OPTIMISER, val_attack_batches: int = 0, seed: int = 0) -> None:
+        super().__init__(as_options(optimiser, AID_OPTIMISER, "optimiser"))
+        self.objective = as_options(objective, RTSObjective(), "objective")
+        self.aid = as_options(aid, AIDSchedule(), "aid")
+        self.attack = as_options(attack, InnerAttack(), "attack")
+        self._check_options(explain, init_from)
+        self.save_options(classifier=classifier, num_classes=num_classes, width=width, init_from=init_from,
+                          explain=explain, objective=self.objective, aid=self.aid, attack=self.attack,
+                          optimiser=self.optimiser, val_attack_batches=val_attack_batches, seed=seed)
         clf = load_classifier(classifier)
         if num_classes is not None and clf.num_classes != int(num_classes):
             raise ValueError(f"class count mismatch: {classifier} has {clf.num_classes} classes, "
@@ -208,14 +280,24 @@ class AIDModule(pl.LightningModule):
             self.rts.check_model(clf)
         else:
             self.rts = RTSNetwork(clf.stage_channels, clf.num_classes, width=width)
-        self.anchor_rts: RTSNetwork | None = None
-        if anchor_weight > 0:
-            if not (anchor_from or init_from):
-                raise ValueError("anchor_weight > 0 needs anchor_from or init_from (the network whose benign maps are kept)")
-            self.anchor_rts = load_rts(anchor_from or init_from).requires_grad_(False)
-        self._objective = {k: self.hparams[k] for k in OBJECTIVE_KEYS}
+        self.anchor_rts: FrozenModule | None = None
+        if self.aid.anchor_weight > 0:
+            self.anchor_rts = FrozenModule(load_rts(self.aid.anchor_from or init_from))
         self.automatic_optimization = False  # alternating objectives: one optimiser step per batch, chosen here
         self.aid_steps = 0  # l_aid optimiser steps taken (stored with checkpoints and exported artifacts)
+
+    def _check_options(self, explain: str, init_from: str | None) -> None:
+        """The checks that involve more than one option group."""
+        if explain not in ("label", "pred"):
+            raise ValueError(f"explain must be 'label' or 'pred', got {explain!r}")
+        if self.aid.weight > 0 and self.attack.warm_steps + self.attack.steps == 0:
+            raise ValueError("AID (aid.weight > 0) needs attack.warm_steps + attack.steps > 0")
+        if self.aid.anchor_weight > 0 and not (self.aid.anchor_from or init_from):
+            raise ValueError("aid.anchor_weight > 0 needs aid.anchor_from or init_from (the network whose benign maps "
+                             "are kept)")
+        if self.optimiser.schedule != "constant":
+            raise ValueError(f"AIDModule steps its optimisers itself (manual optimisation): optimiser.schedule must be "
+                             f"'constant', got {self.optimiser.schedule!r}")
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -225,7 +307,7 @@ class AIDModule(pl.LightningModule):
 
     def interpreter(self, enc_weight: float | None = None) -> RTSInterpreter:
         """The current RTS network as an interpreter."""
-        return RTSInterpreter(self.rts, self.hparams.attack_enc_weight if enc_weight is None else enc_weight)
+        return RTSInterpreter(self.rts, self.attack.enc_weight if enc_weight is None else enc_weight)
 
     def _generator(self, batch_idx: int, salt: int = 0) -> torch.Generator:
         """The same stream on every rank: draws are made for the global batch and sharded (``rank_world``)."""
@@ -239,22 +321,23 @@ class AIDModule(pl.LightningModule):
             return self.model(x).argmax(1)
 
     def is_aid_batch(self, batch_idx: int) -> bool:
-        """Every ``aid_every``-th batch; in an epoch of fewer than ``aid_every`` batches, its last batch, so that every
+        """Every ``aid.every``-th batch; in an epoch of fewer than ``aid.every`` batches, its last batch, so that every
         epoch of an AID run has at least one ``l_aid`` step (a small fine-tuning set would otherwise train none)."""
-        hp = self.hparams
-        if hp.aid_weight <= 0:
+        every = self.aid.every
+        if self.aid.weight <= 0:
             return False
         nb = self._trainer.num_training_batches if self._trainer is not None else float("inf")
-        if isinstance(nb, int) and 0 < nb < hp.aid_every:
+        if isinstance(nb, int) and 0 < nb < every:
             return batch_idx == nb - 1
-        return batch_idx % hp.aid_every == hp.aid_every - 1
+        return batch_idx % every == every - 1
 
     def interpretation_loss(self, x: Tensor, cls: Tensor, gen: torch.Generator | None = None) -> dict[str, Tensor]:
         """``l_int`` (Eqn 15) + the class-head CE on a batch; every entry is a batch mean.
 
-        With ``fake_label_prob > 0`` a random share of the examples is explained for a wrong class (area and
-        smoothness terms only)."""
-        p = float(self.hparams.fake_label_prob)
+        With ``objective.fake_label_prob > 0`` a random share of the examples is explained for a wrong class (area
+        and smoothness terms only)."""
+        obj = self.objective
+        p = float(obj.fake_label_prob)
         fake = None
         sel = cls
         shard = rank_world()
@@ -262,17 +345,17 @@ class AIDModule(pl.LightningModule):
             fake = (shard_draw(lambda n: torch.rand(n, generator=gen), cls.shape[0]) < p).to(cls.device)
             sel = torch.where(fake, random_targets(cls, self.model.num_classes, gen, shard=shard), cls)
         m, logits = self.rts(self.model, x, sel)
-        out = rts_objective(self.model, x, cls, m, generator=gen, fake=fake, shard=shard, **self._objective)
+        out = rts_objective(self.model, x, cls, m, generator=gen, fake=fake, shard=shard, **obj.rts_kwargs())
         ce = F.cross_entropy(logits, cls)
         res = {k: v.mean() for k, v in out.items()}
         res["class_ce"] = ce
-        res["loss"] = res["loss"] + self.hparams.class_weight * ce
+        res["loss"] = res["loss"] + obj.class_weight * ce
         res["mask_mean"] = m.detach().mean()
         if self.anchor_rts is not None:
             with torch.no_grad():
                 m0 = self.anchor_rts(self.model, x, sel)[0]
             res["anchor"] = (m - m0).abs().mean()
-            res["loss"] = res["loss"] + self.hparams.anchor_weight * res["anchor"]
+            res["loss"] = res["loss"] + self.aid.anchor_weight * res["anchor"]
         return res
 
     def aid_loss(self, x: Tensor, cls: Tensor, batch_idx: int = 0) -> dict[str, Tensor]:
@@ -280,23 +363,21 @@ class AIDModule(pl.LightningModule):
 
         Also returns the class-head CE of the benign pass (keeps every RTS parameter in the graph, as DDP wants).
         """
-        hp = self.hparams
-        if hp.aid_batch_size:
-            x, cls = x[:hp.aid_batch_size], cls[:hp.aid_batch_size]
+        aid = self.aid
+        if aid.batch_size:
+            x, cls = x[:aid.batch_size], cls[:aid.batch_size]
         gen = self._generator(batch_idx, salt=1)
         y_t = random_targets(cls, self.model.num_classes, gen, shard=rank_world())
-        res = aid_attack(self.model, self.rts, x, y_t, warm_steps=hp.attack_warm_steps, steps=hp.attack_steps,
-                         c=hp.attack_c, eps=hp.attack_eps, alpha=hp.attack_alpha, enc_weight=hp.attack_enc_weight,
-                         framework=hp.attack_framework, framework_options=hp.attack_framework_options,
+        res = aid_attack(self.model, self.rts, x, y_t, self.attack,
                          seed=int(torch.randint(0, 2**31 - 1, (), generator=gen)))
         x_adv = res.x_adv.detach()
         n = x.shape[0]
         m, logits = self.rts(self.model, torch.cat([x, x_adv]), torch.cat([cls, y_t]))
         m_b, m_a = m[:n], m[n:]
-        if hp.aid_detach_benign:
+        if aid.detach_benign:
             m_b = m_b.detach()
         l1 = (m_b - m_a).abs().flatten(1).mean(1)
-        w = res.success.float() if hp.aid_success_only else torch.ones_like(l1)
+        w = res.success.float() if aid.success_only else torch.ones_like(l1)
         l_aid = -(w * l1).sum() / mean_over_ranks(w.sum()).clamp_min(1.0 / rank_world()[1])
         ce = F.cross_entropy(logits[:n], cls)
         out = {"l_aid": l_aid, "class_ce": ce, "asr": res.success.float().mean(), "l1_adv": l1.detach().mean()}
@@ -316,20 +397,20 @@ class AIDModule(pl.LightningModule):
 
     def step_loss(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[Tensor, int, dict[str, Tensor]]:
         """The loss of one training batch, the index of the optimiser that minimises it, and what to log."""
-        hp = self.hparams
+        class_weight = self.objective.class_weight
         x, y = batch["image"], batch["label"]
         cls = self._explained(x, y)
         logs: dict[str, Tensor] = {}
         if self.is_aid_batch(batch_idx):
             self.aid_steps += 1
             a = self.aid_loss(x, cls, batch_idx)
-            loss = hp.aid_weight * a["l_aid"] + hp.class_weight * a["class_ce"]
+            loss = self.aid.weight * a["l_aid"] + class_weight * a["class_ce"]
             logs.update({"l_aid": a["l_aid"], "aid_asr": a["asr"]})
             if "anchor" in a:
                 logs["aid_anchor"] = a["anchor"]
-            if hp.aid_mode == "joint":
+            if self.aid.mode == "joint":
                 li = self.interpretation_loss(x, cls, self._generator(batch_idx))
-                loss = loss + li["loss"] - hp.class_weight * a["class_ce"]  # class CE counted once
+                loss = loss + li["loss"] - class_weight * a["class_ce"]  # class CE counted once
                 logs["l_int"] = li["loss"]
                 return loss, 0, logs
             return loss, 1, logs
@@ -361,11 +442,12 @@ class AIDModule(pl.LightningModule):
         x, y = batch["image"], batch["label"]
         cls = self._explained(x, y)
         bs = x.shape[0]
-        gen = torch.Generator().manual_seed(int(self.hparams.seed) + batch_idx)
+        seed = int(self.hparams.seed)
         with torch.no_grad():
             m, logits = self.rts(self.model, x, cls)
-            out = rts_objective(self.model, x, cls, m, generator=gen, **self._objective)
-        self.log("val/l_int", out["loss"].mean() + self.hparams.class_weight * F.cross_entropy(logits, cls),
+            out = rts_objective(self.model, x, cls, m, generator=torch.Generator().manual_seed(seed + batch_idx),
+                                **self.objective.rts_kwargs())
+        self.log("val/l_int", out["loss"].mean() + self.objective.class_weight * F.cross_entropy(logits, cls),
                  prog_bar=True, sync_dist=True, batch_size=bs)
         self.log("val/mask_mean", m.mean(), sync_dist=True, batch_size=bs)
         if "mask" in batch:
@@ -375,12 +457,8 @@ class AIDModule(pl.LightningModule):
             if torch.is_inference_mode_enabled():
                 raise RuntimeError("val_attack_batches > 0 runs ADV2 in validation: set Trainer(inference_mode=False) "
                                    "(--trainer.inference_mode=false)")
-            hp = self.hparams
-            y_t = random_targets(cls, self.model.num_classes, torch.Generator().manual_seed(int(hp.seed) + batch_idx))
-            res = aid_attack(self.model, self.rts, x, y_t, warm_steps=hp.attack_warm_steps, steps=hp.attack_steps,
-                             c=hp.attack_c, eps=hp.attack_eps, alpha=hp.attack_alpha,
-                             enc_weight=hp.attack_enc_weight, framework=hp.attack_framework,
-                             framework_options=hp.attack_framework_options, seed=int(hp.seed))
+            y_t = random_targets(cls, self.model.num_classes, torch.Generator().manual_seed(seed + batch_idx))
+            res = aid_attack(self.model, self.rts, x, y_t, self.attack, seed=seed)
             with torch.no_grad():
                 m_a = self.rts(self.model, res.x_adv, y_t)[0]
             self.log("val/l1_adv", (m - m_a).abs().flatten(1).mean(1).mean(), sync_dist=True, batch_size=bs)
@@ -389,35 +467,29 @@ class AIDModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["image"])
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The RTS network's parameters (the classifier and the anchor are frozen)."""
+        return list(self.rts.parameters())
+
     def configure_optimizers(self):
-        """Adam on the RTS parameters; alternating AID gets a second Adam (own moments, lr ``aid_lr``) for the
+        """The optimiser on the RTS parameters; alternating AID gets a second one (own moments, lr ``aid.lr``) for the
         ``l_aid`` steps, so the step size of each objective does not depend on the other's gradient scale."""
-        hp = self.hparams
-        opts = [torch.optim.Adam(self.rts.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)]
-        if hp.aid_weight > 0 and hp.aid_mode == "alternate":
-            opts.append(torch.optim.Adam(self.rts.parameters(), lr=hp.aid_lr or hp.lr, weight_decay=hp.weight_decay))
+        opts = [build_optimiser(self.optimiser, self.trainable_parameters())]
+        if self.aid.weight > 0 and self.aid.mode == "alternate":
+            opts.append(build_optimiser(self.optimiser, self.trainable_parameters(), lr=self.aid.lr or self.optimiser.lr))
         return opts
 
-    def on_fit_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        k = getattr(dm, "num_classes", None)
-        if k is not None and k != self.model.num_classes:
-            raise ValueError(f"class count mismatch: the classifier has {self.model.num_classes} classes, "
-                             f"the data has {k}")
-        shape = getattr(dm, "image_shape", None)
-        if shape is not None and shape[-1] != self.model.input_size:
-            raise ValueError(f"input size mismatch: the classifier expects {self.model.input_size} px, "
-                             f"the data is {shape[-1]} px")
+    def artifact_meta(self) -> dict[str, Any]:
+        """The RTS network's configuration, the classifier it explains and how it was trained."""
+        hp, aid = self.hparams, self.aid
+        return {"network": self.rts.config(), "classifier": str(hp.classifier), "classifier_meta": self.model.describe(),
+                "aid_weight": float(aid.weight), "aid_mode": aid.mode, "aid_every": int(aid.every),
+                "aid_steps": int(self.aid_steps), "init_from": hp.init_from, "objective": self.objective.rts_kwargs(),
+                "class_weight": float(self.objective.class_weight)}
 
     def rts_meta(self) -> dict[str, Any]:
-        hp = self.hparams
-        return {"network": self.rts.config(), "classifier": str(hp.classifier), "classifier_meta": self.model.describe(),
-                "aid_weight": float(hp.aid_weight), "aid_mode": hp.aid_mode, "aid_every": int(hp.aid_every),
-                "aid_steps": int(self.aid_steps),
-                "init_from": hp.init_from, "objective": dict(self._objective), "class_weight": float(hp.class_weight)}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["idls_meta"] = {"kind": "rts", "version": project_version(), **self.rts_meta()}
+        """:meth:`artifact_meta` (stored with checkpoints and exported artifacts)."""
+        return self.artifact_meta()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("idls_meta")
@@ -425,4 +497,4 @@ class AIDModule(pl.LightningModule):
 
     def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Save the RTS network alone as a safe artifact (:func:`save_rts`)."""
-        save_rts(self.rts, path, {**self.rts_meta(), **(extra or {})})
+        save_rts(self.rts, path, {**self.artifact_meta(), **(extra or {})})

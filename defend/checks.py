@@ -197,9 +197,30 @@ def resolve_ckpt_path(value: Any, trainer: Any, stage: str = "fit") -> Path | No
 
 
 # hyper-parameters that only steer the optimisation: a checkpoint may be validated, tested or used for prediction
-# with other values (while resuming a fit they must match: Lightning restores the optimiser and the schedule)
-TRAINING_ONLY = frozenset({"optimizer", "lr", "weight_decay", "momentum", "label_smoothing", "lr_milestones",
-                           "lr_decay", "aid_lr", "init_from", "new_head", "anchor_from", "seed"})
+# with other values (while resuming a fit they must match: Lightning restores the optimiser and the schedule). A
+# group name (``optimiser``) covers all its keys; ``aid.lr`` is one key of a group. The flat names are those of
+# checkpoints written before the options were grouped.
+TRAINING_ONLY = frozenset({"optimiser", "aid.lr", "aid.anchor_from", "label_smoothing", "init_from", "new_head",
+                           "seed", "optimizer", "lr", "weight_decay", "momentum", "lr_milestones", "lr_decay",
+                           "aid_lr", "anchor_from"})
+#: mappings among the hyper-parameters that are values, not option groups (compared as a whole)
+_NOT_GROUPS = frozenset({"model_options"})
+
+
+def _flat_hparams(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """Option groups (mappings, e.g. ``optimiser``) spread into dotted keys (``optimiser.lr``), so that a difference
+    is named by its key and shown in full; ``model_options`` stays whole (compared with the arch's defaults)."""
+    out: dict[str, Any] = {}
+    for k, v in hp.items():
+        if isinstance(v, Mapping) and k not in _NOT_GROUPS:
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _training_only(key: str) -> bool:
+    return key in TRAINING_ONLY or key.split(".", 1)[0] in TRAINING_ONLY
 
 
 def _configured_hparams(model: Any) -> dict[str, Any]:
@@ -219,13 +240,13 @@ def check_checkpoint_fits(path: Any, ckpt: Mapping[str, Any], model: torch.nn.Mo
            "--ckpt_path (model.init_args.init_from fine-tunes from a classifier's weights)")
     stored = ckpt.get("hyper_parameters")
     if isinstance(stored, Mapping) and stored:
-        stored = {k: v for k, v in stored.items() if not str(k).startswith("_") or k == "_class_path"}
-        configured = _configured_hparams(model)
+        stored = _flat_hparams({k: v for k, v in stored.items() if not str(k).startswith("_") or k == "_class_path"})
+        configured = _flat_hparams(_configured_hparams(model))
         if "_class_path" not in stored:
             configured.pop("_class_path")
         if stage != "fit":
-            stored = {k: v for k, v in stored.items() if k not in TRAINING_ONLY}
-            configured = {k: v for k, v in configured.items() if k not in TRAINING_ONLY}
+            stored = {k: v for k, v in stored.items() if not _training_only(k)}
+            configured = {k: v for k, v in configured.items() if not _training_only(k)}
         diff = value_differences(stored, configured)
         if diff:
             shown = "; ".join(d.replace("_class_path:", "module class:", 1) for d in diff[:4])
@@ -284,10 +305,9 @@ def check_milestones(milestones: Any) -> list[int]:
 
 def check_schedule(model: Any, trainer: Any) -> None:
     """Raise ``ValueError`` when the run cannot train as configured, before the Trainer starts: no training batch
-    (``limit_train_batches=0``); a one-cycle schedule (:class:`defend.classifier.ClassifierModule`) needs a finite
-    run (``max_epochs`` or ``max_steps``); ``lr_milestones`` must be epochs (:func:`check_milestones`)."""
-    from .classifier import ClassifierModule
-
+    (``limit_train_batches=0``); a one-cycle schedule (``optimiser.schedule: onecycle`` of a
+    :class:`defend.module_base.DefenceModule`) needs a finite run (``max_epochs`` or ``max_steps``); milestones must
+    be epochs (:func:`check_milestones`)."""
     limit = getattr(trainer, "limit_train_batches", None)
     if limit is not None and not isinstance(limit, bool) and limit == 0:
         raise ValueError("trainer.limit_train_batches is 0: nothing would be trained (the checkpoint would hold the "
@@ -295,10 +315,10 @@ def check_schedule(model: Any, trainer: Any) -> None:
     max_epochs = getattr(trainer, "max_epochs", None)
     max_steps = getattr(trainer, "max_steps", -1)
     endless = max_epochs is not None and max_epochs < 0 and (max_steps is None or max_steps < 0)
-    if isinstance(model, ClassifierModule) and endless:
+    options = getattr(model, "optimiser", None)
+    if getattr(options, "schedule", None) == "onecycle" and endless:
         raise ValueError("the one-cycle learning-rate schedule needs a finite run: set trainer.max_epochs (>= 1) or "
                          "trainer.max_steps")
-    hp = getattr(model, "hparams", None)
-    milestones = hp.get("lr_milestones") if isinstance(hp, Mapping) else None
+    milestones = getattr(options, "milestones", None)
     if milestones:
         check_milestones(milestones)

@@ -1,4 +1,5 @@
-"""Standard classifier training as a LightningModule, and safe loading of classifier checkpoints."""
+"""Standard classifier training as a LightningModule (:class:`ClassifierModule`, a
+:class:`~defend.module_base.DefenceModule`), and safe loading of classifier checkpoints."""
 from __future__ import annotations
 
 import inspect
@@ -7,25 +8,19 @@ import os
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from attacks.checks import check_images, check_labels
 
-from .io import CheckpointError, load_artifact, load_state_checked, project_version, save_artifact, strip_prefix
+from .io import CheckpointError, load_artifact, load_state_checked, save_artifact, strip_prefix
 from .models import ARCHITECTURES, GapClassifier, build_classifier
+from .module_base import MIN_ONE_CYCLE_STEPS, DefenceModule, Optimiser, as_options
 
 __all__ = ["ClassifierModule", "classification_step", "load_classifier", "save_classifier", "init_from_checkpoint",
            "effective_options", "plain", "same_value", "value_differences", "state_differences",
-           "load_reused_classifier", "MIN_ONE_CYCLE_STEPS"]
-
-# OneCycleLR divides by zero when its warm-up ends on step 0 (pct_start * total_steps == 1, i.e. 4 steps here) and
-# spends a 1-step run at its final, 1e5 times smaller learning rate: shorter runs follow the first steps of a
-# cycle of this many steps instead (see ClassifierModule.configure_optimizers).
-MIN_ONE_CYCLE_STEPS = 5
-_PCT_START = 0.25
+           "load_reused_classifier", "MIN_ONE_CYCLE_STEPS", "CLASSIFIER_OPTIMISER"]
 
 
 # --------------------------------------------------------------------------------------------- comparing models
@@ -125,17 +120,19 @@ def classification_step(module: pl.LightningModule, batch: dict[str, Tensor], me
     return loss
 
 
-class ClassifierModule(pl.LightningModule):
-    """Cross-entropy training of a zoo classifier (one-cycle schedule), accuracy per stage.
+#: the default optimiser of :class:`ClassifierModule`: AdamW on a one-cycle schedule
+CLASSIFIER_OPTIMISER = Optimiser(name="adamw", lr=2e-3, weight_decay=5e-4, schedule="onecycle")
+
+
+class ClassifierModule(DefenceModule):
+    """Cross-entropy training of a zoo classifier, accuracy per stage.
 
     Args:
         arch: zoo architecture name (``small_cnn``, ``resnet18_cifar``, ``wide_resnet``, ``resnet50``, ...).
         num_classes: number of classes; must match the data module.
         model_options: extra keyword arguments of the architecture (width, depth, input_size, pretrained=path, ...).
-        optimizer: ``"sgd"`` (Nesterov) or ``"adam"`` (AdamW).
-        lr: peak learning rate of the one-cycle schedule.
-        weight_decay: weight decay of the optimiser.
-        momentum: SGD momentum (ignored by Adam).
+        optimiser: the optimiser and its learning-rate schedule (default: AdamW, lr 0.002, weight decay 5e-4,
+            one-cycle schedule).
         label_smoothing: cross-entropy label smoothing of the training loss.
         init_from: classifier artifact or Lightning checkpoint to start from (fine-tuning; loaded with
             ``weights_only``, same architecture and options required).
@@ -143,21 +140,27 @@ class ClassifierModule(pl.LightningModule):
             (otherwise a class count mismatch is an error).
     """
 
+    artifact_kind = "classifier"
+
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
-                 optimizer: str = "adam", lr: float = 2e-3, weight_decay: float = 5e-4, momentum: float = 0.9,
-                 label_smoothing: float = 0.0, init_from: str | None = None, new_head: bool = False) -> None:
-        super().__init__()
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        self.save_hyperparameters()
+                 optimiser: Optimiser = CLASSIFIER_OPTIMISER, label_smoothing: float = 0.0,
+                 init_from: str | None = None, new_head: bool = False) -> None:
+        super().__init__(as_options(optimiser, type(self).default_optimiser(), "optimiser"))
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.save_options(arch=arch, num_classes=num_classes, model_options=model_options, optimiser=self.optimiser,
+                          label_smoothing=label_smoothing, init_from=init_from, new_head=new_head)
         self.model: GapClassifier = build_classifier(arch, num_classes, **(model_options or {}))
         if init_from:
             init_from_checkpoint(self.model, init_from, new_head=new_head, model_options=model_options or {})
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @classmethod
+    def default_optimiser(cls) -> Optimiser:
+        """The optimiser a mapping given as ``optimiser`` completes (the signature's default)."""
+        return CLASSIFIER_OPTIMISER
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -179,33 +182,9 @@ class ClassifierModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx):
         return self.model(batch["image"]).softmax(1)
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
-                                  nesterov=True)
-        else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise ValueError("the one-cycle learning-rate schedule needs a finite run: set trainer.max_epochs (>= 1) "
-                             "or trainer.max_steps")
-        # a run shorter than MIN_ONE_CYCLE_STEPS follows the first steps of a cycle of that length (OneCycleLR
-        # fails on 4 steps and runs a 1-step cycle at its final learning rate); it is never stepped past its end
-        total = max(int(steps), MIN_ONE_CYCLE_STEPS)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=_PCT_START)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_fit_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        k = getattr(dm, "num_classes", None)
-        if k is not None and k != self.hparams.num_classes:
-            raise ValueError(f"class count mismatch: the model has {self.hparams.num_classes} classes, "
-                             f"the data has {k}")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["idls_meta"] = {"kind": "classifier", "version": project_version(), **self.model.describe(),
-                                   "model_options": dict(self.hparams.model_options or {})}
+    def artifact_meta(self) -> dict[str, Any]:
+        """The classifier's description (:meth:`GapClassifier.describe`) and its ``model_options``."""
+        return {**self.model.describe(), "model_options": dict(self.hparams.model_options or {})}
 
 
 def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head: bool = False,

@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks import eval_mode
+
 from .io import (CheckpointError, atomic_write_bytes, load_artifact, load_state_checked, save_artifact, write_error,
                  write_json)
 from .models.imagenet import vgg16
+from .module_base import DefenceModule, Optimiser
 
 __all__ = ["DetectorModule", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth", "best_threshold",
            "xgb_device"]
@@ -41,8 +44,8 @@ def xgb_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class DetectorModule(pl.LightningModule):
-    """VGG-16 trunk on stacked maps + cross-entropy head, then gradient boosting on the GAP features.
+class DetectorModule(DefenceModule):
+    """A :class:`~defend.module_base.DefenceModule` (artifact kind ``"detector"``): VGG-16 trunk on stacked maps + cross-entropy head, then gradient boosting on the GAP features.
 
     Args:
         in_channels: stacked channels ``C`` (maps of 1-3 interpreters, plus the product channel if any).
@@ -51,7 +54,8 @@ class DetectorModule(pl.LightningModule):
             those layers"), ``"all"`` (whole trunk), ``"head"`` or ``"none"``.
         pretrained: optional local torchvision VGG-16 state dict (never downloaded); the first conv is then
             re-initialised for ``C`` channels.
-        lr, weight_decay: Adam options of the cross-entropy stage.
+        lr, weight_decay: options of the cross-entropy stage's optimiser (Adam, constant learning rate: the
+            :class:`~defend.module_base.Optimiser` named ``"adam"``; flat, as ``detector.json`` stores them).
         booster: options of ``xgboost.XGBClassifier`` (``tree_method="hist"`` and the device are set here).
         feature_stages: ``"all"`` (default): the booster reads the GAP of every trunk stage concatenated
             (64 + 128 + 256 + 512 + 512 = 1472 features; at 32 px the last stage is only 2x2, and the shallow stages
@@ -60,10 +64,12 @@ class DetectorModule(pl.LightningModule):
         seed: seeds the trunk initialisation and the booster.
     """
 
+    artifact_kind = "detector"
+
     def __init__(self, in_channels: int = 2, input_size: int = 32, trainable: str = "input",
                  pretrained: str | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  booster: dict[str, Any] | None = None, seed: int = 0, feature_stages: str = "all") -> None:
-        super().__init__()
+        super().__init__(Optimiser(name="adam", lr=lr, weight_decay=weight_decay, schedule="constant"))
         if feature_stages not in ("all", "last"):
             raise ValueError(f"feature_stages must be 'all' or 'last', got {feature_stages!r}")
         if trainable not in TRAINABLE:
@@ -113,17 +119,14 @@ class DetectorModule(pl.LightningModule):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         idx = torch.arange(rank, maps.shape[0], world)
-        was = self.training
-        self.eval()
         out = []
-        with torch.no_grad():
+        with eval_mode(self), torch.no_grad():  # every train / eval flag restored, also after an exception
             for i in range(0, idx.numel(), batch_size):
                 xb = maps[idx[i:i + batch_size]].to(self.device, torch.float32)
                 if self.hparams.feature_stages == "all":
                     out.append(torch.cat([h.mean((2, 3)) for h in self.net.forward_stages(xb)], 1).cpu())
                 else:
                     out.append(self.net.pool(self.net.forward_features(xb)).cpu())
-        self.train(was)
         local = torch.cat(out) if out else torch.zeros(0, self.feature_dim)
         if world == 1:
             return local
@@ -155,11 +158,20 @@ class DetectorModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
-    def configure_optimizers(self):
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``trainable`` leaves trainable; for ``"none"`` a dummy (Lightning still wants an
+        optimiser)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        if not params:  # "none": nothing to train; Lightning still wants an optimiser
-            params = [nn.Parameter(torch.zeros(1))]
-        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return params or [nn.Parameter(torch.zeros(1))]
+
+    def data_contract(self) -> tuple[int | None, int | None]:
+        """Stacked maps of any class count, at the side :attr:`input_size` the trunk was built for."""
+        return None, int(self.hparams.input_size)
+
+    def artifact_meta(self) -> dict[str, Any]:
+        """The trunk's hyper-parameters (as ``detector.json`` stores them)."""
+        return {"hparams": {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr",
+                                                         "weight_decay", "seed", "feature_stages")}}
 
     # ------------------------------------------------------------------------------------------------ booster
     def _make_booster(self):

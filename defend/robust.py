@@ -22,6 +22,11 @@ Maps ``g_c``:
 
 ``||.||_1`` is the mean absolute difference over the map's pixels, so each term lies in [0, 1] and D in [0, 2].
 
+Options: ``mode``, ``interpretation``, ``gamma`` and ``ce_attack`` next to the classifier's options
+(:class:`~defend.classifier.ClassifierModule`, which this module extends), the inner maximisations as one group
+(:class:`InnerMaximisation`: ``inner.eps``, ``inner.steps``, ``inner.alpha``, ``inner.ramp_epochs``,
+``inner.random_start``) and the optimiser as another (:class:`~defend.module_base.Optimiser`).
+
 Modes (``mode=``): ``"normal"`` (clean CE), ``"pgd_at"`` (Madry PGD adversarial training: CE on untargeted
 PGD examples), ``"int"`` (clean CE + gamma * D_worst) and ``"int_adv"`` (adversarial CE + gamma * D_worst).
 The inner maximisations run :func:`attacks.frameworks.pgd_maximise` (random start, input gradients only)
@@ -30,25 +35,24 @@ Lightning performs the ONE ordinary backward (DDP syncs once). No SyncBatchNorm 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from attacks.checks import check_images, check_labels
-from attacks.state import eval_mode
+from attacks import eval_mode
 from attacks.frameworks.pgd import pgd_maximise
 from attacks.interpreters import CAMInterpreter, GradInterpreter, minmax
 
-from .classifier import classification_step, init_from_checkpoint
-from .io import project_version
-from .models import GapClassifier, build_classifier
+from .classifier import ClassifierModule
+from .models import GapClassifier
+from .module_base import Optimiser, as_options
 
 __all__ = [
-    "MODES", "INTERPRETATIONS", "RobustClassifierModule", "class_maps", "maps_and_logits", "normalise_maps",
+    "MODES", "INTERPRETATIONS", "RobustClassifierModule", "InnerMaximisation", "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "normalise_maps",
     "discrepancy", "discrepancy_l1_2class", "interpretation_discrepancy", "worst_case_discrepancy", "pgd_ce_attack",
 ]
 
@@ -149,8 +153,39 @@ def pgd_ce_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: flo
 
 
 # --------------------------------------------------------------------------------------------- module
-class RobustClassifierModule(pl.LightningModule):
+@dataclass(frozen=True)
+class InnerMaximisation:
+    """The inner maximisations of robust training (PGD in the L-inf ball, input gradients only).
+
+    Args:
+        eps: L-inf radius (images in [0, 1]).
+        steps: number of PGD steps of each inner maximisation.
+        alpha: PGD step size, given at the full ``eps`` and scaled with the ramp (``alpha_t = alpha * eps_t / eps``).
+        ramp_epochs: ``eps_t`` grows linearly (per batch) from 0 to ``eps`` over this many epochs (0: no ramp).
+        random_start: uniform random start in the ball.
+    """
+
+    eps: float = 8 / 255
+    steps: int = 10
+    alpha: float = 2 / 255
+    ramp_epochs: float = 0.0
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        if self.eps < 0 or not self.alpha > 0 or self.steps < 0 or self.ramp_epochs < 0:
+            raise ValueError(f"need inner.eps >= 0, inner.alpha > 0, inner.steps >= 0 and inner.ramp_epochs >= 0, got "
+                             f"{self.eps}, {self.alpha}, {self.steps} and {self.ramp_epochs}")
+
+
+#: the default optimiser of :class:`RobustClassifierModule`: Adam at a constant learning rate (the reference)
+ROBUST_OPTIMISER = Optimiser(name="adam", lr=1e-3, weight_decay=0.0, schedule="constant")
+
+
+class RobustClassifierModule(ClassifierModule):
     """Normal, PGD-adversarial or interpretation-robust training of a zoo classifier (see the module docstring).
+
+    A :class:`~defend.classifier.ClassifierModule` (model, ``init_from``, validation / test / predict steps,
+    metrics, checkpoint metadata) whose training step is the min-max objective.
 
     Args:
         arch: zoo architecture name (e.g. ``small_cnn``, ``wide_resnet``).
@@ -158,95 +193,89 @@ class RobustClassifierModule(pl.LightningModule):
         model_options: extra keyword arguments of the architecture (e.g. ``width``, ``batchnorm: false``).
         mode: ``"normal"``, ``"pgd_at"``, ``"int"`` or ``"int_adv"``.
         interpretation: ``"cam"`` or ``"grad"`` (maps inside D).
-        gamma: weight of the worst-case discrepancy.
-        eps: L-inf radius of the inner maximisations (images in [0, 1]).
-        inner_steps: PGD steps of the inner maximisations.
-        inner_alpha: PGD step size of the inner maximisations, given at the full ``eps`` and scaled with the ramp
-            (``alpha_t = alpha * eps_t / eps``).
-        eps_ramp_epochs: ``eps_t`` grows linearly (per batch) from 0 to ``eps`` over this many epochs (0: no ramp).
-        random_start: uniform random start in the ball for the inner attacks.
+        gamma: weight of the worst-case discrepancy D.
         ce_attack: in ``int_adv``, the adversarial CE input: ``"pgd"`` a separate untargeted PGD on the CE
             (default), ``"interp"`` reuse the D-maximising input (half the cost).
-        optimizer: ``"adam"`` (reference) or ``"sgd"`` (Nesterov).
-        lr: learning rate of the optimiser.
-        weight_decay: weight decay of the optimiser.
-        momentum: SGD momentum (ignored by Adam).
-        lr_milestones: epochs at which the learning rate is multiplied by ``lr_decay`` (none: constant).
-        lr_decay: factor of the step decay.
+        inner: the inner maximisations (radius, steps, step size, radius ramp, random start).
+        optimiser: the optimiser and its learning-rate schedule (default: Adam, lr 0.001, constant).
+        label_smoothing: label smoothing of the outer cross-entropy.
         init_from: classifier artifact or Lightning checkpoint to start from (fine-tune a trained classifier to be
             interpretation-robust; loaded with ``weights_only``, same architecture and options required).
         new_head: with ``init_from``, start a fresh linear head when the checkpoint has another class count.
     """
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
-                 mode: str = "int_adv", interpretation: str = "cam", gamma: float = 0.01, eps: float = 8 / 255,
-                 inner_steps: int = 10, inner_alpha: float = 2 / 255, eps_ramp_epochs: float = 0.0,
-                 random_start: bool = True, ce_attack: str = "pgd", optimizer: str = "adam", lr: float = 1e-3,
-                 weight_decay: float = 0.0, momentum: float = 0.9, lr_milestones: Sequence[int] | None = None,
-                 lr_decay: float = 0.1, init_from: str | None = None, new_head: bool = False) -> None:
-        super().__init__()
+                 mode: str = "int_adv", interpretation: str = "cam", gamma: float = 0.01, ce_attack: str = "pgd",
+                 inner: InnerMaximisation = InnerMaximisation(), optimiser: Optimiser = ROBUST_OPTIMISER,
+                 label_smoothing: float = 0.0, init_from: str | None = None, new_head: bool = False) -> None:
+        inner = as_options(inner, InnerMaximisation(), "inner")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if interpretation not in INTERPRETATIONS:
             raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
         if ce_attack not in ("pgd", "interp"):
             raise ValueError(f"ce_attack must be 'pgd' or 'interp', got {ce_attack!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr <= 0 or gamma < 0 or eps < 0 or inner_alpha <= 0 or inner_steps < 0 or eps_ramp_epochs < 0:
-            raise ValueError("need lr > 0, gamma >= 0, eps >= 0, inner_alpha > 0, inner_steps >= 0, eps_ramp_epochs >= 0")
-        if mode != "normal" and (eps <= 0 or inner_steps < 1):
-            raise ValueError(f"mode {mode!r} needs eps > 0 and inner_steps >= 1")
-        self.save_hyperparameters()
-        self.model: GapClassifier = build_classifier(arch, num_classes, **(model_options or {}))
-        if init_from:
-            init_from_checkpoint(self.model, init_from, new_head=new_head)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0 (the weight of the worst-case discrepancy), got {gamma}")
+        if mode != "normal" and (inner.eps <= 0 or inner.steps < 1):
+            raise ValueError(f"mode {mode!r} needs inner.eps > 0 and inner.steps >= 1 (or mode: normal)")
+        super().__init__(arch=arch, num_classes=num_classes, model_options=model_options, optimiser=optimiser,
+                         label_smoothing=label_smoothing, init_from=init_from, new_head=new_head)
+        self.inner = inner
+        self.save_options(mode=mode, interpretation=interpretation, gamma=gamma, ce_attack=ce_attack, inner=inner)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    @classmethod
+    def default_optimiser(cls) -> Optimiser:
+        return ROBUST_OPTIMISER
 
     # ------------------------------------------------------------------ schedule
     def current_eps(self, batch_idx: int = 0) -> float:
-        """Ramped radius: ``eps * min(1, (epoch + (batch_idx + 1) / batches_per_epoch) / eps_ramp_epochs)``."""
-        hp = self.hparams
-        if hp.eps_ramp_epochs <= 0 or self._trainer is None:
-            return float(hp.eps)
+        """Ramped radius: ``eps * min(1, (epoch + (batch_idx + 1) / batches_per_epoch) / ramp_epochs)``."""
+        inner = self.inner
+        if inner.ramp_epochs <= 0 or self._trainer is None:
+            return float(inner.eps)
         nb = self.trainer.num_training_batches
         nb = nb if isinstance(nb, (int, float)) and 0 < nb < float("inf") else 1
-        progress = (self.current_epoch + (batch_idx + 1) / nb) / hp.eps_ramp_epochs
-        return float(hp.eps) * min(1.0, progress)
+        progress = (self.current_epoch + (batch_idx + 1) / nb) / inner.ramp_epochs
+        return float(inner.eps) * min(1.0, progress)
 
     # ------------------------------------------------------------------ loss
+    def _inner_inputs(self, x: Tensor, y: Tensor, eps: float,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``(x_d, x_ce)``: the D-maximising input and the input of the CE (both ``x`` when nothing is attacked);
+        the model is in eval mode meanwhile (its flags restored afterwards)."""
+        hp, inner = self.hparams, self.inner
+        x_d = x_ce = x
+        if hp.mode == "normal" or eps <= 0:
+            return x_d, x_ce
+        alpha = float(inner.alpha) * eps / float(inner.eps)
+        with eval_mode(self.model):
+            if hp.mode in ("int", "int_adv"):
+                x_d = worst_case_discrepancy(self.model, x, y, eps, alpha, inner.steps, hp.interpretation,
+                                             inner.random_start, generator)
+            if hp.mode == "pgd_at" or (hp.mode == "int_adv" and hp.ce_attack == "pgd"):
+                x_ce = pgd_ce_attack(self.model, x, y, eps, alpha, inner.steps, inner.random_start, generator)
+            elif hp.mode == "int_adv":
+                x_ce = x_d
+        return x_d, x_ce
+
     def compute_loss(self, x: Tensor, y: Tensor, eps: float | None = None,
                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """The outer objective for a batch at radius ``eps`` (default: the full ``eps``).
+        """The outer objective for a batch at radius ``eps`` (default: the full ``inner.eps``):
+        ``l_CE(f(x_ce), y) + gamma * D(x, x_d)`` (module docstring; AdvEdge Eqn 21).
 
         Returns ``loss`` (differentiable in the parameters), ``ce``, ``d`` (mean worst-case D, 0 when unused)
-        and ``logits`` / ``labels`` of the CE input (for accuracy).
+        and ``logits`` of the CE input (for accuracy).
         """
         hp = self.hparams
-        eps = float(hp.eps) if eps is None else float(eps)
-        mode, interp = hp.mode, hp.interpretation
-        attack = mode != "normal" and eps > 0
-        alpha = float(hp.inner_alpha) * eps / float(hp.eps) if attack else 0.0
+        eps = float(self.inner.eps) if eps is None else float(eps)
+        mode, interp, smoothing = hp.mode, hp.interpretation, float(hp.label_smoothing)
         x = x.detach()
-        x_d = x_ce = x
-        if attack:
-            with eval_mode(self.model):
-                if mode in ("int", "int_adv"):
-                    x_d = worst_case_discrepancy(self.model, x, y, eps, alpha, hp.inner_steps, interp,
-                                                 hp.random_start, generator)
-                if mode == "pgd_at" or (mode == "int_adv" and hp.ce_attack == "pgd"):
-                    x_ce = pgd_ce_attack(self.model, x, y, eps, alpha, hp.inner_steps, hp.random_start, generator)
-                elif mode == "int_adv":
-                    x_ce = x_d
+        x_d, x_ce = self._inner_inputs(x, y, eps, generator)
         zero = x.new_zeros(())
         if mode in ("normal", "pgd_at"):
             logits = self.model(x_ce)
-            ce = F.cross_entropy(logits, y)
+            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
             return {"loss": ce, "ce": ce.detach(), "d": zero, "logits": logits.detach()}
         # int / int_adv: one forward over [x; x_d (; x_ce)] in the current (train) mode
         n = x.shape[0]
@@ -261,7 +290,7 @@ class RobustClassifierModule(pl.LightningModule):
             maps_d = class_maps(self.model, x_d, "grad")
         d = discrepancy(maps_x, maps_d, logits_all[n:2 * n], y).mean()
         logits_ce = logits_all[:n] if mode == "int" else (logits_all[2 * n:] if separate_ce else logits_all[n:2 * n])
-        ce = F.cross_entropy(logits_ce, y)
+        ce = F.cross_entropy(logits_ce, y, label_smoothing=smoothing)
         loss = ce + float(hp.gamma) * d
         return {"loss": loss, "ce": ce.detach(), "d": d.detach(), "logits": logits_ce.detach()}
 
@@ -282,44 +311,12 @@ class RobustClassifierModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
         return out["loss"]
 
-    def validation_step(self, batch, batch_idx):
-        classification_step(self, batch, self.val_acc, "val")
-
-    def test_step(self, batch, batch_idx):
-        classification_step(self, batch, self.test_acc, "test")
-
-    def predict_step(self, batch, batch_idx):
-        return self.model(batch["image"]).softmax(1)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
-                                  nesterov=True)
-        else:
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.lr_milestones:
-            return opt
-        from .checks import check_milestones  # whole epochs >= 1 (later than max_epochs: the run ends first)
-
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=check_milestones(hp.lr_milestones),
-                                                     gamma=hp.lr_decay)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def on_fit_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        k = getattr(dm, "num_classes", None)
-        if k is not None and k != self.hparams.num_classes:
-            raise ValueError(f"class count mismatch: the model has {self.hparams.num_classes} classes, "
-                             f"the data has {k}")
-
     def robust_meta(self) -> dict[str, Any]:
-        hp = self.hparams
-        return {"mode": hp.mode, "interpretation": hp.interpretation, "gamma": float(hp.gamma), "eps": float(hp.eps),
-                "inner_steps": int(hp.inner_steps), "inner_alpha": float(hp.inner_alpha),
-                "eps_ramp_epochs": float(hp.eps_ramp_epochs), "ce_attack": hp.ce_attack}
+        """How the classifier was trained (stored as ``robust_training`` in its checkpoints and artifacts)."""
+        hp, inner = self.hparams, self.inner
+        return {"mode": hp.mode, "interpretation": hp.interpretation, "gamma": float(hp.gamma),
+                "eps": float(inner.eps), "inner_steps": int(inner.steps), "inner_alpha": float(inner.alpha),
+                "eps_ramp_epochs": float(inner.ramp_epochs), "ce_attack": hp.ce_attack}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["idls_meta"] = {"kind": "classifier", "version": project_version(), **self.model.describe(),
-                                   "model_options": dict(self.hparams.model_options or {}),
-                                   "robust_training": self.robust_meta()}
+    def artifact_meta(self) -> dict[str, Any]:
+        return {**super().artifact_meta(), "robust_training": self.robust_meta()}

@@ -1,8 +1,10 @@
 """`defend --help` and per-command help explain every option."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
+import typing
 
 import pytest
 
@@ -83,12 +85,21 @@ def test_fit_help_has_lightning_options_and_examples(capsys):
     ("data", "defend.data.CIFAR10DataModule"),
 ])
 def test_every_module_argument_is_explained(kind, cls, capsys):
-    """`defend fit --model.help CLASS` documents each argument of the class (from its docstring)."""
+    """`defend fit --model.help CLASS` documents each argument of the class (from its docstring), and each field of
+    its option groups (dataclasses, shown nested as ``--model.<group>.<field>``, from the group's docstring)."""
     text = _help(capsys, ["fit", f"--{kind}.help", cls])
     module, name = cls.rsplit(".", 1)
     target = getattr(__import__(module, fromlist=[name]), name)
-    params = [p for p in inspect.signature(target.__init__).parameters if p != "self"]
+    hints = typing.get_type_hints(target.__init__)
+    expected = set()
+    for p in inspect.signature(target.__init__).parameters:
+        if p == "self":
+            continue
+        if dataclasses.is_dataclass(hints.get(p)):  # an option group: each of its fields, dotted
+            expected |= {f"--{kind}.{p}.{f.name}" for f in dataclasses.fields(hints[p])}
+        else:
+            expected.add(f"--{kind}.{p}")
     opts = _options(text, f"--{kind}.")
-    assert {f"--{kind}.{p}" for p in params} <= set(opts), sorted(set(f"--{kind}.{p}" for p in params) - set(opts))
+    assert expected <= set(opts), sorted(expected - set(opts))
     missing = [o for o, words in opts.items() if not _explained(words)]
     assert not missing, f"undocumented arguments of {cls}: {missing}"

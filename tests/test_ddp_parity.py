@@ -93,7 +93,7 @@ def test_shard_draw_gives_each_rank_its_rows_of_the_global_draw(monkeypatch):
 
 
 def test_classifier_ddp_matches_one_process(tmp_path):
-    extra = ["--model.init_args.model_options={width: 8, batchnorm: false}", "--model.init_args.lr=0.01"]
+    extra = ["--model.init_args.model_options={width: 8, batchnorm: false}", "--model.init_args.optimiser.lr=0.01"]
     cfg = CONFIGS / "classifier" / "digits.yaml"
     one = _fit(tmp_path / "one", cfg, extra, 32, ddp=False)
     two = _fit(tmp_path / "two", cfg, extra, 16, ddp=True)
@@ -104,8 +104,9 @@ def test_classifier_ddp_matches_one_process(tmp_path):
 
 
 def test_robust_int_adv_ddp_matches_one_process(tmp_path):
-    extra = ["--model.init_args.model_options={width: 4, batchnorm: false}", "--model.init_args.inner_steps=2",
-             "--model.init_args.random_start=false", "--model.init_args.eps_ramp_epochs=0", "--model.init_args.lr=0.01"]
+    extra = ["--model.init_args.model_options={width: 4, batchnorm: false}", "--model.init_args.inner.steps=2",
+             "--model.init_args.inner.random_start=false", "--model.init_args.inner.ramp_epochs=0",
+             "--model.init_args.optimiser.lr=0.01"]
     cfg = CONFIGS / "robust" / "digits_int_adv.yaml"
     one = _fit(tmp_path / "one", cfg, extra, 32, ddp=False)
     two = _fit(tmp_path / "two", cfg, extra, 16, ddp=True)
@@ -115,9 +116,9 @@ def test_robust_int_adv_ddp_matches_one_process(tmp_path):
 def test_aid_ddp_matches_one_process(tmp_path, tiny_clf):
     """RTS objective (random replacement coin, noise) and AID steps (random targets, inner ADV2, success-weighted
     l_aid) on alternate batches: the trained RTS is the same on 2 processes as on 1."""
-    extra = [f"--model.init_args.classifier={tiny_clf}", "--model.init_args.width=8", "--model.init_args.aid_every=2",
-             "--model.init_args.attack_warm_steps=3", "--model.init_args.attack_steps=3",
-             "--model.init_args.val_attack_batches=0", "--model.init_args.fake_label_prob=0.2"]
+    extra = [f"--model.init_args.classifier={tiny_clf}", "--model.init_args.width=8", "--model.init_args.aid.every=2",
+             "--model.init_args.attack.warm_steps=3", "--model.init_args.attack.steps=3",
+             "--model.init_args.val_attack_batches=0", "--model.init_args.objective.fake_label_prob=0.2"]
     cfg = CONFIGS / "aid" / "digits_aid.yaml"
     one = _fit(tmp_path / "one", cfg, extra, 16, ddp=False)
     two = _fit(tmp_path / "two", cfg, extra, 8, ddp=True)

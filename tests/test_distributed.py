@@ -77,7 +77,7 @@ def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path, monkeyp
     torch.set_num_threads(1)
     model, x, y = tiny["model"], tiny["test"]["image"][:6], tiny["test"]["label"][:6]
     y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
-    engine = build_attack("adv2", "pgd", "cam", warm_steps=5, steps=5, framework_options={"eps": 0.031, "alpha": 0.01})
+    engine = build_attack("adv2", "pgd", "cam", warm_steps=5, steps=5, c=1.0, framework_options={"eps": 0.031, "alpha": 0.01})
     interps = {"cam": CAMInterpreter()}
     data = {"image": x, "label": y, "target": y_t}
 

@@ -203,7 +203,7 @@ def test_fit_unknown_model_name(tmp_path, capsys):
 
 def test_fit_unknown_framework_name(tmp_path, capsys):
     aid = {"class_path": "defend.aid.AIDModule",
-           "init_args": {"classifier": str(classifier_file(tmp_path / "clf.pt")), "attack_framework": "deepfool"}}
+           "init_args": {"classifier": str(classifier_file(tmp_path / "clf.pt")), "attack": {"framework": "deepfool"}}}
     rc, err = run(capsys, ["fit", "-c", str(fit_config(tmp_path, aid, DIGITS))])
     assert_one_line_error(rc, err, "fit", r"unknown framework 'deepfool'; choose one of: pgd, cw, stadv")
     assert_nothing_written(tmp_path / "out")
@@ -282,18 +282,23 @@ def test_experiment_robust_models_are_checked_before_training(tmp_path, capsys):
                    {"name": "int_adv", "mode": "int_adv", "gamma": -1.0}]}))
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out)])
-    assert_one_line_error(rc, err, "experiment", r"need lr > 0, gamma >= 0")
+    assert_one_line_error(rc, err, "experiment", r"gamma must be >= 0 \(the weight of the worst-case discrepancy\), "
+                                                 r"got -1\.0")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("option, pattern", [
-    ("--model.init_args.eps=-0.1", r"eps >= 0"),
+    ("--model.init_args.inner.eps=-0.1", r"need inner\.eps >= 0, .* got -0\.1"),
+    ("--model.init_args.inner.eps=0", r"mode 'int_adv' needs inner\.eps > 0 and inner\.steps >= 1"),
     ("--model.init_args.mode=adversarial", r"mode must be one of \('normal', 'pgd_at', 'int', 'int_adv'\)"),
-    ("--model.init_args.lr=fast", r"Parser key \"lr\": Expected a <class 'float'>"),
+    ("--model.init_args.optimiser.lr=fast", r"Parser key \"optimiser\.lr\": Expected a <class 'float'>"),
+    ("--model.init_args.optimiser.lr=0", r"need optimiser\.lr > 0"),
+    ("--model.init_args.optimiser.schedule=multistep", r"optimiser\.schedule 'multistep' needs optimiser\.milestones"),
+    ("--model.init_args.inner.stepz=2", r"unrecognized arguments: --inner\.stepz=2"),
 ])
 def test_fit_inconsistent_robust_values(option, pattern, tmp_path, capsys):
     robust = {"class_path": "defend.robust.RobustClassifierModule",
-              "init_args": {"arch": "small_cnn", "model_options": {"width": 4}, "inner_steps": 1}}
+              "init_args": {"arch": "small_cnn", "model_options": {"width": 4}, "inner": {"steps": 1}}}
     rc, err = run(capsys, ["fit", "-c", str(fit_config(tmp_path, robust, DIGITS)), option])
     assert_one_line_error(rc, err, "fit", pattern)
     assert_nothing_written(tmp_path / "out")
@@ -301,10 +306,27 @@ def test_fit_inconsistent_robust_values(option, pattern, tmp_path, capsys):
 
 def test_fit_negative_epsilon_of_the_inner_attack(tmp_path, capsys):
     aid = {"class_path": "defend.aid.AIDModule",
-           "init_args": {"classifier": str(classifier_file(tmp_path / "clf.pt")), "aid_weight": 1.0,
-                         "attack_eps": -0.031}}
+           "init_args": {"classifier": str(classifier_file(tmp_path / "clf.pt")), "aid": {"weight": 1.0},
+                         "attack": {"eps": -0.031}}}
     rc, err = run(capsys, ["fit", "-c", str(fit_config(tmp_path, aid, DIGITS))])
     assert_one_line_error(rc, err, "fit", r"eps must be > 0, got -0\.031")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("option, pattern", [
+    ("--model.init_args.aid.mode=sometimes", r"Parser key \"aid\.mode\": Expected a typing\.Literal\['alternate', "
+                                             r"'joint'\]\. Got value: sometimes"),
+    ("--model.init_args.aid.anchor_weight=1", r"aid\.anchor_weight > 0 needs aid\.anchor_from or init_from"),
+    ("--model.init_args.attack.warm_stepz=1", r"unrecognized arguments: --attack\.warm_stepz=1"),
+    ("--model.init_args.objective.fake_label_prob=1.5", r"objective\.fake_label_prob must lie in \[0, 1\), got 1\.5"),
+    ("--model.init_args.optimiser.schedule=onecycle", r"AIDModule steps its optimisers itself .*optimiser\.schedule "
+                                                      r"must be 'constant'"),
+])
+def test_fit_bad_aid_options_are_one_line(option, pattern, tmp_path, capsys):
+    """Each option group of AIDModule refuses a bad or misspelt nested key before anything is written."""
+    aid = {"class_path": "defend.aid.AIDModule", "init_args": {"classifier": str(classifier_file(tmp_path / "clf.pt"))}}
+    rc, err = run(capsys, ["fit", "-c", str(fit_config(tmp_path, aid, DIGITS)), option])
+    assert_one_line_error(rc, err, "fit", pattern)
     assert_nothing_written(tmp_path / "out")
 
 

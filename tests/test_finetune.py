@@ -79,7 +79,7 @@ def test_finetune_pipeline_on_an_image_folder(tmp_path, monkeypatch):
 
     # 1. a classifier for the folder
     fit("folder_classifier.yaml", *data, "--model.init_args.num_classes=3", "--model.init_args.model_options={width: 16}",
-        "--model.init_args.lr=0.005", "--trainer.max_epochs=20")
+        "--model.init_args.optimiser.lr=0.005", "--trainer.max_epochs=20")
     clf_path = Path("checkpoints/folder_classifier/last.ckpt")
     clf = load_classifier(clf_path, num_classes=3, input_size=32)
     acc = held_out_accuracy(clf, dm)
@@ -97,8 +97,8 @@ def test_finetune_pipeline_on_an_image_folder(tmp_path, monkeypatch):
 
     # 3. AID fine-tuning of that RTS (init_from)
     fit("folder_aid.yaml", *data, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1",
-        "--model.init_args.aid_every=2", "--model.init_args.aid_batch_size=8", "--model.init_args.attack_warm_steps=1",
-        "--model.init_args.attack_steps=2")
+        "--model.init_args.aid.every=2", "--model.init_args.aid.batch_size=8", "--model.init_args.attack.warm_steps=1",
+        "--model.init_args.attack.steps=2")
     aid_path = Path("checkpoints/folder_aid/last.ckpt")
     meta = load_artifact(aid_path, "rts")["meta"]
     assert meta["aid_weight"] == 1.0 and meta["init_from"] == "checkpoints/folder_rts/last.ckpt"
@@ -112,7 +112,7 @@ def test_finetune_pipeline_on_an_image_folder(tmp_path, monkeypatch):
 
     # 4. interpretation-robust fine-tuning of the classifier (init_from)
     fit("folder_robust.yaml", *data, "--model.init_args.num_classes=3", "--model.init_args.model_options={width: 16}",
-        "--model.init_args.inner_steps=1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+        "--model.init_args.inner.steps=1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1")
     robust_path = Path("checkpoints/folder_robust/last.ckpt")
     assert load_artifact(robust_path, "classifier")["meta"]["robust_training"]["mode"] == "int_adv"

@@ -21,10 +21,10 @@ SMALL = ["--data.init_args.batch_size=32", "--data.init_args.renders_per_digit=[
 # global RNG, which checks the per-epoch reseeding (defend.callbacks.EpochSeed).
 RUNS = {
     "classifier": (CONFIGS / "classifier" / "digits.yaml", Path("checkpoints/classifier_digits/last.ckpt"),
-                   ["--model.init_args.model_options={width: 8}", "--model.init_args.lr=0.01"]),
+                   ["--model.init_args.model_options={width: 8}", "--model.init_args.optimiser.lr=0.01"]),
     "robust": (CONFIGS / "robust" / "digits_int_adv.yaml", Path("checkpoints/robust_digits/last.ckpt"),
-               ["--model.init_args.model_options={width: 4}", "--model.init_args.inner_steps=1",
-                "--model.init_args.eps_ramp_epochs=0", "--model.init_args.lr=0.01"]),
+               ["--model.init_args.model_options={width: 4}", "--model.init_args.inner.steps=1",
+                "--model.init_args.inner.ramp_epochs=0", "--model.init_args.optimiser.lr=0.01"]),
 }
 
 

@@ -15,7 +15,9 @@ from torch import nn
 from attacks.state import eval_mode
 from defend.classifier import load_classifier
 from defend.models import GapClassifier
+from defend.module_base import Optimiser
 from defend.robust import (
+    InnerMaximisation,
     RobustClassifierModule,
     class_maps,
     discrepancy_l1_2class,
@@ -97,9 +99,10 @@ def test_discrepancy_matches_hand_computation():
     assert torch.allclose(m[0].flatten(1), torch.tensor(maps[0], dtype=torch.float64), atol=1e-12)
 
 
-def _small(width: int = 4, seed: int = 0, **kw) -> RobustClassifierModule:
+def _small(width: int = 4, seed: int = 0, inner: InnerMaximisation | None = None, **kw) -> RobustClassifierModule:
     torch.manual_seed(seed)
-    return RobustClassifierModule(arch="small_cnn", num_classes=10, model_options={"width": width}, **kw)
+    return RobustClassifierModule(arch="small_cnn", num_classes=10, model_options={"width": width},
+                                  inner=inner or InnerMaximisation(), **kw)
 
 
 def test_inner_maximisation_increases_d_and_stays_in_ball():
@@ -124,7 +127,7 @@ def test_compute_loss_restores_train_mode_and_grad_flows_from_d_term():
     y = torch.arange(8) % 10
     grads = {}
     for gamma in (0.0, 1.0):
-        module = _small(width=4, seed=0, mode="int", gamma=gamma, inner_steps=2)
+        module = _small(width=4, seed=0, mode="int", gamma=gamma, inner=InnerMaximisation(steps=2))
         module.train()
         out = module.compute_loss(x, y, generator=torch.Generator().manual_seed(5))
         assert module.model.training and all(m.training for m in module.model.modules())
@@ -142,7 +145,7 @@ def test_compute_loss_restores_train_mode_and_grad_flows_from_d_term():
 
 
 def test_grad_interpretation_double_backward():
-    module = _small(width=2, mode="int_adv", interpretation="grad", gamma=1.0, inner_steps=1)
+    module = _small(width=2, mode="int_adv", interpretation="grad", gamma=1.0, inner=InnerMaximisation(steps=1))
     module.train()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     out = module.compute_loss(x, torch.tensor([1, 2]))
@@ -153,17 +156,24 @@ def test_grad_interpretation_double_backward():
 
 
 def test_eps_ramp_and_validation():
-    module = _small(mode="int_adv", eps=8 / 255, eps_ramp_epochs=2)
+    module = _small(mode="int_adv", inner=InnerMaximisation(eps=8 / 255, ramp_epochs=2))
     module._trainer = SimpleNamespace(num_training_batches=10, current_epoch=0)
     assert module.current_eps(0) == pytest.approx(8 / 255 / 20)
     module._trainer.current_epoch = 1
     assert module.current_eps(4) == pytest.approx(8 / 255 * 15 / 20)
     module._trainer.current_epoch = 3
     assert module.current_eps(0) == pytest.approx(8 / 255)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be one of"):
         _small(mode="bogus")
-    with pytest.raises(ValueError):
-        _small(mode="pgd_at", eps=0.0)
+    with pytest.raises(ValueError, match=r"mode 'pgd_at' needs inner\.eps > 0"):
+        _small(mode="pgd_at", inner=InnerMaximisation(eps=0.0))
+    with pytest.raises(ValueError, match=r"need inner\.eps >= 0, inner\.alpha > 0"):
+        InnerMaximisation(alpha=0.0)
+    with pytest.raises(ValueError, match=r"inner: unknown option\(s\) stepz"):
+        _small(inner={"stepz": 2})
+    # a mapping completes the defaults; the robust default optimiser is Adam (not AdamW), constant
+    module = _small(mode="normal", inner={"steps": 3})
+    assert module.inner == InnerMaximisation(steps=3) and module.optimiser == Optimiser(name="adam", lr=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +205,8 @@ def test_short_robust_training_lowers_worst_case_d(digits_small):
     y = torch.stack([ds[i]["label"] for i in range(64)])
     worst = {}
     for mode in ("normal", "int"):
-        module = _small(width=4, seed=0, mode=mode, gamma=4.0, eps=8 / 255, inner_steps=2, inner_alpha=4 / 255)
+        module = _small(width=4, seed=0, mode=mode, gamma=4.0,
+                        inner=InnerMaximisation(eps=8 / 255, steps=2, alpha=4 / 255))
         model = _train(module, digits_small, steps=20)
         with eval_mode(model):
             x_adv = worst_case_discrepancy(model, x, y, 8 / 255, 2 / 255, 5, generator=torch.Generator().manual_seed(1))
@@ -211,7 +222,7 @@ def test_ddp_cpu_fit_writes_loadable_checkpoint(tmp_path):
            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
            "--data.renders_per_digit=[1,1,1]", "--data.batch_size=16", "--model.model_options={width: 4}",
-           "--model.inner_steps=1"]
+           "--model.inner.steps=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = sorted(tmp_path.rglob("*.ckpt"))

@@ -19,7 +19,8 @@ from attacks.adv2 import ADV2, random_targets
 from attacks.interpreters import RTSInterpreter, RTSNetwork, get_interpreter, rts_objective
 from attacks import make_term
 from attacks.terms import MapTerm
-from defend.aid import AIDModule, load_rts, save_rts
+from defend.aid import AIDModule, AIDSchedule, InnerAttack, load_rts, save_rts
+from defend.module_base import Optimiser
 from defend.classifier import save_classifier
 from defend.interpreters import build_interpreter
 from defend.metrics import localisation, map_l1
@@ -69,7 +70,7 @@ def _fit(module: AIDModule, data, n_steps: int, bs: int = 32, seed: int = 0) -> 
 def trained_rts(setup, tmp_path_factory):
     """Plain RTS trained for a few dozen steps; returns (module, objective before, objective after, artifact)."""
     torch.manual_seed(0)
-    module = AIDModule(setup["path"], width=16, lr=3e-3, seed=0)
+    module = AIDModule(setup["path"], width=16, optimiser=Optimiser(name="adam", lr=3e-3), seed=0)
     batch = {k: v[:64] for k, v in setup["test"].items()}
 
     def objective() -> float:
@@ -188,9 +189,10 @@ def _adv_l1(module: AIDModule, setup, n: int = 24) -> float:
 
 def test_aid_increases_adversarial_map_distance_and_keeps_classifier(trained_rts, setup):
     _, _, _, path = trained_rts
-    common = dict(init_from=path, lr=1e-3, seed=0, attack_warm_steps=5, attack_steps=5, attack_alpha=2 / 255)
+    common = dict(init_from=path, optimiser=Optimiser(name="adam", lr=1e-3), seed=0,
+                  attack=InnerAttack(warm_steps=5, steps=5, alpha=2 / 255))
     plain = AIDModule(setup["path"], **common)
-    aid = AIDModule(setup["path"], aid_weight=1.0, aid_every=2, aid_lr=3e-3, **common)
+    aid = AIDModule(setup["path"], aid=AIDSchedule(weight=1.0, every=2, lr=3e-3), **common)
     clf_before = copy.deepcopy(aid.model.state_dict())
     _fit(plain, setup["train"], 16, bs=32, seed=5)
     _fit(aid, setup["train"], 16, bs=32, seed=5)
@@ -207,12 +209,18 @@ def test_aid_increases_adversarial_map_distance_and_keeps_classifier(trained_rts
 
 
 def test_aid_module_validates_arguments(setup):
-    with pytest.raises(ValueError, match="aid_mode"):
-        AIDModule(setup["path"], aid_mode="sometimes")
-    with pytest.raises(ValueError, match="anchor"):
-        AIDModule(setup["path"], anchor_weight=1.0)
+    with pytest.raises(ValueError, match=r"aid\.mode must be one of"):
+        AIDModule(setup["path"], aid={"mode": "sometimes"})
+    with pytest.raises(ValueError, match=r"aid\.anchor_weight > 0 needs aid\.anchor_from or init_from"):
+        AIDModule(setup["path"], aid=AIDSchedule(anchor_weight=1.0))
     with pytest.raises(ValueError, match="class count"):
         AIDModule(setup["path"], num_classes=7)
+    with pytest.raises(ValueError, match=r"needs attack\.warm_steps \+ attack\.steps > 0"):
+        AIDModule(setup["path"], aid={"weight": 1.0}, attack={"warm_steps": 0, "steps": 0})
+    with pytest.raises(ValueError, match="unknown framework 'deepfool'"):
+        InnerAttack(framework="deepfool")
+    with pytest.raises(ValueError, match=r"attack: unknown option\(s\) eps_"):
+        AIDModule(setup["path"], attack={"eps_": 0.1})
 
 
 def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
@@ -221,8 +229,8 @@ def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-           f"--model.classifier={setup['path']}", "--model.width=8", "--model.attack_warm_steps=1",
-           "--model.attack_steps=1", "--model.val_attack_batches=1", "--data.renders_per_digit=[1,1,1]",
+           f"--model.classifier={setup['path']}", "--model.width=8", "--model.attack.warm_steps=1",
+           "--model.attack.steps=1", "--model.val_attack_batches=1", "--data.renders_per_digit=[1,1,1]",
            "--data.batch_size=8"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -235,20 +243,20 @@ def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
 
 
 def test_aid_epoch_shorter_than_aid_every_still_trains_l_aid(setup):
-    """A fine-tuning set with fewer batches per epoch than ``aid_every``: the last batch of each epoch is an AID batch,
+    """A fine-tuning set with fewer batches per epoch than ``aid.every``: the last batch of each epoch is an AID batch,
     so an "AID" run never silently trains plain RTS (issue: zero l_aid steps on a small folder)."""
     import pytorch_lightning as pl
 
     from defend.data import DigitsDataModule
 
     dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=16)
-    module = AIDModule(setup["path"], width=8, aid_weight=1.0, aid_every=4, attack_warm_steps=1, attack_steps=1,
-                       seed=0)
+    module = AIDModule(setup["path"], width=8, aid=AIDSchedule(weight=1.0, every=4),
+                       attack=InnerAttack(warm_steps=1, steps=1), seed=0)
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          inference_mode=False)
     trainer.fit(module, datamodule=dm)
     assert module.aid_steps == 2  # one per epoch: batch 2 of 3 (batch_idx % 4 == 3 never fires)
     assert module.rts_meta()["aid_steps"] == 2
-    plain = AIDModule(setup["path"], width=8, aid_weight=0.0, seed=0)
+    plain = AIDModule(setup["path"], width=8, aid=AIDSchedule(weight=0.0), seed=0)
     assert not any(plain.is_aid_batch(i) for i in range(8))

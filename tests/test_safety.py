@@ -360,7 +360,7 @@ def test_experiment_reuse_fills_in_architecture_defaults(tmp_path):
 @pytest.mark.parametrize("steps", range(1, 13))
 def test_one_cycle_schedule_of_any_length(steps):
     """OneCycleLR divides by zero on 4 steps and spends a 1-step run at lr / 250000: every length trains."""
-    module = ClassifierModule(model_options={"width": 4}, lr=0.01)
+    module = ClassifierModule(model_options={"width": 4}, optimiser={"lr": 0.01})
     module.trainer = SimpleNamespace(estimated_stepping_batches=steps)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -394,18 +394,22 @@ def test_fit_schedule_that_cannot_run(options, pattern, tmp_path, capsys):
 
 
 ROBUST = {"class_path": "defend.robust.RobustClassifierModule",
-          "init_args": {"arch": "small_cnn", "model_options": {"width": 4}, "inner_steps": 1, "mode": "normal"}}
+          "init_args": {"arch": "small_cnn", "model_options": {"width": 4}, "inner": {"steps": 1}, "mode": "normal"}}
 
 
 def test_robust_milestones(tmp_path, capsys):
     """Milestones must be epochs >= 1; one after max_epochs is allowed (a shortened run of the same schedule,
     e.g. --quick): the run ends before the decay, and the learning rate it used is the configured one."""
     cfg = fit_config(tmp_path, ROBUST, DIGITS)
+    multistep = "--model.init_args.optimiser.schedule=multistep"
     for bad in ("[0]", "[2, -1]"):
-        rc, err = run(capsys, ["fit", "-c", str(cfg), f"--model.init_args.lr_milestones={bad}"])
-        assert_one_line_error(rc, err, "fit", r"lr_milestones must be whole epochs >= 1")
+        rc, err = run(capsys, ["fit", "-c", str(cfg), multistep, f"--model.init_args.optimiser.milestones={bad}"])
+        assert_one_line_error(rc, err, "fit", r"optimiser\.milestones must be whole epochs >= 1")
         assert_nothing_written(tmp_path / "out")
-    rc, err = run(capsys, ["fit", "-c", str(cfg), "--model.init_args.lr_milestones=[6]", "--model.init_args.lr=0.002"])
+    rc, err = run(capsys, ["fit", "-c", str(cfg), "--model.init_args.optimiser.milestones=[6]"])
+    assert_one_line_error(rc, err, "fit", r"optimiser\.milestones \[6\] are only used by schedule 'multistep'")
+    rc, err = run(capsys, ["fit", "-c", str(cfg), multistep, "--model.init_args.optimiser.milestones=[6]",
+                           "--model.init_args.optimiser.lr=0.002"])
     assert rc == 0, err
     ckpt = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.002)
@@ -480,7 +484,11 @@ def test_image_mode_that_cannot_be_read_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("option, pattern", [
     ("--trainer.max_epochz=3", r"unrecognized arguments: --trainer\.max_epochz=3 \(did you mean "
                                r"'--trainer\.max_epochs'\?\)"),
-    ("--model.init_args.lrr=0.1", r"Option 'lrr' is not accepted \(did you mean 'lr'\?\)"),
+    ("--model.init_args.label_smothing=0.1", r"Option 'label_smothing' is not accepted \(did you mean "
+                                             r"'label_smoothing'\?\)"),
+    ("--model.init_args.optimiser.lrr=0.1", r"unrecognized arguments: --optimiser\.lrr=0\.1"),
+    ("--model.init_args.optimiser.name=adamx", r"Parser key \"optimiser\.name\": Expected a "
+                                               r"typing\.Literal\['sgd', 'adam', 'adamw'\]\. Got value: adamx"),
     ("--data.init_args.batchsize=4", r"Option 'batchsize' is not accepted \(did you mean 'batch_size'\?\)"),
     ("--trainer.precision=17", r"trainer\.precision\": Expected one of: 64, 32, 16, .*'bf16-mixed'.* \(got '17'\)"),
 ])
@@ -497,6 +505,9 @@ def test_misspelt_yaml_key_gets_a_suggestion_and_a_far_one_none(tmp_path, capsys
     rc, err = run(capsys, ["fit", "-c", str(cfg), "-c", str(typo)])
     assert_one_line_error(rc, err, "fit", r"does not accept option 'trainer\.max_epoch' \(did you mean "
                                           r"'trainer\.max_epochs'\?\)")
+    typo.write_text("model: {init_args: {optimiser: {lrr: 0.1}}}\n")  # a misspelt key of an option group
+    rc, err = run(capsys, ["fit", "-c", str(cfg), "-c", str(typo)])
+    assert_one_line_error(rc, err, "fit", r"Group 'optimiser' does not accept option 'lrr'")
     typo.write_text("trainer: {zzzz: 2}\n")
     rc, err = run(capsys, ["fit", "-c", str(cfg), "-c", str(typo)])
     line = assert_one_line_error(rc, err, "fit", r"does not accept option 'trainer\.zzzz'")

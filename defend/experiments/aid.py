@@ -35,7 +35,7 @@ from ..aid import AIDModule, load_rts
 from ..evaluation import interpret, run_attack
 from ..metrics import localisation, map_l1, topk_iou
 from .common import get_classifier, make_trainer, markdown_table, select_correct, setup_data, write_outputs
-from .figures import map_grid
+from ..figures import map_grid
 
 __all__ = ["run", "BatchTimer", "noise_levels", "get_rts"]
 
@@ -67,8 +67,20 @@ def _train(cfg: dict[str, Any], clf_path: str, dm, spec: dict[str, Any], init_fr
     limit = spec.pop("limit_train_batches", None)
     spec.pop("init", None)
     kw = {**base, **spec}
+    # the flat keys of the experiment YAML -> the module's option groups (the groups' defaults fill the rest)
+    from dataclasses import fields
+
+    from ..aid import RTSObjective
+
+    flat = dict(kw)
+    groups = {"objective": {k: flat.pop(k) for k in [f.name for f in fields(RTSObjective)] if k in flat},
+              "attack": {k[len("attack_"):]: flat.pop(k) for k in list(flat) if k.startswith("attack_")},
+              "aid": {k[len("aid_"):] if k.startswith("aid_") else k: flat.pop(k) for k in list(flat)
+                      if k.startswith(("aid_", "anchor_"))},
+              "optimiser": {k: flat.pop(k) for k in ("lr", "weight_decay") if k in flat}}
     pl.seed_everything(seed, workers=True)
-    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **kw)
+    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **groups,
+                       **flat)
     timer = BatchTimer()
     extra: dict[str, Any] = {"callbacks": [timer], "num_sanity_val_steps": 0, "limit_val_batches": 0,
                              "inference_mode": False, "enable_progress_bar": progress}

@@ -59,9 +59,11 @@ def get_classifier(cfg: dict[str, Any], dm: pl.LightningDataModule, out: Path, p
         save_classifier(model, target, options)
         return model, {"trained": False, "checkpoint": str(target)}
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    name = str(ccfg.get("optimizer", "adam"))
+    optimiser = {"name": {"adam": "adamw"}.get(name, name),  # the classifier sections' "adam" has always been AdamW
+                 "lr": float(ccfg.get("lr", 2e-3)), "weight_decay": float(ccfg.get("weight_decay", 5e-4))}
     module = ClassifierModule(arch=ccfg.get("arch", "small_cnn"), num_classes=num_classes,
-                              model_options=ccfg.get("model_options"), optimizer=ccfg.get("optimizer", "adam"),
-                              lr=float(ccfg.get("lr", 2e-3)), weight_decay=float(ccfg.get("weight_decay", 5e-4)))
+                              model_options=ccfg.get("model_options"), optimiser=optimiser)
     trainer = make_trainer(cfg, int(ccfg.get("max_epochs", 10)), enable_progress_bar=progress)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)

@@ -30,7 +30,7 @@ from ..models import GapClassifier
 from ..robust import RobustClassifierModule
 from ..robust_eval import INTERPRETATION_ATTACKS, interpretation_robustness, pgd_accuracy, sensitivity
 from .common import make_trainer, setup_data, take_split, write_outputs
-from .figures import line_plot
+from ..figures import line_plot
 from .robust_report import report
 
 __all__ = ["run", "validate", "EpochTimer", "evaluate_model", "DEFAULT_MODELS"]
@@ -142,12 +142,19 @@ def _module_kwargs(cfg: dict[str, Any], spec: dict[str, Any], num_classes: int) 
         raise ValueError(f"unknown key(s) {unknown} in model {spec.get('name')!r}; allowed: name, mode, max_epochs, "
                          f"{', '.join(keys)}")
     merged = {**train, **{k: v for k, v in spec.items() if k not in ("name", "max_epochs")}}
-    for k in keys:
-        if k in merged:
-            kw[k] = merged[k]
     for k in ("eps", "inner_alpha"):  # configs give radii in 1/255 units
-        if k in kw:
-            kw[k] = float(kw[k]) / 255
+        if k in merged:
+            merged[k] = float(merged[k]) / 255
+    # the flat keys of the experiment YAML -> the module's option groups (the groups' defaults fill the rest)
+    groups = {"inner": {"eps": "eps", "inner_steps": "steps", "inner_alpha": "alpha", "eps_ramp_epochs": "ramp_epochs",
+                        "random_start": "random_start"},
+              "optimiser": {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
+                            "lr_milestones": "milestones", "lr_decay": "decay"}}
+    for group, names in groups.items():
+        kw[group] = {new: merged[old] for old, new in names.items() if old in merged}
+    if kw["optimiser"].get("milestones"):
+        kw["optimiser"]["schedule"] = "multistep"
+    kw.update({k: merged[k] for k in ("interpretation", "gamma", "ce_attack") if k in merged})
     kw["mode"] = spec.get("mode", spec["name"])
     return kw
 
