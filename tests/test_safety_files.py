@@ -32,7 +32,7 @@ from defend.detector import DetectorModule, train_detector
 from defend.evaluation import CACHE_KIND, AttackEvaluation, PlanItem, check_adversarial, evaluate_plan
 from defend.experiments import runner
 from defend.experiments.common import write_outputs
-from defend.experiments.figures import map_grid
+from defend.figures import map_grid
 from defend.io import (MANIFEST, CheckpointError, WriteError, atomic_write_text, save_artifact, save_cache_entry,
                        settings_digest, write_json)
 from defend.models import build_classifier

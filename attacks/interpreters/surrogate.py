@@ -79,6 +79,9 @@ class ExactFirstOrderReLU(torch.autograd.Function):
         return grad * _SmoothStep.apply(z, ctx.tau), None
 
 
+_original_relu = F.relu  # what every replacement below restores (tests check it)
+
+
 @contextmanager
 def _relu_replaced(fn) -> Iterator[None]:
     """Route every ``F.relu`` / ``nn.ReLU`` (also in-place ones) through ``fn(input)`` for the block; restores what

@@ -23,7 +23,7 @@ from ..interpreters import build_interpreter
 from ..detection_data import code_fingerprint
 from ..evaluation import PlanItem, evaluate_plan, interpret
 from .common import deep_get, get_classifier, make_trainer, markdown_table, select_correct, setup_data, write_outputs
-from .figures import map_grid
+from ..figures import map_grid
 
 __all__ = ["run", "attack_options"]
 

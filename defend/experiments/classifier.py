@@ -17,7 +17,7 @@ from attacks.interpreters.base import to_input_size
 
 from ..metrics import Localisation
 from .common import get_classifier, markdown_table, setup_data, take_split, write_outputs
-from .figures import map_grid
+from ..figures import map_grid
 
 __all__ = ["run", "deletion_test"]
 

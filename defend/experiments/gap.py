@@ -21,7 +21,7 @@ from ..evaluation import interpret, run_attack
 from ..metrics import map_l1
 from .attacks import attack_options
 from .common import deep_get, get_classifier, markdown_table, select_correct, setup_data, write_outputs
-from .figures import map_grid
+from ..figures import map_grid
 
 __all__ = ["run"]
 

@@ -1,0 +1,89 @@
+"""Value types of configs and option groups, registered with jsonargparse: a config gets a one-line error for a
+NaN, an infinite, a negative or an out-of-range value before anything runs. Radii are in image units ([0, 1]) and may
+be written as fractions (``8/255``, exact)."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+from jsonargparse.typing import register_type
+
+__all__ = ["Radius", "Positive", "NonNegative", "Fraction01", "Count", "PositiveCount"]
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"{what} must be a number, got {v!r}")
+    if isinstance(v, str):
+        v = float(Fraction(v.replace(" ", ""))) if "/" in v else float(v)
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v}")
+    return v
+
+
+class Radius(float):
+    """An L-inf radius or step in image units, ``0 <= r <= 1``; ``"8/255"`` is accepted (and exact)."""
+
+    def __new__(cls, v: Any) -> "Radius":
+        v = _number(v, "a radius")
+        if not 0 <= v <= 1:
+            raise ValueError(f"a radius must lie in [0, 1] (images are in [0, 1]; write 8/255 for 8 levels), got {v}")
+        return super().__new__(cls, v)
+
+
+class Positive(float):
+    """A finite number > 0 (learning rates, weights, step sizes)."""
+
+    def __new__(cls, v: Any) -> "Positive":
+        v = _number(v, "this value")
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return super().__new__(cls, v)
+
+
+class NonNegative(float):
+    """A finite number >= 0."""
+
+    def __new__(cls, v: Any) -> "NonNegative":
+        v = _number(v, "this value")
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return super().__new__(cls, v)
+
+
+class Fraction01(float):
+    """A share in [0, 1]."""
+
+    def __new__(cls, v: Any) -> "Fraction01":
+        v = _number(v, "a share")
+        if not 0 <= v <= 1:
+            raise ValueError(f"must lie in [0, 1], got {v}")
+        return super().__new__(cls, v)
+
+
+class Count(int):
+    """A whole number >= 0 (steps, epochs, images)."""
+
+    def __new__(cls, v: Any) -> "Count":
+        if isinstance(v, bool) or not float(v).is_integer() or int(v) < 0:
+            raise ValueError(f"must be a whole number >= 0, got {v!r}")
+        return super().__new__(cls, int(v))
+
+
+class PositiveCount(Count):
+    """A whole number >= 1 (batch sizes, input counts)."""
+
+    def __new__(cls, v: Any) -> "PositiveCount":
+        out = super().__new__(cls, v)
+        if out < 1:
+            raise ValueError(f"must be a whole number >= 1, got {v!r}")
+        return out
+
+
+for _t in (Radius, Positive, NonNegative, Fraction01):
+    register_type(_t, serializer=float, deserializer=_t)
+for _t in (Count, PositiveCount):
+    register_type(_t, serializer=int, deserializer=_t)
+
