@@ -1,5 +1,6 @@
-"""bf16 autocast of the attack engine (the GPU mixed-precision path, exercised here on CPU): the perturbation stays
-float32 and in its ball, success and map distances match float32 within noise."""
+"""bf16 autocast of the attack engine (the GPU mixed-precision path; on CPU unless ``DEFEND_TEST_DEVICE`` names another
+device, see ``tests/test_device.py``): the perturbation stays float32 and in its ball, success and map distances match
+float32 within noise."""
 from __future__ import annotations
 
 import pytest
@@ -10,23 +11,26 @@ from attacks.interpreters import get_interpreter
 from defend.metrics import map_l1
 
 from _tiny import train_tiny_classifier
+from test_device import resolve_device
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The tiny classifier and 16 inputs it classifies right, on the device ``DEFEND_TEST_DEVICE`` names (cpu)."""
+    device = resolve_device()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     model, test, _ = train_tiny_classifier()
     with torch.no_grad():
         ok = model(test["image"]).argmax(1) == test["label"]
-    yield model, test["image"][ok][:16], test["label"][ok][:16]
+    yield model.to(device), test["image"][ok][:16].to(device), test["label"][ok][:16].to(device)
     torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("interpreter", ["cam", "grad"])
 def test_bf16_autocast_matches_float32(tiny, interpreter):
     model, x, y = tiny
-    y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    y_t = random_targets(y.cpu(), 10, torch.Generator().manual_seed(0)).to(y.device)
     g = get_interpreter(interpreter)
     benign = g(model, x, y)
     out = {}
@@ -47,7 +51,7 @@ def test_bf16_autocast_matches_float32(tiny, interpreter):
 def test_bf16_autocast_mask_attack_matches_float32(tiny):
     """The bilevel MASK attack (inner mask steps, lookahead double backward, step-size search) under bf16."""
     model, x, y = tiny
-    y_t = random_targets(y, 10, torch.Generator().manual_seed(0))
+    y_t = random_targets(y.cpu(), 10, torch.Generator().manual_seed(0)).to(y.device)
     g = get_interpreter("mask", iterations=50)
     benign = g(model, x, y)
     out = {}
