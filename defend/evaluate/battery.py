@@ -1,0 +1,205 @@
+"""The battery of ``defend evaluate``: what is measured, on how many inputs, with which budgets (a typed config).
+
+Parsed like the experiment configs (jsonargparse on the dataclasses below): unknown or misspelt keys, wrong types,
+NaN / negative radii and zero counts are one-line errors with a did-you-mean, before anything runs. Radii are in image
+units ([0, 1]); ``8/255`` is accepted and exact. ``configs/evaluate/quick.yaml`` (a CPU smoke run) and
+``configs/evaluate/standard.yaml`` (the defaults below, for real runs) are the named batteries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..experiments.config import AttackOptions, check_names, layered_options
+from ..types import Count, NonNegative, PositiveCount, Radius
+
+__all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "AdaptiveBattery", "DetectorBattery",
+           "BATTERIES", "battery_path", "parse_battery", "load_battery"]
+
+#: named batteries: ``configs/evaluate/<name>.yaml`` of the source tree
+BATTERIES = ("quick", "standard")
+_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "evaluate"
+
+InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
+
+
+@dataclass
+class AutoAttackBattery:
+    """Robust accuracy under AutoAttack (standard version, L-inf) at each radius of ``eps`` (empty: skipped) on the
+    first ``n`` attack inputs."""
+
+    eps: list[Radius] = field(default_factory=lambda: [Radius("4/255"), Radius("8/255")])
+    n: PositiveCount = PositiveCount(100)
+
+
+@dataclass
+class TopKBattery:
+    """Interpretation robustness under the top-k attack (Ghorbani et al.; Boopathy et al.'s evaluation): for each of
+    ``interpreters`` (``rts`` is added when an RTS is evaluated and ``with_rts``), PGD of ``steps`` steps in the
+    ``eps`` ball lowering the map mass on the benign top-``k`` pixels, scored by Kendall's tau, Spearman's rho and
+    the top-k intersection at ``ks`` (native map grid). Empty ``interpreters``: skipped."""
+
+    interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
+    with_rts: bool = True
+    eps: Radius = Radius("8/255")
+    steps: PositiveCount = PositiveCount(100)
+    k: PositiveCount = PositiveCount(8)
+    restarts: PositiveCount = PositiveCount(1)
+    ks: list[PositiveCount] = field(default_factory=lambda: [PositiveCount(4), PositiveCount(8), PositiveCount(16)])
+    n: PositiveCount | None = None
+
+
+@dataclass
+class AttackBattery:
+    """The interpretation attacks: each of ``attacks`` against each of ``interpreters`` (+ ``rts`` when an RTS is
+    evaluated) on ``framework``; every adversarial set is also read by the other interpreters (the transfer matrix).
+    ``options``: shared attack options, ``per_interpreter.<name>``: overrides for one target interpreter (unset keys
+    fall through to the attack core's tuned defaults)."""
+
+    attacks: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge", "advedge_plus"])
+    interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
+    framework: Literal["pgd"] = "pgd"
+    options: AttackOptions = field(default_factory=lambda: AttackOptions(eps=Radius("8/255")))
+    per_interpreter: dict[str, AttackOptions] = field(default_factory=dict)
+
+    def options_for(self, target: str | None, extra: AttackOptions | None = None) -> dict[str, Any]:
+        """The :func:`attacks.build_attack` keywords against ``target`` (``extra`` last)."""
+        layers = [self.options, self.per_interpreter.get(target) if target else None, extra]
+        return layered_options(self.framework, *layers)
+
+
+@dataclass
+class AdaptiveBattery:
+    """The adaptive attacks (an attacker who knows the defence): ``ensemble`` attacks against the ensemble of
+    ``ensemble_interpreters`` at once (always: the adaptive attack for a classifier and its interpreters); with a
+    detector, the detector-aware ADV2 (``adaptive_detector``: the detector's differentiable trunk score, weight
+    ``detector_weight``, in the loss; success judged by the real detector); with an RTS, ``adaptive_rts``
+    (``rts_restarts`` runs, encoder weight ``rts_enc_weight``). ``options`` override the attack options of
+    :class:`AttackBattery` for these attacks."""
+
+    ensemble: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge"])
+    ensemble_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
+    detector_weight: NonNegative = NonNegative(1.0)
+    rts_restarts: PositiveCount = PositiveCount(3)
+    rts_enc_weight: NonNegative = NonNegative(0.2)
+    options: AttackOptions = field(default_factory=AttackOptions)
+
+
+@dataclass
+class DetectorBattery:
+    """How the detector given with ``--detector`` reads inputs: the maps of ``interpreters`` (in channel order;
+    default: those its ``detector.json`` names, else ``[grad, cam]``) for the predicted class, plus the product of the
+    first two when ``product``. ``n_benign`` benign inputs (default ``n_images``) set the 1 % / 5 % FPR thresholds."""
+
+    interpreters: list[str] | None = None
+    product: bool | None = None
+    n_benign: PositiveCount | None = None
+
+
+@dataclass
+class Battery:
+    """Everything ``defend evaluate`` measures. ``n_images`` correctly classified test inputs (a seeded random target
+    class each) are attacked in batches of ``batch_size``; clean accuracy is over the first ``clean_n`` test inputs
+    (``null``: the whole test split); ``n_figure`` examples go into ``maps.png``. ``interpreter_options.<name>``:
+    constructor options of a named interpreter wherever it is built (attacked, measured, read by the detector),
+    e.g. ``{grad_softplus: {beta: 2.0}}``."""
+
+    name: str = "custom"
+    n_images: PositiveCount = PositiveCount(100)
+    batch_size: PositiveCount = PositiveCount(50)
+    seed: Count = Count(0)
+    clean_n: PositiveCount | None = None
+    n_figure: Count = Count(3)
+    autoattack: AutoAttackBattery = field(default_factory=AutoAttackBattery)
+    topk: TopKBattery = field(default_factory=TopKBattery)
+    attacks: AttackBattery = field(default_factory=AttackBattery)
+    adaptive: AdaptiveBattery = field(default_factory=AdaptiveBattery)
+    detector: DetectorBattery = field(default_factory=DetectorBattery)
+    interpreter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def check_battery(b: Battery) -> None:
+    """Cross-field checks (names registered, counts that fit together)."""
+    from attacks import INTERPRETERS
+
+    for names, where in ((b.topk.interpreters, "topk.interpreters"), (b.attacks.interpreters, "attacks.interpreters"),
+                         (b.adaptive.ensemble_interpreters, "adaptive.ensemble_interpreters"),
+                         (list(b.attacks.per_interpreter), "attacks.per_interpreter"),
+                         (list(b.interpreter_options), "interpreter_options"),
+                         (b.detector.interpreters or [], "detector.interpreters")):
+        if names:
+            check_names(list(names), INTERPRETERS, where)
+    for name, opts in b.interpreter_options.items():
+        if name != "rts":  # RTS is built around the network given with --rts
+            try:
+                INTERPRETERS.build(name, **opts)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"interpreter_options.{name}: {exc}") from None
+    if "rts" in b.attacks.interpreters or "rts" in b.topk.interpreters:
+        raise ValueError("do not list 'rts' in attacks.interpreters / topk.interpreters: it is added when --rts is given")
+    if not b.attacks.attacks:
+        raise ValueError("attacks.attacks is empty; give at least one of adv2, advedge, advedge_plus")
+    if not b.attacks.interpreters:
+        raise ValueError("attacks.interpreters is empty; give at least one interpreter, e.g. [cam, grad]")
+    if b.adaptive.ensemble and len(set(b.adaptive.ensemble_interpreters)) < 2:
+        raise ValueError("adaptive.ensemble_interpreters needs at least two interpreters for the ensemble attack, "
+                         f"got {b.adaptive.ensemble_interpreters}")
+    if b.n_figure > b.n_images:
+        raise ValueError(f"n_figure ({b.n_figure}) cannot exceed n_images ({b.n_images})")
+    if b.autoattack.eps and any(float(e) <= 0 for e in b.autoattack.eps):
+        raise ValueError(f"autoattack.eps must be positive radii, got {[float(e) for e in b.autoattack.eps]}")
+
+
+def battery_path(spec: str) -> Path:
+    """``quick`` / ``standard`` -> ``configs/evaluate/<name>.yaml``; any other value is a YAML file's path."""
+    if spec in BATTERIES:
+        path = _CONFIGS / f"{spec}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"battery '{spec}': {path} is missing (run from a source checkout, or pass "
+                                    "--battery FILE.yaml)")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--battery: no such file '{spec}' (give quick, standard or a YAML file)")
+    return path
+
+
+def parse_battery(raw: dict[str, Any]) -> tuple[Battery, str]:
+    """``raw`` as a checked :class:`Battery` and as YAML with every default filled in."""
+    from ..experiments.config import parse_typed
+
+    try:
+        battery, text = parse_typed(Battery, raw)
+    except ValueError as exc:
+        raise ValueError("battery: " + str(exc).replace("config key", "key")) from None
+    check_battery(battery)
+    return battery, text
+
+
+def load_battery(spec: str, overrides: dict[str, Any] | None = None) -> tuple[Battery, str]:
+    """The battery named by ``spec`` (``quick``, ``standard`` or a YAML file) with dotted ``overrides`` applied."""
+    import yaml
+
+    path = battery_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping at top level")
+    raw.setdefault("name", spec if spec in BATTERIES else path.stem)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_battery(raw)
+
+
+def set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    """``cfg[a][b][c] = value`` for ``dotted = "a.b.c"`` (missing levels are created)."""
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value

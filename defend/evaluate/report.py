@@ -1,0 +1,233 @@
+"""What ``defend evaluate`` writes besides ``card.json``: ``report.md`` (readable tables), one CSV per table, the
+figures (``maps.png``, ``attacks.png``, ``roc.png``) and the adversarial sets (``adversarial/<attack>_<interp>.pt``)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..figures import bar_chart, map_grid, roc_plot
+from ..io import atomic_write_text, load_artifact, save_artifact
+
+__all__ = ["TABLES", "table_rows", "write_tables", "write_report", "write_figures", "save_sets", "load_sets",
+           "SET_KIND"]
+
+#: artifact kind of a saved adversarial set
+SET_KIND = "adversarial-set"
+
+#: the CSV tables: file -> (results key, columns)
+TABLES = {
+    "clean.csv": ("clean_accuracy", ["metric", "value", "n", "split", "seed", "seconds"]),
+    "autoattack.csv": ("autoattack", ["attack", "eps", "robust_accuracy", "n", "seed", "seconds"]),
+    "interpretation.csv": ("interpretation_robustness", ["interpreter", "attack", "eps", "steps", "k", "n", "n_kept",
+                                                         "kendall_tau", "spearman", "topk_intersection", "seed",
+                                                         "seconds"]),
+    "attacks.csv": ("attacks", ["attack", "framework", "interpreter", "kind", "read_by", "asr", "confidence", "l1",
+                                "l2", "iou", "noise_rate", "seconds_per_input", "linf", "eps", "steps", "n", "seed",
+                                "seconds", "file"]),
+    "transfer.csv": ("transfer", ["attack", "source", "read_by", "l1", "iou", "asr", "n", "eps", "steps", "seed"]),
+    "detection.csv": ("detection", ["attack", "interpreter", "kind", "n", "n_adversarial", "detection_rate_fpr1",
+                                    "detection_rate_fpr5", "detection_rate_default", "auc", "evasion_rate", "eps",
+                                    "steps", "seed"]),
+}
+
+
+def table_rows(results: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The flat rows of one table (the budget's eps / steps / k lifted to columns)."""
+    value = results.get(key)
+    if value is None:
+        return []
+    rows = value["rows"] if key == "detection" else (value if isinstance(value, list) else [value])
+    out = []
+    for r in rows:
+        budget = r.get("budget") or {}
+        out.append({**{k: v for k, v in r.items() if k not in ("budget", "roc")},
+                    **{k: budget.get(k) for k in ("eps", "steps", "k") if k in budget}})
+    return out
+
+
+def write_tables(out: Path, results: dict[str, Any]) -> list[str]:
+    """One CSV per table with rows; returns the file names."""
+    names = []
+    for name, (key, columns) in TABLES.items():
+        rows = table_rows(results, key)
+        if not rows:
+            continue
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+        atomic_write_text(out / name, buf.getvalue())
+        names.append(name)
+    return names
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _md(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return lines + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows] + [""]
+
+
+def _budget(b: dict[str, Any] | None) -> str:
+    if not b:
+        return "-"
+    parts = [f"eps {b['eps'] * 255:.0f}/255" if "eps" in b else None,
+             f"{b['warm_steps']}+{b['steps']} steps" if "warm_steps" in b else
+             (f"{b['steps']} steps" if "steps" in b else None),
+             f"{b['restarts']} restarts" if b.get("restarts", 1) > 1 else None]
+    return ", ".join(p for p in parts if p)
+
+
+def write_report(out: Path, card: dict[str, Any]) -> None:
+    """``report.md``: what was evaluated, then one table per measurement (every figure with its n and budget)."""
+    s, d, r = card["system"], card["data"], card["results"]
+    lines = [f"# Model card: `{s['classifier']['path']}`", "",
+             f"Schema {card['schema_version']}, mode `{card['mode']}`, battery `{card['battery']['name']}` "
+             f"(seed {card['battery']['seed']}). Data: {d['name']} ({d['num_classes']} classes, "
+             f"{'x'.join(str(v) for v in d['image_shape'])}), digest `{d['digest']}`; {d['n_attack_inputs']} "
+             "correctly classified test inputs attacked, random target classes.", "",
+             f"- classifier sha256 `{s['classifier']['sha256'][:16]}`, arch `{s['classifier']['meta'].get('arch')}`",
+             f"- RTS: {'`' + s['rts']['path'] + '`' if s['rts'] else 'none'}",
+             f"- detector: {'`' + s['detector']['path'] + '` reading ' + '+'.join(s['detector']['interpreters']) if s['detector'] else 'none'}",
+             f"- wall time {card['provenance']['seconds']:.0f} s; command `{card['provenance']['command']}`", ""]
+    c = r["clean_accuracy"]
+    lines += ["## Clean accuracy", "", *_md(["accuracy", "n", "split"], [[c["value"], c["n"], c["split"]]])]
+    if r["autoattack"]:
+        lines += ["## Robust accuracy under AutoAttack (standard, L-inf)", "",
+                  *_md(["eps", "robust accuracy", "n", "seconds"],
+                       [[f"{a['eps'] * 255:.0f}/255", a["robust_accuracy"], a["n"], a["seconds"]] for a in r["autoattack"]])]
+    if r["interpretation_robustness"]:
+        lines += ["## Interpretation robustness under the top-k attack (benign vs attacked maps, prediction kept)", "",
+                  *_md(["interpreter", "budget", "k", "Kendall tau", "Spearman", "top-k intersection", "n kept / n", "s"],
+                       [[t["interpreter"], _budget(t["budget"]), t["budget"].get("k"), t["kendall_tau"], t["spearman"],
+                         t["topk_intersection"], f"{t['n_kept']}/{t['n']}", t["seconds"]]
+                        for t in r["interpretation_robustness"]])]
+    lines += _attack_section(r["attacks"]) + _transfer_section(r["transfer"]) + _detection_section(r["detection"])
+    figures = card["files"]["figures"]
+    lines += [f"![{Path(f).stem}]({f})" for f in figures] + [""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _attack_section(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    body = [[a["attack"], a["interpreter"], a["kind"], a["read_by"], a["asr"], a["confidence"], a["l1"], a["iou"],
+             a["noise_rate"], a["seconds_per_input"], _budget(a["budget"]), a["n"]] for a in rows]
+    return ["## Interpretation attacks (success = target class reached; maps compared to the benign map)", "",
+            *_md(["attack", "against", "kind", "read by", "success", "confidence", "map L1", "IoU", "noise rate",
+                  "s / input", "budget", "n"], body)]
+
+
+def _transfer_section(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    readers = list(dict.fromkeys(t["read_by"] for t in rows))
+    keys = list(dict.fromkeys((t["attack"], t["source"]) for t in rows))
+    body = [[a, s] + [next((t["l1"] for t in rows if (t["attack"], t["source"], t["read_by"]) == (a, s, rd)), None)
+                      for rd in readers] for a, s in keys]
+    return ["## Transfer matrix: map L1 to the benign map (rows: crafted against, columns: read by)", "",
+            *_md(["attack", "crafted against"] + readers, body)]
+
+
+def _detection_section(det: dict[str, Any] | None) -> list[str]:
+    if not det:
+        return []
+    th = det["thresholds"]
+    body = [[d["attack"], d["interpreter"], d["kind"], d["n_adversarial"], d["detection_rate_fpr1"],
+             d["detection_rate_fpr5"], d["detection_rate_default"], d["auc"], d["evasion_rate"]] for d in det["rows"]]
+    return [f"## Detection ({'+'.join(det['interpreters'])}{' +product' if det['product'] else ''}; thresholds set on "
+            f"{det['n_benign']} benign inputs: 1 % FPR -> {th['fpr1']['threshold']:.3f}, 5 % FPR -> "
+            f"{th['fpr5']['threshold']:.3f}; benign FPR at 0.5: {det['benign_fpr_default']:.3f})", "",
+            *_md(["attack", "against", "kind", "successful inputs", "detected @1% FPR", "detected @5% FPR",
+                  "detected @0.5", "AUC", "evasion (target & unflagged @0.5)"], body)]
+
+
+def _label(c: int, names: list[str]) -> str:
+    return f"{c} ({names[c]})" if names and names[c] != str(c) else str(c)
+
+
+def write_figures(out: Path, system: Any, sets: list[Any], benign: dict[str, Any], results: dict[str, Any],
+                  n_show: int) -> list[str]:
+    """``maps.png`` (benign and adversarial images and maps), ``attacks.png`` and, with a detector, ``roc.png``."""
+    from ..evaluation import interpret
+    from .measure import interpreters_for
+
+    files = []
+    std = [s for s in sets if s.kind == "standard"]
+    if std and n_show > 0:
+        x, y, yt = std[0].x[:n_show], std[0].label[:n_show], std[0].target[:n_show]
+        names = list(getattr(system.data, "class_names", []) or [])
+        columns = [("input", x), (f"{std[0].attack} vs {std[0].interpreter}", std[0].x_adv[:n_show])]
+        interps = interpreters_for(system, list(benign))
+        for name, g in interps.items():
+            columns.append((f"{name.upper()} benign", benign[name][:n_show]))
+            for s in std:
+                if s.interpreter == name:
+                    columns.append((f"{name.upper()} {s.attack}", interpret(g, system.classifier, s.x_adv[:n_show], yt)))
+        labels = [f"{_label(int(a), names)} -> {_label(int(b), names)}" for a, b in zip(y, yt)]
+        map_grid(out / "maps.png", columns, rows=min(n_show, x.shape[0]), row_labels=labels,
+                 title="Benign and adversarial inputs and maps (rows: true -> target class)")
+        files.append("maps.png")
+    main = [a for a in results["attacks"] if a["read_by"] in a["interpreter"].split("+")]
+    if main:
+        groups = [f"{a['attack']} / {a['interpreter']}" + (f" ({a['read_by']})" if "+" in a["interpreter"] else "")
+                  for a in main]
+        bar_chart(out / "attacks.png", groups, {"success": [a["asr"] for a in main], "map L1": [a["l1"] for a in main],
+                                                "IoU": [a["iou"] for a in main]},
+                  ylabel="share / distance", title="Interpretation attacks (success, map L1 and IoU to benign)")
+        files.append("attacks.png")
+    det = results.get("detection")
+    if det and any(d["roc"] for d in det["rows"]):
+        curves = {f"{d['attack']} / {d['interpreter']}": (d["roc"]["fpr"], d["roc"]["tpr"], d["auc"])
+                  for d in det["rows"] if d["roc"]}
+        roc_plot(out / "roc.png", curves, title=f"Detector ROC ({det['n_benign']} benign inputs)")
+        files.append("roc.png")
+    return files
+
+
+def save_sets(out: Path, sets: list[Any], meta: dict[str, Any]) -> list[str]:
+    """Each set as ``adversarial/<attack>_<interpreter>.pt`` (:func:`defend.io.save_artifact`: tensors only, loaded
+    with ``weights_only``), so another system can be scored on exactly these inputs (``--inputs``)."""
+    files = []
+    for s in sets:
+        rel = f"adversarial/{s.name}.pt"
+        state = {"x": s.x.cpu(), "x_adv": s.x_adv.cpu(), "label": s.label.cpu(), "target": s.target.cpu()}
+        save_artifact(out / rel, SET_KIND, state, {"attack": s.attack, "interpreter": s.interpreter, "kind": s.kind,
+                                                   "budget": s.budget, "file": rel, **meta})
+        files.append(rel)
+    return files
+
+
+def load_sets(directory: str | Path) -> list[Any]:
+    """The adversarial sets saved under ``directory`` (an earlier ``--out`` or its ``adversarial/`` folder)."""
+    from .measure import AttackSet
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--inputs: no such directory '{d}'")
+    files = sorted((d / "adversarial").glob("*.pt")) if (d / "adversarial").is_dir() else sorted(d.glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"--inputs: no saved adversarial sets (*.pt) in {d} or {d / 'adversarial'}")
+    sets = []
+    for f in files:
+        payload = load_artifact(f, SET_KIND)
+        st, meta = payload["state"], dict(payload["meta"])
+        missing = [k for k in ("x", "x_adv", "label", "target") if not isinstance(st.get(k), torch.Tensor)]
+        if missing:
+            raise ValueError(f"--inputs: {f} lacks {', '.join(missing)}")
+        meta["file"] = str(f)
+        sets.append(AttackSet(str(meta.get("attack", f.stem)), str(meta.get("interpreter", "?")), "rescored",
+                              dict(meta.get("budget") or {}), st["x"].float(), st["x_adv"].float(), st["label"].long(),
+                              st["target"].long(), meta))
+    return sets

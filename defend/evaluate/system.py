@@ -1,0 +1,189 @@
+"""The system ``defend evaluate`` measures: a classifier, optionally an RTS interpreter and a saved detector, and the
+data it is measured on. Everything is loaded and checked here, before any work (and before ``--out`` is created):
+missing or foreign files, a classifier that does not fit the data (class count, input size), an RTS built for
+another classifier, a detector whose channel count does not match the maps it is said to read."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..data import BaseDataModule, CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from ..io import file_sha256, load_artifact
+from .battery import Battery
+
+__all__ = ["System", "load_system", "build_data", "data_spec", "DEFAULT_DETECTOR_INTERPRETERS"]
+
+#: what a detector reads when neither its ``detector.json`` nor the battery says
+DEFAULT_DETECTOR_INTERPRETERS = ["grad", "cam"]
+#: the data options of ``configs/finetune/*.yaml`` (they define the split of an image folder)
+FOLDER_DEFAULTS = {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 0}
+
+
+@dataclass
+class System:
+    """What is evaluated, loaded and checked: the classifier (and its file's sha256 and metadata), the RTS network,
+    the detector (and the interpreters it reads), the set-up data module and how it was specified."""
+
+    classifier: nn.Module
+    classifier_path: str
+    classifier_sha256: str
+    classifier_meta: dict[str, Any]
+    data: BaseDataModule
+    data_spec: dict[str, Any]
+    rts: Any = None
+    rts_path: str | None = None
+    rts_sha256: str | None = None
+    detector: Any = None
+    detector_path: str | None = None
+    detector_interpreters: list[str] = field(default_factory=list)
+    detector_product: bool = False
+    interpreter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The card's ``system`` section."""
+        det = None
+        if self.detector is not None:
+            info = json.loads((Path(self.detector_path) / "detector.json").read_text())
+            det = {"path": self.detector_path, "sha256": file_sha256(Path(self.detector_path) / "detector.json"),
+                   "interpreters": list(self.detector_interpreters), "product": bool(self.detector_product),
+                   "hparams": info.get("hparams", {})}
+        rts = None if self.rts is None else {"path": self.rts_path, "sha256": self.rts_sha256,
+                                             "network": _plain(self.rts.config())}
+        return {"classifier": {"path": self.classifier_path, "sha256": self.classifier_sha256,
+                               "meta": _plain(self.classifier_meta)}, "rts": rts, "detector": det}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: no such file '{p}'")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: '{p}' is not a file")
+    return p
+
+
+def data_spec(data: str | None, input_size: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--data`` as ``{"class_path", "init_args"}``: ``digits`` (default), ``folder:PATH`` or a bare directory (an
+    image folder at the classifier's input size, with the split options of ``configs/finetune``), ``cifar10:PATH``,
+    or a YAML file holding ``data: {class_path, init_args}`` (or that mapping itself); ``overrides`` (``--set
+    data.KEY=VALUE``) are added to ``init_args``."""
+    if data is None or data == "digits":
+        spec = {"class_path": "DigitsDataModule", "init_args": {"seed": 0}}
+    elif data.startswith("folder:") or (Path(data).is_dir() and not data.startswith("cifar10:")):
+        root = data.split(":", 1)[1] if data.startswith("folder:") else data
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"--data: image folder '{root}' does not exist or is not a directory")
+        size = int(input_size)
+        spec = {"class_path": "ImageFolderDataModule",
+                "init_args": {"root": root, "image_size": size, "resize": size if size < 224 else None,
+                              **FOLDER_DEFAULTS}}
+    elif data.startswith("cifar10:"):
+        spec = {"class_path": "CIFAR10DataModule", "init_args": {"root": data.split(":", 1)[1]}}
+    else:
+        spec = _yaml_spec(data)
+    spec["init_args"] = {**dict(spec.get("init_args") or {}), **overrides}
+    return spec
+
+
+def _yaml_spec(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--data: '{path}' is neither digits, folder:PATH, cifar10:PATH, a directory nor a "
+                                "YAML file")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = raw.get("data", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict) or "class_path" not in raw:
+        raise ValueError(f"{p} must hold data: {{class_path: ..., init_args: {{...}}}} (as the experiment configs)")
+    return {"class_path": raw["class_path"], "init_args": dict(raw.get("init_args") or {})}
+
+
+def build_data(spec: dict[str, Any]) -> BaseDataModule:
+    """The data module ``spec`` describes (jsonargparse, as the experiment configs), set up."""
+    from jsonargparse import ArgumentParser
+
+    _ = (CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule)  # short class names resolve once imported
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=BaseDataModule)
+    try:
+        dm = parser.instantiate(parser.parse_object({"data": spec})).data
+    except (FileNotFoundError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        raise type(exc)(f"--data: {text}") from None
+    except Exception as exc:  # jsonargparse's report of a bad class path or option
+        from ..experiments.config import config_error
+
+        raise ValueError("--data: " + config_error(exc, type(None)).replace('config key "data', 'key "data')) from None
+    dm.setup("fit")
+    return dm
+
+
+def _detector(path: str, battery: Battery, rts_given: bool) -> tuple[Any, list[str], bool]:
+    from ..detector import DetectorModule
+
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--detector: no such directory '{d}' (a directory written by DetectorModule.save)")
+    det = DetectorModule.load(d)
+    if det.booster is None:
+        raise ValueError(f"--detector: {d} has no fitted booster (train it with train_detector before saving)")
+    info = json.loads((d / "detector.json").read_text())
+    names = list(battery.detector.interpreters or info.get("interpreters") or DEFAULT_DETECTOR_INTERPRETERS)
+    product = battery.detector.product if battery.detector.product is not None else bool(info.get("product", False))
+    chans = len(names) + int(product)
+    if int(det.hparams.in_channels) != chans:
+        raise ValueError(f"--detector: {d} reads {det.hparams.in_channels} channels, but interpreters {names}"
+                         f"{' + product' if product else ''} give {chans}; set detector.interpreters / "
+                         "detector.product in the battery (--set detector.interpreters=[grad,cam,mask])")
+    if "rts" in names and not rts_given:
+        raise ValueError("--detector reads RTS maps: give the RTS network with --rts")
+    return det, names, bool(product)
+
+
+def load_system(classifier: str, data: str | None, battery: Battery, rts: str | None = None,
+                detector: str | None = None, data_overrides: dict[str, Any] | None = None) -> System:
+    """Load and check every part of the system (module docstring); nothing is written."""
+    from ..aid import load_rts
+    from ..classifier import load_classifier
+
+    path = _file(classifier, "--classifier")
+    meta = load_artifact(path, "classifier")["meta"]
+    spec = data_spec(data, int(meta.get("input_size", 32)), dict(data_overrides or {}))
+    dm = build_data(spec)
+    model = load_classifier(path, num_classes=dm.num_classes, input_size=dm.image_shape[-1])
+    system = System(model, str(path), file_sha256(path), dict(meta), dm, spec,
+                    interpreter_options={k: dict(v) for k, v in battery.interpreter_options.items()})
+    if rts is not None:
+        net = load_rts(_file(rts, "--rts"))
+        try:
+            net.check_model(model)
+        except ValueError as exc:
+            raise ValueError(f"--rts {rts}: {exc}") from None
+        system.rts, system.rts_path, system.rts_sha256 = net, str(rts), file_sha256(rts)
+    if detector is not None:
+        system.detector, system.detector_interpreters, system.detector_product = _detector(detector, battery,
+                                                                                           rts is not None)
+        system.detector_path = str(detector)
+        if int(system.detector.hparams.input_size) != int(dm.image_shape[-1]):
+            raise ValueError(f"--detector: {detector} reads {system.detector.hparams.input_size} px maps, the data "
+                             f"is {dm.image_shape[-1]} px")
+    return system

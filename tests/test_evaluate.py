@@ -1,0 +1,205 @@
+"""``defend evaluate``: the model card validates and round-trips, its figures are in range and match independent
+computations, bad inputs are one-line errors that write nothing, saved adversarial sets re-score to the same success,
+an image-folder classifier is evaluated from paths only, and a detector adds adaptive rows judged by its booster."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import train_tiny_classifier
+from PIL import Image, ImageDraw
+
+from defend import DigitsDataModule, ImageFolderDataModule, load_card, save_classifier, validate_card
+from defend.evaluate import card_errors, main
+from defend.experiments.common import take_split
+from defend.models.small import small_cnn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = str(Path(__file__).parent / "data" / "evaluate_tiny.yaml")
+FAST = ["--set", "autoattack.eps=[]", "--set", "topk.interpreters=[]"]
+
+
+def run(*args: str) -> int:
+    return main([*args, "--battery", TINY, "--no-progress"] if "--battery" not in args else [*args, "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clf(tmp_path_factory, one_thread):
+    model, _, _ = train_tiny_classifier(steps=60, width=4)
+    path = tmp_path_factory.mktemp("clf") / "tiny.pt"
+    save_classifier(model, path, {"width": 4})
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def card_run(tiny_clf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("card") / "out"
+    assert run("--classifier", str(tiny_clf[1]), "--out", str(out)) == 0
+    return out
+
+
+def test_card_validates_and_round_trips(card_run):
+    raw = json.loads((card_run / "card.json").read_text())
+    validate_card(raw)
+    assert load_card(card_run) == raw and raw["schema_version"] == "1.0.0"
+    bad = copy.deepcopy(raw)
+    bad["results"]["attacks"][0]["asr"] = 1.5
+    del bad["system"]["classifier"]["sha256"]
+    errors = card_errors(bad)
+    assert any("asr" in e and "maximum" in e for e in errors) and any("sha256" in e for e in errors)
+    files = raw["files"]
+    for f in [files["report"], *files["tables"], *files["figures"], *files["adversarial"]]:
+        assert (card_run / f).is_file(), f
+    assert {"maps.png", "attacks.png"} <= set(files["figures"])
+
+
+def test_figures_are_in_range_and_match_independent_computations(card_run, tiny_clf):
+    card = load_card(card_run)
+    res = card["results"]
+    dm = DigitsDataModule(seed=0)
+    dm.setup("fit")
+    test = take_split(dm, "test", 64)
+    with torch.no_grad():
+        acc = float((tiny_clf[0](test["image"]).argmax(1) == test["label"]).float().mean())
+    assert res["clean_accuracy"]["value"] == pytest.approx(acc, abs=1e-9) and res["clean_accuracy"]["n"] == 64
+    assert [a["eps"] for a in res["autoattack"]] == [pytest.approx(8 / 255)]
+    assert 0 <= res["autoattack"][0]["robust_accuracy"] <= 1
+    assert {t["interpreter"] for t in res["interpretation_robustness"]} == {"cam"}
+    kinds = {(a["attack"], a["interpreter"], a["kind"], a["read_by"]) for a in res["attacks"]}
+    assert ("adv2", "cam", "standard", "cam") in kinds and ("adv2_ensemble", "cam+grad", "adaptive", "grad") in kinds
+    for a in res["attacks"]:
+        assert a["n"] == card["data"]["n_attack_inputs"] and a["seed"] == 0 and a["budget"]["eps"] == pytest.approx(8 / 255)
+        assert a["linf"] <= 8 / 255 + 1e-6 and a["seconds"] >= 0
+    assert {(t["source"], t["read_by"]) for t in res["transfer"]} == {(s, r) for s in ("cam", "grad") for r in ("cam", "grad")}
+    saved = torch.load(card_run / "adversarial" / "adv2_cam.pt", weights_only=True)["state"]
+    with torch.no_grad():  # the stored success is the classifier's on the saved inputs
+        asr = float((tiny_clf[0](saved["x_adv"]).argmax(1) == saved["target"]).float().mean())
+    row = next(a for a in res["attacks"] if a["attack"] == "adv2" and a["interpreter"] == "cam")
+    assert row["asr"] == pytest.approx(asr)
+
+
+def test_rescoring_saved_inputs_gives_the_same_success(card_run, tiny_clf, tmp_path):
+    out = tmp_path / "rescore"
+    assert run("--classifier", str(tiny_clf[1]), "--inputs", str(card_run), "--out", str(out)) == 0
+    first, again = load_card(card_run), load_card(out)
+    assert again["mode"] == "rescore" and len(again["inputs"]["sets"]) == len(first["files"]["adversarial"])
+    orig = {(a["attack"], a["read_by"]): a for a in first["results"]["attacks"]}
+    for a in again["results"]["attacks"]:
+        o = orig[(a["attack"], a["read_by"])]
+        assert a["asr"] == pytest.approx(o["asr"]) and a["l1"] == pytest.approx(o["l1"], abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["missing", "classes", "battery", "data", "detector", "rts"])
+def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_path, capsys):
+    out = tmp_path / "out"
+    clf = str(tiny_clf[1])
+    if case == "classes":
+        clf = str(tmp_path / "five.pt")
+        save_classifier(small_cnn(num_classes=5, width=4), clf, {"width": 4})
+    args = {"missing": ["--classifier", str(tmp_path / "nope.pt")], "classes": ["--classifier", clf],
+            "battery": ["--classifier", clf, "--set", "attacks.interpreters=[cma]"],
+            "data": ["--classifier", clf, "--data", "folder:" + str(tmp_path / "no_such_folder")],
+            "detector": ["--classifier", clf, "--detector", str(tmp_path)],
+            "rts": ["--classifier", clf, "--rts", str(tiny_clf[1])]}[case]
+    assert run(*args, "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("defend evaluate: error: ") and "\n" not in err, err
+    assert not out.exists()
+    want = {"missing": "no such file", "classes": "class count mismatch", "battery": "did you mean 'cam'",
+            "data": "does not exist", "detector": "detector.json", "rts": "'classifier' artifact, expected 'rts'"}[case]
+    assert want in err, err
+
+
+def test_refuses_to_overwrite_user_files(tiny_clf, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("mine")
+    assert run("--classifier", str(tiny_clf[1]), "--out", str(out), *FAST) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and (out / "report.md").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
+def _folder(root: Path, per_class: int = 12, size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    for c in ("disc", "square"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 100, 3)))
+            r, (cx, cy) = 8, (int(v) for v in rng.integers(9, size - 9, 2))
+            shape = ImageDraw.Draw(img).ellipse if c == "disc" else ImageDraw.Draw(img).rectangle
+            shape([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.integers(150, 256, 3)))
+            img.save(root / c / f"{i:02d}.png")
+    return root
+
+
+def test_image_folder_classifier_from_paths_only(tmp_path):
+    root = _folder(tmp_path / "images")
+    dm = ImageFolderDataModule(str(root), image_size=32, resize=32, val_fraction=0.15, test_fraction=0.15, seed=0)
+    dm.setup("fit")
+    train = take_split(dm, "train")
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=2, width=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = F.cross_entropy(model(train["image"]), train["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_classifier(model.eval(), tmp_path / "folder.pt", {"width": 4})
+    out = tmp_path / "card"
+    args = ["--classifier", str(tmp_path / "folder.pt"), "--data", f"folder:{root}", "--out", str(out), *FAST,
+            "--set", "n_images=2", "--set", "n_figure=1", "--set", "attacks.interpreters=[cam]"]
+    assert run(*args) == 0
+    card = load_card(out)
+    assert card["data"]["spec"]["class_path"] == "ImageFolderDataModule" and card["data"]["class_names"] == ["disc", "square"]
+    test = take_split(dm, "test")
+    with torch.no_grad():
+        acc = float((model(test["image"]).argmax(1) == test["label"]).float().mean())
+    assert card["results"]["clean_accuracy"]["value"] == pytest.approx(acc)
+
+
+def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, tmp_path):
+    from attacks import get_interpreter
+    from defend.detector import train_detector
+
+    model = tiny_clf[0]
+    saved = torch.load(card_run / "adversarial" / "adv2_cam.pt", weights_only=True)["state"]
+
+    def maps(x, cls):
+        return torch.cat([get_interpreter(n)(model, x, cls) for n in ("grad", "cam")], 1)
+
+    with torch.no_grad():
+        pred = model(saved["x_adv"]).argmax(1)
+    data = torch.cat([maps(saved["x"], saved["label"]), maps(saved["x_adv"], pred)])
+    labels = torch.cat([torch.zeros(6), torch.ones(6)]).long()
+    det, _ = train_detector(data, labels, epochs=0, trainable="none", booster={"n_estimators": 5})
+    det.save(tmp_path / "det")
+    out = tmp_path / "card"
+    assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "det"), "--out", str(out), *FAST) == 0
+    card = load_card(out)
+    det_card = card["results"]["detection"]
+    assert card["system"]["detector"]["interpreters"] == ["grad", "cam"] and "roc.png" in card["files"]["figures"]
+    rows = {(r["attack"], r["kind"]): r for r in det_card["rows"]}
+    assert ("adaptive_detector", "adaptive") in rows and ("adv2", "standard") in rows
+    assert {r["attack"] for r in card["results"]["attacks"]} >= {"adaptive_detector"}
+    for r in det_card["rows"]:
+        assert r["evasion_rate"] <= 1 and r["n_adversarial"] <= r["n"]
+    assert det_card["thresholds"]["fpr5"]["benign_fpr"] <= 0.05 and det_card["n_benign"] == 8
+
+
+def test_help_lists_evaluate_and_explains_every_option(capsys):
+    from defend.cli import main as defend_main
+
+    assert defend_main(["--help"]) == 0
+    assert "\n  evaluate " in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--classifier", "--rts", "--detector", "--data", "--battery", "--out", "--inputs", "--set",
+                   "--overwrite", "--no-progress", "--print_config"):
+        assert option in text, option
+    assert "folder:PATH" in text and "card.json" in text
