@@ -1,0 +1,689 @@
+"""Experiment ``scorecard``: every defence of this project trained (or reused) on the same data and scored by the same
+battery of ``defend evaluate`` (:func:`defend.evaluate.evaluate_system`), in one table: defences as rows, attacks as
+columns, the non-adaptive and the adaptive figure side by side.
+
+Rows (``defences:``, in this order):
+
+* ``normal``: the plain classifier (``classifier:``, reused from its checkpoint) explained by CAM and GRAD;
+* ``pgd_at`` / ``int_adv``: :class:`defend.robust.RobustClassifierModule` (modes ``pgd_at`` / ``int_adv``), trained
+  by the ``robust`` experiment's training function from the entries of ``robust.models`` named so;
+* ``beta_smoothing``: the normal classifier explained by ``grad_softplus`` (Dombrowski et al., NeurIPS 2019: GRAD of
+  the network with softplus(beta) in place of ReLU) instead of GRAD (a training-free baseline);
+* ``rts`` / ``rts_aid``: the normal classifier explained by the plain RTS interpreter vs one trained with AID
+  (:class:`defend.aid.AIDModule`, the ``aid`` experiment's training function, ``aid:`` its training plan);
+* ``detector``: the normal classifier behind the multi-interpreter detector (:class:`defend.detector.DetectorModule`
+  on the stacked maps of ``detector.interpreters``, trained on benign and adversarial inputs of ``detector.split``,
+  not the test split), scored by its detection rates at 1 % / 5 % false positives on the battery's non-adaptive
+  sets and on the detector-aware adaptive ADV2 (``adaptive_detector``).
+
+Every row is one :func:`~defend.evaluate.evaluate_system` run into ``<out>/cards/<row>/`` (its ``card.json``,
+report, tables, figures and adversarial sets) with the battery of ``battery:`` (``quick`` / ``standard`` / a file,
+plus dotted ``overrides``), what the row's defence needs (the interpreter swap of ``beta_smoothing``, the RTS
+network, the detector) and ``rows.<row>`` (dotted overrides for that row only). Every figure of the table is read
+from the cards; a figure a card does not hold is "not measured". Trained artifacts are written under
+``<out>/models/`` unless ``reuse.<artifact>`` names a file (a directory for the detector) that exists.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from attacks import INTERPRETERS, build_attack, random_targets
+
+from ..data import BaseDataModule
+from ..evaluate.battery import Battery, load_battery
+from ..figures import bar_chart
+from ..io import atomic_write_text
+from ..types import Count, Positive, PositiveCount, Radius
+from .aid import AIDExperiment, AIDTrainingPlan
+from .aid import _train as train_rts
+from .aid import check as check_aid
+from .common import (
+    ClassifierSpec,
+    classifier_outputs,
+    default_data,
+    get_classifier,
+    markdown_table,
+    select_correct,
+    setup_data,
+    write_outputs,
+)
+from .config import AttackOptions, ExperimentConfig, TrainerOptions, check_names, layered_options, register_experiment
+from .detector import DetectorOptions
+from .robust import RobustExperiment, RobustModel, RobustTraining, eps_255, module_options
+from .robust import _train as train_robust
+from .robust import check as check_robust
+from .runner import deep_merge
+
+__all__ = ["run", "ScorecardExperiment", "ScorecardBattery", "RobustDefences", "DetectorDefence", "DEFENCES",
+           "row_battery", "scorecard_table", "NOT_MEASURED"]
+
+#: the rows of the scorecard, in order
+DEFENCES = ("normal", "pgd_at", "int_adv", "beta_smoothing", "rts", "rts_aid", "detector")
+#: the trained artifacts that ``reuse:`` may name
+ARTIFACTS = ("pgd_at", "int_adv", "rts", "rts_aid", "detector")
+#: the literal of a cell whose figure the card does not hold
+NOT_MEASURED = "not measured"
+#: a change of a figure (a share) below this is not counted as a gain of the adaptive attack
+MARGIN = 0.05
+
+DESCRIPTIONS = {
+    "normal": "the plain classifier (cross-entropy training), explained by CAM and GRAD: the undefended reference.",
+    "pgd_at": "the classifier adversarially trained with PGD on the cross-entropy (Madry et al.; "
+              "RobustClassifierModule, mode pgd_at), explained by CAM and GRAD.",
+    "int_adv": "the classifier trained for interpretation robustness (Boopathy et al. ICML 2020: CE of a PGD input + "
+               "gamma x the worst-case CAM discrepancy; RobustClassifierModule, mode int_adv), explained by CAM and "
+               "GRAD.",
+    "beta_smoothing": "the normal classifier explained by GRAD of its softplus-smoothed copy (Dombrowski et al. "
+                      "NeurIPS 2019: ReLU -> softplus(beta z) / beta in the explanation only; interpreter "
+                      "grad_softplus) instead of GRAD: a training-free baseline. Its CAM line would repeat normal's.",
+    "rts": "the normal classifier explained by the plain real-time saliency (RTS) interpreter (AIDModule, AID weight "
+           "0).",
+    "rts_aid": "the normal classifier explained by RTS trained with adversarial interpretation distillation (ADV2 "
+               "section 5 Q3; AIDModule, AID weight > 0): its maps of adversarial inputs should differ from the "
+               "benign ones (low IoU).",
+    "detector": "the normal classifier behind the multi-interpreter detector (AdvEdge section VIII: VGG-16 trunk + "
+                "XGBoost on the stacked interpreter maps; DetectorModule), trained on inputs of the data's {split} "
+                "split; scored by the share of successful adversarial inputs it flags at the thresholds giving 1 % / "
+                "5 % false positives on benign test inputs.",
+}
+
+Split = Literal["train", "val", "test"]
+InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class ScorecardBattery:
+    """The battery every row is scored with: ``name`` (``quick``, ``standard`` or a YAML file of
+    ``configs/evaluate/``'s form) and dotted ``overrides`` (as ``defend evaluate --set``)."""
+
+    name: str = "standard"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _robust_models() -> list[RobustModel]:
+    return [RobustModel(mode, module={"mode": mode}) for mode in ("pgd_at", "int_adv")]
+
+
+@dataclass
+class RobustDefences:
+    """The ``pgd_at`` and ``int_adv`` rows: the entries of ``models`` named so (the ``robust`` experiment's
+    :class:`~defend.experiments.robust.RobustModel`), each a RobustClassifierModule with ``training.module`` under
+    its own ``module``, trained for ``max_epochs`` with ``trainer`` laid over the experiment's Trainer options."""
+
+    training: RobustTraining = field(default_factory=RobustTraining)
+    models: list[RobustModel] = field(default_factory=_robust_models)
+    trainer: TrainerOptions = field(default_factory=dict)
+
+
+@dataclass
+class DetectorDefence:
+    """The ``detector`` row: ``detector`` (the ``detector`` experiment's trunk / booster options) trained on the
+    stacked maps of ``interpreters`` (+ their product channel when ``product``) of ``n_benign`` benign and the
+    successful ones of ``n_adversarial`` inputs per target (each of ``attacks`` against each of
+    ``target_interpreters``, options ``attack``), all correctly classified inputs of ``split`` (not the test split
+    the battery measures on), in batches of ``batch_size``."""
+
+    interpreters: list[str] = field(default_factory=lambda: ["grad", "cam"])
+    product: bool = False
+    n_benign: PositiveCount = PositiveCount(200)
+    n_adversarial: PositiveCount = PositiveCount(100)
+    split: Split | list[Split] = "val"
+    attacks: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge"])
+    target_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
+    batch_size: PositiveCount = PositiveCount(50)
+    attack: AttackOptions = field(default_factory=lambda: AttackOptions(eps=Radius("8/255")))
+    detector: DetectorOptions = field(default_factory=DetectorOptions)
+    min_adversarial: Count = Count(4)
+
+
+@dataclass
+class ScorecardExperiment(ExperimentConfig):
+    """Every defence trained (or reused) and scored by the same ``defend evaluate`` battery (module docstring)."""
+
+    data: BaseDataModule | None = None
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+    defences: list[str] = field(default_factory=lambda: list(DEFENCES))
+    reuse: dict[str, str] = field(default_factory=dict)
+    battery: ScorecardBattery = field(default_factory=ScorecardBattery)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    beta: Positive = Positive(2.0)
+    robust: RobustDefences = field(default_factory=RobustDefences)
+    aid: AIDTrainingPlan = field(default_factory=AIDTrainingPlan)
+    detector: DetectorDefence = field(default_factory=DetectorDefence)
+
+
+# --------------------------------------------------------------------------------------------- batteries
+def _dotted(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}`` (a row's overrides may be written nested or dotted)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_dotted(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def _swap(names: list[str], old: str, new: str) -> list[str]:
+    return [new if n == old else n for n in names]
+
+
+def row_battery(cfg: ScorecardExperiment, row: str) -> tuple[Battery, dict[str, Any]]:
+    """The battery of one row: ``battery`` (name + overrides), what the row's defence needs, then ``rows.<row>``;
+    returns it and the overrides laid over the named battery."""
+    over = _dotted("", dict(cfg.battery.overrides)) if cfg.battery.overrides else {}
+    base, _ = load_battery(cfg.battery.name, over)
+    need: dict[str, Any] = {}
+    if row == "beta_smoothing":  # grad_softplus wherever GRAD is attacked, measured or ensembled
+        attacked = _swap(list(base.attacks.interpreters), "grad", "grad_softplus")
+        need = {"attacks.interpreters": attacked if "grad_softplus" in attacked else attacked + ["grad_softplus"],
+                "topk.interpreters": _swap(list(base.topk.interpreters), "grad", "grad_softplus"),
+                "adaptive.ensemble_interpreters": _swap(list(base.adaptive.ensemble_interpreters), "grad",
+                                                        "grad_softplus"),
+                "interpreter_options.grad_softplus.beta": float(cfg.beta)}
+    elif row in ("rts", "rts_aid"):  # the adaptive attack of an RTS row is adaptive_rts (the ensemble is normal's)
+        need = {"adaptive.ensemble": []}
+    elif row == "detector":  # the classifier is normal's: its AutoAttack / top-k figures are in the normal row
+        need = {"autoattack.eps": [], "topk.interpreters": [], "adaptive.ensemble": [],
+                "detector.interpreters": list(cfg.detector.interpreters),
+                "detector.product": bool(cfg.detector.product)}
+    extra = _dotted("", dict(cfg.rows.get(row) or {})) if cfg.rows.get(row) else {}
+    overrides = {**over, **need, **extra}
+    battery, _ = load_battery(cfg.battery.name, overrides)
+    return battery, overrides
+
+
+# --------------------------------------------------------------------------------------------- checks / outputs
+def _robust_cfg(cfg: ScorecardExperiment) -> RobustExperiment:
+    models = [m for m in cfg.robust.models if m.name in cfg.defences]
+    return RobustExperiment(seed=cfg.seed, threads=cfg.threads, trainer=deep_merge(cfg.trainer, cfg.robust.trainer),
+                            output_dir=cfg.output_dir, data=default_data(cfg), training=cfg.robust.training,
+                            models=models)
+
+
+def _aid_cfg(cfg: ScorecardExperiment) -> AIDExperiment:
+    return AIDExperiment(seed=cfg.seed, threads=cfg.threads, trainer=cfg.trainer, output_dir=cfg.output_dir,
+                         data=default_data(cfg), classifier=cfg.classifier, training=cfg.aid)
+
+
+def _reused(cfg: ScorecardExperiment, name: str) -> Path | None:
+    """The configured artifact to reuse for ``name``, when it exists."""
+    path = cfg.reuse.get(name)
+    if not path:
+        return None
+    p = Path(path)
+    return p if (p / "detector.json" if name == "detector" else p).is_file() else None
+
+
+def check(cfg: ScorecardExperiment) -> None:
+    """Before anything trains: the rows, the reused artifacts' names, every row's battery, and the training sections
+    of the rows asked for (with the robust and aid experiments' own checks)."""
+    check_names(list(cfg.defences), DEFENCES, "defences")
+    dup = sorted({d for d in cfg.defences if cfg.defences.count(d) > 1})
+    if dup:
+        raise ValueError(f"defences lists {', '.join(dup)} more than once")
+    for key in cfg.reuse:
+        check_names([key], ARTIFACTS, "reuse")
+    for key in cfg.rows:
+        check_names([key], DEFENCES, "rows")
+    for row in cfg.defences:
+        try:
+            row_battery(cfg, row)
+        except (ValueError, FileNotFoundError) as exc:
+            raise type(exc)(f"battery of row {row}: {exc}") from None
+    cfg.classifier.check(default_data(cfg))
+    robust = [d for d in cfg.defences if d in ("pgd_at", "int_adv")]
+    for name in robust:
+        model = next((m for m in cfg.robust.models if m.name == name), None)
+        if model is None:
+            raise ValueError(f"defences lists {name} but robust.models has no entry named {name} "
+                             f"(e.g. {{name: {name}, module: {{mode: {name}}}}})")
+    if any(_reused(cfg, n) is None for n in robust):
+        check_robust(_robust_cfg(cfg))
+    if any(d in cfg.defences and _reused(cfg, d) is None for d in ("rts", "rts_aid")):
+        check_aid(_aid_cfg(cfg))
+    if "detector" in cfg.defences:
+        d = cfg.detector
+        check_names(list(d.interpreters), INTERPRETERS, "detector.interpreters")
+        check_names(list(d.target_interpreters), INTERPRETERS, "detector.target_interpreters")
+        if "rts" in d.interpreters:
+            raise ValueError("detector.interpreters: the scorecard's detector row reads maps of the classifier's "
+                             "own interpreters (no RTS network is given to it); use e.g. [grad, cam]")
+
+
+def _artifacts(cfg: ScorecardExperiment, out: Path) -> dict[str, Path]:
+    """Where each trained artifact of the rows asked for lives (reused or ``<out>/models/``)."""
+    need = set(cfg.defences) & set(ARTIFACTS)
+    if "rts_aid" in need and cfg.aid.aid.init == "rts":
+        need.add("rts")
+    paths = {}
+    for name in sorted(need):
+        paths[name] = _reused(cfg, name) or out / "models" / (name if name == "detector" else f"{name}.pt")
+    return paths
+
+
+def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
+    """The table's CSV and chart, every trained artifact not reused, the classifier (when trained) and every file
+    each row's evaluation may write under ``cards/<row>/``."""
+    from ..evaluate.run import card_files
+
+    files = [out / "scorecard.csv", out / "scorecard.png", out / "data.yaml", *classifier_outputs(cfg, out)]
+    for name, path in _artifacts(cfg, out).items():
+        if _reused(cfg, name) is None:
+            files += [path / f for f in ("detector.json", "trunk.pt", "booster.json")] if name == "detector" else [path]
+    for row in cfg.defences:
+        battery, _ = row_battery(cfg, row)
+        det = list(cfg.detector.interpreters) if row == "detector" else None
+        files += card_files(out / "cards" / row, battery, rts=row in ("rts", "rts_aid"), detector=det)
+    return files
+
+
+# --------------------------------------------------------------------------------------------- training
+def _train_artifacts(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, clf_path: str, out: Path,
+                     progress: bool) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) every artifact the rows need; returns ``{name: {path, trained, seconds}}``."""
+    paths = _artifacts(cfg, out)
+    info: dict[str, dict[str, Any]] = {}
+    for name, path in paths.items():
+        if _reused(cfg, name) is not None:
+            info[name] = {"path": str(path), "trained": False, "seconds": 0.0}
+    robust = _robust_cfg(cfg)
+    for m in robust.models:
+        if m.name in info:
+            continue
+        res = train_robust(robust, m, dm, out / "models", progress)
+        info[m.name] = {"path": str(out / "models" / f"{m.name}.pt"), "trained": True,
+                        "seconds": res["train_seconds"], "mode": res["mode"]}
+    aid_cfg, plan = _aid_cfg(cfg), cfg.aid
+    if "rts" in paths and "rts" not in info:
+        if progress:
+            print("[scorecard] training plain RTS", flush=True)
+        res = train_rts(aid_cfg, plan.rts, plan.options("rts"), clf_path, dm, None, paths["rts"], progress)
+        info["rts"] = {"path": str(paths["rts"]), "trained": True, "seconds": res["train_seconds"]}
+    if "rts_aid" in paths and "rts_aid" not in info:
+        if progress:
+            print("[scorecard] training RTS with AID", flush=True)
+        init = str(paths["rts"]) if plan.aid.init == "rts" else None
+        res = train_rts(aid_cfg, plan.aid, plan.options("aid"), clf_path, dm, init, paths["rts_aid"], progress)
+        info["rts_aid"] = {"path": str(paths["rts_aid"]), "trained": True, "seconds": res["train_seconds"],
+                           "aid_steps": res["aid_steps"]}
+    if "detector" in paths and "detector" not in info:
+        info["detector"] = _train_detector(cfg, dm, model, paths["detector"], progress)
+    return info
+
+
+def _train_detector(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, path: Path,
+                    progress: bool) -> dict[str, Any]:
+    """Benign and adversarial maps of inputs of ``detector.split``, one DetectorModule on them, saved at ``path``."""
+    from ..detection_data import build_detection_data, select, stack_maps
+    from ..detector import train_detector
+    from ..interpreters import build_interpreter
+
+    d, seed = cfg.detector, int(cfg.seed)
+    start = time.perf_counter()
+    n_sets = len(d.attacks) * len(d.target_interpreters)
+    pool = select_correct(model, dm, int(d.n_benign) + int(d.n_adversarial) * n_sets, split=d.split)
+    x, y = pool["image"], pool["label"]
+    nb, na = int(d.n_benign), int(d.n_adversarial)
+    if x.shape[0] < nb + na * n_sets:
+        raise ValueError(f"detector: only {x.shape[0]} correctly classified inputs in split {d.split}; need "
+                         f"n_benign + n_adversarial x {n_sets} sets = {nb + na * n_sets} (add a split: [val, train])")
+    interps = {n: build_interpreter(n) for n in d.interpreters}
+    kw = {"batch_size": int(d.batch_size), "cache_dir": None, "progress": progress}
+    parts = [build_detection_data(model, interps, benign=x[:nb], desc="detector: benign maps", **kw)]
+    gen = torch.Generator().manual_seed(seed)
+    k = nb
+    for attack in d.attacks:
+        for target in d.target_interpreters:
+            src = x[k:k + na]
+            k += na
+            atk = build_attack(attack, "pgd", target, seed=seed, **layered_options("pgd", d.attack))
+            adv = build_detection_data(model, interps, source=src, target=random_targets(y[k - na:k], dm.num_classes,
+                                                                                         gen),
+                                       attack=atk, desc=f"detector: {attack} vs {target}", **kw)
+            parts.append(select(adv, adv["success"].bool().nonzero().flatten()))
+    n_adv = sum(int(p["label"].shape[0]) for p in parts[1:])
+    if n_adv < int(d.min_adversarial):
+        raise ValueError(f"detector: only {n_adv} successful adversarial training inputs (need "
+                         f">= {int(d.min_adversarial)}); raise detector.n_adversarial or the attack's steps")
+    maps = torch.cat([stack_maps(p["maps"], d.interpreters, d.product) for p in parts])
+    labels = torch.cat([p["label"] for p in parts])
+    o = d.detector
+    det, times = train_detector(maps, labels, epochs=int(o.epochs), batch_size=int(o.batch_size),
+                                trainable=o.trainable, pretrained=o.pretrained, lr=float(o.lr), booster=o.booster,
+                                seed=seed, progress=progress, trainer_options=o.trainer,
+                                feature_stages=o.feature_stages)
+    det.save(path)
+    return {"path": str(path), "trained": True, "seconds": time.perf_counter() - start, "n_benign": nb,
+            "n_adversarial": n_adv, **times}
+
+
+# --------------------------------------------------------------------------------------------- the table
+def _base(attack: str) -> str:
+    """The interpretation attack an adaptive attack builds on (``adv2_ensemble`` -> ``adv2``)."""
+    if attack.endswith("_ensemble"):
+        return attack[: -len("_ensemble")]
+    return "adv2" if attack in ("adaptive_rts", "adaptive_detector") else attack
+
+
+def _lines(row: str, card: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(label, interpreter)`` of each line of one row: the interpreters whose maps the row reports (for the
+    detector: the interpreter each non-adaptive set was crafted against)."""
+    attacked = list(card["battery"]["attacks"]["interpreters"])
+    if row == "beta_smoothing":
+        return [(f"{row} · GRAD_SOFTPLUS", "grad_softplus")]
+    if row in ("rts", "rts_aid"):
+        return [(f"{row} · RTS", "rts")]
+    if row == "detector":
+        reads = "+".join(n.upper() for n in card["results"]["detection"]["interpreters"]) \
+            if card["results"].get("detection") else "?"
+        return [(f"detector ({reads}) · vs {n.upper()}", n) for n in attacked]
+    return [(f"{row} · {n.upper()}", n) for n in attacked]
+
+
+def _interp_cell(card: dict[str, Any], attack: str, interp: str, adaptive: bool) -> dict[str, Any] | None:
+    rows = card["results"]["attacks"]
+    if not adaptive:
+        hit = [r for r in rows if r["attack"] == attack and r["kind"] == "standard" and r["interpreter"] == interp
+               and r["read_by"] == interp]
+    else:  # the strongest adaptive attack on this interpreter's maps (highest success, then IoU)
+        hit = sorted((r for r in rows if r["kind"] == "adaptive" and _base(r["attack"]) == attack
+                      and r["read_by"] == interp), key=lambda r: (r["asr"] or 0, r["iou"] or 0), reverse=True)
+    if not hit or hit[0].get("asr") is None or hit[0].get("iou") is None:
+        return None
+    r = hit[0]
+    return {"asr": float(r["asr"]), "iou": float(r["iou"]), "l1": r.get("l1"), "run": r["attack"],
+            "n": int(r["n"]), "budget": r["budget"]}
+
+
+def _detector_cell(card: dict[str, Any], attack: str, interp: str, adaptive: bool) -> dict[str, Any] | None:
+    det = card["results"].get("detection")
+    if not det:
+        return None
+    if not adaptive:
+        hit = [r for r in det["rows"] if r["attack"] == attack and r["kind"] == "standard" and r["interpreter"] == interp]
+    else:  # the strongest adaptive attack on the detector (lowest detection rate at 5 % FPR)
+        hit = sorted((r for r in det["rows"] if r["kind"] == "adaptive" and _base(r["attack"]) == attack),
+                     key=lambda r: (r["detection_rate_fpr5"] if r["detection_rate_fpr5"] is not None else 2.0))
+    if not hit or hit[0].get("detection_rate_fpr5") is None:
+        return None
+    r = hit[0]
+    return {"dr1": float(r["detection_rate_fpr1"]), "dr5": float(r["detection_rate_fpr5"]),
+            "evasion": float(r["evasion_rate"]), "run": r["attack"], "n": int(r["n"]),
+            "n_adversarial": int(r["n_adversarial"]), "budget": r["budget"]}
+
+
+def _frac(v: float) -> str:
+    e = eps_255(v)
+    return f"{e}/255" if isinstance(e, int) else f"{v:.4g}"
+
+
+def _columns(cards: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's columns: clean accuracy, AutoAttack at each radius of any card, each attack and its adaptive
+    counterpart; each names its attack, budget and n (from the cards)."""
+    any_card = next(iter(cards.values()))
+    cols: list[dict[str, Any]] = [{"key": "clean", "kind": "clean", "title": "clean accuracy"}]
+    eps = sorted({float(a["eps"]) for c in cards.values() for a in c["results"]["autoattack"]})
+    eps = eps or [float(e) for e in next((c["battery"]["autoattack"]["eps"] for c in cards.values()), [])]
+    for e in eps:
+        cols.append({"key": f"autoattack_{_frac(e)}", "kind": "autoattack", "eps": e,
+                     "title": "AutoAttack robust acc."})
+    for attack in any_card["battery"]["attacks"]["attacks"]:
+        cols.append({"key": attack, "kind": "attack", "attack": attack, "adaptive": False, "title": attack.upper()})
+        cols.append({"key": f"{attack}_adaptive", "kind": "attack", "attack": attack, "adaptive": True,
+                     "title": f"{attack.upper()} adaptive"})
+    return cols
+
+
+def _budget_text(cells: list[dict[str, Any]]) -> str:
+    """The budgets and n of a column's measured cells (distinct values joined by 'or')."""
+    texts = []
+    for c in cells:
+        b = c.get("budget") or {}
+        t = f"eps {_frac(float(b['eps']))}" if b.get("eps") is not None else ""
+        if b.get("steps") is not None:
+            t += f", {int(b.get('warm_steps') or 0)}+{int(b['steps'])} steps"
+        if (b.get("restarts") or 1) > 1:
+            t += f" x {int(b['restarts'])} restarts"
+        t = f"{t}, n={c['n']}" if t else f"n={c['n']}"
+        if t not in texts:
+            texts.append(t)
+    return " or ".join(texts) if texts else NOT_MEASURED
+
+
+def scorecard_table(cards: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], list[dict[str, Any]],
+                                                                list[dict[str, Any]]]:
+    """From the rows' cards: the headers and cells of the table (one line per row x reported interpreter), the
+    flat ``metrics.json`` rows (one per line x column) and the lines' details (for the verdicts and the chart)."""
+    cols = _columns(cards)
+    lines: list[dict[str, Any]] = []
+    for row, card in cards.items():
+        for label, interp in _lines(row, card):
+            cells: dict[str, Any] = {}
+            res = card["results"]
+            for col in cols:
+                if col["kind"] == "clean":
+                    ca = res["clean_accuracy"]
+                    cells[col["key"]] = {"value": float(ca["value"]), "n": int(ca["n"]), "budget": None}
+                elif col["kind"] == "autoattack":
+                    aa = next((a for a in res["autoattack"] if abs(float(a["eps"]) - col["eps"]) < 1e-9), None)
+                    cells[col["key"]] = None if aa is None else {"value": float(aa["robust_accuracy"]),
+                                                                 "n": int(aa["n"]), "budget": aa["budget"]}
+                else:
+                    pick = _detector_cell if row == "detector" else _interp_cell
+                    cells[col["key"]] = pick(card, col["attack"], interp, col["adaptive"])
+            lines.append({"row": row, "label": label, "interpreter": interp, "cells": cells})
+    headers = ["defence · interpreter"]
+    for col in cols:
+        measured = [ln["cells"][col["key"]] for ln in lines if ln["cells"][col["key"]] is not None]
+        headers.append(f"{col['title']} ({_budget_text(measured)})")
+    body, metrics = [], []
+    for ln in lines:
+        out = [ln["label"]]
+        for col in cols:
+            c = ln["cells"][col["key"]]
+            out.append(_cell_text(ln["row"], col, c))
+            metrics.append(_metric_row(ln, col, c))
+        body.append(out)
+    return headers, body, metrics, lines
+
+
+def _cell_text(row: str, col: dict[str, Any], c: dict[str, Any] | None) -> str:
+    if c is None:
+        return NOT_MEASURED
+    if col["kind"] in ("clean", "autoattack"):
+        return f"{c['value']:.3f}"
+    run = f" ({c['run']})" if col.get("adaptive") else ""
+    if row == "detector":
+        return f"DR {c['dr1']:.2f} / {c['dr5']:.2f} · evades {c['evasion']:.2f}{run}"
+    return f"ASR {c['asr']:.2f} · IoU {c['iou']:.2f}{run}"
+
+
+def _metric_row(ln: dict[str, Any], col: dict[str, Any], c: dict[str, Any] | None) -> dict[str, Any]:
+    row = {"defence": ln["row"], "line": ln["label"], "interpreter": ln["interpreter"], "column": col["key"],
+           "attack": col.get("attack", col["kind"]), "kind": "adaptive" if col.get("adaptive") else "non-adaptive",
+           "status": "measured" if c is not None else NOT_MEASURED}
+    if c is None:
+        return row
+    b = c.get("budget") or {}
+    row.update({"n": c["n"], "eps": b.get("eps"), "warm_steps": b.get("warm_steps"), "steps": b.get("steps"),
+                "restarts": b.get("restarts"), "run": c.get("run", col.get("attack", col["kind"]))})
+    for k in ("value", "asr", "iou", "l1", "dr1", "dr5", "evasion", "n_adversarial"):
+        if k in c:
+            row[k] = c[k]
+    return row
+
+
+def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]]) -> str:
+    """Whether the adaptive attacks did better than the non-adaptive ones on this line (the rule is stated in the
+    report), naming the figures."""
+    gains, holds = [], []
+    for col in cols:
+        if col["kind"] != "attack" or col["adaptive"]:
+            continue
+        a, b = ln["cells"][col["key"]], ln["cells"][f"{col['key']}_adaptive"]
+        if a is None or b is None:
+            continue
+        if ln["row"] == "detector":
+            won = b["dr5"] < a["dr5"] - MARGIN or b["evasion"] > a["evasion"] + MARGIN
+            text = (f"{col['attack'].upper()}: detected at 5 % FPR {a['dr5']:.2f} -> {b['dr5']:.2f}, evasion "
+                    f"{a['evasion']:.2f} -> {b['evasion']:.2f} ({b['run']})")
+        else:
+            won = b["asr"] > a["asr"] + MARGIN or (b["iou"] > a["iou"] + MARGIN and b["asr"] >= a["asr"] - MARGIN)
+            text = (f"{col['attack'].upper()}: ASR {a['asr']:.2f} -> {b['asr']:.2f}, IoU {a['iou']:.2f} -> "
+                    f"{b['iou']:.2f} ({b['run']})")
+        (gains if won else holds).append(text)
+    if not gains and not holds:
+        return "no adaptive figure was measured for this line."
+    if gains:
+        return ("**loses under the adaptive attack**: " + "; ".join(gains)
+                + (f" (no gain: {'; '.join(holds)})" if holds else "") + ".")
+    return "the adaptive attacks did no better than the non-adaptive ones: " + "; ".join(holds) + "."
+
+
+# --------------------------------------------------------------------------------------------- run
+@register_experiment("scorecard", ScorecardExperiment, outputs=outputs, check=check)
+def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    from ..evaluate import evaluate_system
+
+    start = time.perf_counter()
+    dm = setup_data(cfg)
+    model, info = get_classifier(cfg, dm, out, progress)
+    clf_path = str(info["checkpoint"])
+    art = _train_artifacts(cfg, dm, model, clf_path, out, progress)
+    data = _data_file(cfg, out)
+    cards: dict[str, dict[str, Any]] = {}
+    eval_seconds: dict[str, float] = {}
+    for row in cfg.defences:
+        battery, overrides = row_battery(cfg, row)
+        clf = art[row]["path"] if row in ("pgd_at", "int_adv") else clf_path
+        rts = art[row]["path"] if row in ("rts", "rts_aid") else None
+        det = art["detector"]["path"] if row == "detector" else None
+        if progress:
+            print(f"[scorecard] evaluating {row}", flush=True)
+        t = time.perf_counter()
+        cards[row] = evaluate_system(clf, out / "cards" / row, rts=rts, detector=det, data=data,
+                                     battery=cfg.battery.name, overrides=overrides, progress=progress,
+                                     argv=["defend", "experiment", "scorecard", row])
+        eval_seconds[row] = time.perf_counter() - t
+    headers, body, metrics, lines = scorecard_table(cards)
+    _write_csv(out / "scorecard.csv", headers, body)
+    _chart(out / "scorecard.png", lines, _columns(cards))
+    total = time.perf_counter() - start
+    text = _report(cfg, clf_path, info, art, cards, headers, body, lines, eval_seconds, total)
+    write_outputs(out, metrics, text)
+    return metrics
+
+
+def _data_file(cfg: ScorecardExperiment, out: Path) -> str:
+    """The experiment's data module as a ``--data`` file of ``defend evaluate`` (``<out>/data.yaml``), so every row
+    is measured on exactly the data the defences were trained on."""
+    import yaml
+
+    dm = default_data(cfg)
+    init = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(dm, "hparams", {}) or {}).items()}
+    spec = {"class_path": f"{type(dm).__module__}.{type(dm).__name__}", "init_args": init}
+    path = out / "data.yaml"
+    atomic_write_text(path, yaml.safe_dump({"data": spec}, sort_keys=False))
+    return str(path)
+
+
+def _write_csv(path: Path, headers: list[str], body: list[list[str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(headers)
+    w.writerows(body)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _chart(path: Path, lines: list[dict[str, Any]], cols: list[dict[str, Any]]) -> None:
+    """Attack success against each line's system: ASR (the detector: evasion rate), non-adaptive and adaptive."""
+    series: dict[str, list[float | None]] = {}
+    for col in cols:
+        if col["kind"] != "attack":
+            continue
+        vals = []
+        for ln in lines:
+            c = ln["cells"][col["key"]]
+            vals.append(None if c is None else c["evasion"] if ln["row"] == "detector" else c["asr"])
+        series[col["title"]] = vals
+    bar_chart(path, [ln["label"] for ln in lines], series, "attack success (ASR; detector: evasion rate)",
+              "Scorecard: success of each attack against each defended system (missing bar: not measured)")
+
+
+def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: dict[str, dict[str, Any]],
+            cards: dict[str, dict[str, Any]], headers: list[str], body: list[list[str]],
+            lines: list[dict[str, Any]], eval_seconds: dict[str, float], total: float) -> str:
+    cols = _columns(cards)
+    any_card = next(iter(cards.values()))
+    b = any_card["battery"]
+    out = ["# Scorecard: every defence, the same battery", "",
+           f"Data `{any_card['data']['name']}` (test split; {any_card['data']['n_attack_inputs']} correctly "
+           f"classified test inputs attacked per row, a seeded random target class each); battery "
+           f"`{cfg.battery.name}`" + (f" with overrides {dict(cfg.battery.overrides)}" if cfg.battery.overrides else "")
+           + f", seed {b['seed']}. Every figure is read from the row's model card `cards/<row>/card.json` "
+           "(`defend evaluate`); the column headers give each attack's budget (L-inf eps in image units, warm-start + "
+           "joint steps) and n.", "",
+           markdown_table(headers, body), "",
+           "How to read a cell: **ASR** = share of the attacked inputs classified as the target class; **IoU** = "
+           "top-k IoU of the interpreter's map of the adversarial input with its benign map (high: the map still "
+           "looks benign, the attack fooled the interpreter too; low: the map gives the attack away). Detector lines: "
+           "**DR** = share of the successful adversarial inputs the detector flags at the thresholds with 1 % / 5 % "
+           "false positives on benign test inputs; **evades** = share of all attacked inputs that reach the target "
+           "and are not flagged at the detector's own threshold. An *adaptive* cell is the strongest adaptive attack "
+           "the battery ran against that line (named in brackets): the ensemble attack on all the row's "
+           "interpreters at once, `adaptive_rts` (restarts, heavier encoder term) for RTS, the detector-aware ADV2 "
+           "(`adaptive_detector`, the detector's differentiable score in the loss) for the detector. "
+           f"\"{NOT_MEASURED}\": the battery ran no such attack for that row (no number is made up).", "",
+           f"A line *loses under the adaptive attack* when an adaptive attack raises the ASR by more than {MARGIN}, "
+           f"or keeps the ASR (within {MARGIN}) while raising the IoU by more than {MARGIN}; a detector line, when "
+           f"the detection rate at 5 % FPR falls or the evasion rate rises by more than {MARGIN}. "
+           "With small n these figures are indicative only.", "",
+           "## The rows", ""]
+    for row in cards:
+        desc = DESCRIPTIONS[row].format(split=cfg.detector.split)
+        if row in ("pgd_at", "int_adv"):
+            model = next(m for m in cfg.robust.models if m.name == row)
+            opts = module_options(_robust_cfg(cfg), model)
+            epochs = int(model.max_epochs or cfg.robust.training.max_epochs)
+            desc += (f" Fine-tuned from `{opts['init_from']}`" if opts.get("init_from") else " Trained from scratch") \
+                + f" for {epochs} epoch(s)" + (f" of at most {lim} batches" if (lim := _robust_cfg(cfg).trainer.get(
+                    "limit_train_batches")) else "") + (" (a reused checkpoint)."
+                                                        if not art.get(row, {}).get("trained", True) else ".")
+        out.append(f"- **{row}**: {desc}" + _row_note(row, cards[row], art.get(row), eval_seconds[row]))
+        for ln in (x for x in lines if x["row"] == row):
+            out.append(f"  - {ln['label']}: {_verdict(ln, cols)}")
+    out += ["", "![attack success per defence](scorecard.png)", "",
+            "## Artifacts", "",
+            markdown_table(["artifact", "path", "trained here", "training s"],
+                           [["classifier (normal)", clf_path, bool(info.get("trained")),
+                             info.get("train_seconds", 0.0)]]
+                           + [[k, v["path"], v["trained"], v["seconds"]] for k, v in art.items()]), "",
+            f"Total time {total:.0f} s (evaluation: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in eval_seconds.items()) + ").", ""]
+    return "\n".join(out)
+
+
+def _row_note(row: str, card: dict[str, Any], art: dict[str, Any] | None, seconds: float) -> str:
+    notes = []
+    if row == "beta_smoothing":
+        beta = (card["battery"].get("interpreter_options") or {}).get("grad_softplus", {}).get("beta")
+        notes.append(f"beta = {beta}")
+    if row == "detector" and card["results"].get("detection"):
+        det = card["results"]["detection"]
+        notes.append(f"reads {'+'.join(det['interpreters'])}{' + product' if det['product'] else ''}; benign false "
+                     f"positives at its own threshold {det['benign_fpr_default']:.2f} (n={det['n_benign']}); AutoAttack "
+                     "is not measured on this row (the classifier is normal's: see that row)")
+        if art and art.get("n_adversarial") is not None:
+            notes.append(f"trained on {art['n_benign']} benign + {art['n_adversarial']} successful adversarial inputs")
+    if row == "rts_aid" and art and art.get("aid_steps") is not None:
+        notes.append(f"{art['aid_steps']} AID steps trained")
+    notes.append(f"evaluated in {seconds:.0f} s, card `cards/{row}/card.json`")
+    return " (" + "; ".join(notes) + ")"
