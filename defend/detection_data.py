@@ -19,19 +19,28 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attacks.state import frozen
 from attacks.interpreters import Interpreter
+from attacks.state import frozen
 
 from .evaluation import check_adversarial
-from .io import (Undescribable, cache_notice, describe, load_artifact, load_cache_entry, save_artifact,
-                 save_cache_entry, state_digest)
+from .io import (
+    Undescribable,
+    cache_notice,
+    describe,
+    load_artifact,
+    load_cache_entry,
+    save_artifact,
+    save_cache_entry,
+    state_digest,
+)
 
 __all__ = ["cache_key", "code_fingerprint", "stack_maps", "compute_maps", "build_detection_data", "combine", "load_detection_data",
            "save_detection_data", "select"]
@@ -175,6 +184,26 @@ def _build_set(kind: str, x: Tensor, model: nn.Module, interpreters: Mapping[str
     return {k: torch.cat([p[k] for p in parts]) for k in keys}
 
 
+def _cache_spec(model: nn.Module, interpreters: Mapping[str, Interpreter], attack: Any,
+                spec: Mapping[str, Any] | None, cache_dir: str | Path | None,
+                desc: str) -> tuple[dict[str, Any], str | Path | None]:
+    """The cache key's description (code, weights, interpreter and attack settings) and the cache directory to use
+    (``None`` with a notice when a setting has no stable description)."""
+    spec = dict(spec or {})
+    spec.setdefault("code", code_fingerprint())
+    spec["model"] = state_digest(model.state_dict())
+    try:
+        spec["interpreters"] = {n: describe(g) for n, g in sorted(interpreters.items())}
+        spec["attack_settings"] = describe(attack) if attack is not None else None
+    except Undescribable as exc:
+        if cache_dir is not None:
+            print(f"[defend] {desc} is not cached: its settings cannot be described stably ({exc})",
+                  file=sys.stderr, flush=True)
+        cache_dir = None
+        spec["interpreters"] = sorted(interpreters)
+    return spec, cache_dir
+
+
 def build_detection_data(model: nn.Module, interpreters: Mapping[str, Interpreter], *, benign: Tensor | None = None,
                          source: Tensor | None = None, target: Tensor | None = None, attack: Any = None,
                          batch_size: int = 32, cache_dir: str | Path | None = None,
@@ -198,22 +227,9 @@ def build_detection_data(model: nn.Module, interpreters: Mapping[str, Interprete
     Returns ``{"maps": {name: [N,1,H,W]}, "label": [N], "image", "pred", "success" (adversarial only, benign True),
     "attack_seconds", "map_names", "key"}``.
     """
-    spec = dict(spec or {})
-    spec.setdefault("code", code_fingerprint())
-    spec["model"] = state_digest(model.state_dict())
-    try:
-        spec["interpreters"] = {n: describe(g) for n, g in sorted(interpreters.items())}
-        spec["attack_settings"] = describe(attack) if source is not None else None
-    except Undescribable as exc:
-        if cache_dir is not None:
-            print(f"[defend] {desc} is not cached: its settings cannot be described stably ({exc})",
-                  file=sys.stderr, flush=True)
-        cache_dir = None
-        spec["interpreters"] = sorted(interpreters)
+    spec, cache_dir = _cache_spec(model, interpreters, attack if source is not None else None, spec, cache_dir, desc)
     key = cache_key(spec)
-    cdir = None
-    if cache_dir is not None:
-        cdir = Path(cache_dir) / key
+    cdir = None if cache_dir is None else Path(cache_dir) / key
     meta = {"key": key, "spec": json.dumps(spec, sort_keys=True, default=str)}
     total = (0 if benign is None else benign.shape[0]) + (0 if source is None else source.shape[0])
     bar = tqdm(total=total, desc=desc, unit="input", disable=not progress)

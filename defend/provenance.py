@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "git_state", "package_versions", "data_digest", "PACKAGES"]
+__all__ = ["provenance", "git_state", "package_versions", "data_digest", "note_data", "noted_data", "PACKAGES"]
+
+_NOTED: list[str] = []  # digests of the inputs a run read (note_data), reset by the runner at the start of a run
 
 PACKAGES = ("idls-defend", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "numpy", "scikit-learn",
             "xgboost", "jsonargparse", "pyautoattack")
@@ -52,6 +54,19 @@ def data_digest(*tensors: torch.Tensor) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def note_data(*tensors: torch.Tensor) -> None:
+    """Record the digest of inputs a run reads (the experiments' input selection calls it)."""
+    _NOTED.append(data_digest(*tensors))
+
+
+def noted_data(reset: bool = False) -> str | None:
+    """One digest over everything noted since the last reset (``None`` if nothing was read)."""
+    out = hashlib.sha256("|".join(_NOTED).encode()).hexdigest()[:16] if _NOTED else None
+    if reset:
+        _NOTED.clear()
+    return out
 
 
 def _device() -> dict[str, Any]:

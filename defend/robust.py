@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.checks import check_images, check_labels
 from attacks import eval_mode
+from attacks.checks import check_images, check_labels
 from attacks.frameworks.pgd import pgd_maximise
 from attacks.interpreters import CAMInterpreter, GradInterpreter, minmax
 
@@ -158,7 +158,7 @@ class InnerMaximisation:
     """The inner maximisations of robust training (PGD in the L-inf ball, input gradients only).
 
     Args:
-        eps: L-inf radius (images in [0, 1]).
+        eps: L-inf radius in image units ([0, 1]).
         steps: number of PGD steps of each inner maximisation.
         alpha: PGD step size, given at the full ``eps`` and scaled with the ramp (``alpha_t = alpha * eps_t / eps``).
         ramp_epochs: ``eps_t`` grows linearly (per batch) from 0 to ``eps`` over this many epochs (0: no ramp).
@@ -175,6 +175,9 @@ class InnerMaximisation:
         if self.eps < 0 or not self.alpha > 0 or self.steps < 0 or self.ramp_epochs < 0:
             raise ValueError(f"need inner.eps >= 0, inner.alpha > 0, inner.steps >= 0 and inner.ramp_epochs >= 0, got "
                              f"{self.eps}, {self.alpha}, {self.steps} and {self.ramp_epochs}")
+        if self.eps > 1 or self.alpha > 1:
+            raise ValueError(f"inner.eps and inner.alpha are radii in image units ([0, 1]; write 8/255 for 8 levels), "
+                             f"got {self.eps} and {self.alpha}")
 
 
 #: the default optimiser of :class:`RobustClassifierModule`: Adam at a constant learning rate (the reference)

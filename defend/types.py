@@ -9,15 +9,16 @@ from typing import Any
 
 from jsonargparse.typing import register_type
 
-__all__ = ["Radius", "Positive", "NonNegative", "Fraction01", "Count", "PositiveCount"]
+__all__ = ["Radius", "StepSize", "Positive", "NonNegative", "Fraction01", "Count", "PositiveCount"]
 
 
 def _number(v: Any, what: str) -> float:
     if isinstance(v, bool):
         raise ValueError(f"{what} must be a number, got {v!r}")
-    if isinstance(v, str):
-        v = float(Fraction(v.replace(" ", ""))) if "/" in v else float(v)
-    v = float(v)
+    try:
+        v = float(Fraction(v.replace(" ", ""))) if isinstance(v, str) and "/" in v else float(v)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ValueError(f"{what} must be a number, got {v!r}") from None
     if not math.isfinite(v):
         raise ValueError(f"{what} must be a finite number, got {v}")
     return v
@@ -26,27 +27,37 @@ def _number(v: Any, what: str) -> float:
 class Radius(float):
     """An L-inf radius or step in image units, ``0 <= r <= 1``; ``"8/255"`` is accepted (and exact)."""
 
-    def __new__(cls, v: Any) -> "Radius":
+    def __new__(cls, v: Any) -> Radius:
         v = _number(v, "a radius")
         if not 0 <= v <= 1:
             raise ValueError(f"a radius must lie in [0, 1] (images are in [0, 1]; write 8/255 for 8 levels), got {v}")
         return super().__new__(cls, v)
 
 
+class StepSize(Radius):
+    """An attack's step size in image units, ``0 < a <= 1``; ``"2/255"`` is accepted (and exact)."""
+
+    def __new__(cls, v: Any) -> StepSize:
+        out = super().__new__(cls, v)
+        if not out > 0:
+            raise ValueError(f"a step size must be positive (write e.g. 1/255), got {float(out)}")
+        return out
+
+
 class Positive(float):
     """A finite number > 0 (learning rates, weights, step sizes)."""
 
-    def __new__(cls, v: Any) -> "Positive":
+    def __new__(cls, v: Any) -> Positive:
         v = _number(v, "this value")
         if not v > 0:
-            raise ValueError(f"must be > 0, got {v}")
+            raise ValueError(f"must be positive, got {v}")
         return super().__new__(cls, v)
 
 
 class NonNegative(float):
     """A finite number >= 0."""
 
-    def __new__(cls, v: Any) -> "NonNegative":
+    def __new__(cls, v: Any) -> NonNegative:
         v = _number(v, "this value")
         if v < 0:
             raise ValueError(f"must be >= 0, got {v}")
@@ -56,7 +67,7 @@ class NonNegative(float):
 class Fraction01(float):
     """A share in [0, 1]."""
 
-    def __new__(cls, v: Any) -> "Fraction01":
+    def __new__(cls, v: Any) -> Fraction01:
         v = _number(v, "a share")
         if not 0 <= v <= 1:
             raise ValueError(f"must lie in [0, 1], got {v}")
@@ -66,7 +77,7 @@ class Fraction01(float):
 class Count(int):
     """A whole number >= 0 (steps, epochs, images)."""
 
-    def __new__(cls, v: Any) -> "Count":
+    def __new__(cls, v: Any) -> Count:
         if isinstance(v, bool) or not float(v).is_integer() or int(v) < 0:
             raise ValueError(f"must be a whole number >= 0, got {v!r}")
         return super().__new__(cls, int(v))
@@ -75,14 +86,14 @@ class Count(int):
 class PositiveCount(Count):
     """A whole number >= 1 (batch sizes, input counts)."""
 
-    def __new__(cls, v: Any) -> "PositiveCount":
+    def __new__(cls, v: Any) -> PositiveCount:
         out = super().__new__(cls, v)
         if out < 1:
             raise ValueError(f"must be a whole number >= 1, got {v!r}")
         return out
 
 
-for _t in (Radius, Positive, NonNegative, Fraction01):
+for _t in (Radius, StepSize, Positive, NonNegative, Fraction01):
     register_type(_t, serializer=float, deserializer=_t)
 for _t in (Count, PositiveCount):
     register_type(_t, serializer=int, deserializer=_t)

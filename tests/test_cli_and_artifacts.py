@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from defend.classifier import load_classifier, save_classifier
 from defend.cli import main as defend_main
 from defend.io import CheckpointError, atomic_write_text
 from defend.models import build_classifier
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,9 +122,9 @@ def test_classifier_experiment_end_to_end(tmp_path):
     cfg.write_text(f"""
 experiment: classifier
 seed: 0
-data: {{name: digits, seed: 0, batch_size: 64, renders_per_digit: [3, 1, 1]}}
-classifier: {{arch: small_cnn, model_options: {{width: 8}}, lr: 0.01, max_epochs: 4,
-             checkpoint: {tmp_path / 'clf.pt'}}}
+data: {{class_path: DigitsDataModule, init_args: {{seed: 0, batch_size: 64, renders_per_digit: [3, 1, 1]}}}}
+classifier: {{checkpoint: {tmp_path / 'clf.pt'}, max_epochs: 4,
+             module: {{arch: small_cnn, model_options: {{width: 8}}, optimiser: {{name: adamw, lr: 0.01}}}}}}
 trainer: {{enable_progress_bar: false}}
 evaluation: {{n_images: 64, n_mask: 8, mask: {{iterations: 20}}}}
 """)

@@ -9,14 +9,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from _ddp import run_defend
+from _tiny import train_tiny_classifier
 
 from attacks import build_attack, random_targets
 from attacks.interpreters import CAMInterpreter
 from defend.classifier import save_classifier
 from defend.evaluation import PlanItem, evaluate_plan
-
-from _ddp import run_defend
-from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +34,9 @@ def tiny(tmp_path_factory):
 
 def _experiment(tmp_path: Path, clf: Path, extra: list[str], out: str) -> list[dict]:
     cfg = {
-        "experiment": "attacks", "seed": 0, "data": {"name": "digits", "seed": 0, "renders_per_digit": [1, 1, 1]},
-        "classifier": {"arch": "small_cnn", "model_options": {"width": 8}, "checkpoint": str(clf)},
+        "experiment": "attacks", "seed": 0,
+        "data": {"class_path": "DigitsDataModule", "init_args": {"seed": 0, "renders_per_digit": [1, 1, 1]}},
+        "classifier": {"checkpoint": str(clf), "module": {"arch": "small_cnn", "model_options": {"width": 8}}},
         "evaluation": {"n_images": 9, "batch_size": 4, "attacks": ["pgd", "adv2"], "frameworks": ["pgd"],
                        "interpreters": ["cam"], "n_figure": 2},
         "attack": {"eps": 0.031, "alpha": 0.00784, "warm_steps": 10, "steps": 10, "c": 20.0},

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +195,7 @@ def test_fit_rejects_bad_image_folder(case, pattern, tmp_path, capsys):
 def test_fit_unknown_model_name(tmp_path, capsys):
     rc, err = run(capsys, ["fit", "-c", str(fit_config(tmp_path, CLASSIFIER, DIGITS)),
                            "--model.init_args.arch=resnet9"])
-    assert_one_line_error(rc, err, "fit", r"unknown model 'resnet9'; choose one of: .*small_cnn")
+    assert_one_line_error(rc, err, "fit", r"unknown model 'resnet9'.*; choose one of: .*small_cnn")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -219,9 +217,9 @@ def test_fit_unknown_class_path(tmp_path, capsys):
 def experiment_config(tmp_path: Path, **over) -> Path:
     """A valid attacks experiment on the digits, reusing a tiny classifier checkpoint (nothing runs in these tests)."""
     cfg = {"experiment": "attacks", "seed": 0,
-           "data": {"name": "digits", "seed": 0, "renders_per_digit": [1, 1, 1]},
-           "classifier": {"arch": "small_cnn", "model_options": {"width": 4},
-                          "checkpoint": str(classifier_file(tmp_path / "clf.pt"))},
+           "data": {"class_path": "DigitsDataModule", "init_args": {"seed": 0, "renders_per_digit": [1, 1, 1]}},
+           "classifier": {"checkpoint": str(classifier_file(tmp_path / "clf.pt")),
+                          "module": {"arch": "small_cnn", "model_options": {"width": 4}}},
            "evaluation": {"attacks": ["pgd", "adv2"], "frameworks": ["pgd"], "interpreters": ["cam"], "n_images": 4},
            "attack": {"eps": 0.031, "alpha": 0.004, "warm_steps": 2, "steps": 2}}
     cfg.update(over)
@@ -235,8 +233,15 @@ def experiment_config(tmp_path: Path, **over) -> Path:
                                               r"choose one of: pgd, cw, stadv"),
     ("evaluation.interpreters=[cam, lime]", r"unknown interpreter 'lime' in evaluation\.interpreters; "
                                             r"choose one of: .*grad"),
-    ("classifier.arch=resnet9", r"unknown model 'resnet9' in classifier\.arch"),
-    ("data.name=mnist", r"unknown dataset 'mnist'; choose one of: digits, cifar10, folder"),
+    ("classifier.module.arch=resnet9", r"clf\.pt holds another classifier than the config describes: arch: "
+                                       r"checkpoint 'small_cnn', config 'resnet9'"),
+    ("data.class_path=MnistDataModule", r"data\.class_path: cannot resolve 'MnistDataModule'; name a class, e\.g\. "
+                                        r"DigitsDataModule"),
+    ("evaluaton.n_images=2", r"unknown key 'evaluaton' in the top level; did you mean 'evaluation'\?"),
+    ("evaluation.n_imagse=2", r"unknown key 'n_imagse' in evaluation; did you mean 'n_images'\? \(valid: n_images,"),
+    ("data.init_args.sed=3", r"unknown key 'sed' in data; did you mean 'seed'\?"),
+    ("classifier.module.optimiser.nme=adam", r"unknown option 'optimiser\.nme'; did you mean 'optimiser\.name'\?"),
+    ("per_interpreter.lime={c: 1}", r"unknown interpreter 'lime' in per_interpreter; choose one of: grad, cam"),
 ])
 def test_experiment_unknown_names_write_nothing(override, pattern, tmp_path, capsys):
     out = tmp_path / "runs" / "x"
@@ -248,10 +253,16 @@ def test_experiment_unknown_names_write_nothing(override, pattern, tmp_path, cap
 
 # --------------------------------------------------------------------------------------------- inconsistent values
 @pytest.mark.parametrize("override, pattern", [
-    ("attack.eps=-0.1", r"negative epsilon: attack\.eps = -0\.1"),
-    ("attack.alpha=0", r"attack\.alpha must be > 0, got 0"),
-    ("attack.steps=2.5", r"attack\.steps must be a non-negative integer, got 2\.5"),
-    ("attack.eps=big", r"attack\.eps must be a number, got 'big'"),
+    ("attack.eps=-0.1", r"config key \"attack\.eps\": a radius must lie in \[0, 1\] .*write 8/255.*got -0\.1"),
+    ("attack.eps=.nan", r"config key \"attack\.eps\": a radius must be a finite number, got nan"),
+    ("attack.eps=8", r"config key \"attack\.eps\": a radius must lie in \[0, 1\] .*got 8\.0"),
+    ("attack.alpha=0", r"config key \"attack\.alpha\": a step size must be positive .*got 0\.0"),
+    ("attack.steps=2.5", r"config key \"attack\.steps\": must be a whole number >= 0, got 2\.5"),
+    ("attack.eps=big", r"config key \"attack\.eps\": a radius must be a number, got 'big'"),
+    ("attack.c=-1", r"config key \"attack\.c\": must be >= 0, got -1"),
+    ("evaluation.n_images=0", r"config key \"evaluation\.n_images\": must be a whole number >= 1, got 0"),
+    ("evaluation.frameworks=pgd", r"config key \"evaluation\.frameworks\" must be a list, e\.g\. \[pgd\]"),
+    ("evaluation.n_figure=9", r"evaluation\.n_figure \(9\) cannot exceed evaluation\.n_images \(4\)"),
 ])
 def test_experiment_inconsistent_values_write_nothing(override, pattern, tmp_path, capsys):
     out = tmp_path / "out"
@@ -266,8 +277,10 @@ def test_experiment_bad_model_option_is_one_line(tmp_path, capsys):
     cfg = experiment_config(tmp_path)
     (tmp_path / "clf.pt").unlink()
     out = tmp_path / "out"
-    rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out), "--set", "classifier.model_options.widht=4"])
-    assert_one_line_error(rc, err, "experiment", r"classifier\.model_options: .*unexpected keyword argument 'widht'")
+    rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out), "--set",
+                           "classifier.module.model_options.widht=4"])
+    assert_one_line_error(rc, err, "experiment",
+                          r"classifier\.module\.model_options: .*unexpected keyword argument 'widht'")
     assert not out.exists() and not (tmp_path / "clf.pt").exists()
 
 
@@ -275,11 +288,12 @@ def test_experiment_robust_models_are_checked_before_training(tmp_path, capsys):
     """The third model is invalid: the run must fail before the first one trains (and writes normal.pt)."""
     cfg = tmp_path / "robust.yaml"
     cfg.write_text(yaml.safe_dump({
-        "experiment": "robust", "data": {"name": "digits", "renders_per_digit": [1, 1, 1]},
-        "model": {"arch": "small_cnn", "model_options": {"width": 4}},
-        "training": {"max_epochs": 1, "eps": 8, "inner_alpha": 2, "inner_steps": 1},
-        "models": [{"name": "normal", "mode": "normal"}, {"name": "pgd_at", "mode": "pgd_at"},
-                   {"name": "int_adv", "mode": "int_adv", "gamma": -1.0}]}))
+        "experiment": "robust",
+        "data": {"class_path": "DigitsDataModule", "init_args": {"renders_per_digit": [1, 1, 1]}},
+        "training": {"max_epochs": 1, "module": {"arch": "small_cnn", "model_options": {"width": 4},
+                                                 "inner": {"eps": "8/255", "alpha": "2/255", "steps": 1}}},
+        "models": [{"name": "normal", "module": {"mode": "normal"}}, {"name": "pgd_at", "module": {"mode": "pgd_at"}},
+                   {"name": "int_adv", "module": {"mode": "int_adv", "gamma": -1.0}}]}))
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out)])
     assert_one_line_error(rc, err, "experiment", r"gamma must be >= 0 \(the weight of the worst-case discrepancy\), "
@@ -448,12 +462,12 @@ def test_experiment_failing_late_leaves_no_output_directory(tmp_path, capsys, mo
     def failing_run(cfg, out, progress=True):
         raise ValueError("the experiment failed before writing anything")
 
-    fake = types.ModuleType("failing_experiment")
-    fake.run = failing_run
-    monkeypatch.setitem(sys.modules, "failing_experiment", fake)
-    monkeypatch.setitem(runner.EXPERIMENTS, "failing", "failing_experiment")
+    from defend.experiments.config import EXPERIMENTS, ExperimentConfig, ExperimentSpec
+
+    runner.load_experiments()
+    monkeypatch.setitem(EXPERIMENTS._items, "failing", ExperimentSpec("failing", failing_run, ExperimentConfig))
     cfg = tmp_path / "failing.yaml"
-    cfg.write_text("experiment: failing\ndata: {name: digits}\n")
+    cfg.write_text("experiment: failing\n")
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out)])
     assert_one_line_error(rc, err, "experiment", "the experiment failed before writing anything")

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import train_tiny_classifier
 from torch import nn
 
 from attacks.interpreters import CAMInterpreter
 from attacks.topk import TopKAttack, topk_indices
 from defend.autoattack import autoattack_accuracy
 from defend.robust_eval import interpretation_robustness, native_map, pgd_accuracy
-
-from _tiny import train_tiny_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,26 +100,35 @@ def test_robust_experiment_rows_name_their_attack_and_report_is_honest(tmp_path)
     import yaml
 
     from defend.experiments.runner import main as run_experiment
+    from defend.io import load_artifact
 
     cfg = {"experiment": "robust", "seed": 0, "threads": 1,
-           "data": {"name": "digits", "seed": 0, "batch_size": 64, "renders_per_digit": [1, 1, 1]},
-           "model": {"arch": "small_cnn", "model_options": {"width": 4}},
-           "training": {"max_epochs": 1, "eps": 8, "inner_steps": 1, "inner_alpha": 4, "gamma": 1.0},
-           "models": [{"name": "normal", "mode": "normal"}, {"name": "int_adv", "mode": "int_adv"}],
+           "data": {"class_path": "DigitsDataModule",
+                    "init_args": {"seed": 0, "batch_size": 64, "renders_per_digit": [1, 1, 1]}},
+           "training": {"max_epochs": 1,
+                        "module": {"arch": "small_cnn", "model_options": {"width": 4}, "gamma": 1.0,
+                                   "inner": {"eps": "8/255", "steps": 1, "alpha": "4/255"}}},
+           "models": [{"name": "normal", "module": {"mode": "normal"}},
+                      {"name": "int_adv", "module": {"mode": "int_adv"}}],
            "trainer": {"limit_train_batches": 1, "limit_val_batches": 1, "enable_progress_bar": False},
-           "evaluation": {"n_images": 8, "eps": [0, 8], "pgd": {"steps": 2},
-                          "autoattack": {"n_images": 4, "eps": [8]},
+           "evaluation": {"n_images": 8, "eps": [0, "8/255"], "pgd": {"steps": 2},
+                          "autoattack": {"n_images": 4, "eps": ["8/255"]},
                           "interpretation": {"n_images": 4, "topk": {"steps": 2}, "discrepancy": {"steps": 2}}}}
     path = tmp_path / "robust.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert run_experiment(["-c", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert {(r["model"], r["measure"], r["attack"], r["eps"]) for r in rows} >= {
+    assert {(r["model"], r["measure"], r["attack"], r["eps_255"]) for r in rows} >= {
         (m, "accuracy", a, e) for m in ("normal", "int_adv") for a, e in (("clean", 0), ("pgd-ce", 8),
                                                                            ("autoattack-standard", 8))}
-    for r in rows:
-        assert {"measure", "attack", "eps", "n", "seed"} <= set(r)
-    interp = [r for r in rows if r["measure"] == "interpretation" and r["eps"] == 8]
+    for r in rows:  # radii in image units, eps_255 beside them
+        assert {"measure", "attack", "eps", "eps_255", "n", "seed"} <= set(r)
+        assert r["eps"] == pytest.approx(r["eps_255"] / 255, abs=1e-12)
+    assert {r["step"] for r in rows if r["attack"] == "pgd-ce"} == {8 / 255 * 0.25}
+    interp = [r for r in rows if r["measure"] == "interpretation" and r["eps_255"] == 8]
     assert {r["attack"] for r in interp} == {"topk", "discrepancy", "noise"}
+    for name in ("normal", "int_adv"):  # the trained models, with their radii in image units
+        meta = load_artifact(tmp_path / "out" / f"{name}.pt", "classifier")["meta"]["robust_training"]
+        assert meta["eps"] == 8 / 255 and meta["inner_alpha"] == 4 / 255
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Smoke run: not a measurement" in report  # one batch of training leaves the models near chance

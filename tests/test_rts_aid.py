@@ -14,19 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import train_tiny_classifier
 
+from attacks import make_term
 from attacks.adv2 import ADV2, random_targets
 from attacks.interpreters import RTSInterpreter, RTSNetwork, get_interpreter, rts_objective
-from attacks import make_term
 from attacks.terms import MapTerm
 from defend.aid import AIDModule, AIDSchedule, InnerAttack, load_rts, save_rts
-from defend.module_base import Optimiser
 from defend.classifier import save_classifier
 from defend.interpreters import build_interpreter
 from defend.metrics import localisation, map_l1
 from defend.models.small import small_cnn
-
-from _tiny import train_tiny_classifier
+from defend.module_base import Optimiser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,6 +230,7 @@ def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
            f"--model.classifier={setup['path']}", "--model.width=8", "--model.attack.warm_steps=1",
            "--model.attack.steps=1", "--model.val_attack_batches=1", "--data.renders_per_digit=[1,1,1]",
+           "--model.init_from=null", "--model.aid.anchor_weight=0", "--model.aid.every=2",
            "--data.batch_size=8"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -179,12 +179,12 @@ def test_cifar_payload_does_not_run_in_fit(tmp_path, capsys):
 
 
 def test_cifar_payload_does_not_run_in_experiment_checks(tmp_path, capsys):
-    """The shipped GPU config pointed at a crafted folder with --set data.root=...: refused by the config checks."""
+    """The shipped GPU config pointed at a crafted folder with --set data.init_args.root=...: refused by the config checks."""
     marker = tmp_path / "pwned"
     write_cifar(tmp_path / "cifar", protocol="py2", evil=marker)
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(REPO / "configs/experiments/robust_cifar10.yaml"), "--quick",
-                           "--out", str(out), "--set", f"data.root={tmp_path / 'cifar'}"])
+                           "--out", str(out), "--set", f"data.init_args.root={tmp_path / 'cifar'}"])
     assert_one_line_error(rc, err, "experiment", NOT_A_BATCH)
     assert not marker.exists(), "the experiment's config checks ran the payload"
     assert not out.exists()
@@ -319,13 +319,22 @@ def test_checkpoint_class_path_is_never_imported(two_runs, tmp_path, capsys, mon
 
 def _experiment(tmp_path: Path, checkpoint: Path, width: int = 4) -> Path:
     cfg = {"experiment": "attacks", "seed": 0,
-           "data": {"name": "digits", "seed": 0, "renders_per_digit": [1, 1, 1]},
-           "classifier": {"arch": "small_cnn", "model_options": {"width": width}, "checkpoint": str(checkpoint)},
+           "data": {"class_path": "DigitsDataModule", "init_args": {"seed": 0, "renders_per_digit": [1, 1, 1]}},
+           "classifier": {"checkpoint": str(checkpoint),
+                          "module": {"arch": "small_cnn", "model_options": {"width": width}}},
            "evaluation": {"attacks": ["pgd"], "frameworks": ["pgd"], "interpreters": ["cam"], "n_images": 4},
            "attack": {"eps": 0.031, "alpha": 0.004, "warm_steps": 2, "steps": 2}}
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _typed(path: Path):
+    """The attacks experiment config of ``path`` as the typed config the experiments receive (not yet checked)."""
+    from defend.experiments.attacks import AttacksExperiment
+    from defend.experiments.config import parse_typed
+
+    return parse_typed(AttacksExperiment, yaml.safe_load(path.read_text()))[0]
 
 
 @pytest.mark.parametrize("arch, width, pattern", [
@@ -342,17 +351,15 @@ def test_experiment_reuses_only_the_configured_classifier(arch, width, pattern, 
     assert not out.exists() and ckpt.read_bytes() == before
     # the experiments' own route (get_classifier) refuses it the same way
     dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1))
-    cfg = yaml.safe_load((tmp_path / "experiment.yaml").read_text())
     with pytest.raises(CheckpointError, match=pattern):
-        get_classifier(cfg, dm, out)
+        get_classifier(_typed(tmp_path / "experiment.yaml"), dm, out)
 
 
 def test_experiment_reuse_fills_in_architecture_defaults(tmp_path):
     """{width: 32} in the config and a checkpoint saved without options (small_cnn's default width is 32) agree."""
     ckpt = classifier_file(tmp_path / "clf.pt", width=32, options={})
     dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1))
-    cfg = yaml.safe_load(_experiment(tmp_path, ckpt, width=32).read_text())
-    model, info = get_classifier(cfg, dm, tmp_path / "out")
+    model, info = get_classifier(_typed(_experiment(tmp_path, ckpt, width=32)), dm, tmp_path / "out")
     assert info == {"trained": False, "checkpoint": str(ckpt)} and model.stage_channels[0] == 32
 
 

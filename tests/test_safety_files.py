@@ -13,14 +13,13 @@ import json
 import os
 import re
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from test_errors import assert_nothing_written, assert_one_line_error, run
 
 import defend.detection_data as detection_data
 import defend.io as dio
@@ -32,13 +31,20 @@ from defend.detector import DetectorModule, train_detector
 from defend.evaluation import CACHE_KIND, AttackEvaluation, PlanItem, check_adversarial, evaluate_plan
 from defend.experiments import runner
 from defend.experiments.common import write_outputs
+from defend.experiments.config import EXPERIMENTS, ExperimentConfig, ExperimentSpec
 from defend.figures import map_grid
-from defend.io import (MANIFEST, CheckpointError, WriteError, atomic_write_text, save_artifact, save_cache_entry,
-                       settings_digest, write_json)
+from defend.io import (
+    MANIFEST,
+    CheckpointError,
+    WriteError,
+    atomic_write_text,
+    save_artifact,
+    save_cache_entry,
+    settings_digest,
+    write_json,
+)
 from defend.models import build_classifier
 from defend.models.small import small_cnn
-
-from test_errors import assert_nothing_written, assert_one_line_error, run
 
 
 @pytest.fixture(autouse=True)
@@ -366,17 +372,15 @@ def _fake_experiment(monkeypatch, writes=None) -> list[Path]:
             writes(out)
         return []
 
-    module = types.ModuleType("fake_experiment")
-    module.run = fake_run
-    monkeypatch.setitem(sys.modules, "fake_experiment", module)
-    monkeypatch.setitem(runner.EXPERIMENTS, "fake", "fake_experiment")
+    runner.load_experiments()
+    monkeypatch.setitem(EXPERIMENTS._items, "fake", ExperimentSpec("fake", fake_run, ExperimentConfig))
     return ran
 
 
 def _fake_config(tmp_path: Path) -> Path:
     cfg = tmp_path / "cfg" / "fake.yaml"
     cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text("experiment: fake\ndata: {name: digits}\n")
+    cfg.write_text("experiment: fake\n")
     return cfg
 
 
@@ -401,7 +405,7 @@ def test_experiment_never_overwrites_files_it_did_not_write(tmp_path, monkeypatc
     assert (out / "report.md").read_text() == "my own notes\n"
     (out / "report.md").unlink()
     assert run(capsys, ["experiment", "-c", str(cfg), "--out", str(out)])[0] == 0
-    assert _manifest(out) == {"metrics.json": _sha(out / "metrics.json"), "report.md": _sha(out / "report.md")}
+    assert _manifest(out) == {f: _sha(out / f) for f in ("metrics.json", "report.md", "config.yaml", "provenance.json")}
     assert run(capsys, ["experiment", "-c", str(cfg), "--out", str(out)])[0] == 0  # its own outputs: replaced
     assert (out / "report.md").read_text() == "# fake report 2\n"
     assert _manifest(out)["report.md"] == _sha(out / "report.md")
@@ -426,22 +430,26 @@ def test_write_time_check_guards_outputs_the_up_front_list_misses(tmp_path, monk
     assert len(ran) == 1 and (out / "notes.txt").read_text() == "mine\n" and not _no_temporaries(out)
 
 
+TINY_DIGITS = {"class_path": "DigitsDataModule", "init_args": {"renders_per_digit": [1, 1, 1]}}
+
+
 def _experiment_cfg(tmp_path: Path, kind: str) -> Path:
     if kind == "attacks":
         clf = tmp_path / "clf.pt"
         torch.manual_seed(0)
         save_classifier(build_classifier("small_cnn", 10, width=4), clf, {"width": 4})
-        cfg = {"experiment": "attacks", "data": {"name": "digits", "renders_per_digit": [1, 1, 1]},
-               "classifier": {"arch": "small_cnn", "model_options": {"width": 4}, "checkpoint": str(clf)},
+        cfg = {"experiment": "attacks", "data": TINY_DIGITS,
+               "classifier": {"checkpoint": str(clf), "module": {"arch": "small_cnn", "model_options": {"width": 4}}},
                "evaluation": {"attacks": ["pgd"], "frameworks": ["pgd"], "interpreters": ["cam"], "n_images": 4}}
     elif kind == "classifier":  # no checkpoint configured: trains and writes out/classifier.pt
-        cfg = {"experiment": "classifier", "data": {"name": "digits", "renders_per_digit": [1, 1, 1]},
-               "classifier": {"arch": "small_cnn", "model_options": {"width": 4}, "max_epochs": 1}}
+        cfg = {"experiment": "classifier", "data": TINY_DIGITS,
+               "classifier": {"max_epochs": 1, "module": {"arch": "small_cnn", "model_options": {"width": 4}}}}
     else:
-        cfg = {"experiment": "robust", "data": {"name": "digits", "renders_per_digit": [1, 1, 1]},
-               "model": {"arch": "small_cnn", "model_options": {"width": 4}},
-               "training": {"max_epochs": 1, "eps": 8, "inner_alpha": 2, "inner_steps": 1},
-               "models": [{"name": "normal", "mode": "normal"}, {"name": "pgd_at", "mode": "pgd_at"}]}
+        cfg = {"experiment": "robust", "data": TINY_DIGITS,
+               "training": {"max_epochs": 1, "module": {"arch": "small_cnn", "model_options": {"width": 4},
+                                                        "inner": {"eps": "8/255", "alpha": "2/255", "steps": 1}}},
+               "models": [{"name": "normal", "module": {"mode": "normal"}},
+                          {"name": "pgd_at", "module": {"mode": "pgd_at"}}]}
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -452,12 +460,12 @@ def _experiment_cfg(tmp_path: Path, kind: str) -> Path:
 def test_real_experiments_refuse_before_training(kind, user_file, tmp_path, monkeypatch, capsys):
     """The runner knows what each experiment writes (figures, trained checkpoints): the refusal comes before any
     training, so no finished work is lost to a late refusal."""
-    module = __import__(runner.EXPERIMENTS[kind], fromlist=["run"])
+    runner.load_experiments()
 
     def must_not_run(*a, **k):
         raise AssertionError("the experiment ran although its output would overwrite a user's file")
 
-    monkeypatch.setattr(module, "run", must_not_run)
+    monkeypatch.setattr(EXPERIMENTS.get(kind), "run", must_not_run)
     out = tmp_path / "out"
     out.mkdir()
     (out / user_file).write_bytes(b"the user's own file")

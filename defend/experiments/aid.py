@@ -1,16 +1,18 @@
 """Experiment ``aid``: plain RTS vs AID-trained RTS on the same classifier (ADV2 section 5 Q3, Figures 15-16, Table 10).
 
-1. Train plain RTS (:class:`defend.aid.AIDModule`, ``aid_weight = 0``) on the frozen classifier.
-2. Train RTS with AID (``aid_weight > 0``): by default fine-tuning the plain RTS weights (``aid.init: rts``;
-   ``aid.init: scratch`` trains from scratch).
+1. Train plain RTS (:class:`defend.aid.AIDModule`, ``aid.weight = 0``) on the frozen classifier.
+2. Train RTS with AID (``aid.weight > 0``): by default fine-tuning the plain RTS weights (``training.aid.init: rts``;
+   ``scratch`` trains from scratch). Both take their :class:`~defend.aid.AIDModule` arguments from
+   ``training.module``, overridden group by group by ``training.<rts|aid>.module`` (the ``defend fit`` dialect of
+   ``configs/aid/*.yaml``, checked against the module's signature before anything runs).
 3. On ``evaluation.n_images`` correctly classified test inputs with random target classes, run ADV2 with the
-   *same budget* against each interpreter (PGD eps / step, warm start, joint stage with the RTS term = map MSE +
-   encoder CE) and measure: ``l1_benign_vs_adv2`` / ``iou_benign_vs_adv2`` (benign map of the true class vs the
-   map of the adversarial input for the target class), ``asr``, ``localisation`` (map energy inside the object
-   mask, with ``mask_area`` the share a uniform map would get), ``l1_benign_rts_vs_rts_aid`` (benign maps of the
-   two interpreters), and the L1 between clean and noisy maps under Gaussian noise at two levels chosen to cause
-   about ``noise.misclassification`` (3 % and 30 %) errors (Figure 15). A CAM row gives the localisation of CAM on
-   the same classifier.
+   *same budget* against each interpreter (``evaluation.attack``: PGD eps / step, warm start, joint stage with the
+   RTS term = map MSE + encoder CE) and measure: ``l1_benign_vs_adv2`` / ``iou_benign_vs_adv2`` (benign map of the
+   true class vs the map of the adversarial input for the target class), ``asr``, ``localisation`` (map energy
+   inside the object mask, with ``mask_area`` the share a uniform map would get), ``l1_benign_rts_vs_rts_aid``
+   (benign maps of the two interpreters), and the L1 between clean and noisy maps under Gaussian noise at two levels
+   chosen to cause about ``evaluation.noise.misclassification`` (3 % and 30 %) errors (Figure 15). A CAM row gives
+   the localisation of CAM on the same classifier.
 
 ``epoch_seconds`` is the mean training-batch time times the number of batches of a full epoch (so runs with
 ``limit_train_batches`` still compare whole epochs); ``epoch_time_ratio`` is relative to plain RTS.
@@ -21,25 +23,196 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 
+from attacks import get_framework
 from attacks.adv2 import ADV2, random_targets
 from attacks.interpreters import CAMInterpreter
 from attacks.interpreters.rts import RTSInterpreter, RTSNetwork
 
-from ..aid import AIDModule, load_rts
+from ..aid import AID_OPTIMISER, AIDModule, AIDSchedule, InnerAttack, RTSObjective, load_rts, save_rts
+from ..classifier import load_classifier
+from ..data import BaseDataModule
 from ..evaluation import interpret, run_attack
-from ..metrics import localisation, map_l1, topk_iou
-from .common import get_classifier, make_trainer, markdown_table, select_correct, setup_data, write_outputs
 from ..figures import map_grid
+from ..metrics import localisation, map_l1, topk_iou
+from ..module_base import as_options
+from ..types import Count, Fraction01, NonNegative, PositiveCount, Radius
+from .common import (
+    ClassifierSpec,
+    classifier_outputs,
+    default_data,
+    get_classifier,
+    make_trainer,
+    markdown_table,
+    select_correct,
+    setup_data,
+    write_outputs,
+)
+from .config import ExperimentConfig, check_class_options, register_experiment
+from .runner import deep_merge
 
-__all__ = ["run", "BatchTimer", "noise_levels", "get_rts"]
+__all__ = ["run", "AIDExperiment", "AIDTrainingPlan", "RTSTraining", "AIDTraining", "AIDEvaluation", "AIDAttack",
+           "NoiseLevels", "BatchTimer", "noise_levels", "check_rts_module", "MODULE_SKIP"]
+
+#: the AIDModule arguments an experiment sets itself (not in a config's ``module:`` sections)
+MODULE_SKIP = ("classifier", "num_classes", "init_from", "seed")
+
+PLAIN = {"aid": {"weight": 0.0}}  # what makes an AIDModule a plain RTS
 
 
+# --------------------------------------------------------------------------------------------- config
+def check_rts_module(options: dict[str, Any], where: str, init_from: str | None = None) -> None:
+    """``options`` (AIDModule arguments) fit its signature, its option groups' own checks and the checks across
+    groups (``init_from``: whether the run fine-tunes; a placeholder is enough)."""
+    check_class_options(AIDModule, options, where, skip=MODULE_SKIP)
+    try:
+        groups = SimpleNamespace(objective=as_options(options.get("objective"), RTSObjective(), "objective"),
+                                 aid=as_options(options.get("aid"), AIDSchedule(), "aid"),
+                                 attack=as_options(options.get("attack"), InnerAttack(), "attack"),
+                                 optimiser=as_options(options.get("optimiser"), AID_OPTIMISER, "optimiser"))
+        AIDModule._check_options(groups, options.get("explain", "label"), init_from)  # the module's own rules
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_rts_file(path: str, where: str, classifier: ClassifierSpec) -> None:
+    """A reused RTS network loads safely and fits the classifier (checked here when that is reused too)."""
+    try:
+        net = load_rts(path)
+    except (OSError, ValueError) as exc:  # a missing file, a CheckpointError
+        raise ValueError(f"{where}: {exc}") from None
+    if classifier.reuses():
+        try:
+            net.check_model(load_classifier(classifier.checkpoint))
+        except ValueError as exc:
+            raise ValueError(f"{where} {path} does not fit classifier {classifier.checkpoint}: {exc}") from None
+
+
+@dataclass
+class RTSTraining:
+    """One RTS training run: :class:`~defend.aid.AIDModule` with ``module`` (its arguments) for ``max_epochs``
+    epochs of at most ``limit_train_batches`` batches each."""
+
+    max_epochs: PositiveCount = PositiveCount(1)
+    limit_train_batches: PositiveCount | None = None
+    module: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AIDTraining(RTSTraining):
+    """The AID run (``aid.weight > 0``): ``init: rts`` fine-tunes the plain RTS of this experiment, ``scratch``
+    trains from scratch."""
+
+    init: Literal["rts", "scratch"] = "rts"
+
+
+@dataclass
+class AIDTrainingPlan:
+    """``module``: the AIDModule arguments both interpreters share (``classifier``, ``num_classes``, ``init_from``
+    and ``seed`` are set by the experiment); ``rts``: the plain RTS (``aid.weight`` is 0), ``aid``: the AID-trained
+    one; each merges its own ``module`` over the shared one, group by group."""
+
+    module: dict[str, Any] = field(default_factory=dict)
+    rts: RTSTraining = field(default_factory=RTSTraining)
+    aid: AIDTraining = field(default_factory=AIDTraining)
+
+    def options(self, which: Literal["rts", "aid"]) -> dict[str, Any]:
+        """The AIDModule arguments of the plain (``rts``) or the AID run."""
+        if which == "rts":
+            return deep_merge(deep_merge(self.module, self.rts.module), PLAIN)
+        return deep_merge(self.module, self.aid.module)
+
+    def check(self, classifier: ClassifierSpec) -> None:
+        """Every section fits AIDModule; the plain run is plain, the AID run trains ``l_aid``."""
+        for where, opts in (("training.module", self.module), ("training.rts.module", self.rts.module),
+                            ("training.aid.module", self.aid.module)):
+            check_class_options(AIDModule, opts, where, skip=MODULE_SKIP)
+        if float((self.rts.module.get("aid") or {}).get("weight", 0.0)) != 0:
+            raise ValueError("training.rts is the plain RTS: leave out training.rts.module.aid.weight (it is 0)")
+        check_rts_module(self.options("rts"), "training.rts")
+        aid = self.options("aid")
+        check_rts_module(aid, "training.aid", init_from="rts.pt" if self.aid.init == "rts" else None)
+        if not float((aid.get("aid") or {}).get("weight", 0.0)) > 0:
+            raise ValueError("training.aid.module.aid.weight must be > 0 (it is the AID-trained interpreter)")
+        anchor = (aid.get("aid") or {}).get("anchor_from")
+        if anchor:
+            _check_rts_file(anchor, "training.aid.module.aid.anchor_from", classifier)
+
+
+@dataclass
+class AIDAttack:
+    """ADV2 on PGD against each interpreter, the same budget for both: radius ``eps`` and step ``alpha`` (image
+    units, ``1/255`` accepted), ``warm_steps`` warm-start + ``steps`` joint steps, ``c`` on the RTS term = map MSE +
+    ``enc_weight`` x CE of the encoder's class head toward the target."""
+
+    eps: Radius = Radius(0.031)
+    alpha: Radius = Radius(1 / 255)
+    warm_steps: Count = Count(300)
+    steps: Count = Count(300)
+    c: NonNegative = NonNegative(1.0)
+    enc_weight: NonNegative = NonNegative(0.1)
+
+
+@dataclass
+class NoiseLevels:
+    """Figure 15: of the Gaussian noise ``sigmas``, those whose misclassification rates come closest to each of
+    ``misclassification``."""
+
+    misclassification: list[Fraction01] = field(default_factory=lambda: [Fraction01(r) for r in (0.03, 0.30)])
+    sigmas: list[NonNegative] = field(
+        default_factory=lambda: [NonNegative(s) for s in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)])
+
+
+@dataclass
+class AIDEvaluation:
+    """``n_images`` correctly classified test inputs (a random target class each) in batches of ``batch_size``;
+    ``n_figure`` of them in ``aid.png``."""
+
+    n_images: PositiveCount = PositiveCount(64)
+    batch_size: PositiveCount = PositiveCount(64)
+    n_figure: PositiveCount = PositiveCount(4)
+    attack: AIDAttack = field(default_factory=AIDAttack)
+    noise: NoiseLevels = field(default_factory=NoiseLevels)
+
+
+@dataclass
+class AIDExperiment(ExperimentConfig):
+    """Plain RTS vs AID-trained RTS on the same classifier, attacked by ADV2 with the same budget."""
+
+    data: BaseDataModule | None = None
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+    training: AIDTrainingPlan = field(default_factory=AIDTrainingPlan)
+    evaluation: AIDEvaluation = field(default_factory=AIDEvaluation)
+
+
+def check(cfg: AIDExperiment) -> None:
+    """Every cross-field check, before anything runs."""
+    ev = cfg.evaluation
+    if ev.n_figure > ev.n_images:
+        raise ValueError(f"evaluation.n_figure ({ev.n_figure}) cannot exceed evaluation.n_images ({ev.n_images})")
+    if not ev.noise.misclassification or not ev.noise.sigmas:
+        raise ValueError("evaluation.noise.misclassification and evaluation.noise.sigmas need at least one value each")
+    try:
+        get_framework("pgd", eps=float(ev.attack.eps), alpha=float(ev.attack.alpha)).check_grid_budget()
+    except ValueError as exc:
+        raise ValueError(f"evaluation.attack: {exc}") from None
+    cfg.training.check(cfg.classifier)
+    cfg.classifier.check(default_data(cfg))
+
+
+def outputs(cfg: AIDExperiment, out: Path) -> list[Path]:
+    """The files besides metrics / report / config / provenance: the figure, both RTS networks, the classifier."""
+    return [out / "aid.png", out / "rts.pt", out / "rts_aid.pt", *classifier_outputs(cfg, out)]
+
+
+# --------------------------------------------------------------------------------------------- training
 class BatchTimer(pl.Callback):
     """Wall time of every training batch (forward, inner attack, backward, optimiser step)."""
 
@@ -58,75 +231,49 @@ class BatchTimer(pl.Callback):
         return sum(self.seconds) / max(len(self.seconds), 1)
 
 
-def _train(cfg: dict[str, Any], clf_path: str, dm, spec: dict[str, Any], init_from: str | None, out_path: Path,
-           seed: int, progress: bool) -> dict[str, Any]:
-    """Train one RTS variant with Lightning; export it; return timing."""
-    base = dict(cfg.get("rts") or {})
-    spec = dict(spec)
-    epochs = int(spec.pop("max_epochs", 1))
-    limit = spec.pop("limit_train_batches", None)
-    spec.pop("init", None)
-    kw = {**base, **spec}
-    # the flat keys of the experiment YAML -> the module's option groups (the groups' defaults fill the rest)
-    from dataclasses import fields
-
-    from ..aid import RTSObjective
-
-    flat = dict(kw)
-    groups = {"objective": {k: flat.pop(k) for k in [f.name for f in fields(RTSObjective)] if k in flat},
-              "attack": {k[len("attack_"):]: flat.pop(k) for k in list(flat) if k.startswith("attack_")},
-              "aid": {k[len("aid_"):] if k.startswith("aid_") else k: flat.pop(k) for k in list(flat)
-                      if k.startswith(("aid_", "anchor_"))},
-              "optimiser": {k: flat.pop(k) for k in ("lr", "weight_decay") if k in flat}}
+def _train(cfg: ExperimentConfig, run: RTSTraining, options: dict[str, Any], clf_path: str, dm: BaseDataModule,
+           init_from: str | None, out_path: Path, progress: bool) -> dict[str, Any]:
+    """Train one RTS variant (``options``: AIDModule arguments) with Lightning; export it; return timing.
+    ``cfg`` gives the Trainer options and the seed."""
+    seed = int(cfg.seed)
     pl.seed_everything(seed, workers=True)
-    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **groups,
-                       **flat)
+    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **options)
     timer = BatchTimer()
     extra: dict[str, Any] = {"callbacks": [timer], "num_sanity_val_steps": 0, "limit_val_batches": 0,
                              "inference_mode": False, "enable_progress_bar": progress}
-    if limit is not None:
-        extra["limit_train_batches"] = limit
-    trainer = make_trainer(cfg, epochs, **extra)
+    if run.limit_train_batches is not None:
+        extra["limit_train_batches"] = int(run.limit_train_batches)
+    trainer = make_trainer(cfg.trainer, int(run.max_epochs), **extra)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     full = len(dm.train_dataloader())
-    module.export(out_path, {"train_seconds": seconds})
-    if float(kw.get("aid_weight", 0.0)) > 0 and module.aid_steps == 0:
+    save_rts(module.rts, out_path, {**module.artifact_meta(), "train_seconds": seconds})  # = export(path, extra)
+    weight = float(module.aid.weight)
+    if weight > 0 and module.aid_steps == 0:
         raise ValueError(f"the AID run trained no l_aid step ({len(timer.seconds)} batches): it would be a plain RTS "
-                         "labelled AID; train more batches or lower aid_every")
+                         "labelled AID; train more batches or lower aid.every")
     return {"network": load_rts(out_path), "train_seconds": seconds, "batch_seconds": timer.mean,
             "batches": len(timer.seconds), "epoch_seconds": timer.mean * full, "full_epoch_batches": full,
-            "aid_weight": float(kw.get("aid_weight", 0.0)), "aid_steps": module.aid_steps}
+            "aid_weight": weight, "aid_steps": module.aid_steps}
 
 
-RTS_RUN_KEYS = ("checkpoint", "retrain", "max_epochs", "limit_train_batches")
-
-
-def get_rts(cfg: dict[str, Any], dm, clf_path: str, out: Path, progress: bool = True) -> tuple[RTSNetwork, dict[str, Any]]:
-    """Reuse ``rts.checkpoint`` if it exists, else train a plain RTS as ``rts`` describes and save it there.
-
-    ``rts`` holds :class:`AIDModule` arguments plus ``checkpoint``, ``max_epochs`` and ``limit_train_batches``
-    (like ``classifier:`` for the classifier). A reused checkpoint must fit the classifier (encoder stages, classes).
-    """
-    rcfg = dict(cfg.get("rts") or {})
-    ckpt = Path(rcfg.get("checkpoint") or out / "rts.pt")
-    if ckpt.is_file() and not rcfg.get("retrain", False):
-        from ..classifier import load_classifier
-
-        net = load_rts(ckpt)
-        net.check_model(load_classifier(clf_path))
-        return net, {"trained": False, "checkpoint": str(ckpt)}
-    spec = {"aid_weight": 0.0, "max_epochs": rcfg.get("max_epochs", 2)}
-    if rcfg.get("limit_train_batches") is not None:
-        spec["limit_train_batches"] = rcfg["limit_train_batches"]
-    module_cfg = {**cfg, "rts": {k: v for k, v in rcfg.items() if k not in RTS_RUN_KEYS}}
+def _train_both(cfg: AIDExperiment, dm: BaseDataModule, clf_path: str, out: Path,
+                progress: bool) -> dict[str, dict[str, Any]]:
+    """The plain RTS (``out/rts.pt``), then the AID-trained one (``out/rts_aid.pt``)."""
+    plan = cfg.training
     if progress:
-        print(f"[rts] no RTS checkpoint at {ckpt}: training a plain RTS on {clf_path}")
-    t = _train(module_cfg, clf_path, dm, spec, None, ckpt, int(cfg.get("seed", 0)), progress)
-    return t["network"], {"trained": True, "checkpoint": str(ckpt), "train_seconds": t["train_seconds"]}
+        print("[aid] training plain RTS")
+    trained = {"rts": _train(cfg, plan.rts, plan.options("rts"), clf_path, dm, None, out / "rts.pt", progress)}
+    init = plan.aid.init
+    if progress:
+        print(f"[aid] training RTS with AID ({'fine-tuning the plain RTS' if init == 'rts' else 'from scratch'})")
+    trained["rts_aid"] = _train(cfg, plan.aid, plan.options("aid"), clf_path, dm,
+                                str(out / "rts.pt") if init == "rts" else None, out / "rts_aid.pt", progress)
+    return trained
 
 
+# --------------------------------------------------------------------------------------------- evaluation
 def noise_levels(model, x: torch.Tensor, y: torch.Tensor, sigmas: list[float], rates: list[float],
                  seed: int) -> list[tuple[float, float]]:
     """For each wanted misclassification rate, the sigma of the grid whose Gaussian noise comes closest
@@ -140,51 +287,64 @@ def noise_levels(model, x: torch.Tensor, y: torch.Tensor, sigmas: list[float], r
     return [min(measured, key=lambda sm: abs(sm[1] - r)) for r in rates]
 
 
-def _evaluate(model, nets: dict[str, RTSNetwork], data: dict[str, torch.Tensor], ecfg: dict[str, Any], seed: int,
-              num_classes: int, progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    x, y = data["image"], data["label"]
-    gt = (data["mask"] > 0.5).float() if "mask" in data else None
-    y_t = random_targets(y, num_classes, torch.Generator().manual_seed(seed))
-    acfg = dict(ecfg.get("attack") or {})
-    enc_weight = float(acfg.pop("enc_weight", 0.1))
-    eps, alpha = float(acfg.pop("eps", 0.031)), float(acfg.pop("alpha", 1 / 255))
-    bs = int(ecfg.get("batch_size", 64))
-    ncfg = dict(ecfg.get("noise") or {})
-    levels = noise_levels(model, x, y, [float(s) for s in ncfg.get("sigmas", [0.02, 0.05, 0.1, 0.15, 0.2, 0.3])],
-                          [float(r) for r in ncfg.get("misclassification", [0.03, 0.30])], seed)
+def _noisy_inputs(model, x: torch.Tensor, y: torch.Tensor, noise: NoiseLevels,
+                  seed: int) -> tuple[list[tuple[float, float]], list[torch.Tensor], list[torch.Tensor]]:
+    """The chosen noise levels, the noisy inputs at each and the classifier's predictions on them."""
+    levels = noise_levels(model, x, y, [float(s) for s in noise.sigmas], [float(r) for r in noise.misclassification],
+                          seed)
     noisy = []
-    for k, (s, _) in enumerate(levels):
+    for s, _ in levels:
         gen = torch.Generator().manual_seed(seed)
         noisy.append((x + s * torch.randn(x.shape, generator=gen)).clamp(0, 1))
     with torch.no_grad():
         pred_noisy = [model(xn).argmax(1) for xn in noisy]
+    return levels, noisy, pred_noisy
+
+
+def _attack_one(model, net: RTSNetwork, x: torch.Tensor, y: torch.Tensor, y_t: torch.Tensor, gt: torch.Tensor | None,
+                a: AIDAttack, bs: int, seed: int) -> dict[str, Any]:
+    """Benign maps, ADV2 against one RTS interpreter and the measures of its row."""
+    g = RTSInterpreter(net, enc_weight=float(a.enc_weight))
+    attack = ADV2(g, "pgd", framework_options={"eps": float(a.eps), "alpha": float(a.alpha)}, seed=seed,
+                  warm_steps=int(a.warm_steps), steps=int(a.steps), c=float(a.c))
+    benign = interpret(g, model, x, y, bs)
+    x_adv, seconds = run_attack(attack, model, x, y_t, benign, bs)
+    adv = interpret(g, model, x_adv, y_t, bs)
+    with torch.no_grad():
+        success = torch.cat([model(x_adv[i:i + bs]).argmax(1) for i in range(0, x.shape[0], bs)]) == y_t
+    r: dict[str, Any] = {
+        "interpreter": g, "benign": benign, "adv": adv, "x_adv": x_adv,
+        "l1_benign_vs_adv2": float(map_l1(benign, adv).mean()),
+        "iou_benign_vs_adv2": float(topk_iou(benign, adv).mean()),
+        "asr": float(success.float().mean()),
+        "linf": float((x_adv - x).abs().amax()),
+        "attack_seconds_per_input": seconds / x.shape[0],
+        "map_mean": float(benign.mean()),
+    }
+    if gt is not None:
+        r["localisation"] = float(localisation(benign, gt)[0].mean())
+        r["localisation_adv2"] = float(localisation(adv, gt)[0].mean())
+        r["mask_area"] = float(gt.mean())
+    return r
+
+
+def _evaluate(model, nets: dict[str, RTSNetwork], data: dict[str, torch.Tensor], ev: AIDEvaluation, seed: int,
+              num_classes: int, progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """ADV2 against each interpreter, their maps of the noisy inputs, and CAM's localisation."""
+    x, y = data["image"], data["label"]
+    gt = (data["mask"] > 0.5).float() if "mask" in data else None
+    y_t = random_targets(y, num_classes, torch.Generator().manual_seed(seed))
+    bs = int(ev.batch_size)
+    levels, noisy, pred_noisy = _noisy_inputs(model, x, y, ev.noise, seed)
     res: dict[str, dict[str, Any]] = {}
     for name, net in nets.items():
-        g = RTSInterpreter(net, enc_weight=enc_weight)
-        attack = ADV2(g, "pgd", framework_options={"eps": eps, "alpha": alpha}, seed=seed, **acfg)
         if progress:
             print(f"[aid] ADV2 against {name} ({x.shape[0]} inputs)")
-        benign = interpret(g, model, x, y, bs)
-        x_adv, seconds = run_attack(attack, model, x, y_t, benign, bs)
-        adv = interpret(g, model, x_adv, y_t, bs)
-        with torch.no_grad():
-            success = torch.cat([model(x_adv[i:i + bs]).argmax(1) for i in range(0, x.shape[0], bs)]) == y_t
-        r: dict[str, Any] = {
-            "benign": benign, "adv": adv, "x_adv": x_adv,
-            "l1_benign_vs_adv2": float(map_l1(benign, adv).mean()),
-            "iou_benign_vs_adv2": float(topk_iou(benign, adv).mean()),
-            "asr": float(success.float().mean()),
-            "linf": float((x_adv - x).abs().amax()),
-            "attack_seconds_per_input": seconds / x.shape[0],
-            "map_mean": float(benign.mean()),
-        }
-        if gt is not None:
-            r["localisation"] = float(localisation(benign, gt)[0].mean())
-            r["localisation_adv2"] = float(localisation(adv, gt)[0].mean())
-            r["mask_area"] = float(gt.mean())
+        r = _attack_one(model, net, x, y, y_t, gt, ev.attack, bs, seed)
+        g = r.pop("interpreter")
         r["noisy_maps"] = [interpret(g, model, xn, pn, bs) for xn, pn in zip(noisy, pred_noisy)]
         for k, m in enumerate(r["noisy_maps"]):
-            r[f"l1_clean_vs_noise{k + 1}"] = float(map_l1(benign, m).mean())
+            r[f"l1_clean_vs_noise{k + 1}"] = float(map_l1(r["benign"], m).mean())
         res[name] = r
     cam = interpret(CAMInterpreter(), model, x, y, bs)
     extra = {"cam": cam, "y_t": y_t, "noisy": noisy, "pred_noisy": pred_noisy,
@@ -195,33 +355,8 @@ def _evaluate(model, nets: dict[str, RTSNetwork], data: dict[str, torch.Tensor],
     return res, extra
 
 
-def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    t_start = time.perf_counter()
-    seed = int(cfg.get("seed", 0))
-    dm = setup_data(cfg)
-    model, info = get_classifier(cfg, dm, out, progress)
-    clf_path = str(info["checkpoint"])
-    tcfg = dict(cfg.get("training") or {})
-    rts_spec = {"aid_weight": 0.0, **dict(tcfg.get("rts") or {})}
-    aid_spec = dict(tcfg.get("aid") or {})
-    if float(aid_spec.get("aid_weight", 0.0)) <= 0:
-        raise ValueError("training.aid.aid_weight must be > 0 (it is the AID-trained interpreter)")
-    init = str(aid_spec.get("init", "rts"))
-    if init not in ("rts", "scratch"):
-        raise ValueError(f"training.aid.init must be 'rts' (fine-tune the plain RTS) or 'scratch', got {init!r}")
-    if progress:
-        print("[aid] training plain RTS")
-    trained = {"rts": _train(cfg, clf_path, dm, rts_spec, None, out / "rts.pt", seed, progress)}
-    if progress:
-        print(f"[aid] training RTS with AID ({'fine-tuning the plain RTS' if init == 'rts' else 'from scratch'})")
-    trained["rts_aid"] = _train(cfg, clf_path, dm, aid_spec, str(out / "rts.pt") if init == "rts" else None,
-                                out / "rts_aid.pt", seed, progress)
-    ecfg = dict(cfg.get("evaluation") or {})
-    data = select_correct(model, dm, int(ecfg.get("n_images", 64)))
-    res, extra = _evaluate(model, {k: v["network"] for k, v in trained.items()}, data, ecfg, seed, dm.num_classes,
-                           progress)
+def _rows(res: dict[str, dict[str, Any]], extra: dict[str, Any], trained: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per interpreter (rts, rts_aid, cam), then one per noise level."""
     l1_pair = float(map_l1(res["rts"]["benign"], res["rts_aid"]["benign"]).mean())
     ref_epoch = trained["rts"]["epoch_seconds"]
     rows: list[dict[str, Any]] = []
@@ -242,15 +377,32 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
         rows.append({"interpreter": "noise", "level": k + 1, "sigma": s, "misclassification": rate,
                      "l1_clean_vs_noisy_rts": res["rts"][f"l1_clean_vs_noise{k + 1}"],
                      "l1_clean_vs_noisy_rts_aid": res["rts_aid"][f"l1_clean_vs_noise{k + 1}"]})
+    return rows
+
+
+@register_experiment("aid", AIDExperiment, outputs=outputs, check=check)
+def run(cfg: AIDExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Train both interpreters, attack them with the same budget, write the rows, the report and the figure."""
+    t_start = time.perf_counter()
+    dm = setup_data(cfg)
+    model, info = get_classifier(cfg, dm, out, progress)
+    trained = _train_both(cfg, dm, str(info["checkpoint"]), out, progress)
+    ev = cfg.evaluation
+    data = select_correct(model, dm, int(ev.n_images))
+    res, extra = _evaluate(model, {k: v["network"] for k, v in trained.items()}, data, ev, int(cfg.seed),
+                           dm.num_classes, progress)
+    rows = _rows(res, extra, trained)
     total = time.perf_counter() - t_start
     for r in rows[:2]:
         r["experiment_seconds"] = total
-    _figure(out, data, res, extra, int(ecfg.get("n_figure", 4)))
+    _figure(out, data, res, extra, int(ev.n_figure))
     write_outputs(out, rows, _report(cfg, info, rows, extra, trained, total))
     return rows
 
 
-def _figure(out: Path, data: dict[str, torch.Tensor], res, extra, n_show: int) -> None:
+def _figure(out: Path, data: dict[str, torch.Tensor], res: dict[str, dict[str, Any]], extra: dict[str, Any],
+            n_show: int) -> None:
+    """``aid.png``: inputs, benign and ADV2 maps of both interpreters (Figure 16), then the noise columns (Figure 15)."""
     n_show = min(n_show, extra["n"])
     sl = slice(0, n_show)
     cols = [("input", data["image"][sl]), ("RTS benign", res["rts"]["benign"][sl]),
@@ -272,6 +424,7 @@ def _check_line(what: str, a: float | None, b: float | None, ok, shown: str) -> 
 
 
 def _checks(rts: dict, aid: dict, cam: dict, ratio: float, total: float) -> list[str]:
+    """The report's targets: PASS / FAIL / not measured."""
     loc_r, loc_a, loc_c = rts.get("localisation"), aid.get("localisation"), cam.get("localisation")
     drop = None if loc_r is None or loc_a is None or not loc_r > 0 else 100 * (1 - loc_a / loc_r)
     return [
@@ -284,18 +437,20 @@ def _checks(rts: dict, aid: dict, cam: dict, ratio: float, total: float) -> list
     ]
 
 
-def _report(cfg, info, rows, extra, trained, total) -> str:
+def _report(cfg: AIDExperiment, info: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any],
+            trained: dict[str, dict[str, Any]], total: float) -> str:
+    """``report.md``: the paper's Table 10 layout, every measure, the noise sensitivity, targets and cost."""
     rts, aid, cam = rows[0], rows[1], rows[2]
     noise = [r for r in rows if r["interpreter"] == "noise"]
     ratio = aid["l1_benign_vs_adv2"] / max(rts["l1_benign_vs_adv2"], 1e-12)
-    acfg = (cfg.get("evaluation") or {}).get("attack") or {}
+    a = cfg.evaluation.attack
     lines = [
         "# AID: adversarial interpretation distillation of RTS (ADV2 section 5 Q3, Appendix A2)",
         "",
         f"Classifier `{info['checkpoint']}`; {extra['n']} correctly classified test inputs, random target classes. "
-        f"ADV2 with the same budget against both interpreters: PGD eps {acfg.get('eps', 0.031)}, step "
-        f"{acfg.get('alpha', 1 / 255):.4f}, {acfg.get('warm_steps', 300)} warm-start + {acfg.get('steps', 300)} joint "
-        f"steps, c = {acfg.get('c', 1.0)}, RTS term = map MSE + {acfg.get('enc_weight', 0.1)} x encoder CE.",
+        f"ADV2 with the same budget against both interpreters: PGD eps {float(a.eps):g}, step "
+        f"{float(a.alpha):.4f}, {a.warm_steps} warm-start + {a.steps} joint steps, c = {float(a.c)}, "
+        f"RTS term = map MSE + {float(a.enc_weight)} x encoder CE.",
         "",
         "## L1 distance to the benign maps (layout of the paper's Table 10)",
         "",
@@ -330,8 +485,13 @@ def _report(cfg, info, rows, extra, trained, total) -> str:
         "",
     ]
     lines += _checks(rts, aid, cam, ratio, total)
+    return "\n".join(lines + _cost_lines(trained, aid["epoch_time_ratio"], total))
+
+
+def _cost_lines(trained: dict[str, dict[str, Any]], aid_ratio: float, total: float) -> list[str]:
+    """The report's training-cost table and the figure."""
     t_rts, t_aid = trained["rts"], trained["rts_aid"]
-    lines += [
+    return [
         "",
         "## Training cost",
         "",
@@ -340,7 +500,7 @@ def _report(cfg, info, rows, extra, trained, total) -> str:
                        [["rts", t_rts["aid_weight"], t_rts["batches"], t_rts["batch_seconds"], t_rts["epoch_seconds"], 1.0,
                          t_rts["train_seconds"]],
                         ["rts_aid", t_aid["aid_weight"], t_aid["batches"], t_aid["batch_seconds"], t_aid["epoch_seconds"],
-                         aid["epoch_time_ratio"], t_aid["train_seconds"]]]),
+                         aid_ratio, t_aid["train_seconds"]]]),
         "",
         f"A full epoch has {t_rts['full_epoch_batches']} batches; s / epoch = mean s / batch x that. "
         f"Total experiment time: {total:.0f} s.",
@@ -352,4 +512,3 @@ def _report(cfg, info, rows, extra, trained, total) -> str:
         "Row labels: true class -> ADV2 target class.",
         "",
     ]
-    return "\n".join(lines)

@@ -9,81 +9,107 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attacks import ATTACKS, build_attack, random_targets
-from attacks.frameworks import FRAMEWORKS
-from attacks.interpreters import INTERPRETERS
-from ..interpreters import build_interpreter
+from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
 from ..detection_data import code_fingerprint
 from ..evaluation import PlanItem, evaluate_plan, interpret
-from .common import deep_get, get_classifier, make_trainer, markdown_table, select_correct, setup_data, write_outputs
 from ..figures import map_grid
+from ..interpreters import build_interpreter
+from ..types import Count, PositiveCount
+from .common import (
+    ClassifierExperimentConfig,
+    classifier_outputs,
+    default_data,
+    get_classifier,
+    make_trainer,
+    markdown_table,
+    select_correct,
+    setup_data,
+    write_outputs,
+)
+from .config import AttackSections, check_names, register_experiment
 
-__all__ = ["run", "attack_options"]
-
-
-def attack_options(cfg: dict[str, Any], attack: str, framework: str, interpreter: str) -> dict[str, Any]:
-    """Shared ``attack:`` options, then ``per_framework.<fw>``, then ``per_interpreter.<interp>`` overrides."""
-    opts = dict(cfg.get("attack") or {})
-    fw_opts = dict(opts.pop("framework_options", {}) or {})
-    layers = [deep_get(cfg, f"per_framework.{framework}")]
-    if attack != "pgd":
-        layers += [deep_get(cfg, f"per_interpreter.{interpreter}"),
-                   deep_get(cfg, f"per_interpreter_framework.{interpreter}_{framework}")]
-    for layer in layers:
-        layer = dict(layer or {})
-        fw_opts.update(layer.pop("framework_options", {}) or {})
-        opts.update(layer)
-    eps, alpha = opts.pop("eps", 0.031), opts.pop("alpha", 1 / 255)
-    if framework == "pgd":
-        fw_opts = {"eps": eps, "alpha": alpha, **fw_opts}
-    opts["framework_options"] = fw_opts
-    opts["interpreter_options"] = deep_get(cfg, "interpreter_options") or {}
-    return opts
+__all__ = ["run", "AttacksExperiment", "AttacksEvaluation"]
 
 
-def _validate(ecfg: dict[str, Any]) -> None:
-    for key, known in (("attacks", ATTACKS), ("frameworks", FRAMEWORKS), ("interpreters", INTERPRETERS)):
-        for name in ecfg.get(key, []):
-            if name not in known:
-                raise ValueError(f"unknown {key[:-1]} '{name}' in evaluation.{key}; choose from: {', '.join(known)}")
+@dataclass
+class AttacksEvaluation:
+    """``n_images`` correctly classified test inputs (a random target class each), attacked in batches of
+    ``batch_size`` by every attack x framework x interpreter; ``transfer_framework``'s inputs are also read by the other
+    interpreters (transferability); ``n_figure`` examples in ``maps.png``; ``cache_dir``: the per-batch resume cache
+    (``auto``: ``<out>/attack_cache``; ``null``: off)."""
+
+    n_images: PositiveCount = PositiveCount(24)
+    batch_size: PositiveCount = PositiveCount(24)
+    attacks: list[str] = field(default_factory=lambda: ["pgd", "adv2", "advedge", "advedge_plus"])
+    frameworks: list[str] = field(default_factory=lambda: ["pgd", "cw", "stadv"])
+    interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "mask"])
+    transfer_framework: str = "pgd"
+    n_figure: Count = Count(3)
+    cache_dir: str | None = "auto"
 
 
-def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
-    ecfg = dict(cfg.get("evaluation") or {})
-    ecfg.setdefault("attacks", ["pgd", "adv2", "advedge", "advedge_plus"])
-    ecfg.setdefault("frameworks", ["pgd", "cw", "stadv"])
-    ecfg.setdefault("interpreters", ["grad", "cam", "mask"])
-    _validate(ecfg)
-    seed = int(cfg.get("seed", 0))
+@dataclass
+class AttacksExperiment(ClassifierExperimentConfig, AttackSections):
+    """ADV2 / AdvEdge / AdvEdge+ and plain attacks on PGD, C&W and StAdv against the configured interpreters."""
+
+    evaluation: AttacksEvaluation = field(default_factory=AttacksEvaluation)
+
+
+def check(cfg: AttacksExperiment) -> None:
+    ev = cfg.evaluation
+    check_names(ev.attacks, ATTACKS, "evaluation.attacks")
+    check_names(ev.frameworks, FRAMEWORKS, "evaluation.frameworks")
+    check_names(ev.interpreters, INTERPRETERS, "evaluation.interpreters")
+    check_names([ev.transfer_framework], FRAMEWORKS, "evaluation.transfer_framework")
+    if ev.n_figure > ev.n_images:
+        raise ValueError(f"evaluation.n_figure ({ev.n_figure}) cannot exceed evaluation.n_images ({ev.n_images})")
+    cfg.check_attack_sections()
+    cfg.classifier.check(default_data(cfg))
+
+
+def outputs(cfg: AttacksExperiment, out: Path) -> list[Path]:
+    return [out / "maps.png", *classifier_outputs(cfg, out)]
+
+
+def _plan(cfg: AttacksExperiment, interps: dict[str, Any]) -> list[PlanItem]:
+    """Every attack x framework x target interpreter (the plain attack once per framework), with its readers."""
+    ev, plan = cfg.evaluation, []
+    for fw in ev.frameworks:
+        for attack in ev.attacks:
+            for target in (ev.interpreters if attack != "pgd" else [None]):
+                opts = cfg.attack_options(attack, fw, target)
+                engine = build_attack(attack, fw, interps[target] if target else "cam", seed=int(cfg.seed), **opts)
+                readers = ev.interpreters if (target is None or fw == ev.transfer_framework) else [target]
+                plan.append(PlanItem(attack, fw, target, engine, list(readers)))
+    return plan
+
+
+@register_experiment("attacks", AttacksExperiment, outputs=outputs, check=check)
+def run(cfg: AttacksExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    ecfg = cfg.evaluation
+    seed = int(cfg.seed)
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
-    data = select_correct(model, dm, int(ecfg.get("n_images", 64)))
+    data = select_correct(model, dm, int(ecfg.n_images))
     x, y = data["image"], data["label"]
     y_t = random_targets(y, dm.num_classes, torch.Generator().manual_seed(seed))
-    bs = int(ecfg.get("batch_size", 64))
-    interps = {n: build_interpreter(n, **(deep_get(cfg, f"interpreter_options.{n}") or {})) for n in ecfg["interpreters"]}
-    transfer_fw = ecfg.get("transfer_framework", "pgd")
-    plan: list[PlanItem] = []
-    for fw in ecfg["frameworks"]:
-        for attack in ecfg["attacks"]:
-            for target_interp in (ecfg["interpreters"] if attack != "pgd" else [None]):
-                opts = attack_options(cfg, attack, fw, target_interp or "cam")
-                engine = build_attack(attack, fw, interps[target_interp] if target_interp else "cam", seed=seed, **opts)
-                readers = ecfg["interpreters"] if (target_interp is None or fw == transfer_fw) else [target_interp]
-                plan.append(PlanItem(attack, fw, target_interp, engine, list(readers)))
-    n_show = int(ecfg.get("n_figure", 3))
-    trainer = make_trainer(cfg, 1, inference_mode=False, use_distributed_sampler=False, enable_progress_bar=False,
-                           logger=False)
+    bs = int(ecfg.batch_size)
+    interps = {n: build_interpreter(n, **cfg.interpreter_options.get(n, {})) for n in ecfg.interpreters}
+    transfer_fw = ecfg.transfer_framework
+    plan = _plan(cfg, interps)
+    n_show = int(ecfg.n_figure)
+    trainer = make_trainer(cfg.trainer, 1, inference_mode=False, use_distributed_sampler=False,
+                           enable_progress_bar=False, logger=False)
     # per-batch resume cache: a re-run skips finished batches. AttackEvaluation keys every entry on the batch's
     # tensors, the classifier's weights and the engine's settings; this key adds what those cannot see: the code
-    cache = ecfg.get("cache_dir", str(Path(cfg.get("output_dir") or out) / "attack_cache"))
+    cache = str(Path(cfg.output_dir or out) / "attack_cache") if ecfg.cache_dir == "auto" else ecfg.cache_dir
     key = hashlib.sha256(json.dumps({"attack_code": code_fingerprint(), "format": 2}).encode()).hexdigest()[:16]
     start = time.perf_counter()
     ev = evaluate_plan(model, interps, plan, {"image": x, "label": y, "target": y_t}, trainer, batch_size=bs,
@@ -109,24 +135,35 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
     for item in plan:
         if item.framework != transfer_fw or item.key not in ev.examples:
             continue
-        for name in (ecfg["interpreters"] if item.interpreter is None else [item.interpreter]):
+        for name in (ecfg.interpreters if item.interpreter is None else [item.interpreter]):
             adv_store[(item.attack, item.framework, name)] = ev.examples[item.key]
-    _figure(out, model, x[:n_show], y_t[:n_show], ev.benign, interps, adv_store, transfer_fw, n_show)
+    names = list(getattr(dm, "class_names", []) or [])
+    _figure(out, model, x[:n_show], y[:n_show], y_t[:n_show], ev.benign, interps, adv_store, transfer_fw, n_show,
+            names)
     write_outputs(out, rows, _report(cfg, info, ecfg, rows, x.shape[0], trainer.world_size, wall))
     return rows
 
 
-def _figure(out, model, x, y_t, benign, interps, adv_store, fw, n_show: int = 3) -> None:
-    columns = []
+def _label(c: int, names: list[str]) -> str:
+    return f"{c} ({names[c]})" if names and names[c] != str(c) else str(c)
+
+
+def _figure(out, model, x, y, y_t, benign, interps, adv_store, fw, n_show: int, names: list[str]) -> None:
+    """``maps.png``: per example (row, true -> target class) the input, each interpreter's benign map, and the
+    adversarial image of ADV2 next to the maps of every attack against that interpreter (the papers' Figure 4)."""
+    columns = [("input", x[:n_show])]
+    adv_images = adv_store.get(("adv2", fw, next(iter(interps))))
+    if adv_images is not None:
+        columns.append(("ADV2 input", adv_images[:n_show]))
     for name, g in interps.items():
         columns.append((f"{name.upper()} benign", benign[name][:n_show]))
         for attack in ("pgd", "adv2", "advedge", "advedge_plus"):
             key = (attack, fw, name)
             if key in adv_store:
                 columns.append((f"{name.upper()} {attack}", interpret(g, model, adv_store[key][:n_show], y_t[:n_show])))
-    columns.insert(0, ("image", x[:n_show]))
-    # transpose: one row per interpreter x example would be large; keep examples as rows
-    map_grid(out / "maps.png", columns, rows=n_show)
+    labels = [f"{_label(int(a), names)} -> {_label(int(b), names)}" for a, b in zip(y[:n_show], y_t[:n_show])]
+    map_grid(out / "maps.png", columns, rows=n_show, row_labels=labels,
+             title=f"Benign and adversarial maps ({fw.upper()} framework; rows: true -> target class)")
 
 
 #: figures that describe successful adversarial inputs: meaningless for a row where every input failed
@@ -142,9 +179,9 @@ def _cell(row: dict[str, Any], field: str) -> Any:
 
 def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("nan")) -> str:
     main = [r for r in rows if "read_by" not in r]
-    interps = ecfg["interpreters"]
+    interps = ecfg.interpreters
     lines = [f"# Attack evaluation ({n} correctly classified test inputs, random target classes)", "",
-             f"Classifier checkpoint: `{info['checkpoint']}`. Attack options: `{cfg.get('attack')}`.", "",
+             f"Classifier checkpoint: `{info['checkpoint']}`. Attack options: `{cfg.attack.set_options()}`.", "",
              f"Evaluated by {processes} process(es) in {wall:.0f} s of wall time (each input attacked once; "
              "seconds per input = attack compute time summed over processes / inputs).", ""]
 
@@ -152,8 +189,8 @@ def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("n
         lines.extend([f"## {title}", ""])
         headers = ["framework", "attack"] + [i.upper() for i in interps]
         body = []
-        for fw in ecfg["frameworks"]:
-            for a in ecfg["attacks"]:
+        for fw in ecfg.frameworks:
+            for a in ecfg.attacks:
                 vals = []
                 for i in interps:
                     hit = [r for r in main if r["attack"] == a and r["framework"] == fw and r["interpreter"] == i]
@@ -170,7 +207,7 @@ def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("n
     tr = [r for r in rows if "read_by" in r]
     if tr:
         lines.extend(["## Transferability: L1 to the benign map, rows = interpreter attacked, columns = interpreter reading (ADV2 Table 9 / AdvEdge Table IV)", ""])
-        for a in ecfg["attacks"]:
+        for a in ecfg.attacks:
             if a == "pgd":
                 continue
             body = []

@@ -6,20 +6,60 @@ equal area (deletion test).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attacks.state import frozen
-from attacks.interpreters import get_interpreter
-from attacks.interpreters.base import to_input_size
+from attacks import frozen, get_interpreter
+from attacks.interpreters import MaskInterpreter, to_input_size
 
-from ..metrics import Localisation
-from .common import get_classifier, markdown_table, setup_data, take_split, write_outputs
 from ..figures import map_grid
+from ..metrics import Localisation
+from ..types import PositiveCount
+from .common import (
+    ClassifierExperimentConfig,
+    classifier_outputs,
+    default_data,
+    get_classifier,
+    markdown_table,
+    setup_data,
+    take_split,
+    write_outputs,
+)
+from .config import check_class_options, register_experiment
 
-__all__ = ["run", "deletion_test"]
+__all__ = ["run", "deletion_test", "ClassifierExperiment", "ClassifierEvaluation"]
+
+
+@dataclass
+class ClassifierEvaluation:
+    """How the interpretations are checked: ``n_images`` test images (localisation), ``n_mask`` of them for the MASK
+    deletion test, ``mask``: :class:`~attacks.interpreters.MaskInterpreter` options."""
+
+    n_images: PositiveCount = PositiveCount(256)
+    n_mask: PositiveCount = PositiveCount(64)
+    mask: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClassifierExperiment(ClassifierExperimentConfig):
+    """Train (or reuse) the classifier and check that its interpretations are meaningful."""
+
+    evaluation: ClassifierEvaluation = field(default_factory=ClassifierEvaluation)
+
+
+def check(cfg: ClassifierExperiment) -> None:
+    cfg.classifier.check(default_data(cfg))
+    check_class_options(MaskInterpreter, cfg.evaluation.mask, "evaluation.mask")
+    if cfg.evaluation.n_mask > cfg.evaluation.n_images:
+        raise ValueError(f"evaluation.n_mask ({cfg.evaluation.n_mask}) cannot exceed evaluation.n_images "
+                         f"({cfg.evaluation.n_images})")
+
+
+def outputs(cfg: ClassifierExperiment, out: Path) -> list[Path]:
+    return [out / "maps.png", *classifier_outputs(cfg, out)]
 
 
 def _accuracy(model, dm, batch_size: int = 256) -> float:
@@ -50,15 +90,16 @@ def deletion_test(model, interp, x, cls, generator: torch.Generator) -> tuple[fl
         return prob(x), prob(x * up + blurred * (1 - up)), prob(x * up_r + blurred * (1 - up_r))
 
 
-def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
+@register_experiment("classifier", ClassifierExperiment, outputs=outputs, check=check)
+def run(cfg: ClassifierExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
-    ecfg = cfg.get("evaluation") or {}
+    ecfg = cfg.evaluation
     rows: list[dict[str, Any]] = [{"setting": "classifier", "metric": "test_accuracy", "value": _accuracy(model, dm),
                                    "train_seconds": info.get("train_seconds", 0.0)}]
-    data = take_split(dm, "test", int(ecfg.get("n_images", 256)))
+    data = take_split(dm, "test", int(ecfg.n_images))
     x, y = data["image"], data["label"]
-    gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
     maps = {}
     with frozen(model):
         for name in ("cam", "grad"):
@@ -70,8 +111,8 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
                 res = loc.compute()
                 rows.append({"setting": name, "metric": "localisation", "value": float(res["energy_in_mask"]),
                              "mask_area": float(res["mask_area"])})
-        n_mask = int(ecfg.get("n_mask", 64))
-        mask = get_interpreter("mask", **(ecfg.get("mask") or {}))
+        n_mask = int(ecfg.n_mask)
+        mask = get_interpreter("mask", **ecfg.mask)
         p0, p_mask, p_rand = deletion_test(model, mask, x[:n_mask], y[:n_mask], gen)
         maps["mask"] = mask(model, x[:8], y[:8])
         if "mask" in data:
@@ -82,7 +123,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
                          "mask_area": float(res["mask_area"])})
     rows.append({"setting": "mask", "metric": "deletion_prob", "value": p_mask, "random_deletion_prob": p_rand,
                  "intact_prob": p0})
-    report = [f"# Classifier: {cfg.get('classifier', {}).get('arch', 'small_cnn')} on {dm.describe()['name']}", "",
+    report = [f"# Classifier: {cfg.classifier.arch()} on {dm.describe()['name']}", "",
               f"Test accuracy: **{rows[0]['value']:.4f}** (training {info.get('train_seconds', 0.0):.0f} s; "
               f"checkpoint `{info['checkpoint']}`)", "",
               "## Interpretations are meaningful", "",

@@ -2,35 +2,93 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ..classifier import ClassifierModule, load_classifier, save_classifier
-from ..data import build_datamodule
+from ..classifier import ClassifierModule, load_reused_classifier, save_classifier
+from ..data import BaseDataModule, DigitsDataModule
 from ..io import atomic_write_text, refuse_conflicts, write_json
-from ..models import GapClassifier
+from ..models import GapClassifier, build_classifier
+from ..provenance import note_data
+from ..types import PositiveCount
+from .config import ExperimentConfig, check_class_options
 
-__all__ = ["setup_data", "get_classifier", "make_trainer", "take_split", "write_outputs", "markdown_table", "fmt",
-           "deep_get", "select_correct"]
+__all__ = ["ClassifierSpec", "ClassifierExperimentConfig", "default_data", "setup_data", "get_classifier", "classifier_outputs", "make_trainer", "take_split",
+           "write_outputs", "markdown_table", "fmt", "select_correct"]
 
 
-def setup_data(cfg: dict[str, Any]) -> pl.LightningDataModule:
-    """Build and set up the data module named in ``cfg['data']`` (``name`` + its options)."""
-    opts = dict(cfg.get("data") or {"name": "digits"})
-    dm = build_datamodule(opts.pop("name", "digits"), **opts)
+@dataclass
+class ClassifierSpec:
+    """The classifier an experiment attacks or explains.
+
+    Reused from ``checkpoint`` when that file exists (it must hold the classifier ``module`` describes: architecture
+    and model options), else a :class:`~defend.classifier.ClassifierModule` with the arguments ``module`` (checked
+    against its signature; ``num_classes`` comes from the data) is trained for ``max_epochs`` and saved there.
+    ``train: false`` uses the architecture as built (e.g. local pretrained ImageNet weights in ``model_options``).
+    """
+
+    checkpoint: str | None = None
+    retrain: bool = False
+    train: bool = True
+    max_epochs: PositiveCount = PositiveCount(10)
+    module: dict[str, Any] = field(default_factory=dict)
+
+    def reuses(self) -> bool:
+        return bool(self.checkpoint) and Path(self.checkpoint).is_file() and not self.retrain
+
+    def arch(self) -> str:
+        return str(self.module.get("arch", "small_cnn" if self.train else "resnet50"))
+
+    def check(self, dm: BaseDataModule) -> None:
+        """Before anything runs: the module options fit ClassifierModule, a reused checkpoint fits them and the data."""
+        check_class_options(ClassifierModule, self.module, "classifier.module", skip=("num_classes",))
+        options = dict(self.module.get("model_options") or {})
+        if self.reuses():
+            load_reused_classifier(self.checkpoint, {"arch": self.arch(), "train": self.train, "model_options": options},
+                                   num_classes=dm.num_classes, input_size=dm.image_shape[-1])
+            return
+        options.pop("pretrained", None)  # a local weights file is read when the model is built for the run
+        try:
+            with torch.random.fork_rng(devices=[]):  # building must not move the run's random stream
+                build_classifier(self.arch(), dm.num_classes, **options)
+        except TypeError as exc:
+            raise ValueError(f"classifier.module.model_options: {exc}") from None
+
+
+@dataclass
+class ClassifierExperimentConfig(ExperimentConfig):
+    """An experiment on a data module (the embedded digits when none is named) and a classifier it trains or reuses
+    (:class:`ClassifierSpec`)."""
+
+    data: BaseDataModule | None = None
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+
+
+def default_data(cfg: Any) -> BaseDataModule:
+    """The config's data module, the embedded digits (seed 0) when the config names none (filled in once)."""
+    if cfg.data is None:
+        cfg.data = DigitsDataModule(seed=0)
+    return cfg.data
+
+
+def setup_data(cfg: Any) -> BaseDataModule:
+    """The config's data module (:func:`default_data`), set up."""
+    dm = default_data(cfg)
     dm.setup("fit")
     return dm
 
 
-def make_trainer(cfg: dict[str, Any], max_epochs: int, out: Path | None = None, **extra: Any) -> pl.Trainer:
-    """A Trainer from the config's ``trainer:`` section (presets compose in), quiet by default."""
+def make_trainer(trainer: dict[str, Any], max_epochs: int, out: Path | None = None, **extra: Any) -> pl.Trainer:
+    """A Trainer from the config's ``trainer:`` options (presets compose in), quiet by default."""
     opts = {"accelerator": "cpu", "devices": 1, "enable_model_summary": False, "logger": False,
             "enable_checkpointing": False, "enable_progress_bar": True, "deterministic": False}
-    opts.update(cfg.get("trainer") or {})
+    opts.update(trainer or {})
     opts.update(extra)
     opts["max_epochs"] = max_epochs
     if out is not None and opts.get("logger") is True:
@@ -38,42 +96,40 @@ def make_trainer(cfg: dict[str, Any], max_epochs: int, out: Path | None = None, 
     return pl.Trainer(**opts)
 
 
-def get_classifier(cfg: dict[str, Any], dm: pl.LightningDataModule, out: Path, progress: bool = True) -> tuple[GapClassifier, dict[str, Any]]:
-    """Reuse ``classifier.checkpoint`` if it exists (it must hold the classifier the config describes:
-    :func:`defend.classifier.load_reused_classifier`), else train that classifier and save it there."""
-    ccfg = dict(cfg.get("classifier") or {})
-    ckpt = ccfg.get("checkpoint")
-    num_classes = dm.num_classes
-    size = dm.image_shape[-1]
-    if ckpt and Path(ckpt).is_file() and not ccfg.get("retrain", False):
-        from ..classifier import load_reused_classifier  # the classifier this section describes, not just any
-
-        model = load_reused_classifier(ckpt, ccfg, num_classes=num_classes, input_size=size)
-        return model, {"trained": False, "checkpoint": ckpt}
-    if ccfg.get("train", True) is False:  # e.g. ImageNet weights from a local file, used as they are
-        from ..models import build_classifier
-
-        model = build_classifier(ccfg.get("arch", "resnet50"), num_classes, **(ccfg.get("model_options") or {})).eval()
-        target = Path(ckpt) if ckpt else out / "classifier.pt"
-        options = {k: v for k, v in (ccfg.get("model_options") or {}).items() if k != "pretrained"}
-        save_classifier(model, target, options)
+def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = True) -> tuple[GapClassifier, dict[str, Any]]:
+    """Reuse ``cfg.classifier.checkpoint`` if it exists, else train the classifier it describes and save it there."""
+    spec: ClassifierSpec = cfg.classifier
+    options = dict(spec.module.get("model_options") or {})
+    if spec.reuses():
+        model = load_reused_classifier(spec.checkpoint, {"arch": spec.arch(), "train": spec.train,
+                                                         "model_options": options},
+                                       num_classes=dm.num_classes, input_size=dm.image_shape[-1])
+        return model, {"trained": False, "checkpoint": spec.checkpoint}
+    target = Path(spec.checkpoint) if spec.checkpoint else out / "classifier.pt"
+    if not spec.train:  # e.g. ImageNet weights from a local file, used as they are
+        model = build_classifier(spec.arch(), dm.num_classes, **options).eval()
+        save_classifier(model, target, {k: v for k, v in options.items() if k != "pretrained"})
         return model, {"trained": False, "checkpoint": str(target)}
-    pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
-    name = str(ccfg.get("optimizer", "adam"))
-    optimiser = {"name": {"adam": "adamw"}.get(name, name),  # the classifier sections' "adam" has always been AdamW
-                 "lr": float(ccfg.get("lr", 2e-3)), "weight_decay": float(ccfg.get("weight_decay", 5e-4))}
-    module = ClassifierModule(arch=ccfg.get("arch", "small_cnn"), num_classes=num_classes,
-                              model_options=ccfg.get("model_options"), optimiser=optimiser)
-    trainer = make_trainer(cfg, int(ccfg.get("max_epochs", 10)), enable_progress_bar=progress)
+    print(f"[defend] no classifier at {target}: training {spec.arch()} for {int(spec.max_epochs)} epochs first "
+          "(saved there and reused by every later run, --quick or not)", flush=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = ClassifierModule(num_classes=dm.num_classes, **spec.module)
+    trainer = make_trainer(cfg.trainer, int(spec.max_epochs), enable_progress_bar=progress)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     model = module.model.eval()
-    target = Path(ckpt) if ckpt else out / "classifier.pt"
     if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
-        save_classifier(model, target, ccfg.get("model_options"), extra={"train_seconds": seconds})
+        save_classifier(model, target, options, extra={"train_seconds": seconds})
     trainer.strategy.barrier("classifier saved")
+    print(f"[defend] classifier trained in {seconds:.0f} s -> {target}", flush=True)
     return model, {"trained": True, "checkpoint": str(target), "train_seconds": seconds}
+
+
+def classifier_outputs(cfg: Any, out: Path) -> list[Path]:
+    """The classifier checkpoint an experiment will write (none when it reuses one)."""
+    spec: ClassifierSpec = cfg.classifier
+    return [] if spec.reuses() else [Path(spec.checkpoint) if spec.checkpoint else out / "classifier.pt"]
 
 
 def take_split(dm: pl.LightningDataModule, split: str = "test", n: int | None = None) -> dict[str, Tensor]:
@@ -81,7 +137,9 @@ def take_split(dm: pl.LightningDataModule, split: str = "test", n: int | None = 
     ds = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[split]
     n = len(ds) if n is None else min(n, len(ds))
     items = [ds[i] for i in range(n)]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    note_data(out["image"], out["label"])
+    return out
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -109,15 +167,6 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], report: str) -> None:
     atomic_write_text(out / "report.md", report)
 
 
-def deep_get(cfg: dict[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int,
                    split: str | Sequence[str] = "test") -> dict[str, Tensor]:
     """The first ``n`` inputs of a split (or of several, concatenated in order: ``["test", "val"]``) that the
@@ -132,4 +181,6 @@ def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int,
         ok = torch.cat([model(data["image"][i:i + 512]).argmax(1) == data["label"][i:i + 512]
                         for i in range(0, data["image"].shape[0], 512)])
     idx = ok.nonzero().flatten()[:n]
-    return {k: v[idx] for k, v in data.items()}
+    out = {k: v[idx] for k, v in data.items()}
+    note_data(out["image"], out["label"])
+    return out

@@ -8,32 +8,222 @@ configured), a seeded stratified train / test split, then one detector per combi
 * ``stacked``: every pair (2 channels), every pair plus the product channel (3 channels), every triple (3 channels);
 * ``squeeze``: feature squeezing on the inputs themselves (Xu et al.; ADV2 Table 4).
 
-The best triple is then attacked adaptively (ADV2 with the ensemble of the interpreters it reads) and its
-detection rate on those inputs is reported next to the non-adaptive one.
+The best triple (the best pair when fewer than three interpreters are read) is then attacked adaptively (ADV2 with
+the ensemble of the interpreters it reads) and its detection rate on those inputs is reported next to the
+non-adaptive one.
 """
 from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from attacks import ATTACKS, build_attack, random_targets
-from ..interpreters import build_interpreter
+from attacks import FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
+from ..data import BaseDataModule
 from ..detection_data import build_detection_data, select, stack_maps
 from ..detector import FeatureSqueezer, train_detector, xgb_device
-from .attacks import attack_options
-from .common import deep_get, get_classifier, markdown_table, select_correct, setup_data, write_outputs
+from ..interpreters import build_interpreter
+from ..types import Count, Fraction01, Positive, PositiveCount
+from .common import (
+    ClassifierExperimentConfig,
+    classifier_outputs,
+    default_data,
+    get_classifier,
+    make_trainer,
+    markdown_table,
+    select_correct,
+    setup_data,
+    write_outputs,
+)
+from .config import (
+    AttackOptions,
+    AttackSections,
+    TrainerOptions,
+    check_class_options,
+    check_names,
+    layered_options,
+    register_experiment,
+)
 
-__all__ = ["run", "combinations", "MIN_ADVERSARIAL"]
+__all__ = ["run", "combinations", "MIN_ADVERSARIAL", "DetectorExperiment", "Detection", "AdaptiveAttack",
+           "DetectorOptions", "SqueezeOptions", "PlainRTS", "plain_rts"]
 
 #: fewest successful adversarial inputs a detector is trained and scored on (below it the row says "not measured")
 MIN_ADVERSARIAL = 10
+
+#: the attacks with an interpretation term (what the detector is meant to catch)
+InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
+Split = Literal["train", "val", "test"]
+
+
+@dataclass
+class AdaptiveAttack(AttackOptions):
+    """The adaptive attack on the best detector: ``attack`` against the ensemble of the interpreters that detector
+    reads; these options override the detection attack's layered ones (shared, per framework, per target)."""
+
+    attack: InterpretationAttack = "adv2"
+
+    def set_options(self) -> dict[str, Any]:
+        """The attack options this layer sets (the attack's name is not one)."""
+        return {k: v for k, v in super().set_options().items() if k != "attack"}
+
+
+@dataclass
+class Detection:
+    """The detector's data: the first ``n_benign + n_adversarial + n_adaptive`` correctly classified inputs of
+    ``split`` (several splits are concatenated in order); ``attack`` on ``framework`` crafts the adversarial inputs
+    against each of ``target_interpreters`` (one table each); the maps of ``interpreters`` are stacked as channels;
+    ``test_fraction`` of the benign + successful adversarial inputs is held out (stratified). ``cache_dir``: the
+    per-batch cache of maps and attacks (default ``<out>/cache``)."""
+
+    n_benign: PositiveCount = PositiveCount(200)
+    n_adversarial: PositiveCount = PositiveCount(200)
+    n_adaptive: Count = Count(40)
+    split: Split | list[Split] = "test"
+    attack: InterpretationAttack = "advedge"
+    framework: str = "pgd"
+    target_interpreters: list[str] = field(default_factory=lambda: ["cam"])
+    interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "mask"])
+    test_fraction: Fraction01 = Fraction01(0.3)
+    batch_size: PositiveCount = PositiveCount(50)
+    cache_dir: str | None = None
+    adaptive: AdaptiveAttack = field(default_factory=AdaptiveAttack)
+
+
+@dataclass
+class DetectorOptions:
+    """Each detector (:func:`defend.detector.train_detector`): a VGG-16 trunk whose ``trainable`` layers are trained
+    with cross-entropy for ``epochs`` (``pretrained``: a local torchvision VGG-16 state dict, never downloaded), then
+    XGBoost (``booster`` options) on the GAP features of ``feature_stages``; ``trainer``: the CE stage's Trainer."""
+
+    trainable: Literal["input", "all", "head", "none"] = "input"
+    pretrained: str | None = None
+    epochs: Count = Count(3)
+    feature_stages: Literal["all", "last"] = "all"
+    batch_size: PositiveCount = PositiveCount(32)
+    lr: Positive = Positive(1e-3)
+    booster: dict[str, Any] | None = None
+    trainer: TrainerOptions | None = None
+
+
+@dataclass
+class SqueezeOptions:
+    """The feature-squeezing baseline (Xu et al.): bit depths and median-filter sizes applied to the inputs."""
+
+    bits: list[PositiveCount] = field(default_factory=lambda: [PositiveCount(4), PositiveCount(5)])
+    median: list[PositiveCount] = field(default_factory=lambda: [PositiveCount(2)])
+
+
+@dataclass
+class PlainRTS:
+    """The plain RTS read when ``rts`` is an interpreter and ``interpreter_options.rts.network`` is unset: reused from
+    ``checkpoint`` (default ``<out>/rts.pt``) when that file exists, else an :class:`~defend.aid.AIDModule` with the
+    arguments ``module`` (AID weight 0) is trained for ``max_epochs`` (``limit_train_batches`` each) and saved there."""
+
+    checkpoint: str | None = None
+    retrain: bool = False
+    max_epochs: PositiveCount = PositiveCount(2)
+    limit_train_batches: PositiveCount | None = None
+    module: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, out: Path) -> Path:
+        return Path(self.checkpoint) if self.checkpoint else Path(out) / "rts.pt"
+
+    def reuses(self, out: Path) -> bool:
+        return self.path(out).is_file() and not self.retrain
+
+
+@dataclass
+class DetectorExperiment(ClassifierExperimentConfig, AttackSections):
+    """The multi-interpreter adversarial detector (AdvEdge section VIII, Tables V-VI)."""
+
+    detection: Detection = field(default_factory=Detection)
+    detector: DetectorOptions = field(default_factory=DetectorOptions)
+    squeeze: SqueezeOptions = field(default_factory=SqueezeOptions)
+    rts: PlainRTS = field(default_factory=PlainRTS)
+
+
+#: AIDModule arguments the experiment sets itself (a plain RTS on the experiment's classifier, data and seed)
+_RTS_SET = ("classifier", "num_classes", "init_from", "seed", "aid")
+
+
+def _trains_rts(cfg: DetectorExperiment) -> bool:
+    """Whether the detector reads the plain RTS of ``rts:`` (``rts`` is read and no other network is named)."""
+    return "rts" in cfg.detection.interpreters and not cfg.interpreter_options.get("rts", {}).get("network")
+
+
+def _check_files(cfg: DetectorExperiment) -> None:
+    """Local files the config names: the trunk's VGG-16 weights, an RTS network, a reused plain RTS."""
+    if cfg.detector.pretrained and not Path(cfg.detector.pretrained).is_file():
+        raise ValueError(f"detector.pretrained: no such file '{cfg.detector.pretrained}' (local VGG-16 weights only)")
+    network = cfg.interpreter_options.get("rts", {}).get("network")
+    if "rts" in cfg.detection.interpreters and isinstance(network, str) and not Path(network).is_file():
+        raise ValueError(f"interpreter_options.rts.network: no such file '{network}'")
+    if _trains_rts(cfg):
+        _check_plain_rts(cfg)
+
+
+def _check_plain_rts(cfg: DetectorExperiment) -> None:
+    """The ``rts:`` module options fit AIDModule (a plain RTS: no ``aid`` group, a constant-rate optimiser); a
+    checkpoint that will be reused loads safely and fits the classifier (when that is reused too)."""
+    from ..aid import AID_OPTIMISER, AIDModule, load_rts
+    from ..module_base import as_options
+
+    module = cfg.rts.module
+    if "aid" in module:
+        raise ValueError("rts.module.aid: the detector reads a plain RTS (aid weight 0, set by the experiment); "
+                         "leave the aid group out or name another network in interpreter_options.rts.network")
+    check_class_options(AIDModule, module, "rts.module", skip=_RTS_SET)
+    if as_options(module.get("optimiser"), AID_OPTIMISER, "rts.module.optimiser").schedule != "constant":
+        raise ValueError("rts.module.optimiser.schedule must be 'constant' (AIDModule steps its optimiser itself)")
+    if module.get("explain", "label") not in ("label", "pred"):
+        raise ValueError(f"rts.module.explain must be 'label' or 'pred', got {module['explain']!r}")
+    out = Path(cfg.output_dir or ".")
+    if not cfg.rts.reuses(out):
+        return
+    path = cfg.rts.path(out)
+    try:
+        net = load_rts(path)
+        if cfg.classifier.reuses():
+            from ..classifier import load_classifier
+
+            net.check_model(load_classifier(cfg.classifier.checkpoint))
+    except (OSError, ValueError) as exc:  # a foreign / corrupt file, an RTS of another classifier
+        raise ValueError(f"rts.checkpoint {path}: {exc}") from None
+
+
+def check(cfg: DetectorExperiment) -> None:
+    """Every cross-field check, before anything runs: names, the interpreters to stack, the targets among them, the
+    held-out share, the attack sections, the classifier and the local files (VGG-16 weights, RTS networks)."""
+    d = cfg.detection
+    check_names(d.interpreters, INTERPRETERS, "detection.interpreters")
+    check_names(d.target_interpreters, INTERPRETERS, "detection.target_interpreters")
+    check_names([d.framework], FRAMEWORKS, "detection.framework")
+    if len(d.interpreters) < 2 or len(set(d.interpreters)) < len(d.interpreters):
+        raise ValueError(f"detection.interpreters needs at least two different interpreters to stack (each once), "
+                         f"got {d.interpreters}")
+    missing = [t for t in d.target_interpreters if t not in d.interpreters]
+    if missing:
+        raise ValueError(f"detection.target_interpreters {missing} are not in detection.interpreters {d.interpreters}")
+    if not 0 < d.test_fraction < 1:
+        raise ValueError(f"detection.test_fraction must lie strictly between 0 and 1, got {d.test_fraction}")
+    cfg.check_attack_sections()
+    cfg.classifier.check(default_data(cfg))
+    _check_files(cfg)
+
+
+def outputs(cfg: DetectorExperiment, out: Path) -> list[Path]:
+    """The checkpoints the run trains and saves: the classifier and the plain RTS (each unless reused)."""
+    rts = [cfg.rts.path(out)] if _trains_rts(cfg) and not cfg.rts.reuses(out) else []
+    return [*classifier_outputs(cfg, out), *rts]
 
 
 def combinations(names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
@@ -45,22 +235,49 @@ def combinations(names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
     return out
 
 
-def _interpreters(cfg: dict[str, Any], names: list[str], dm, clf_path: str, out_dir: Path, notes: list[str],
+def plain_rts(cfg: DetectorExperiment, dm: BaseDataModule, clf_path: str, out: Path,
+              progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Reuse ``rts.checkpoint`` if it exists (it must fit the classifier), else train the plain RTS ``rts:``
+    describes on the classifier and save it there (a safe RTS artifact, :func:`defend.aid.load_rts`)."""
+    from ..aid import AIDModule, load_rts
+    from ..classifier import load_classifier
+
+    spec, ckpt, seed = cfg.rts, cfg.rts.path(out), int(cfg.seed)
+    if spec.reuses(out):
+        net = load_rts(ckpt)
+        net.check_model(load_classifier(clf_path))
+        return net, {"trained": False, "checkpoint": str(ckpt)}
+    if progress:
+        print(f"[rts] no RTS checkpoint at {ckpt}: training a plain RTS on {clf_path}")
+    pl.seed_everything(seed, workers=True)
+    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=None, seed=seed,
+                       aid={"weight": 0.0}, **spec.module)
+    extra: dict[str, Any] = {"num_sanity_val_steps": 0, "limit_val_batches": 0, "inference_mode": False,
+                             "enable_progress_bar": progress}
+    if spec.limit_train_batches is not None:
+        extra["limit_train_batches"] = int(spec.limit_train_batches)
+    trainer = make_trainer(cfg.trainer, int(spec.max_epochs), **extra)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    module.export(ckpt, {"train_seconds": seconds})
+    return load_rts(ckpt), {"trained": True, "checkpoint": str(ckpt), "train_seconds": seconds}
+
+
+def _interpreters(cfg: DetectorExperiment, dm: BaseDataModule, clf_path: str, out: Path, notes: list[str],
                   progress: bool) -> dict[str, Any]:
     """The interpreters the detector reads. RTS uses ``interpreter_options.rts.network`` when given, else the plain
-    RTS of ``rts.checkpoint``, trained there first when missing (:func:`defend.experiments.aid.get_rts`)."""
-    out = {}
-    for n in names:
-        opts = dict(deep_get(cfg, f"interpreter_options.{n}") or {})
+    RTS of ``rts:`` (:func:`plain_rts`)."""
+    interps = {}
+    for n in cfg.detection.interpreters:
+        opts = dict(cfg.interpreter_options.get(n) or {})
         if n == "rts" and not opts.get("network"):
-            from .aid import get_rts
-
-            net, rinfo = get_rts(cfg, dm, clf_path, out_dir, progress)
+            net, rinfo = plain_rts(cfg, dm, clf_path, out, progress)
             opts["network"] = net
             notes.append(f"RTS: plain RTS {'trained and saved to' if rinfo['trained'] else 'loaded from'} "
                          f"{rinfo['checkpoint']}" + (f" ({rinfo['train_seconds']:.0f} s)" if rinfo["trained"] else "") + ".")
-        out[n] = build_interpreter(n, **opts)
-    return out
+        interps[n] = build_interpreter(n, **opts)
+    return interps
 
 
 def _split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,137 +295,167 @@ def _scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) ->
             "false_positive_rate": float(pred[~adv].float().mean()) if (~adv).any() else float("nan")}
 
 
-def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
+def _data_spec(dm: BaseDataModule) -> dict[str, Any]:
+    """A stable, JSON-serialisable description of the data module (part of the detection-data cache key)."""
+    return {"class_path": type(dm).__name__, "init_args": dict(getattr(dm, "hparams", {}) or {})}
+
+
+@dataclass
+class _Run:
+    """What every target interpreter's detectors share: the config, the classifier, the interpreters, the cache."""
+
+    cfg: DetectorExperiment
+    model: Any
+    interps: dict[str, Any]
+    cache: Path
+    base_spec: dict[str, Any]
+    progress: bool
+    data_seconds: float = 0.0
+
+    def data(self, desc: str, spec: dict[str, Any], **inputs: Any) -> dict[str, Any]:
+        """Maps (and adversarial inputs) of ``inputs`` from the per-batch cache or computed; time counted."""
+        start = time.perf_counter()
+        out = build_detection_data(self.model, self.interps, batch_size=int(self.cfg.detection.batch_size),
+                                   cache_dir=self.cache, spec={**self.base_spec, **spec}, progress=self.progress,
+                                   desc=desc, **inputs)
+        self.data_seconds += time.perf_counter() - start
+        return out
+
+    def attack_options(self, attack: str, target: str, extra: AttackOptions | None = None) -> dict[str, Any]:
+        """The detection attack's layered options against ``target`` (``extra`` last, e.g. the adaptive layer)."""
+        c, fw = self.cfg, self.cfg.detection.framework
+        layers = [c.attack, c.per_framework.get(fw), c.per_interpreter.get(target),
+                  c.per_interpreter_framework.get(f"{target}_{fw}"), extra]
+        return {**layered_options(fw, *layers), "interpreter_options": c.interpreter_options}
+
+
+def _inputs(cfg: DetectorExperiment, model: Any, dm: BaseDataModule) -> dict[str, torch.Tensor]:
+    """Benign, to-be-attacked and adaptive inputs (disjoint, correctly classified) and random target classes."""
+    d = cfg.detection
+    n_b, n_a, n_ad = int(d.n_benign), int(d.n_adversarial), int(d.n_adaptive)
+    pool = select_correct(model, dm, n_b + n_a + n_ad, split=d.split)
+    x, y = pool["image"], pool["label"]
+    if x.shape[0] < n_b + n_a + n_ad:
+        raise ValueError(f"only {x.shape[0]} correctly classified inputs in split {d.split}; "
+                         f"need n_benign + n_adversarial + n_adaptive = {n_b + n_a + n_ad} (add a split: [test, val])")
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    ys, yad = y[n_b:n_b + n_a], y[n_b + n_a:]
+    yt_s, yt_ad = random_targets(ys, dm.num_classes, gen), random_targets(yad, dm.num_classes, gen)
+    return {"benign": x[:n_b], "source": x[n_b:n_b + n_a], "target": yt_s, "adaptive": x[n_b + n_a:],
+            "adaptive_target": yt_ad}
+
+
+@register_experiment("detector", DetectorExperiment, outputs=outputs, check=check)
+def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
     t_start = time.perf_counter()
-    dcfg = dict(cfg.get("detection") or {})
-    det_cfg = dict(cfg.get("detector") or {})
-    seed = int(cfg.get("seed", 0))
-    attack_name = dcfg.get("attack", "advedge")
-    if attack_name not in ATTACKS or attack_name == "pgd":
-        raise ValueError(f"detection.attack must be one of adv2, advedge, advedge_plus; got {attack_name!r}")
-    framework = dcfg.get("framework", "pgd")
-    names = list(dcfg.get("interpreters", ["grad", "cam", "mask"]))
+    d, seed = cfg.detection, int(cfg.seed)
     notes: list[str] = []
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
-    interps = _interpreters(cfg, names, dm, str(info["checkpoint"]), out, notes, progress)
-    names = [n for n in names if n in interps]
-    targets = [t for t in dcfg.get("target_interpreters", ["cam"]) if t in interps]
-    if len(names) < 2 or not targets:
-        raise ValueError(f"need >= 2 usable interpreters and a usable target interpreter; have {names}, targets {targets}")
-    n_b, n_a, n_ad = int(dcfg.get("n_benign", 200)), int(dcfg.get("n_adversarial", 200)), int(dcfg.get("n_adaptive", 40))
-    pool = select_correct(model, dm, n_b + n_a + n_ad, split=dcfg.get("split", "test"))
-    x, y = pool["image"], pool["label"]
-    if x.shape[0] < n_b + n_a + n_ad:
-        raise ValueError(f"only {x.shape[0]} correctly classified inputs in split {dcfg.get('split', 'test')}; "
-                         f"need n_benign + n_adversarial + n_adaptive = {n_b + n_a + n_ad} (add a split: [test, val])")
-    xb, xs, xad = x[:n_b], x[n_b:n_b + n_a], x[n_b + n_a:]
-    ys, yad = y[n_b:n_b + n_a], y[n_b + n_a:]
-    gen = torch.Generator().manual_seed(seed)
-    yt_s, yt_ad = random_targets(ys, dm.num_classes, gen), random_targets(yad, dm.num_classes, gen)
-    bs = int(dcfg.get("batch_size", 50))
-    cache = Path(dcfg.get("cache_dir") or out / "cache")
+    interps = _interpreters(cfg, dm, str(info["checkpoint"]), out, notes, progress)
+    inputs = _inputs(cfg, model, dm)
     # how the inputs were chosen; build_detection_data adds what the data are computed from (the classifier's
     # weights, the interpreters' and the attack's settings, RTS weights included) and keys every batch on its inputs
-    base_spec = {"data": cfg.get("data"), "n_benign": n_b, "n_adversarial": n_a,
-                 "split": dcfg.get("split", "test"), "seed": seed, "batch_size": bs}
-    t0 = time.perf_counter()
-    benign = build_detection_data(model, interps, benign=xb, batch_size=bs, cache_dir=cache,
-                                  spec={**base_spec, "set": "benign"}, progress=progress, desc="benign maps")
-    data_seconds = time.perf_counter() - t0
-    squeezer_cfg = dict(cfg.get("squeeze") or {})
+    base_spec = {"data": _data_spec(dm), "n_benign": int(d.n_benign), "n_adversarial": int(d.n_adversarial),
+                 "split": d.split, "seed": seed, "batch_size": int(d.batch_size)}
+    ctx = _Run(cfg, model, interps, Path(d.cache_dir or out / "cache"), base_spec, progress)
+    benign = ctx.data("benign maps", {"set": "benign"}, benign=inputs["benign"])
     rows: list[dict[str, Any]] = []
     adaptive_rows: list[dict[str, Any]] = []
-    for target in targets:
-        opts = attack_options(cfg, attack_name, framework, target)
-        atk = build_attack(attack_name, framework, target, seed=seed, **opts)
-        t0 = time.perf_counter()
-        adv = build_detection_data(model, interps, source=xs, target=yt_s, attack=atk, batch_size=bs, cache_dir=cache,
-                                   spec={**base_spec, "set": "adversarial", "attack": attack_name, "framework": framework,
-                                         "target": target, "options": opts}, progress=progress,
-                                   desc=f"{attack_name}/{target} adversarial maps")
-        data_seconds += time.perf_counter() - t0
-        ok = adv["success"].bool()
-        asr = float(ok.float().mean())
-        attack_seconds = float(adv["attack_seconds"].sum())
-        adv = select(adv, ok.nonzero().flatten())
-        if int(ok.sum()) < MIN_ADVERSARIAL:
-            rows.append({"detector": "not measured", "interpreters": "-", "target_interpreter": target,
-                         "attack": attack_name, "framework": framework, "attack_success": asr,
-                         "attack_seconds": attack_seconds, "n_adversarial": int(ok.sum()),
-                         "status": f"not measured: the attack succeeded on {int(ok.sum())} of {n_a} inputs "
-                                   f"(a detector needs >= {MIN_ADVERSARIAL} adversarial inputs)"})
-            continue
-        both = {"label": torch.cat([benign["label"], adv["label"]]), "image": torch.cat([benign["image"], adv["image"]]),
-                "maps": {n: torch.cat([benign["maps"][n], adv["maps"][n]]) for n in names}}
-        tr, te = _split(both["label"], float(dcfg.get("test_fraction", 0.3)), seed)
-        lab_tr, lab_te = both["label"][tr], both["label"][te]
-        common = {"target_interpreter": target, "attack": attack_name, "framework": framework, "attack_success": asr,
-                  "attack_seconds": attack_seconds, "n_train": int(tr.numel()), "n_test": int(te.numel())}
-        # feature squeezing on the images
-        sq = FeatureSqueezer(model, bits=squeezer_cfg.get("bits", (4, 5)), median=squeezer_cfg.get("median", (2,)))
-        t0 = time.perf_counter()
-        sq.fit(both["image"][tr], lab_tr)
-        fit_s = time.perf_counter() - t0
-        s_te = sq.score(both["image"][te])
-        res = _scores(s_te, lab_te, sq.threshold)
-        rows.append({"detector": "squeeze", "interpreters": "-", "channels": 3, "product": False, **common, **res,
-                     "threshold": sq.threshold, "feature_seconds": fit_s, "booster_seconds": 0.0, "train_seconds": 0.0})
-        combos = combinations(names)
-        best: dict[str, Any] | None = None
-        best_det = None
-        for combo, product in combos:
-            maps = stack_maps(both["maps"], combo, product)
-            det, times = train_detector(maps[tr], lab_tr, epochs=int(det_cfg.get("epochs", 3)),
-                                        batch_size=int(det_cfg.get("batch_size", 32)),
-                                        trainable=det_cfg.get("trainable", "input"), pretrained=det_cfg.get("pretrained"),
-                                        lr=float(det_cfg.get("lr", 1e-3)), booster=det_cfg.get("booster"), seed=seed,
-                                        progress=False, trainer_options=det_cfg.get("trainer"),
-                                        feature_stages=det_cfg.get("feature_stages", "all"))
-            prob = det.predict_proba(maps[te])
-            res = _scores(prob, lab_te)
-            row = {"detector": "single" if len(combo) == 1 else "stacked", "interpreters": "+".join(combo),
-                   "channels": int(maps.shape[1]), "product": bool(product), **common, **res, **times}
-            rows.append(row)
-            if len(combo) == 3 and (best is None or row["accuracy"] > best["accuracy"]):
-                best, best_det = row, det
-            if progress:
-                print(f"[detector] {target}: {row['interpreters']}{' (+product)' if product else ''} "
-                      f"acc={res['accuracy']:.3f} auc={res['auc']:.3f}", flush=True)
-        if best is None:  # fewer than three interpreters: attack the best pair instead
-            pairs = [r for r in rows if r["target_interpreter"] == target and r["detector"] == "stacked"]
-            best = max(pairs, key=lambda r: r["accuracy"])
-            combo = tuple(best["interpreters"].split("+"))
-            maps = stack_maps(both["maps"], combo, best["product"])
-            best_det, _ = train_detector(maps[tr], lab_tr, epochs=int(det_cfg.get("epochs", 3)),
-                                         trainable=det_cfg.get("trainable", "input"), seed=seed,
-                                         feature_stages=det_cfg.get("feature_stages", "all"))
-        if n_ad > 0 and best_det is not None:
-            adaptive_rows.append(_adaptive(cfg, dcfg, model, interps, best, best_det, xad, yt_ad, target, bs, cache,
-                                           base_spec, seed, progress, common))
+    for target in d.target_interpreters:
+        target_rows, adaptive = _target(ctx, target, benign, inputs)
+        rows += target_rows
+        adaptive_rows += [adaptive] if adaptive is not None else []
     rows.extend(adaptive_rows)
     total = time.perf_counter() - t_start
     for r in rows:
         r["experiment_seconds"] = total
-        r["data_seconds"] = data_seconds
-    write_outputs(out, rows, _report(cfg, info, names, targets, rows, notes, total, data_seconds))
+        r["data_seconds"] = ctx.data_seconds
+    write_outputs(out, rows, _report(cfg, info, rows, notes, total, ctx.data_seconds))
     return rows
 
 
-def _adaptive(cfg, dcfg, model, interps, best, det, xad, yt_ad, target, bs, cache, base_spec, seed, progress, common):
-    """ADV2 against the ensemble of every interpreter the detector reads; detection rate of the best detector."""
-    acfg = dict(dcfg.get("adaptive") or {})
+def _target(ctx: _Run, target: str, benign: dict[str, Any],
+            inputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The rows of one target interpreter (squeezing, every combination) and its adaptive row (if any)."""
+    d, seed = ctx.cfg.detection, int(ctx.cfg.seed)
+    names, attack, fw = d.interpreters, d.attack, d.framework
+    opts = ctx.attack_options(attack, target)
+    atk = build_attack(attack, fw, target, seed=seed, **opts)
+    adv = ctx.data(f"{attack}/{target} adversarial maps",
+                   {"set": "adversarial", "attack": attack, "framework": fw, "target": target, "options": opts},
+                   source=inputs["source"], target=inputs["target"], attack=atk)
+    ok = adv["success"].bool()
+    asr, attack_seconds, n_ok = float(ok.float().mean()), float(adv["attack_seconds"].sum()), int(ok.sum())
+    common = {"target_interpreter": target, "attack": attack, "framework": fw, "attack_success": asr,
+              "attack_seconds": attack_seconds}
+    if n_ok < MIN_ADVERSARIAL:
+        return [{"detector": "not measured", "interpreters": "-", **common, "n_adversarial": n_ok,
+                 "status": f"not measured: the attack succeeded on {n_ok} of {int(d.n_adversarial)} inputs "
+                           f"(a detector needs >= {MIN_ADVERSARIAL} adversarial inputs)"}], None
+    adv = select(adv, ok.nonzero().flatten())
+    both = {"label": torch.cat([benign["label"], adv["label"]]), "image": torch.cat([benign["image"], adv["image"]]),
+            "maps": {n: torch.cat([benign["maps"][n], adv["maps"][n]]) for n in names}}
+    tr, te = _split(both["label"], float(d.test_fraction), seed)
+    common.update({"n_train": int(tr.numel()), "n_test": int(te.numel())})
+    rows = [_squeeze_row(ctx, both, tr, te, common)]
+    best, best_det = None, None
+    for combo, product in combinations(names):
+        row, det = _detector_row(ctx, both, tr, te, combo, product, common)
+        rows.append(row)
+        # the detector attacked adaptively: the best triple, the best pair (product channel included) without one
+        size = 3 if len(names) >= 3 else 2
+        if len(combo) == size and (best is None or row["accuracy"] > best["accuracy"]):
+            best, best_det = row, det
+    if int(d.n_adaptive) == 0 or best_det is None:
+        return rows, None
+    return rows, _adaptive(ctx, best, best_det, inputs, target, common)
+
+
+def _squeeze_row(ctx: _Run, both: dict[str, Any], tr: torch.Tensor, te: torch.Tensor,
+                 common: dict[str, Any]) -> dict[str, Any]:
+    """Feature squeezing on the images: fitted on the training inputs, scored on the held-out ones."""
+    sq_cfg = ctx.cfg.squeeze
+    sq = FeatureSqueezer(ctx.model, bits=[int(b) for b in sq_cfg.bits], median=[int(m) for m in sq_cfg.median])
+    start = time.perf_counter()
+    sq.fit(both["image"][tr], both["label"][tr])
+    fit_s = time.perf_counter() - start
+    res = _scores(sq.score(both["image"][te]), both["label"][te], sq.threshold)
+    return {"detector": "squeeze", "interpreters": "-", "channels": 3, "product": False, **common, **res,
+            "threshold": sq.threshold, "feature_seconds": fit_s, "booster_seconds": 0.0, "train_seconds": 0.0}
+
+
+def _detector_row(ctx: _Run, both: dict[str, Any], tr: torch.Tensor, te: torch.Tensor, combo: tuple[str, ...],
+                  product: bool, common: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Train the detector of one interpreter combination on the training maps; its scores on the held-out ones."""
+    dc = ctx.cfg.detector
+    maps = stack_maps(both["maps"], combo, product)
+    det, times = train_detector(maps[tr], both["label"][tr], epochs=int(dc.epochs), batch_size=int(dc.batch_size),
+                                trainable=dc.trainable, pretrained=dc.pretrained, lr=float(dc.lr),
+                                booster=dc.booster, seed=int(ctx.cfg.seed), progress=False,
+                                trainer_options=dc.trainer, feature_stages=dc.feature_stages)
+    res = _scores(det.predict_proba(maps[te]), both["label"][te])
+    row = {"detector": "single" if len(combo) == 1 else "stacked", "interpreters": "+".join(combo),
+           "channels": int(maps.shape[1]), "product": bool(product), **common, **res, **times}
+    if ctx.progress:
+        print(f"[detector] {common['target_interpreter']}: {row['interpreters']}{' (+product)' if product else ''} "
+              f"acc={res['accuracy']:.3f} auc={res['auc']:.3f}", flush=True)
+    return row, det
+
+
+def _adaptive(ctx: _Run, best: dict[str, Any], det: Any, inputs: dict[str, torch.Tensor], target: str,
+              common: dict[str, Any]) -> dict[str, Any]:
+    """The adaptive attack against the ensemble of every interpreter the detector reads; its detection rate."""
+    ad = ctx.cfg.detection.adaptive
     combo = best["interpreters"].split("+")
-    name = acfg.pop("attack", "adv2")
-    opts = attack_options(cfg, name, dcfg.get("framework", "pgd"), target)
-    opts.update({k: v for k, v in acfg.items() if k not in ("framework_options",)})
-    opts["framework_options"] = {**opts.get("framework_options", {}), **(acfg.get("framework_options") or {})}
-    atk = build_attack(name, dcfg.get("framework", "pgd"), [interps[n] for n in combo], seed=seed, **opts)
-    t0 = time.perf_counter()
-    adv = build_detection_data(model, interps, source=xad, target=yt_ad, attack=atk, batch_size=bs, cache_dir=cache,
-                               spec={**base_spec, "set": "adaptive", "attack": name, "ensemble": combo, "options": opts},
-                               progress=progress, desc=f"adaptive {name} on {'+'.join(combo)}")
-    wall = time.perf_counter() - t0
+    opts = ctx.attack_options(ad.attack, target, ad)
+    atk = build_attack(ad.attack, ctx.cfg.detection.framework, [ctx.interps[n] for n in combo],
+                       seed=int(ctx.cfg.seed), **opts)
+    start = time.perf_counter()
+    adv = ctx.data(f"adaptive {ad.attack} on {'+'.join(combo)}",
+                   {"set": "adaptive", "attack": ad.attack, "ensemble": combo, "options": opts},
+                   source=inputs["adaptive"], target=inputs["adaptive_target"], attack=atk)
+    wall = time.perf_counter() - start
     seconds = float(adv["attack_seconds"].sum())  # recorded when crafted, so a cached re-run reports it too
     ok = adv["success"].bool()
     adv = select(adv, ok.nonzero().flatten())
@@ -217,65 +464,71 @@ def _adaptive(cfg, dcfg, model, interps, best, det, xad, yt_ad, target, bs, cach
         prob = det.predict_proba(stack_maps(adv["maps"], combo, best["product"]))
         rate = float((prob > 0.5).float().mean())
     return {"detector": "stacked-adaptive", "interpreters": best["interpreters"], "channels": best["channels"],
-            "product": best["product"], **{**common, "attack": f"{name}-ensemble", "attack_success": float(ok.float().mean()),
+            "product": best["product"], **{**common, "attack": f"{ad.attack}-ensemble",
+                                          "attack_success": float(ok.float().mean()),
                                           "n_train": best["n_train"], "n_test": int(ok.sum())},
             "adaptive_detection_rate": rate, "detection_rate": best["detection_rate"], "accuracy": best["accuracy"],
             "auc": best["auc"], "feature_seconds": 0.0, "booster_seconds": 0.0, "train_seconds": 0.0,
             "attack_seconds": seconds, "wall_seconds": wall}
 
 
-def _report(cfg, info, names, targets, rows, notes, total, data_seconds) -> str:
-    dcfg = cfg.get("detection") or {}
+def _report(cfg: DetectorExperiment, info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str],
+            total: float, data_seconds: float) -> str:
+    d, names = cfg.detection, cfg.detection.interpreters
     lines = ["# Multi-interpreter adversarial detector (AdvEdge section VIII, Tables V-VI)", "",
-             f"Classifier `{info['checkpoint']}`; attack `{dcfg.get('attack', 'advedge')}` / `{dcfg.get('framework', 'pgd')}`; "
-             f"interpreters {', '.join(n.upper() for n in names)}; held-out fraction {dcfg.get('test_fraction', 0.3)}; "
-             f"booster device `{xgb_device()}`; trunk layers trained: `{(cfg.get('detector') or {}).get('trainable', 'input')}`.",
+             f"Classifier `{info['checkpoint']}`; attack `{d.attack}` / `{d.framework}`; "
+             f"interpreters {', '.join(n.upper() for n in names)}; held-out fraction {float(d.test_fraction)}; "
+             f"booster device `{xgb_device()}`; trunk layers trained: `{cfg.detector.trainable}`.",
              f"Total experiment time {total:.0f} s (data: maps + attacks {data_seconds:.0f} s in this run; "
              "data already in the cache are not recomputed).", ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    for t in targets:
-        tr = [r for r in rows if r["target_interpreter"] == t]
-        if not tr:
-            continue
-        r0 = tr[0]
-        if r0["detector"] == "not measured":
-            lines += [f"## Adversarial inputs crafted against {t.upper()}: {r0['status']}", ""]
-            continue
-        lines += [f"## Adversarial inputs crafted against {t.upper()} (attack success {r0['attack_success']:.2f}; "
-                  f"{r0['n_train']} train / {r0['n_test']} test inputs; crafting took {r0['attack_seconds']:.0f} s)", ""]
-
-        def acc(combo, product, field="accuracy"):
-            hit = [r for r in tr if r["detector"] in ("stacked", "single") and r["interpreters"] == "+".join(combo)
-                   and r["product"] == product]
-            return hit[0][field] if hit else "-"
-
-        for product, title in ((False, "Table V (upper): 2-channel samples, accuracy"),
-                               (True, "Table V (lower): 3-channel samples (pair + product), accuracy")):
-            body = []
-            for i, a in enumerate(names):
-                body.append([a.upper()] + [acc((b, a), product) if j < i else "-" for j, b in enumerate(names)])
-            lines += [f"### {title}", "", markdown_table([""] + [n.upper() for n in names], body), ""]
-        triples = list(itertools.combinations(names, 3))
-        if triples:
-            body = [[", ".join(n.upper() for n in c), acc(c, False), acc(c, False, "auc")] for c in triples]
-            lines += ["### Table VI: three-interpreter detector", "", markdown_table(["interpreters", "accuracy", "AUC"], body), ""]
-        det_rows = [r for r in tr if r["detector"] in ("single", "stacked", "squeeze")]
-        body = [[r["detector"], r["interpreters"], r["channels"], r["product"], r["accuracy"], r["auc"],
-                 r["detection_rate"], r["false_positive_rate"], r["train_seconds"], r["feature_seconds"],
-                 r["booster_seconds"]] for r in det_rows]
-        lines += ["### All detectors (single-interpreter and feature-squeezing baselines included)", "",
-                  markdown_table(["detector", "interpreters", "C", "product", "accuracy", "AUC", "detection rate",
-                                  "false positives", "CE train s", "feature s", "booster s"], body), ""]
-        ad = [r for r in tr if r["detector"] == "stacked-adaptive"]
-        if ad:
-            a = ad[0]
-            lines += ["### Adaptive attack (ADV2 against the ensemble of the interpreters the detector reads)", "",
-                      markdown_table(["detector", "non-adaptive detection rate", "adaptive detection rate",
-                                      "adaptive attack success", "adaptive inputs", "attack s"],
-                                     [[a["interpreters"] + (" +product" if a["product"] else ""), a["detection_rate"],
-                                       a["adaptive_detection_rate"] if a["n_test"] else "not measured (no successful "
-                                       "adaptive input)", a["attack_success"], a["n_test"],
-                                       a["attack_seconds"]]]), "",
-                      "Detection rate = share of successful adversarial inputs the detector flags (probability > 0.5). "
-                      "The adaptive inputs are new source images; only successful ones are scored.", ""]
+    for t in d.target_interpreters:
+        lines += _target_report(t, names, [r for r in rows if r["target_interpreter"] == t])
     return "\n".join(lines)
+
+
+def _target_report(t: str, names: list[str], tr: list[dict[str, Any]]) -> list[str]:
+    """The tables of one target interpreter (Tables V and VI, every detector, the adaptive attack)."""
+    if not tr:
+        return []
+    r0 = tr[0]
+    if r0["detector"] == "not measured":
+        return [f"## Adversarial inputs crafted against {t.upper()}: {r0['status']}", ""]
+    lines = [f"## Adversarial inputs crafted against {t.upper()} (attack success {r0['attack_success']:.2f}; "
+             f"{r0['n_train']} train / {r0['n_test']} test inputs; crafting took {r0['attack_seconds']:.0f} s)", ""]
+
+    def acc(combo, product, key="accuracy"):
+        hit = [r for r in tr if r["detector"] in ("stacked", "single") and r["interpreters"] == "+".join(combo)
+               and r["product"] == product]
+        return hit[0][key] if hit else "-"
+
+    for product, title in ((False, "Table V (upper): 2-channel samples, accuracy"),
+                           (True, "Table V (lower): 3-channel samples (pair + product), accuracy")):
+        body = [[a.upper()] + [acc((b, a), product) if j < i else "-" for j, b in enumerate(names)]
+                for i, a in enumerate(names)]
+        lines += [f"### {title}", "", markdown_table([""] + [n.upper() for n in names], body), ""]
+    triples = list(itertools.combinations(names, 3))
+    if triples:
+        body = [[", ".join(n.upper() for n in c), acc(c, False), acc(c, False, "auc")] for c in triples]
+        lines += ["### Table VI: three-interpreter detector", "", markdown_table(["interpreters", "accuracy", "AUC"], body), ""]
+    body = [[r["detector"], r["interpreters"], r["channels"], r["product"], r["accuracy"], r["auc"],
+             r["detection_rate"], r["false_positive_rate"], r["train_seconds"], r["feature_seconds"],
+             r["booster_seconds"]] for r in tr if r["detector"] in ("single", "stacked", "squeeze")]
+    lines += ["### All detectors (single-interpreter and feature-squeezing baselines included)", "",
+              markdown_table(["detector", "interpreters", "C", "product", "accuracy", "AUC", "detection rate",
+                              "false positives", "CE train s", "feature s", "booster s"], body), ""]
+    return lines + _adaptive_report([r for r in tr if r["detector"] == "stacked-adaptive"])
+
+
+def _adaptive_report(ad: list[dict[str, Any]]) -> list[str]:
+    if not ad:
+        return []
+    a = ad[0]
+    return ["### Adaptive attack (ADV2 against the ensemble of the interpreters the detector reads)", "",
+            markdown_table(["detector", "non-adaptive detection rate", "adaptive detection rate",
+                            "adaptive attack success", "adaptive inputs", "attack s"],
+                           [[a["interpreters"] + (" +product" if a["product"] else ""), a["detection_rate"],
+                             a["adaptive_detection_rate"] if a["n_test"] else "not measured (no successful "
+                             "adaptive input)", a["attack_success"], a["n_test"], a["attack_seconds"]]]), "",
+            "Detection rate = share of successful adversarial inputs the detector flags (probability > 0.5). "
+            "The adaptive inputs are new source images; only successful ones are scored.", ""]

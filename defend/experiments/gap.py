@@ -7,40 +7,82 @@ first is much smaller, the interpreter's output can be steered away from what th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from attacks import build_attack, random_targets
-from ..interpreters import build_interpreter
+from attacks import INTERPRETERS, build_attack, random_targets
 from attacks.targets import other_class_maps, random_patch_maps
 
 from ..evaluation import interpret, run_attack
-from ..metrics import map_l1
-from .attacks import attack_options
-from .common import deep_get, get_classifier, markdown_table, select_correct, setup_data, write_outputs
 from ..figures import map_grid
+from ..interpreters import build_interpreter
+from ..metrics import map_l1
+from ..types import PositiveCount
+from .common import (
+    ClassifierExperimentConfig,
+    classifier_outputs,
+    default_data,
+    get_classifier,
+    markdown_table,
+    select_correct,
+    setup_data,
+    write_outputs,
+)
+from .config import AttackSections, check_names, register_experiment
 
-__all__ = ["run"]
+__all__ = ["run", "GapExperiment", "GapEvaluation"]
+
+TargetMap = Literal["circle", "rectangle", "other_class"]
 
 
-def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
-    ecfg = dict(cfg.get("evaluation") or {})
-    interps = ecfg.get("interpreters", ["grad", "cam", "mask"])
-    kinds = ecfg.get("targets", ["circle", "rectangle", "other_class"])
-    seed = int(cfg.get("seed", 0))
+@dataclass
+class GapEvaluation:
+    """``n_images`` correctly classified test inputs (random target classes) attacked in batches of ``batch_size``
+    by ADV2 on PGD towards each kind of target map, for each interpreter."""
+
+    n_images: PositiveCount = PositiveCount(32)
+    batch_size: PositiveCount = PositiveCount(32)
+    interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "mask"])
+    targets: list[TargetMap] = field(default_factory=lambda: ["circle", "rectangle", "other_class"])
+
+
+@dataclass
+class GapExperiment(ClassifierExperimentConfig, AttackSections):
+    """ADV2 steered to arbitrary target maps (ADV2 section 5 Q1)."""
+
+    evaluation: GapEvaluation = field(default_factory=GapEvaluation)
+
+
+def check(cfg: GapExperiment) -> None:
+    check_names(cfg.evaluation.interpreters, INTERPRETERS, "evaluation.interpreters")
+    if not cfg.evaluation.targets:
+        raise ValueError("evaluation.targets is empty; give at least one of: circle, rectangle, other_class")
+    cfg.check_attack_sections()
+    cfg.classifier.check(default_data(cfg))
+
+
+def outputs(cfg: GapExperiment, out: Path) -> list[Path]:
+    return [out / "gap.png", *classifier_outputs(cfg, out)]
+
+
+@register_experiment("gap", GapExperiment, outputs=outputs, check=check)
+def run(cfg: GapExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    ecfg = cfg.evaluation
+    interps, kinds, seed = ecfg.interpreters, ecfg.targets, int(cfg.seed)
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
-    data = select_correct(model, dm, int(ecfg.get("n_images", 32)))
+    data = select_correct(model, dm, int(ecfg.n_images))
     x, y = data["image"], data["label"]
     y_t = random_targets(y, dm.num_classes, torch.Generator().manual_seed(seed))
-    bs = int(ecfg.get("batch_size", 32))
+    bs = int(ecfg.batch_size)
     rows, figure = [], [("image", x[:4])]
     bar = tqdm(total=len(interps) * len(kinds) * x.shape[0], desc="gap", unit="input", disable=not progress)
     for name in interps:
-        g = build_interpreter(name, **(deep_get(cfg, f"interpreter_options.{name}") or {}))
+        g = build_interpreter(name, **cfg.interpreter_options.get(name, {}))
         benign = interpret(g, model, x, y)
         for kind in kinds:
             gen = torch.Generator().manual_seed(seed + 1)
@@ -48,7 +90,7 @@ def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str,
                 m_t = other_class_maps(benign, y, gen)
             else:
                 m_t = random_patch_maps(x.shape[0], tuple(x.shape[-2:]), kind, generator=gen)
-            atk = build_attack("adv2", "pgd", name, seed=seed, **attack_options(cfg, "adv2", "pgd", name))
+            atk = build_attack("adv2", "pgd", name, seed=seed, **cfg.attack_options("adv2", "pgd", name))
             x_adv, seconds = run_attack(atk, model, x, y_t, m_t, bs, bar)
             adv_map = interpret(g, model, x_adv, y_t)
             with torch.no_grad():

@@ -1,8 +1,9 @@
 """Experiment ``robust``: interpretation-robust training vs normal and PGD adversarial training (AdvEdge Table VII,
 Boopathy et al. ICML 2020).
 
-Each model of ``models:`` is trained from the same seed with :class:`defend.robust.RobustClassifierModule`, then
-evaluated for every eps of ``evaluation.eps`` (1/255 units) with :mod:`defend.robust_eval`:
+Each model of ``models:`` is a :class:`defend.robust.RobustClassifierModule` with the arguments of its ``module:``
+(laid over the shared ``training.module:``, option groups key by key; ``num_classes`` comes from the data), trained
+from the same seed, then evaluated for every radius of ``evaluation.eps`` with :mod:`defend.robust_eval`:
 
 * accuracy under untargeted PGD on the cross-entropy (``evaluation.pgd``: steps, step = eps * step_ratio, random
   start) on the first ``n_images`` test images, and under AutoAttack (standard version, the authors' code) on the first
@@ -11,34 +12,238 @@ evaluated for every eps of ``evaluation.eps`` (1/255 units) with :mod:`defend.ro
   attacked maps under the top-k attack, the discrepancy attack and uniform noise of the same radius (Kendall's tau-b,
   Spearman's rho, top-k intersection, cosine, centre-of-mass shift), and captum-style max-sensitivity at that radius.
 
-Every ``metrics.json`` row names its measure, attack, eps, steps / restarts, n and seed.
+Every radius (the models' ``inner.eps`` / ``inner.alpha``, ``evaluation.eps``, ``autoattack.eps``) is in image units
+([0, 1]); ``8/255`` is accepted and exact. Every ``metrics.json`` row names its measure, attack, eps (image units),
+``eps_255`` (the same radius x 255, the label of the report's columns), steps / restarts, n and seed.
 """
 from __future__ import annotations
 
+import importlib.util
+import re
 import time
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from tqdm.auto import tqdm
 
+from attacks import INTERPRETERS
 from attacks.interpreters import get_interpreter
+from attacks.topk import TopKAttack
 
 from ..autoattack import autoattack_accuracy
 from ..classifier import save_classifier
-from ..models import GapClassifier
-from ..robust import RobustClassifierModule
-from ..robust_eval import INTERPRETATION_ATTACKS, interpretation_robustness, pgd_accuracy, sensitivity
-from .common import make_trainer, setup_data, take_split, write_outputs
+from ..data import BaseDataModule
 from ..figures import line_plot
+from ..models import GapClassifier
+from ..robust import INTERPRETATIONS, MODES, RobustClassifierModule
+from ..robust_eval import INTERPRETATION_ATTACKS, interpretation_robustness, pgd_accuracy, sensitivity
+from ..types import Count, Positive, PositiveCount, Radius
+from .common import default_data, make_trainer, setup_data, take_split, write_outputs
+from .config import ExperimentConfig, check_class_options, check_names, register_experiment
 from .robust_report import report
+from .runner import deep_merge
 
-__all__ = ["run", "validate", "EpochTimer", "evaluate_model", "DEFAULT_MODELS"]
+__all__ = ["run", "RobustExperiment", "RobustTraining", "RobustModel", "RobustEvaluation", "PGDEvaluation",
+           "AutoAttackEvaluation", "InterpretationEvaluation", "DiscrepancyAttack", "EpochTimer", "evaluate_model",
+           "module_options", "eps_255", "same_eps"]
 
-DEFAULT_MODELS = [{"name": "normal", "mode": "normal"}, {"name": "pgd_at", "mode": "pgd_at"},
-                  {"name": "int_adv", "mode": "int_adv"}]
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class RobustTraining:
+    """What every model of ``models:`` shares: ``max_epochs`` and ``module``, RobustClassifierModule's arguments
+    (checked against its signature; radii in image units, fractions such as ``8/255`` accepted)."""
+
+    max_epochs: PositiveCount = PositiveCount(5)
+    module: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class RobustModel:
+    """One model of the table: its ``name`` (``<name>.pt``, the report's rows), ``max_epochs`` (default:
+    ``training.max_epochs``) and ``module``, RobustClassifierModule arguments laid over ``training.module``."""
+
+    name: str
+    max_epochs: PositiveCount | None = None
+    module: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_models() -> list[RobustModel]:
+    return [RobustModel(mode, module={"mode": mode}) for mode in ("normal", "pgd_at", "int_adv")]
+
+
+@dataclass
+class PGDEvaluation:
+    """Untargeted PGD on the cross-entropy, random start, one restart: ``steps`` steps of ``eps x step_ratio``."""
+
+    steps: PositiveCount = PositiveCount(20)
+    step_ratio: Positive = Positive(0.25)
+
+
+@dataclass
+class AutoAttackEvaluation:
+    """AutoAttack (standard version, the authors' code) on the first ``n_images`` of the PGD inputs at each radius of
+    ``eps`` (image units; each one of ``evaluation.eps`` and > 0; empty: no AutoAttack)."""
+
+    n_images: PositiveCount = PositiveCount(64)
+    eps: list[Radius] = field(default_factory=list)
+
+
+@dataclass
+class DiscrepancyAttack:
+    """PGD ascent on the CAM discrepancy D of robust training: ``steps`` steps of ``eps x step_ratio``."""
+
+    steps: Count = Count(20)
+    step_ratio: Positive = Positive(0.25)
+
+
+@dataclass
+class InterpretationEvaluation:
+    """Benign vs attacked maps of ``interpreter`` on the first ``n_images`` PGD inputs under each of ``attacks``;
+    ``topk``: :class:`attacks.topk.TopKAttack` options (checked against its signature); top-k intersection at each of
+    ``ks``; max-sensitivity from ``sensitivity_samples`` uniform-noise samples of radius eps."""
+
+    interpreter: str = "cam"
+    n_images: PositiveCount = PositiveCount(128)
+    attacks: list[str] = field(default_factory=lambda: list(INTERPRETATION_ATTACKS))
+    topk: dict[str, Any] = field(default_factory=dict)
+    discrepancy: DiscrepancyAttack = field(default_factory=DiscrepancyAttack)
+    ks: list[PositiveCount] = field(default_factory=lambda: [PositiveCount(4), PositiveCount(8), PositiveCount(16)])
+    sensitivity_samples: PositiveCount = PositiveCount(10)
+
+
+@dataclass
+class RobustEvaluation:
+    """Every model is evaluated on the first ``n_images`` test images at each radius of ``eps`` (image units), in
+    batches of ``batch_size``, on ``device`` (``auto``: CUDA when available)."""
+
+    n_images: PositiveCount = PositiveCount(256)
+    eps: list[Radius] = field(default_factory=lambda: [Radius(f"{k}/255") for k in (0, 2, 4, 6, 8, 10)])
+    batch_size: PositiveCount = PositiveCount(256)
+    device: str = "auto"
+    pgd: PGDEvaluation = field(default_factory=PGDEvaluation)
+    autoattack: AutoAttackEvaluation = field(default_factory=AutoAttackEvaluation)
+    interpretation: InterpretationEvaluation = field(default_factory=InterpretationEvaluation)
+
+
+@dataclass
+class RobustExperiment(ExperimentConfig):
+    """Normal, PGD-adversarial and interpretation-robust training of the same classifier, then accuracy and
+    interpretation robustness under attack (AdvEdge Table VII)."""
+
+    data: BaseDataModule | None = None
+    training: RobustTraining = field(default_factory=RobustTraining)
+    models: list[RobustModel] = field(default_factory=_default_models)
+    evaluation: RobustEvaluation = field(default_factory=RobustEvaluation)
+
+
+# --------------------------------------------------------------------------------------------- options and checks
+_FRACTION = re.compile(r"^\s*[+-]?\d+\s*/\s*\d+\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def exact_fractions(value: Any) -> Any:
+    """``value`` with every string of the form ``a/b`` (``8/255``) turned into the float it denotes, exactly as
+    :class:`defend.types.Radius` reads it; a module's option groups take plain floats."""
+    if isinstance(value, dict):
+        return {k: exact_fractions(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [exact_fractions(v) for v in value]
+    if isinstance(value, str) and _FRACTION.match(value):
+        return float(Fraction(value.replace(" ", "")))
+    return value
+
+
+def module_options(cfg: RobustExperiment, model: RobustModel) -> dict[str, Any]:
+    """RobustClassifierModule's arguments of one model: ``training.module`` with the model's ``module`` laid over it
+    (option groups key by key), fractions read exactly; ``num_classes`` is the data's."""
+    return exact_fractions(deep_merge(cfg.training.module, model.module))
+
+
+def same_eps(a: float, b: float) -> bool:
+    """Two radii are the same (``8/255`` and ``0.0313725490196`` both name 8 levels)."""
+    return abs(float(a) - float(b)) < 1e-9
+
+
+def eps_255(eps: float) -> int | float:
+    """A radius in 1/255 units (a whole number when it is one): the label of the report's columns."""
+    v = float(eps) * 255
+    return int(round(v)) if abs(v - round(v)) < 1e-6 else v
+
+
+def _check_model(cfg: RobustExperiment, i: int, model: RobustModel, num_classes: int) -> None:
+    """One model: a file-safe name, module options that fit RobustClassifierModule and build."""
+    where = f"models[{i}]"
+    if not _NAME.match(model.name):
+        raise ValueError(f"{where}.name {model.name!r} must be a plain file name (letters, digits, _ . -): it names "
+                         f"<out>/{model.name}.pt")
+    opts = module_options(cfg, model)
+    checked = check_class_options(RobustClassifierModule, opts, f"{where}.module", skip=("num_classes",))
+    check_names([checked["mode"]], MODES, f"{where}.module.mode")
+    check_names([checked["interpretation"]], INTERPRETATIONS, f"{where}.module.interpretation")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            RobustClassifierModule(num_classes=num_classes, **opts)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}.module ({model.name}): {exc}") from None
+
+
+def _check_evaluation(ev: RobustEvaluation) -> None:
+    """Names, radii and input counts of ``evaluation``."""
+    ie = ev.interpretation
+    check_names(ie.attacks, INTERPRETATION_ATTACKS, "evaluation.interpretation.attacks")
+    check_names([ie.interpreter], INTERPRETERS, "evaluation.interpretation.interpreter")
+    check_class_options(TopKAttack, exact_fractions(ie.topk), "evaluation.interpretation.topk",
+                        skip=("interpreter", "eps", "seed"))
+    if not ev.eps or not ie.ks:
+        raise ValueError("evaluation.eps and evaluation.interpretation.ks need at least one value")
+    for n, what in ((ev.autoattack.n_images, "autoattack"), (ie.n_images, "interpretation")):
+        if n > ev.n_images:
+            raise ValueError(f"evaluation.{what}.n_images ({n}) cannot exceed evaluation.n_images ({ev.n_images}): "
+                             f"they are the first of the PGD inputs")
+    for e in ev.autoattack.eps:
+        if not e > 0 or not any(same_eps(e, v) for v in ev.eps):
+            raise ValueError(f"evaluation.autoattack.eps: {float(e):.6g} (= {eps_255(e)}/255) must be > 0 and one of "
+                             f"evaluation.eps ({', '.join(f'{eps_255(v)}/255' for v in ev.eps)})")
+    if ev.autoattack.eps and importlib.util.find_spec("pyautoattack") is None:
+        raise ValueError("evaluation.autoattack.eps needs the pyautoattack package (pip install pyautoattack); "
+                         "set evaluation.autoattack.eps=[] to skip AutoAttack")
+    if ev.device != "auto":
+        try:
+            device = torch.device(ev.device)
+        except RuntimeError as exc:
+            raise ValueError(f"evaluation.device: {exc} (auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"evaluation.device is {ev.device!r} but CUDA is not available here (use auto or cpu)")
+
+
+def check(cfg: RobustExperiment) -> None:
+    """Every cross-field check, before anything trains: model names unique and file-safe, each model's module
+    options fit (and build) RobustClassifierModule, the evaluation's names, radii and input counts."""
+    if not cfg.models:
+        raise ValueError("models is empty; give at least one model (e.g. {name: normal, module: {mode: normal}})")
+    names = [m.name for m in cfg.models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"model names must be unique (each names <out>/<name>.pt); repeated: {', '.join(dup)}")
+    check_class_options(RobustClassifierModule, exact_fractions(cfg.training.module), "training.module",
+                        skip=("num_classes",))
+    num_classes = default_data(cfg).num_classes
+    for i, model in enumerate(cfg.models):
+        _check_model(cfg, i, model, num_classes)
+    _check_evaluation(cfg.evaluation)
+
+
+def outputs(cfg: RobustExperiment, out: Path) -> list[Path]:
+    """The figure and every trained model's checkpoint."""
+    return [out / "robust.png", *[out / f"{m.name}.pt" for m in cfg.models]]
+
+
+# --------------------------------------------------------------------------------------------- training
 class EpochTimer(pl.Callback):
     """Wall time of every training epoch (the training loop only, validation excluded)."""
 
@@ -60,24 +265,47 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start - self._val)
 
 
-def _eps_value(e: Any) -> int | float:
-    return int(e) if float(e).is_integer() else float(e)
+def _train(cfg: RobustExperiment, model: RobustModel, dm: BaseDataModule, out: Path,
+           progress: bool) -> dict[str, Any]:
+    """Train one model from the experiment's seed and save it as ``<out>/<name>.pt``."""
+    opts = module_options(cfg, model)
+    epochs = int(model.max_epochs or cfg.training.max_epochs)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = RobustClassifierModule(num_classes=dm.num_classes, **opts)
+    hp = module.hparams
+    if progress:
+        print(f"[robust] training {model.name} ({hp.mode}, {epochs} epochs)", flush=True)
+    timer = EpochTimer()
+    trainer = make_trainer(cfg.trainer, epochs, out / "logs" / model.name, enable_progress_bar=progress,
+                           callbacks=[timer], num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    save_classifier(module.model.eval(), out / f"{model.name}.pt", opts.get("model_options"),
+                    extra={"train_seconds": seconds, "robust_training": module.robust_meta()})
+    return {"model": module.model.eval(), "mode": hp.mode, "arch": hp.arch, "epochs": epochs,
+            "train_seconds": seconds, "epoch_seconds": sum(timer.seconds) / max(len(timer.seconds), 1),
+            "gamma": float(hp.gamma), "ce_attack": hp.ce_attack}
 
 
-def _accuracy_rows(model: GapClassifier, x, y, e, ecfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    pcfg = dict(ecfg.get("pgd") or {})
-    steps, ratio, bs = int(pcfg.get("steps", 20)), float(pcfg.get("step_ratio", 0.25)), int(ecfg.get("batch_size", 256))
-    eps = float(e) / 255
+# --------------------------------------------------------------------------------------------- evaluation
+def _accuracy_rows(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, eps: float, ev: RobustEvaluation,
+                   seed: int, bar: tqdm) -> list[dict[str, Any]]:
+    """Clean / PGD-CE accuracy at ``eps`` and, at the AutoAttack radii, AutoAttack next to PGD on the same inputs."""
+    steps, ratio, bs = int(ev.pgd.steps), float(ev.pgd.step_ratio), int(ev.batch_size)
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    bar.set_postfix_str(f"eps {eps_255(eps)}/255 PGD")
     correct = pgd_accuracy(model, x, y, eps, steps, eps * ratio, gen, bs)
-    base = {"measure": "accuracy", "eps": _eps_value(e), "seed": seed}
+    bar.update()
+    base = {"measure": "accuracy", "eps": eps, "eps_255": eps_255(eps), "seed": seed}
     rows = [{**base, "attack": "clean" if eps == 0 else "pgd-ce", "steps": steps if eps else 0, "restarts": 1,
              "step": eps * ratio, "n": int(x.shape[0]), "accuracy": float(correct.float().mean())}]
-    acfg = dict(ecfg.get("autoattack") or {})
-    if eps > 0 and float(e) in [float(v) for v in acfg.get("eps", [])]:
-        n = min(int(acfg.get("n_images", 64)), x.shape[0])
+    if eps > 0 and any(same_eps(eps, v) for v in ev.autoattack.eps):
+        n = min(int(ev.autoattack.n_images), x.shape[0])
+        bar.set_postfix_str(f"eps {eps_255(eps)}/255 AutoAttack")
         start = time.perf_counter()
         aa = autoattack_accuracy(model, x[:n], y[:n], eps, seed=seed, batch_size=bs)
+        bar.update()
         rows.append({**base, "attack": "autoattack-" + str(aa.settings["version"]),
                      "steps": "apgd 100 / fab 100 / square 5000 queries", "restarts": 1, "n": n,
                      "accuracy": aa.accuracy, "pgd_accuracy_same_inputs": float(correct[:n].float().mean()),
@@ -87,152 +315,121 @@ def _accuracy_rows(model: GapClassifier, x, y, e, ecfg: dict[str, Any], seed: in
     return rows
 
 
-def _interpretation_rows(model: GapClassifier, x, e, ecfg: dict[str, Any], seed: int) -> list[dict[str, Any]]:
-    icfg = dict(ecfg.get("interpretation") or {})
-    name = icfg.get("interpreter", "cam")
-    interp = get_interpreter(name)
-    xi = x[:int(icfg.get("n_images", 128))]
-    ks = [int(k) for k in icfg.get("ks", [4, 8, 16])]
-    eps = float(e) / 255
+def _attack_options(ie: InterpretationEvaluation, attack: str) -> dict[str, Any]:
+    """The options of one interpretation attack (those the config sets for the top-k attack)."""
+    if attack == "topk":
+        return exact_fractions(dict(ie.topk))
+    if attack == "discrepancy":
+        return {"steps": int(ie.discrepancy.steps), "step_ratio": float(ie.discrepancy.step_ratio)}
+    return {}
+
+
+def _interpretation_rows(model: GapClassifier, x: torch.Tensor, eps: float, ev: RobustEvaluation, seed: int,
+                         bar: tqdm) -> list[dict[str, Any]]:
+    """Benign vs attacked maps under each interpretation attack at ``eps``, and max-sensitivity at that radius."""
+    ie = ev.interpretation
+    interp = get_interpreter(ie.interpreter)
+    xi = x[:int(ie.n_images)]
+    base = {"eps": eps, "eps_255": eps_255(eps), "interpreter": ie.interpreter}
     rows = []
-    for attack in icfg.get("attacks", list(INTERPRETATION_ATTACKS)):
-        opts = dict(icfg.get(attack) or {})
-        res = interpretation_robustness(model, interp, xi, eps, attack, options=opts, ks=ks, seed=seed,
-                                        batch_size=int(ecfg.get("batch_size", 256)))
-        rows.append({"measure": "interpretation", "eps": _eps_value(e), "attack": attack, "interpreter": name,
+    for attack in ie.attacks:
+        opts = _attack_options(ie, attack)
+        bar.set_postfix_str(f"eps {eps_255(eps)}/255 {attack}")
+        res = interpretation_robustness(model, interp, xi, eps, attack, options=opts, ks=[int(k) for k in ie.ks],
+                                        seed=seed, batch_size=int(ev.batch_size))
+        bar.update()
+        rows.append({"measure": "interpretation", **base, "attack": attack,
                      "settings": ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-", "seed": seed, **res})
     if eps > 0:
-        samples = int(icfg.get("sensitivity_samples", 10))
-        rows.append({"measure": "max_sensitivity", "eps": _eps_value(e), "attack": "uniform-noise", "interpreter": name,
-                     "radius": eps, "samples": samples, "n": int(xi.shape[0]), "seed": seed,
+        samples = int(ie.sensitivity_samples)
+        bar.set_postfix_str(f"eps {eps_255(eps)}/255 max-sensitivity")
+        rows.append({"measure": "max_sensitivity", **base, "attack": "uniform-noise", "radius": eps,
+                     "samples": samples, "n": int(xi.shape[0]), "seed": seed,
                      "max_sensitivity": sensitivity(model, interp, xi, eps, samples, seed)})
+        bar.update()
     return rows
 
 
-def evaluate_model(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, ecfg: dict[str, Any], seed: int,
-                   progress: bool = True) -> list[dict[str, Any]]:
+def _steps(ev: RobustEvaluation) -> int:
+    """Pieces of one model's evaluation (the progress bar's total)."""
+    per_eps = [1 + len(ev.interpretation.attacks) + (e > 0) + (e > 0 and any(same_eps(e, v) for v in ev.autoattack.eps))
+               for e in ev.eps]
+    return int(sum(per_eps))
+
+
+def _summary(rows: list[dict[str, Any]], eps: float, seconds: float) -> str:
+    acc = {r["attack"]: r["accuracy"] for r in rows if r["measure"] == "accuracy" and same_eps(r["eps"], eps)}
+    tau = {r["attack"]: r.get("kendall_tau", float("nan")) for r in rows
+           if r["measure"] == "interpretation" and same_eps(r["eps"], eps)}
+    return (f"[robust]   eps {eps_255(eps)}/255 ({seconds:.0f} s): accuracy "
+            + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + "; Kendall tau "
+            + ", ".join(f"{k} {v:.3f}" for k, v in tau.items()))
+
+
+def evaluate_model(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, ev: RobustEvaluation, seed: int,
+                   progress: bool = True, name: str = "model") -> list[dict[str, Any]]:
     """Every accuracy and interpretation row of one model, eps by eps (module docstring)."""
-    dev = ecfg.get("device", "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev in (None, "auto") else dev)
+    dev = ev.device
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
     rows: list[dict[str, Any]] = []
-    for e in ecfg.get("eps", [0, 2, 4, 6, 8, 10]):
-        start = time.perf_counter()
-        rows += _accuracy_rows(model, x, y, e, ecfg, seed) + _interpretation_rows(model, x, e, ecfg, seed)
+    bar = tqdm(total=_steps(ev), desc=f"evaluating {name}", unit="step", disable=not progress)
+    for e in ev.eps:
+        eps, start = float(e), time.perf_counter()
+        rows += _accuracy_rows(model, x, y, eps, ev, seed, bar) + _interpretation_rows(model, x, eps, ev, seed, bar)
         if progress:
-            acc = {r["attack"]: r["accuracy"] for r in rows if r["measure"] == "accuracy" and r["eps"] == _eps_value(e)}
-            tau = {r["attack"]: r.get("kendall_tau", float("nan")) for r in rows
-                   if r["measure"] == "interpretation" and r["eps"] == _eps_value(e)}
-            print(f"[robust]   eps {e}/255 ({time.perf_counter() - start:.0f} s): accuracy "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + "; Kendall tau "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in tau.items()), flush=True)
+            tqdm.write(_summary(rows, eps, time.perf_counter() - start))
+    bar.close()
     return rows
 
 
-def _module_kwargs(cfg: dict[str, Any], spec: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    mcfg = dict(cfg.get("model") or {})
-    train = dict(cfg.get("training") or {})
-    kw = {"arch": mcfg.get("arch", "small_cnn"), "num_classes": num_classes,
-          "model_options": mcfg.get("model_options")}
-    keys = ("interpretation", "gamma", "eps", "inner_steps", "inner_alpha", "eps_ramp_epochs", "random_start",
-            "ce_attack", "optimizer", "lr", "weight_decay", "momentum", "lr_milestones", "lr_decay")
-    unknown = sorted(set(spec) - set(keys) - {"name", "mode", "max_epochs"})
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in model {spec.get('name')!r}; allowed: name, mode, max_epochs, "
-                         f"{', '.join(keys)}")
-    merged = {**train, **{k: v for k, v in spec.items() if k not in ("name", "max_epochs")}}
-    for k in ("eps", "inner_alpha"):  # configs give radii in 1/255 units
-        if k in merged:
-            merged[k] = float(merged[k]) / 255
-    # the flat keys of the experiment YAML -> the module's option groups (the groups' defaults fill the rest)
-    groups = {"inner": {"eps": "eps", "inner_steps": "steps", "inner_alpha": "alpha", "eps_ramp_epochs": "ramp_epochs",
-                        "random_start": "random_start"},
-              "optimiser": {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
-                            "lr_milestones": "milestones", "lr_decay": "decay"}}
-    for group, names in groups.items():
-        kw[group] = {new: merged[old] for old, new in names.items() if old in merged}
-    if kw["optimiser"].get("milestones"):
-        kw["optimiser"]["schedule"] = "multistep"
-    kw.update({k: merged[k] for k in ("interpretation", "gamma", "ce_attack") if k in merged})
-    kw["mode"] = spec.get("mode", spec["name"])
-    return kw
-
-
-def validate(cfg: dict[str, Any], dm: Any) -> None:
-    """Build every model of ``models:`` once, so a bad mode, interpretation or radius fails before any training."""
-    for spec in cfg.get("models") or DEFAULT_MODELS:
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ValueError(f"every entry of models: needs a name, got {spec}")
-        with torch.random.fork_rng(devices=[]):
-            RobustClassifierModule(**_module_kwargs(cfg, dict(spec), dm.num_classes))
-    icfg = (cfg.get("evaluation") or {}).get("interpretation") or {}
-    for attack in icfg.get("attacks", []):
-        if attack not in INTERPRETATION_ATTACKS:
-            raise ValueError(f"unknown interpretation attack {attack!r} in evaluation.interpretation.attacks; "
-                             f"choose from {', '.join(INTERPRETATION_ATTACKS)}")
-
-
-def _train(cfg: dict[str, Any], spec: dict[str, Any], dm, out: Path, seed: int, progress: bool) -> dict[str, Any]:
-    kw = _module_kwargs(cfg, spec, dm.num_classes)
-    epochs = int(spec.get("max_epochs", (cfg.get("training") or {}).get("max_epochs", 5)))
-    if progress:
-        print(f"[robust] training {spec['name']} ({kw['mode']}, {epochs} epochs)", flush=True)
-    pl.seed_everything(seed, workers=True)
-    module = RobustClassifierModule(**kw)
-    timer = EpochTimer()
-    trainer = make_trainer(cfg, epochs, out / "logs" / spec["name"], enable_progress_bar=progress, callbacks=[timer],
-                           num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    seconds = time.perf_counter() - start
-    save_classifier(module.model.eval(), out / f"{spec['name']}.pt", kw.get("model_options"),
-                    extra={"train_seconds": seconds, "robust_training": module.robust_meta()})
-    return {"model": module.model.eval(), "mode": kw["mode"], "epochs": epochs, "train_seconds": seconds,
-            "epoch_seconds": sum(timer.seconds) / max(len(timer.seconds), 1), "gamma": float(kw.get("gamma", 0.0)),
-            "ce_attack": kw.get("ce_attack", "pgd")}
-
-
-def run(cfg: dict[str, Any], out: Path, progress: bool = True) -> list[dict[str, Any]]:
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    start = time.perf_counter()
-    seed = int(cfg.get("seed", 0))
-    dm = setup_data(cfg)
-    ecfg = dict(cfg.get("evaluation") or {})
-    data = take_split(dm, "test", int(ecfg.get("n_images", 256)))
-    results: dict[str, dict[str, Any]] = {}
-    for spec in [dict(s) for s in (cfg.get("models") or DEFAULT_MODELS)]:
-        res = _train(cfg, spec, dm, out, seed, progress)
-        if progress:
-            print(f"[robust] {spec['name']}: {res['train_seconds']:.0f} s training; evaluating", flush=True)
-        res["rows"] = evaluate_model(res.pop("model"), data["image"], data["label"], ecfg, seed, progress)
-        results[spec["name"]] = res
+# --------------------------------------------------------------------------------------------- run
+def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The flat ``metrics.json`` rows: each model's training figures beside each of its evaluation rows."""
     ref = next((r["epoch_seconds"] for r in results.values() if r["mode"] == "normal"), None)
     rows: list[dict[str, Any]] = []
     for name, res in results.items():
-        res["clean"] = next(r["accuracy"] for r in res["rows"] if r["measure"] == "accuracy" and r["eps"] == 0) \
-            if any(r["eps"] == 0 and r["measure"] == "accuracy" for r in res["rows"]) else float("nan")
+        res["clean"] = next((r["accuracy"] for r in res["rows"] if r["measure"] == "accuracy" and r["eps"] == 0),
+                            float("nan"))
         res["ratio"] = res["epoch_seconds"] / ref if ref else float("nan")
         meta = {"model": name, "mode": res["mode"], "clean_accuracy": res["clean"], "epochs": res["epochs"],
                 "epoch_seconds": res["epoch_seconds"], "epoch_time_ratio": res["ratio"],
                 "train_seconds": res["train_seconds"]}
         rows += [{**meta, **r} for r in res["rows"]]
-    _figure(out, ecfg, results)
-    total = time.perf_counter() - start
-    write_outputs(out, rows, report(cfg, dm, results, rows, dm.num_classes, total))
     return rows
 
 
-def _figure(out: Path, ecfg: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
-    eps = [float(e) for e in ecfg.get("eps", [0, 2, 4, 6, 8, 10])]
+@register_experiment("robust", RobustExperiment, outputs=outputs, check=check)
+def run(cfg: RobustExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    seed = int(cfg.seed)
+    dm = setup_data(cfg)
+    ev = cfg.evaluation
+    data = take_split(dm, "test", int(ev.n_images))
+    results: dict[str, dict[str, Any]] = {}
+    for model in cfg.models:
+        res = _train(cfg, model, dm, out, progress)
+        if progress:
+            print(f"[robust] {model.name}: {res['train_seconds']:.0f} s training; evaluating", flush=True)
+        res["rows"] = evaluate_model(res.pop("model"), data["image"], data["label"], ev, seed, progress, model.name)
+        results[model.name] = res
+    rows = _rows(results)
+    _figure(out, ev, results)
+    write_outputs(out, rows, report(cfg, dm, results, time.perf_counter() - start))
+    return rows
+
+
+def _figure(out: Path, ev: RobustEvaluation, results: dict[str, dict[str, Any]]) -> None:
+    """``robust.png``: PGD accuracy and top-k-attack Kendall's tau of every model against eps (x/255)."""
+    eps = [float(e) for e in ev.eps]
     series = {}
     for name, res in results.items():
-        def pick(measure, attack, field):
-            val = {float(r["eps"]): r.get(field, float("nan")) for r in res["rows"]
-                   if r["measure"] == measure and r["attack"] in attack}
-            return [val.get(e, float("nan")) for e in eps]
+        def pick(measure: str, attacks: tuple[str, ...], field: str) -> list[float]:
+            hits = [r for r in res["rows"] if r["measure"] == measure and r["attack"] in attacks]
+            return [next((r.get(field, float("nan")) for r in hits if same_eps(r["eps"], e)), float("nan"))
+                    for e in eps]
         series[f"{name}: PGD accuracy"] = pick("accuracy", ("clean", "pgd-ce"), "accuracy")
         series[f"{name}: top-k Kendall tau"] = pick("interpretation", ("topk",), "kendall_tau")
-    line_plot(out / "robust.png", eps, series, "eps (x/255)", "accuracy / Kendall's tau",
-              "PGD accuracy and CAM Kendall's tau under the top-k attack")
+    line_plot(out / "robust.png", [eps_255(e) for e in eps], series, "eps (x/255; images in [0, 1])",
+              "accuracy / Kendall's tau", "PGD accuracy and CAM Kendall's tau under the top-k attack")

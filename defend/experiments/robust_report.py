@@ -5,10 +5,11 @@ from typing import Any
 
 from .common import markdown_table
 
-__all__ = ["report", "near_chance", "LABELS"]
+__all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS"]
 
 LABELS = {"normal": "NT (normal)", "pgd_at": "PGD-AT", "int": "Int", "int_adv": "Int-Adv"}
-HEADLINE_EPS = 8
+#: the radius (image units) of the report's detailed tables and checks: 8/255
+HEADLINE_EPS = 8 / 255
 
 
 def near_chance(clean: float, num_classes: int) -> bool:
@@ -16,17 +17,24 @@ def near_chance(clean: float, num_classes: int) -> bool:
     return not clean >= 2.0 / num_classes
 
 
-def _eps_label(e: Any) -> str:
-    v = float(e)
-    return "0" if v == 0 else (f"{int(v)}/255" if v.is_integer() else f"{v:g}/255")
+def _same(a: float, b: float) -> bool:
+    return abs(float(a) - float(b)) < 1e-9
 
 
-def _pick(res: dict[str, Any], measure: str, attack: str, eps: Any) -> dict[str, Any] | None:
+def _eps_label(e: float) -> str:
+    """A radius in image units as the papers write it: ``0``, ``8/255`` (``2.55/255`` when not whole)."""
+    v = float(e) * 255
+    return "0" if v == 0 else (f"{round(v)}/255" if abs(v - round(v)) < 1e-6 else f"{v:.4g}/255")
+
+
+def _pick(res: dict[str, Any], measure: str, attack: str, eps: float) -> dict[str, Any] | None:
     return next((r for r in res["rows"] if r["measure"] == measure and r["attack"] == attack
-                 and float(r["eps"]) == float(eps)), None)
+                 and _same(r["eps"], eps)), None)
 
 
-def _grid(results, eps_list, measure: str, attacks: tuple[str, ...], field: str, label: str) -> list[list[Any]]:
+def _grid(results: dict[str, Any], eps_list: list[float], measure: str, attacks: tuple[str, ...], field: str,
+          label: str) -> list[list[Any]]:
+    """One table row per model: ``field`` of the first of ``attacks`` measured at each radius."""
     rows = []
     for name, res in results.items():
         vals = []
@@ -89,7 +97,7 @@ def _full_table(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
     body = []
     for name, res in results.items():
         for r in res["rows"]:
-            if r["measure"] == "interpretation" and float(r["eps"]) == at:
+            if r["measure"] == "interpretation" and _same(r["eps"], at):
                 body.append([name, r["attack"]] + [r.get(k, "not measured") for k in
                             ("kendall_tau", "spearman", "topk_intersection_k4", "topk_intersection_k8",
                              "topk_intersection_k16", "cosine", "com_shift", "kendall_tau_input_grid", "n_kept")])
@@ -101,45 +109,55 @@ def _full_table(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
                             "top-16 inter.", "cosine", "CoM shift (px)", "tau (input grid)", "n kept"], body)]
 
 
-def report(cfg: dict[str, Any], dm, results: dict[str, Any], rows: list[dict[str, Any]], num_classes: int,
-           total: float) -> str:
-    ecfg = cfg.get("evaluation") or {}
-    eps_list = ecfg.get("eps", [0, 2, 4, 6, 8, 10])
-    icfg = ecfg.get("interpretation") or {}
-    pcfg, acfg = ecfg.get("pgd") or {}, ecfg.get("autoattack") or {}
-    headers = ["model", "attack"] + [_eps_label(e) for e in eps_list]
-    lines = [f"# Interpretation-robust training: {(cfg.get('model') or {}).get('arch', 'small_cnn')} on "
-             f"{dm.describe()['name']}", ""]
+def _intro(cfg: Any, results: dict[str, Any], num_classes: int) -> list[str]:
+    """The smoke-run banner (near-chance models) and what was measured, how."""
+    ev = cfg.evaluation
+    ie, aa = ev.interpretation, ev.autoattack
+    lines = []
     chance = [n for n, r in results.items() if near_chance(r["clean"], num_classes)]
     if chance:
         lines += [f"> **Smoke run: not a measurement.** {', '.join(chance)} reached clean accuracy below twice chance "
                   f"({2 / num_classes:.2f}); the figures below compare models that have not learnt the task.", ""]
-    lines += [
-        f"Accuracy: untargeted PGD on the cross-entropy ({pcfg.get('steps', 20)} steps of eps x "
-        f"{pcfg.get('step_ratio', 0.25)}, random start, 1 restart) on the first {ecfg.get('n_images', 256)} test images; "
-        f"AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; pyautoattack, the authors' code) on the first "
-        f"{acfg.get('n_images', 64)} of them at {', '.join(_eps_label(e) for e in acfg.get('eps', [])) or 'no radius'}. "
-        f"Seed {cfg.get('seed', 0)}.", "",
-        f"Interpretation robustness of {icfg.get('interpreter', 'cam').upper()} on the first {icfg.get('n_images', 128)} "
-        f"test images, maps compared on the CAM's own grid; the class is the benign prediction and only inputs whose "
-        f"prediction the attack kept are scored. Top-k attack: {icfg.get('topk') or {}}; discrepancy attack: "
-        f"{icfg.get('discrepancy') or {}}; noise: uniform in the ball, rounded to 8 bits.", "",
+    discrepancy = {"steps": int(ie.discrepancy.steps), "step_ratio": float(ie.discrepancy.step_ratio)}
+    return lines + [
+        f"Radii in image units ([0, 1]), written x/255. Accuracy: untargeted PGD on the cross-entropy "
+        f"({ev.pgd.steps} steps of eps x {float(ev.pgd.step_ratio)}, random start, 1 restart) on the first "
+        f"{ev.n_images} test images; AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; pyautoattack, the authors' "
+        f"code) on the first {aa.n_images} of them at {', '.join(_eps_label(e) for e in aa.eps) or 'no radius'}. "
+        f"Seed {cfg.seed}.", "",
+        f"Interpretation robustness of {ie.interpreter.upper()} on the first {ie.n_images} test images, maps compared "
+        f"on the CAM's own grid; the class is the benign prediction and only inputs whose prediction the attack kept "
+        f"are scored. Top-k attack: {dict(ie.topk)}; discrepancy attack: {discrepancy}; noise: uniform in the ball, "
+        f"rounded to 8 bits.", ""]
+
+
+def _cost(results: dict[str, Any]) -> str:
+    """The training-cost table."""
+    return markdown_table(["model", "mode", "epochs", "gamma", "CE input", "clean accuracy", "s / epoch",
+                           "epoch time vs normal", "training s"],
+                          [[n, r["mode"], r["epochs"], r["gamma"] if r["mode"] in ("int", "int_adv") else "-",
+                            r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"], r["epoch_seconds"],
+                            r["ratio"], r["train_seconds"]] for n, r in results.items()])
+
+
+def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
+    """``report.md`` of a finished run (``cfg``: the experiment's typed config)."""
+    eps_list = [float(e) for e in cfg.evaluation.eps]
+    headers = ["model", "attack"] + [_eps_label(e) for e in eps_list]
+    archs = ", ".join(dict.fromkeys(str(r.get("arch", "?")) for r in results.values()))
+    grid = lambda *a: _grid(results, eps_list, *a)  # noqa: E731
+    return "\n".join([
+        f"# Interpretation-robust training: {archs} on {dm.describe()['name']}", "",
+        *_intro(cfg, results, dm.num_classes),
         "## Accuracy (AdvEdge Table VII, upper part)", "",
-        markdown_table(headers, _grid(results, eps_list, "accuracy", ("clean", "pgd-ce"), "accuracy", "PGD-CE")
-                       + _grid(results, eps_list, "accuracy", ("clean", "autoattack-standard"), "accuracy",
-                               "AutoAttack")), "",
+        markdown_table(headers, grid("accuracy", ("clean", "pgd-ce"), "accuracy", "PGD-CE")
+                       + grid("accuracy", ("clean", "autoattack-standard"), "accuracy", "AutoAttack")), "",
         "## Kendall's tau of benign vs attacked CAM (AdvEdge Table VII, lower part)", "",
-        markdown_table(headers, _grid(results, eps_list, "interpretation", ("topk",), "kendall_tau", "top-k attack")
-                       + _grid(results, eps_list, "interpretation", ("discrepancy",), "kendall_tau", "discrepancy attack")
-                       + _grid(results, eps_list, "interpretation", ("noise",), "kendall_tau", "uniform noise")), "",
+        markdown_table(headers, grid("interpretation", ("topk",), "kendall_tau", "top-k attack")
+                       + grid("interpretation", ("discrepancy",), "kendall_tau", "discrepancy attack")
+                       + grid("interpretation", ("noise",), "kendall_tau", "uniform noise")), "",
         f"## Every interpretation measure at {_eps_label(HEADLINE_EPS)}", "", *_full_table(results), "",
         f"## Int-Adv against PGD-AT at {_eps_label(HEADLINE_EPS)}", "", *(_versus(results) or ["- not measured"]), "",
         "## Checks", "", *(_checks(results) or ["- nothing to check (no AutoAttack or no normal model)"]), "",
-        "## Training cost", "",
-        markdown_table(["model", "mode", "epochs", "gamma", "CE input", "clean accuracy", "s / epoch",
-                        "epoch time vs normal", "training s"],
-                       [[n, r["mode"], r["epochs"], r["gamma"] if r["mode"] in ("int", "int_adv") else "-",
-                         r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"], r["epoch_seconds"], r["ratio"],
-                         r["train_seconds"]] for n, r in results.items()]), "",
-        f"Total experiment time {total:.0f} s.", "", "![accuracy and Kendall's tau](robust.png)", ""]
-    return "\n".join(lines)
+        "## Training cost", "", _cost(results), "",
+        f"Total experiment time {total:.0f} s.", "", "![accuracy and Kendall's tau](robust.png)", ""])

@@ -11,27 +11,31 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import tempfile
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from ..distributed import is_global_zero
-from ..io import OutputGuard, guarded_outputs, write_error
+from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
+from ..provenance import noted_data, provenance
+from .config import EXPERIMENTS, parse_experiment
 
-__all__ = ["main", "load_config", "deep_merge", "EXPERIMENTS", "planned_outputs"]
+__all__ = ["main", "load_config", "deep_merge", "planned_outputs", "load_experiments"]
 
-EXPERIMENTS = {
-    "classifier": "defend.experiments.classifier",
-    "attacks": "defend.experiments.attacks",
-    "gap": "defend.experiments.gap",
-    "robust": "defend.experiments.robust",
-    "detector": "defend.experiments.detector",
-    "aid": "defend.experiments.aid",
-}
+
+def load_experiments() -> None:
+    """Import every module of this package, so each experiment registers itself (one module per experiment)."""
+    import pkgutil
+
+    from .. import experiments
+
+    for mod in pkgutil.iter_modules(experiments.__path__):
+        importlib.import_module(f"{experiments.__name__}.{mod.name}")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="defend experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run an experiment config end to end and write DIR/metrics.json, DIR/report.md and figures.",
-        epilog=EPILOG.format(names=", ".join(EXPERIMENTS)))
+        epilog=EPILOG.format(names=", ".join(EXPERIMENTS) or "(none loaded)"))
     parser.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                         help="experiment YAML; repeat to compose, later files win (e.g. an experiment, then a trainer "
                              "preset from configs/trainer/)")
-    parser.add_argument("--out", required=True, metavar="DIR", type=_out_dir,
+    parser.add_argument("--out", metavar="DIR", type=_out_dir,
                         help="output directory for metrics.json, report.md and figures (created; files are replaced "
                              "atomically; nothing is written when the config is invalid). The files a run writes "
                              "are listed in DIR/.defend-manifest.json; a later run replaces only those (unchanged "
@@ -119,49 +123,22 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config value by dotted path, after the files and --quick; the value is read "
                              "as YAML (e.g. --set attack.eps=0.02 --set evaluation.interpreters=[cam,grad]); "
                              "repeatable")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved, checked config (every default filled in) and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
-#: figures each experiment writes into --out (next to metrics.json and report.md)
-FIGURES = {"classifier": ["maps.png"], "attacks": ["maps.png"], "gap": ["gap.png"], "robust": ["robust.png"],
-           "aid": ["aid.png"], "detector": []}
-#: experiments that train (and save) the classifier when ``classifier.checkpoint`` is not a file to reuse
-USES_CLASSIFIER = ("classifier", "attacks", "gap", "detector", "aid")
+#: what every run writes beside the experiment's own outputs
+RUN_FILES = ("metrics.json", "report.md", "config.yaml", "provenance.json")
 
 
-def _will_train(section: dict[str, Any], default: Path) -> Path | None:
-    """Where a ``classifier:`` / ``rts:``-style section saves what it trains, or ``None`` when it reuses a file."""
-    ckpt = section.get("checkpoint")
-    if ckpt and Path(ckpt).is_file() and not section.get("retrain", False):
-        return None
-    return Path(ckpt) if ckpt else default
-
-
-def planned_outputs(name: str, cfg: dict[str, Any], out: Path, module: Any = None) -> list[Path]:
-    """The files experiment ``name`` will write for ``cfg``: ``metrics.json``, ``report.md``, its figure and the
-    checkpoints it trains (``classifier.pt``, ``rts.pt`` / ``rts_aid.pt``, the robust models' ``<name>.pt``).
+def planned_outputs(spec: Any, cfg: Any, out: Path) -> list[Path]:
+    """The files a run of ``spec`` with ``cfg`` will write: ``metrics.json``, ``report.md``, ``config.yaml``,
+    ``provenance.json`` and what the experiment declares (``spec.outputs``: its figures, the checkpoints it trains).
     Caches (hash-named entries, never replacing a file of the user's) and Lightning's versioned log folders are not
     listed; any write the list misses is still checked against the manifest when it happens."""
-    files = [out / "metrics.json", out / "report.md"] + [out / f for f in FIGURES.get(name, [])]
-    if name in USES_CLASSIFIER:
-        ccfg = dict(cfg.get("classifier") or {})
-        target = _will_train(ccfg, out / "classifier.pt")
-        if target is not None:
-            files.append(target)
-    if name == "aid":
-        files += [out / "rts.pt", out / "rts_aid.pt"]
-    if name == "detector":
-        dcfg = dict(cfg.get("detection") or {})
-        rts_opts = ((cfg.get("interpreter_options") or {}).get("rts") or {})
-        if "rts" in (dcfg.get("interpreters") or ["grad", "cam", "mask"]) and not rts_opts.get("network"):
-            target = _will_train(dict(cfg.get("rts") or {}), out / "rts.pt")
-            if target is not None:
-                files.append(target)
-    if name == "robust":
-        specs = cfg.get("models") or getattr(module, "DEFAULT_MODELS", [])
-        files += [out / f"{spec['name']}.pt" for spec in specs if isinstance(spec, dict) and "name" in spec]
-    return files
+    return [out / f for f in RUN_FILES] + [Path(p) for p in (spec.outputs(cfg, out) if spec.outputs else [])]
 
 
 def _out_dir(value: str) -> str:
@@ -175,44 +152,60 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _threads(cfg: Any) -> None:
+    """The config's ``threads:`` (torch's intra-op threads; results of some models depend on it), for every rank."""
+    if getattr(cfg, "threads", None):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+
+
+def _publish(spec: Any, cfg: Any, resolved: str, out: Path, args: argparse.Namespace, argv: list[str]) -> None:
+    """Rank 0: refuse to overwrite what the user made, run, then write the resolved config and the provenance."""
+    guard = OutputGuard(out, overwrite=args.overwrite)
+    guard.refuse(planned_outputs(spec, cfg, out))  # before anything trains or is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. permission denied: one line naming the directory
+        raise write_error(out, exc) from None
+    wall, start = time.time(), time.perf_counter()
+    noted_data(reset=True)
+    with guarded_outputs(guard):
+        spec.run(cfg, out, progress=not args.no_progress)
+        atomic_write_text(out / "config.yaml", resolved)
+        write_json(out / "provenance.json", provenance(wall, int(cfg.seed), noted_data(), ["defend", "experiment", *argv]))
+    print(f"[defend] experiment '{spec.name}' finished in {time.perf_counter() - start:.1f}s -> {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     from ..errors import USER_ERRORS, debug_enabled, one_line
-    from .preflight import preflight
 
+    load_experiments()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     try:
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.out is None and not args.print_config:
+            parser.error("the following arguments are required: --out")
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
-    out = Path(args.out)
-    created = False
+    out = Path(args.out or ".")
+    created = args.out is not None and not out.exists()
     try:
-        cfg = load_config(args.config, args.set, args.quick)
-        name = cfg.get("experiment")
-        if name not in EXPERIMENTS:
-            raise ValueError(f"unknown experiment {name!r} in {args.config}; choose one of: {', '.join(EXPERIMENTS)}")
-        module = importlib.import_module(EXPERIMENTS[name])
-        dm = preflight(cfg)
-        validate = getattr(module, "validate", None)
-        if callable(validate):
-            validate(cfg, dm)
-        cfg["output_dir"] = str(out)  # where rank 0 publishes (other ranks run in a scratch directory)
-        start = time.perf_counter()
+        raw = load_config(args.config, args.set, args.quick)
+        raw["output_dir"] = str(out)  # where rank 0 publishes (other ranks run in a scratch directory)
+        if args.print_config:  # resolved and type-checked; the data and checkpoints it names need not exist here
+            print(parse_experiment(raw, instantiate=False)[2], end="")
+            return 0
+        spec, cfg, resolved = parse_experiment(raw)
+        _threads(cfg)
         if is_global_zero():
-            guard = OutputGuard(out, overwrite=args.overwrite)
-            guard.refuse(planned_outputs(name, cfg, out, module))  # before anything trains or is written
-            created = not out.exists()
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:  # e.g. permission denied: one line naming the directory
-                raise write_error(out, exc) from None
-            with guarded_outputs(guard):
-                module.run(cfg, out, progress=not args.no_progress)
-            print(f"[defend] experiment '{name}' finished in {time.perf_counter() - start:.1f}s -> {out}")
+            _publish(spec, cfg, resolved, out, args, argv)
         else:  # DDP: the other ranks train / attack their shards; only rank 0 publishes into --out
             with tempfile.TemporaryDirectory(prefix="defend-rank-") as scratch:
-                module.run(cfg, Path(scratch), progress=False)
+                spec.run(cfg, Path(scratch), progress=False)
     except BaseException as exc:
         if created and _is_empty_dir(out):  # a run that failed before writing anything leaves no directory
             out.rmdir()
