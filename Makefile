@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check attacks defend tests benchmarks
 
 clean:
 	rm -rf runs/demo .pytest_cache

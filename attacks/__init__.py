@@ -13,13 +13,21 @@ Registries (filled where things are defined): :data:`INTERPRETERS`, :data:`FRAME
 """
 from __future__ import annotations
 
-from .adv2 import ADV2, AttackResult, make_term, random_targets
 from .adaptive import DetectorAwareTerm, Restarts, stack_channels
+from .adv2 import ADV2, AttackResult, make_term, random_targets
 from .edges import edge_weights, sobel_edges
 from .factory import ATTACKS, build_attack
 from .frameworks import CW, FRAMEWORKS, PGD, StAdv, ThreatModel, get_framework, pgd_maximise, quantise_linf
-from .interpreters import (INTERPRETERS, CAMInterpreter, GradInterpreter, Interpreter, MaskInterpreter,
-                           RTSInterpreter, RTSNetwork, get_interpreter)
+from .interpreters import (
+                           INTERPRETERS,
+                           CAMInterpreter,
+                           GradInterpreter,
+                           Interpreter,
+                           MaskInterpreter,
+                           RTSInterpreter,
+                           RTSNetwork,
+                           get_interpreter,
+)
 from .state import eval_mode, frozen
 from .terms import EnsembleTerm, InterpretationTerm, MapTerm
 from .topk import TopKAttack, TopKResult

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ class _Best:
         self.score = torch.full((n,), float("inf"), device=x.device)
         self.prob = torch.full((n,), -1.0, device=x.device)
 
-    def restart(self) -> "_Best":
+    def restart(self) -> _Best:
         """Keep the iterate and its success as a fallback, forget its score (a new stage scores anew)."""
         fresh = _Best(self.x)
         fresh.success, fresh.prob = self.success.clone(), self.prob.clone()

@@ -17,8 +17,9 @@ with frozen parameters (:func:`attacks.state.frozen`), where every convolution t
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F

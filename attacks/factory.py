@@ -7,7 +7,8 @@ framework (C&W and StAdv take ``framework_options``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .adv2 import ADV2
 from .interpreters import INTERPRETERS, Interpreter

@@ -40,6 +40,7 @@ class BatchAdam:
         return p.detach() - a * step_lr * mhat / (vhat.sqrt() + self.eps)
 
     def reset(self, which: Tensor) -> None:
+        """Forget the moments and step count of the examples where ``which`` (a bool ``[N]``) is set."""
         w = expand_like(which.to(self.m.dtype), self.m).bool()
         self.m = torch.where(w, torch.zeros_like(self.m), self.m)
         self.v = torch.where(w, torch.zeros_like(self.v), self.v)

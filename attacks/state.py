@@ -1,8 +1,8 @@
 """Context managers that leave the caller's modules exactly as they were."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -6,9 +6,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["random_patch_maps", "other_class_maps", "TARGET_KINDS"]
+__all__ = ["random_patch_maps", "other_class_maps"]
 
-TARGET_KINDS = ("benign", "patch", "other_class")
 
 
 def random_patch_maps(n: int, size: tuple[int, int], shape: str = "circle", area: tuple[float, float] = (0.05, 0.2),

@@ -14,8 +14,9 @@ and input derivatives, no wasted weight-gradient convolutions in the double back
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ class InterpretationTerm:
     wants_step_search: bool = False
     selects_on_refresh: bool = False
 
-    def __init__(self, interpreter: "Interpreter") -> None:
+    def __init__(self, interpreter: Interpreter) -> None:
         self.interpreter = interpreter
 
     @property

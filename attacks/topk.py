@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_images, check_positive
-from .state import frozen
 from .frameworks import PGD
 from .interpreters import Interpreter, get_interpreter
+from .state import frozen
 
 __all__ = ["TopKAttack", "TopKResult", "topk_mass", "topk_indices"]
 

@@ -26,8 +26,9 @@ import argparse
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,20 +220,20 @@ def step_seconds(model, x, target, variants: list[str], args: argparse.Namespace
     lo, hi = args.steps
     result: dict[str, float | Exception] = {}
     memory: dict[str, float] = {}
-    attacks = _prepare(model, x, target, variants, args, device, result, memory)
-    best = {v: {lo: float("inf"), hi: float("inf")} for v in attacks}
+    prepared = _prepare(model, x, target, variants, args, device, result, memory)
+    best = {v: {lo: float("inf"), hi: float("inf")} for v in prepared}
     for _ in range(args.repeats):
-        for variant in list(attacks):
+        for variant in list(prepared):
             try:
                 for s in (lo, hi):
-                    best[variant][s] = min(best[variant][s], timed(lambda: attacks[variant][s](model, x, target), device))
+                    best[variant][s] = min(best[variant][s], timed(lambda: prepared[variant][s](model, x, target), device))
             except Exception as exc:
                 result[variant] = exc
-                del attacks[variant], best[variant]
+                del prepared[variant], best[variant]
                 _release(device)
     for variant, t in best.items():
         result[variant] = max(t[hi] - t[lo], 1e-9) / (hi - lo)
-    del attacks
+    prepared.clear()
     _release(device)
     return result, memory
 

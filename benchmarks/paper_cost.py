@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attacks import ADV2, build_attack, frozen  # noqa: E402
 from attack_speed import device_name, load_model, make_batch, rts_interpreter, set_tf32, timed  # noqa: E402
+
+from attacks import ADV2, build_attack, frozen  # noqa: E402
 from defend.io import atomic_write_text, write_json  # noqa: E402
 
 #: ADV2 paper, Appendix B, Table 10 (PGD, ResNet): joint-stage steps and l_int weights (c of RTS: the tuned default)

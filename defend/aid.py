@@ -496,5 +496,6 @@ class AIDModule(DefenceModule):
         self.aid_steps = int(meta.get("aid_steps", 0)) if isinstance(meta, dict) else 0  # a resumed run keeps counting
 
     def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        """Save the RTS network alone as a safe artifact (:func:`save_rts`)."""
+        """Save the RTS network alone as a safe artifact (:func:`save_rts`; what ``load_rts`` and the ``rts``
+        paths of the experiments read)."""
         save_rts(self.rts, path, {**self.artifact_meta(), **(extra or {})})

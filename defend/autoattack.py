@@ -14,7 +14,6 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from attacks.checks import check_images, check_labels

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-__all__ = ["EpochSeed", "epoch_seed"]
+from .io import OutputConflictError, OutputGuard, guarded_outputs
+
+__all__ = ["EpochSeed", "epoch_seed", "ExportArtifact"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -56,3 +59,57 @@ class EpochSeed(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reseed(trainer)
+
+
+class ExportArtifact(pl.Callback):
+    """At the end of ``fit``, write the trained defence as the artifact every experiment reads
+    (:meth:`DefenceModule.export`: ``load_classifier`` / ``load_rts``), and say where each file went.
+
+    Args:
+        path: the artifact, e.g. ``checkpoints/digits_small_cnn.pt`` (what ``configs/experiments/*`` reuse).
+        weights: ``best`` (the weights of the best checkpoint of a monitored ``ModelCheckpoint``; the final weights
+            when there is none) or ``last`` (the final weights).
+        overwrite: replace a file at ``path`` that defend did not write (or that changed since); without it the run
+            refuses before training (the manifest ``.defend-manifest.json`` beside the artifact lists defend's files).
+    """
+
+    def __init__(self, path: str, weights: str = "best", overwrite: bool = False) -> None:
+        if weights not in ("best", "last"):
+            raise ValueError(f"ExportArtifact weights must be 'best' or 'last', got {weights!r}")
+        self.path, self.weights, self.overwrite = Path(path), weights, bool(overwrite)
+
+    def _guard(self) -> OutputGuard:
+        return OutputGuard(self.path.parent, overwrite=self.overwrite)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # refuse before any training, not after it
+            if self._guard().conflicts([self.path]):
+                raise OutputConflictError(
+                    f"refusing to overwrite {self.path}: defend did not write it (or it changed since); move it away, "
+                    "export elsewhere (ExportArtifact init_args.path) or set ExportArtifact init_args.overwrite: true")
+
+    def _best(self, trainer: pl.Trainer) -> str | None:
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None) and getattr(cb, "best_model_path", ""):
+                return str(cb.best_model_path)
+        return None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        best = self._best(trainer) if self.weights == "best" else None
+        current = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        try:
+            if best:
+                from .checks import load_checkpoint_file
+
+                pl_module.load_state_dict(load_checkpoint_file(best)["state_dict"])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with guarded_outputs(self._guard()):
+                pl_module.export(self.path)
+        finally:
+            pl_module.load_state_dict(current)
+        for folder in dict.fromkeys(str(cb.dirpath) for cb in trainer.checkpoint_callbacks):
+            print(f"[defend] Lightning checkpoints (resume with --ckpt_path last): {folder}")
+        print(f"[defend] exported the trained {getattr(pl_module, 'artifact_kind', 'model')} to {self.path} "
+              f"({'weights of ' + best if best else 'final weights'})")

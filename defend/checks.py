@@ -18,16 +18,17 @@ never changes the configured model. The CLI hands Lightning that resolved file, 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from .classifier import plain, state_differences, value_differences
 from .data.base import BaseDataModule
 from .data.batch import IMAGE, check_batch
-from .classifier import plain, state_differences, value_differences
 from .io import CheckpointError
 from .models import GapClassifier
 
@@ -160,8 +161,8 @@ def resolve_ckpt_path(value: Any, trainer: Any, stage: str = "fit") -> Path | No
     resolved here so that it goes through the same checks."""
     connector = getattr(trainer, "_checkpoint_connector", None)
     if value is None:
-        from pytorch_lightning.callbacks import OnExceptionCheckpoint
         from lightning_fabric.plugins.environments import SLURMEnvironment
+        from pytorch_lightning.callbacks import OnExceptionCheckpoint
 
         if stage == "fit" and any(isinstance(cb, OnExceptionCheckpoint) for cb in getattr(trainer, "callbacks", [])):
             files, _ = _last_candidates(trainer)

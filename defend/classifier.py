@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ def effective_options(arch: str, options: Mapping[str, Any] | None) -> dict[str,
     """``model_options`` of ``arch`` with the architecture's defaults filled in, as plain values; ``pretrained`` is
     dropped (it picks the initial weights, not the model)."""
     opts = {k: v for k, v in dict(options or {}).items() if k != "pretrained"}
-    builder = ARCHITECTURES.get(str(arch))
+    builder = ARCHITECTURES.get(str(arch)) if str(arch) in ARCHITECTURES else None
     if builder is not None:
         for name, param in inspect.signature(builder).parameters.items():
             if name in ("num_classes", "pretrained") or param.default is inspect.Parameter.empty:
@@ -186,6 +187,15 @@ class ClassifierModule(DefenceModule):
         """The classifier's description (:meth:`GapClassifier.describe`) and its ``model_options``."""
         return {**self.model.describe(), "model_options": dict(self.hparams.model_options or {})}
 
+    def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """The classifier artifact (:func:`save_classifier`; what ``classifier.checkpoint`` of the experiments reads),
+        with what the checkpoint metadata records (e.g. the robust training recipe) and ``extra``."""
+        meta = self.artifact_meta()
+        options = {k: v for k, v in (meta.pop("model_options") or {}).items() if k != "pretrained"}
+        described = self.model.describe()
+        save_classifier(self.model, path, options,
+                        extra={**{k: v for k, v in meta.items() if k not in described}, **(extra or {})})
+
 
 def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head: bool = False,
                          model_options: Mapping[str, Any] | None = None) -> None:
@@ -240,7 +250,7 @@ def load_reused_classifier(path: str | os.PathLike, ccfg: Mapping[str, Any], num
     """The classifier an experiment reuses from ``classifier.checkpoint``: it must be the one the config's
     ``classifier:`` section (``ccfg``) describes (``arch``, default ``small_cnn``, or ``resnet50`` with
     ``train: false``; ``model_options`` with the architecture's defaults filled in) and fit the data; shared by
-    the preflight check and the experiments, so both refuse the same files with the same message."""
+    the config check and the experiment run, so both refuse the same files with the same message."""
     default = "resnet50" if ccfg.get("train", True) is False else "small_cnn"
     return load_classifier(path, num_classes=num_classes, input_size=input_size, arch=ccfg.get("arch") or default,
                            model_options=ccfg.get("model_options") or {},

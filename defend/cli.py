@@ -2,7 +2,9 @@
 
 - ``defend fit|validate|test|predict -c configs/<x>.yaml``: LightningCLI over any defence module + data module;
 - ``defend experiment -c configs/experiments/<name>.yaml [-c configs/trainer/<preset>.yaml] --out DIR``:
-  run a table end to end (metrics.json, report.md, figures).
+  run a table end to end (metrics.json, report.md, figures);
+- ``defend evaluate --classifier PATH [--rts PATH] [--detector DIR] [--data SPEC] --out DIR``: measure a defended
+  system and write its model card (card.json, report.md, tables, figures, adversarial sets).
 
 Errors a user can cause (bad config values, unusable data or checkpoints) print one line,
 ``defend <command>: error: <what is wrong>``, and exit with status 2.
@@ -10,11 +12,11 @@ Errors a user can cause (bad config values, unusable data or checkpoints) print 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "HELP"]
 
-HELP = """usage: defend {fit,validate,test,predict,experiment} [options]
+HELP = """usage: defend {fit,validate,test,predict,experiment,evaluate} [options]
 
 Defence training for interpretable deep learning systems (IDLS = classifier + interpreter).
 
@@ -41,6 +43,14 @@ commands:
               --quick             apply the config's `quick:` section (small, fast run)
               --set KEY=VALUE     override a config value by dotted path (repeatable), e.g. --set attack.eps=0.02
               --no-progress       hide progress bars
+  evaluate    measure a defended system and write its model card (card.json, report.md, CSV tables, figures,
+              the adversarial sets it crafted):
+                defend evaluate --classifier checkpoints/digits_small_cnn.pt --battery quick --out runs/card
+              --classifier PATH   the classifier artifact          --rts PATH       an RTS interpreter artifact
+              --detector DIR      a saved detector directory       --data SPEC      digits | folder:PATH | FILE.yaml
+              --battery NAME|FILE quick, standard or a YAML file   --set KEY=VALUE  override a battery value
+              --inputs DIR        re-score on the adversarial sets of an earlier --out (no attack is run)
+              --out DIR           output directory; nothing is written when an input is invalid (--overwrite)
 
 Errors print one line (`defend <command>: error: ...`) and exit with status 2; DEFEND_DEBUG=1 shows tracebacks.
 Run `defend <command> --help` for every option of a command.
@@ -57,6 +67,9 @@ def _lightning_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .errors import quiet_lightning
+
+    quiet_lightning()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
@@ -64,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .experiments.runner import main as run_experiment
 
         return run_experiment(argv[1:])
+    if argv[0] == "evaluate":
+        from .evaluate import main as run_evaluate
+
+        return run_evaluate(argv[1:])
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"defend: unknown command '{argv[0]}'\n\n{HELP}", file=sys.stderr)
         return 2

@@ -10,20 +10,24 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments.runner import EXPERIMENTS
+from .errors import quiet_lightning
+from .experiments.config import EXPERIMENTS
+from .experiments.runner import load_experiments
 from .experiments.runner import main as run_experiment
 
 __all__ = ["main", "DEMO_EXPERIMENTS"]
 
 #: embedded experiments in the order they build on each other
-DEMO_EXPERIMENTS = ["classifier", "attacks", "gap", "aid", "robust", "detector"]
+DEMO_EXPERIMENTS = ["classifier", "attacks", "gap", "aid", "robust", "detector", "scorecard"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m defend.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="output root (default runs/demo)")
     args = parser.parse_args(argv)
+    quiet_lightning()
     start = time.perf_counter()
+    load_experiments()
     for name in DEMO_EXPERIMENTS:
         cfg = Path("configs/experiments") / f"{name}.yaml"
         if name not in EXPERIMENTS or not cfg.is_file():

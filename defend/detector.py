@@ -18,8 +18,9 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,8 +30,15 @@ from torch import Tensor, nn
 
 from attacks import eval_mode
 
-from .io import (CheckpointError, atomic_write_bytes, load_artifact, load_state_checked, save_artifact, write_error,
-                 write_json)
+from .io import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_artifact,
+    load_state_checked,
+    save_artifact,
+    write_error,
+    write_json,
+)
 from .models.imagenet import vgg16
 from .module_base import DefenceModule, Optimiser
 
@@ -232,7 +240,7 @@ class DetectorModule(DefenceModule):
         write_json(d / "detector.json", {**info, "sha256": _json_digest(info)})
 
     @classmethod
-    def load(cls, directory: str | Path) -> "DetectorModule":
+    def load(cls, directory: str | Path) -> DetectorModule:
         """Rebuild a saved detector: ``torch.load(weights_only=True)`` and XGBoost JSON, no unpickling.
 
         Every file is checked against the sha256 that ``detector.json`` lists for it (and ``detector.json``
@@ -411,7 +419,7 @@ class FeatureSqueezer:
         self.model.train(was)
         return torch.cat(scores)
 
-    def fit(self, x: Tensor, labels: Tensor) -> "FeatureSqueezer":
+    def fit(self, x: Tensor, labels: Tensor) -> FeatureSqueezer:
         self.threshold = best_threshold(self.score(x), labels)
         return self
 

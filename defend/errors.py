@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import logging
 import os
 import re
 import sys
-from typing import Iterable
+import warnings
+from collections.abc import Iterable
 
-__all__ = ["USER_ERRORS", "one_line", "did_you_mean", "debug_enabled"]
+__all__ = ["USER_ERRORS", "one_line", "did_you_mean", "debug_enabled", "quiet_lightning"]
 
 # ValueError covers CheckpointError, jsonargparse's instantiation errors and the input checks of the attack core;
 # TypeError a config key a class does not accept; KeyError a missing config key; OSError unreadable files.
@@ -117,3 +119,20 @@ def one_line(exc: BaseException) -> str:
     if text:
         text += did_you_mean(text, getattr(exc, "valid_keys", None))
     return text or type(exc).__name__
+
+
+#: Lightning's messages that say nothing about the run (a cloud-logger advertisement, a deprecation inside
+#: Lightning itself); every other message and warning is kept
+_LIGHTNING_NOISE = ("💡 Tip:", "`isinstance(treespec, LeafSpec)` is deprecated")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertisement and its own deprecation noise from the command line's output."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -13,13 +13,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MaxMetric, SumMetric
 from tqdm.auto import tqdm
 
-from attacks.state import frozen
 from attacks.adv2 import ADV2
 from attacks.interpreters import Interpreter
-
-from torchmetrics import MaxMetric, SumMetric
+from attacks.state import frozen
 
 from .io import Undescribable, cache_notice, load_cache_entry, save_cache_entry, settings_digest, state_digest
 from .metrics import AttackSuccessRate, MapDistance, MisclassificationConfidence, NoiseRate, TopKIoU

@@ -2,8 +2,8 @@
 (matplotlib, Agg backend, written atomically through :func:`defend.io.atomic_path`)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -28,7 +28,7 @@ def _cell(ax, t: Tensor, cmap: str):
     return ax.imshow(t.permute(1, 2, 0).clamp(0, 1).numpy())
 
 
-def map_grid(path: Path, columns: Sequence[tuple[str, Tensor]], rows: int, row_labels: Sequence[str] | None = None,
+def map_grid(path: str | Path, columns: Sequence[tuple[str, Tensor]], rows: int, row_labels: Sequence[str] | None = None,
              title: str | None = None, cmap: str = "jet", cbar_label: str = "attribution (normalised)") -> None:
     """One column per ``(title, batch)``, a batch being images ``[N, 3, H, W]`` or maps ``[N, 1, H, W]``; one row per
     example (``row_labels``: e.g. ``"3 (three) -> 8 (eight)"``), a colour bar for the maps, readable titles."""
@@ -51,10 +51,10 @@ def map_grid(path: Path, columns: Sequence[tuple[str, Tensor]], rows: int, row_l
         bar = fig.colorbar(artist, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
         bar.set_label(cbar_label, fontsize=_FONT)
         bar.ax.tick_params(labelsize=_FONT - 1)
-    _save(fig, path, path.suffix.lstrip(".") or "png")
+    _save(fig, path, Path(path).suffix.lstrip(".") or "png")
 
 
-def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
+def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
               title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for name, ys in series.items():
@@ -68,7 +68,7 @@ def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]]
     _save(fig, path, "png")
 
 
-def roc_plot(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float], float]], title: str = "") -> None:
+def roc_plot(path: str | Path, curves: dict[str, tuple[Sequence[float], Sequence[float], float]], title: str = "") -> None:
     """ROC curves ``{label: (false-positive rates, true-positive rates, AUC)}`` with the 1 % and 5 % FPR marks."""
     fig, ax = plt.subplots(figsize=(5.0, 4.5))
     for label, (fpr, tpr, auc) in curves.items():
@@ -85,7 +85,7 @@ def roc_plot(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float
     _save(fig, path, "png")
 
 
-def bar_chart(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
+def bar_chart(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
               title: str = "") -> None:
     """Grouped bars: one group per entry of ``groups`` (e.g. a defence), one bar per series (e.g. an attack)."""
     width = 0.8 / max(len(series), 1)
@@ -103,11 +103,11 @@ def bar_chart(path: Path, groups: Sequence[str], series: dict[str, Sequence[floa
     _save(fig, path, "png")
 
 
-def _save(fig, path: Path, fmt: str) -> None:
+def _save(fig, path: str | Path, fmt: str) -> None:
     """Write ``fig`` atomically (mode ``0o666 & ~umask``; a full disk is a one-line ``cannot write <file>`` error
     with no partial file left) and close it whatever happens."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(Path(path)) as tmp:
             fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)

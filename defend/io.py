@@ -20,10 +20,11 @@ import sys
 import tempfile
 import threading
 import types
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -152,7 +153,7 @@ def atomic_path(path: str | os.PathLike, *, guard: bool = True) -> Iterator[Path
     file is always removed and the previous ``path`` (if any) left intact. ``guard=False`` (caches, the manifest)
     bypasses the active :class:`OutputGuard`."""
     path = Path(path)
-    active = _GUARD if guard else None
+    active = [g for g in _active_guards() if g.covers(path)] if guard else []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -166,8 +167,9 @@ def atomic_path(path: str | os.PathLike, *, guard: bool = True) -> Iterator[Path
             os.chmod(tmp, _new_file_mode(path))
             yield tmp
             _fsync(tmp)
-            if active is not None and active.covers(path):
-                active.check(path)
+            for g in active:
+                g.check(path)
+            if active:
                 digest = file_sha256(tmp)
             os.replace(tmp, path)
         except (OutputConflictError, WriteError):
@@ -175,7 +177,8 @@ def atomic_path(path: str | os.PathLike, *, guard: bool = True) -> Iterator[Path
         except OSError as exc:
             raise _write_error(path, exc) from None
         if digest is not None:
-            active.record(path, digest)
+            for g in active:
+                g.record(path, digest)
     finally:
         try:
             os.unlink(tmp)
@@ -278,21 +281,34 @@ class OutputGuard:
 _GUARD: OutputGuard | None = None
 
 
+_OUTER: list[OutputGuard] = []  # guards whose blocks enclose the active one's (a run inside a run)
+
+
 @contextmanager
 def guarded_outputs(guard: OutputGuard) -> Iterator[OutputGuard]:
-    """Make ``guard`` check and record every :func:`atomic_path` write into its directory while the block runs."""
+    """Make ``guard`` check and record every :func:`atomic_path` write into its directory while the block runs.
+    Nested blocks (``defend evaluate`` inside an experiment) keep the enclosing guards: a write is checked against
+    and recorded in every active guard whose directory holds it, so a later run of the outer one owns it too."""
     global _GUARD
     previous, _GUARD = _GUARD, guard
+    if previous is not None:
+        _OUTER.append(previous)
     try:
         yield guard
     finally:
+        if previous is not None:
+            _OUTER.pop()
         _GUARD = previous
 
 
+def _active_guards() -> list[OutputGuard]:
+    return ([_GUARD] if _GUARD is not None else []) + [g for g in reversed(_OUTER) if g is not _GUARD]
+
+
 def refuse_conflicts(*paths: str | os.PathLike) -> None:
-    """Check several outputs against the active guard at once (so a pair is written entirely or not at all)."""
-    if _GUARD is not None:
-        _GUARD.refuse(paths)
+    """Check several outputs against the active guards at once (so a pair is written entirely or not at all)."""
+    for g in _active_guards():
+        g.refuse(paths)
 
 
 # --------------------------------------------------------------------------------------------- digests

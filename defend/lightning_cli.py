@@ -15,15 +15,14 @@ before the Trainer starts, and Lightning gets that file with ``weights_only=True
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning.cli import LightningCLI
 
 from .callbacks import EpochSeed
-from .checks import (CKPT_KEYWORDS, check_model_data, check_schedule, checkpoint_for_run,
-                     load_checkpoint_file)
+from .checks import CKPT_KEYWORDS, check_model_data, check_schedule, checkpoint_for_run, load_checkpoint_file
 
 __all__ = ["DefendCLI", "run_lightning_cli", "SUBCOMMANDS", "FIT_EPILOG"]
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Literal, Mapping, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -190,7 +192,7 @@ class FrozenModule(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "FrozenModule":
+    def train(self, mode: bool = True) -> FrozenModule:
         return super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -257,6 +259,10 @@ class DefenceModule(pl.LightningModule):
     def artifact_meta(self) -> dict[str, Any]:
         """What a checkpoint of this module describes besides its kind and version (plain data)."""
         return {}
+
+    def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Write the trained defence as the safe artifact the experiments and ``load_*`` read (atomic write)."""
+        raise NotImplementedError(f"{type(self).__name__} has no artifact to export")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["idls_meta"] = {"kind": self.artifact_kind, "version": project_version(), **self.artifact_meta()}

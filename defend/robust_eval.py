@@ -12,19 +12,19 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.state import frozen
 from attacks.frameworks import PGD, pgd_maximise
 from attacks.interpreters import Interpreter
+from attacks.state import frozen
 from attacks.topk import TopKAttack
 
-from .metrics import (CentreOfMassShift, KendallTau, MapCosineSimilarity, MaxSensitivity, SpearmanRho,
-                      TopKIntersection)
+from .metrics import CentreOfMassShift, KendallTau, MapCosineSimilarity, MaxSensitivity, SpearmanRho, TopKIntersection
 from .robust import discrepancy, maps_and_logits
 
 __all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "craft_interpretation_attack",

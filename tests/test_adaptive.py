@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import train_tiny_classifier
 from torch import nn
 
 from attacks import RTSInterpreter, RTSNetwork, build_attack, get_interpreter, random_targets, stack_channels
 from attacks.adaptive import DetectorAwareTerm, Restarts
-from defend.metrics import map_l1
-
-from _tiny import train_tiny_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ("cam", "grad")

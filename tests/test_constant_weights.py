@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.state import frozen
 from attacks.constant_weights import constant_weights
+from attacks.state import frozen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defend.data.cifar import CIFAR10_CLASSES
 from defend.data import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -19,6 +18,7 @@ from defend.data import (
     build_datamodule,
     check_batch,
 )
+from defend.data.cifar import CIFAR10_CLASSES
 
 SPLITS = ("train", "val", "test")
 

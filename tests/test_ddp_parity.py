@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ddp import run_defend
+from _tiny import train_tiny_classifier
 
 from defend.classifier import save_classifier
 from defend.data import DigitsDataModule
 from defend.distributed import shard_draw
-
-from _ddp import run_defend
-from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -117,6 +116,7 @@ def test_aid_ddp_matches_one_process(tmp_path, tiny_clf):
     """RTS objective (random replacement coin, noise) and AID steps (random targets, inner ADV2, success-weighted
     l_aid) on alternate batches: the trained RTS is the same on 2 processes as on 1."""
     extra = [f"--model.init_args.classifier={tiny_clf}", "--model.init_args.width=8", "--model.init_args.aid.every=2",
+             "--model.init_args.init_from=null", "--model.init_args.aid.anchor_weight=0",
              "--model.init_args.attack.warm_steps=3", "--model.init_args.attack.steps=3",
              "--model.init_args.val_attack_batches=0", "--model.init_args.objective.fake_label_prob=0.2"]
     cfg = CONFIGS / "aid" / "digits_aid.yaml"

@@ -19,13 +19,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from _tiny import train_tiny_classifier
 
 from attacks import build_attack, random_targets
 from attacks.interpreters import get_interpreter
 from defend.evaluation import check_adversarial
 from defend.metrics import map_l1
-
-from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -153,7 +152,7 @@ def fit(config: str, device: torch.device, tmp: Path, extra: list[str]) -> tuple
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     devices = f"[{device.index}]" if device.index is not None else "1"
     init_path = tmp / "initial.pt"
-    callback = '{"class_path": "test_device.SaveInitialWeights", "init_args": {"path": "%s"}}' % init_path.as_posix()
+    callback = f'{{"class_path": "test_device.SaveInitialWeights", "init_args": {{"path": "{init_path.as_posix()}"}}}}'
     cmd = [sys.executable, "-m", "defend.cli", "fit", "-c", str(ROOT / config),
            f"--trainer.accelerator={accelerator}", f"--trainer.devices={devices}", "--trainer.max_epochs=1",
            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -189,7 +188,9 @@ def classifier_file(tmp_path_factory) -> Path:
 
 
 def test_aid_training_step_on_device(device, classifier_file, tmp_path):
-    init, ckpt = fit("configs/aid/digits_aid.yaml", device, tmp_path, [f"--model.classifier={classifier_file}"])
+    init, ckpt = fit("configs/aid/digits_aid.yaml", device, tmp_path, [f"--model.classifier={classifier_file}",
+                                                                       "--model.init_from=null", "--model.aid.anchor_weight=0",
+                                                                       "--model.aid.every=2"])
     assert torch.device(init["device"]).type == device.type, init["device"]
     n, total = changed(init["state"], ckpt["state_dict"], "rts.")
     assert n > 0, f"none of the {total} RTS tensors changed in 2 training steps"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import train_tiny_classifier
 
 from attacks import build_attack, random_targets
 from attacks.frameworks import grid_levels, quantise_linf
-
-from _tiny import train_tiny_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

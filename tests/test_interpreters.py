@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.state import eval_mode, frozen
 from attacks.interpreters import (
     CAMInterpreter,
     GradInterpreter,
@@ -22,6 +21,7 @@ from attacks.interpreters import (
 )
 from attacks.interpreters.surrogate import SurrogateReLU, smooth_relu_grad
 from attacks.optim import BatchAdam
+from attacks.state import eval_mode, frozen
 from defend.models import GapClassifier
 from defend.models.small import small_cnn
 

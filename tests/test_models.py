@@ -10,7 +10,6 @@ from defend.models import ARCHITECTURES, GapClassifier, Normalize, build_classif
 from defend.models.imagenet import IMAGENET_MEAN, IMAGENET_STD, densenet169, resnet50, vgg16
 from defend.models.small import CIFAR_MEAN, CIFAR_STD, wide_resnet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -19,8 +19,16 @@ from defend.classifier import ClassifierModule, save_classifier
 from defend.detector import DetectorModule
 from defend.io import CheckpointError, project_version
 from defend.models import build_classifier
-from defend.module_base import (MIN_ONE_CYCLE_STEPS, DefenceModule, FrozenModule, Optimiser, as_options,
-                                build_optimiser, build_scheduler, one_cycle_steps)
+from defend.module_base import (
+    MIN_ONE_CYCLE_STEPS,
+    DefenceModule,
+    FrozenModule,
+    Optimiser,
+    as_options,
+    build_optimiser,
+    build_scheduler,
+    one_cycle_steps,
+)
 from defend.robust import InnerMaximisation, RobustClassifierModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import train_tiny_classifier
+from test_device import resolve_device
 
 from attacks import ADV2, build_attack, random_targets
 from attacks.interpreters import get_interpreter
 from defend.metrics import map_l1
-
-from _tiny import train_tiny_classifier
-from test_device import resolve_device
 
 
 @pytest.fixture(scope="module")

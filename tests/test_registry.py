@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import train_tiny_classifier
 from torch import nn
 
 import attacks
@@ -17,8 +18,6 @@ from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, get_framewo
 from attacks.interpreters import CAMInterpreter, GradCAM, GradInterpreter, IntegratedGradients, RTSNetwork, SmoothGrad
 from defend.metrics import map_l1
 from defend.models import GapClassifier
-
-from _tiny import train_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

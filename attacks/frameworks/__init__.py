@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .base import FRAMEWORKS, ThreatModel, grid_levels, quantise, quantise_linf
-from .pgd import PGD, pgd_maximise  # noqa: I001 - registration order: pgd, cw, stadv
+# importing registers: the order of the registry is pgd, cw, stadv (ruff keeps this order: per-file-ignores I001)
+from .pgd import PGD, pgd_maximise
 from .cw import CW
 from .stadv import StAdv, flow_loss, flow_warp
 

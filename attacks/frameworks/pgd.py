@@ -1,7 +1,7 @@
 """PGD in the L-inf ball (Madry et al.), as used by ADV2 / AdvEdge (Eqn 4 / Eqn 10)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

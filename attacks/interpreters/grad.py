@@ -39,7 +39,7 @@ class GradInterpreter(Interpreter):
         self.score = score
         self.surrogate_tau = surrogate_tau
 
-    def with_surrogate(self, tau: float = 1e-4) -> "GradInterpreter":
+    def with_surrogate(self, tau: float = 1e-4) -> GradInterpreter:
         return GradInterpreter(self.score, tau)
 
     def explain_with_logits(self, model: nn.Module, x: Tensor, target: Tensor, *,
@@ -64,7 +64,7 @@ class GradInterpreter(Interpreter):
         g = self if self.surrogate_tau is not None else self.with_surrogate()
         return g.explain(model, x, target, create_graph=True)
 
-    def attack_term(self, tau: float = 1e-4) -> "GradTerm":
+    def attack_term(self, tau: float = 1e-4) -> GradTerm:
         return GradTerm(self, tau)
 
     def __repr__(self) -> str:

@@ -9,13 +9,12 @@ with ``M`` the mask upsampled to the image. The attribution map is the deleted r
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from contextlib import nullcontext
-from typing import Any
 
 from ..constant_weights import constant_weights
 from ..optim import BatchAdam
@@ -115,7 +114,7 @@ class MaskInterpreter(Interpreter):
     def normalise(self, m: Tensor) -> Tensor:
         return m.clamp(0, 1)
 
-    def attack_term(self, **options: Any) -> "MaskTerm":
+    def attack_term(self, **options: Any) -> MaskTerm:
         """ADV2's bilevel MASK term (Algorithm 1); ``options`` are :class:`MaskTerm`'s."""
         return MaskTerm(self, **options)
 

@@ -20,7 +20,8 @@ It is trained on :func:`attacks.interpreters.rts_objective.rts_objective` (ADV2 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,7 @@ class RTSInterpreter(Interpreter):
     def normalise(self, m: Tensor) -> Tensor:
         return m.clamp(0, 1)  # already a mask in [0, 1]: no min-max stretching
 
-    def attack_term(self) -> "RTSTerm":
+    def attack_term(self) -> RTSTerm:
         """The ADV2 term against this interpreter (section 3.4): map MSE + ``enc_weight`` x encoder CE."""
         return RTSTerm(self, self.enc_weight)
 

@@ -7,8 +7,8 @@ which is differentiable, so second derivatives are non-zero.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +24,18 @@ def smooth_relu_grad(z: Tensor, tau: float) -> Tensor:
     return torch.where(z < 0, 1 + s, s)
 
 
-class SurrogateReLU(torch.autograd.Function):
-    """Forward: exact ReLU. Backward: ``grad * h(z)``, itself differentiable (double backward works)."""
+class _ExactReLU(torch.autograd.Function):
+    """Forward: the exact ReLU, keeping ``z`` and ``tau`` for a surrogate backward (defined by the subclasses)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, tau: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(z)
         ctx.tau = tau
         return z.clamp_min(0)
+
+
+class SurrogateReLU(_ExactReLU):
+    """Forward: exact ReLU. Backward: ``grad * h(z)``, itself differentiable (double backward works)."""
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -59,19 +63,13 @@ class _SmoothStep(torch.autograd.Function):
         return grad * smooth_relu_grad_derivative(z, ctx.tau), None
 
 
-class ExactFirstOrderReLU(torch.autograd.Function):
+class ExactFirstOrderReLU(_ExactReLU):
     """Forward and first derivative exact; second derivative ``h'(z)`` from the surrogate.
 
     With it one forward pass serves both the prediction loss (exact gradient) and the exact GRAD map,
     whose input gradient is non-zero through the surrogate's curvature. Its second derivative equals
     that of :class:`SurrogateReLU`.
     """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, tau: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(z)
-        ctx.tau = tau
-        return z.clamp_min(0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..distributed import rank_world
-
 from .batch import IMAGE, INDEX, LABEL, MASK
 
 __all__ = ["TensorImageDataset", "BaseDataModule", "EpochShuffleSampler"]
@@ -64,8 +64,8 @@ class TensorImageDataset(Dataset):
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
-        masks: Optional[torch.Tensor] = None,
-        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        masks: torch.Tensor | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -113,12 +113,12 @@ class BaseDataModule(pl.LightningDataModule):
         self.num_classes: int = 0
         self.image_shape: tuple[int, int, int] = (3, 0, 0)
         self.class_names: list[str] = []
-        self._datasets: Optional[tuple[Dataset, Dataset, Dataset]] = None
+        self._datasets: tuple[Dataset, Dataset, Dataset] | None = None
 
     def _build(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Build the datasets once (idempotent)."""
         if self._datasets is None:
             self._datasets = self._build()

@@ -12,7 +12,7 @@ After default collation a batch has the same keys with a leading batch dimension
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import codecs
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ class CIFAR10DataModule(BaseDataModule):
             CIFAR10(str(self.root), train=False, download=True)
         self._check_files()
 
-    def _train_transform(self) -> Optional[transforms.Compose]:
+    def _train_transform(self) -> transforms.Compose | None:
         if not self.augment:
             return None
         return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])

@@ -9,7 +9,7 @@ Splits are made by *source* digit, so no source digit appears in two splits.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ class DigitsDataModule(BaseDataModule):
         num_workers: int = 0,
         renders_per_digit: Sequence[int] = (4, 2, 2),
         split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
-        limit_test: Optional[int] = None,
+        limit_test: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if len(renders_per_digit) != 3 or min(renders_per_digit) < 1:
@@ -204,8 +204,8 @@ class DigitsDataModule(BaseDataModule):
         self.num_classes = 10
         self.image_shape = (3, self.image_size, self.image_size)
         self.class_names = [str(i) for i in range(10)]
-        self._renderer: Optional[EmbeddedDigits] = None
-        self._sources: Optional[dict[str, np.ndarray]] = None
+        self._renderer: EmbeddedDigits | None = None
+        self._sources: dict[str, np.ndarray] | None = None
 
     def _split_sources(self, num_sources: int) -> dict[str, np.ndarray]:
         perm = np.random.default_rng([self.seed, 0]).permutation(num_sources)

@@ -17,8 +17,8 @@ seeded split.  Images are loaded lazily with PIL and turned into RGB in [0, 1] (
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def scan_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> tuple[list[str], list[Path], list[int]]:
+def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
     """List ``(class_names, files, labels)`` under ``root/<class>/``; raise ``ValueError`` if empty."""
     dirs = _class_dirs(root)
     names = [d.name for d in dirs] if class_names is None else list(class_names)
@@ -192,7 +192,7 @@ class ImageFolderDataModule(BaseDataModule):
         self,
         root: str,
         image_size: int = 224,
-        resize: Optional[int] = None,
+        resize: int | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         val_fraction: float = 0.1,

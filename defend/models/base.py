@@ -6,12 +6,17 @@ lives inside the model. Because the head is linear on globally average-pooled fe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalize", "GapClassifier"]
+from attacks.registry import Registry
+
+__all__ = ["Normalize", "GapClassifier", "ARCHITECTURES"]
+
+#: classifier builders by name (``@ARCHITECTURES.register("name")`` where each is defined)
+ARCHITECTURES: Registry = Registry("model")
 
 
 class Normalize(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from .base import GapClassifier
+from .base import ARCHITECTURES, GapClassifier
 
 __all__ = ["resnet50", "densenet169", "vgg16", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -39,6 +39,7 @@ def _head(net: GapClassifier, fc: nn.Linear, num_classes: int) -> None:
         net.head.load_state_dict(fc.state_dict())
 
 
+@ARCHITECTURES.register("resnet50")
 def resnet50(num_classes: int = 1000, pretrained: str | None = None, input_size: int = 224) -> GapClassifier:
     """torchvision ResNet-50; CAM on ``layer4`` (7x7 at 224 px)."""
     net = tvm.resnet50(weights=None)
@@ -50,6 +51,7 @@ def resnet50(num_classes: int = 1000, pretrained: str | None = None, input_size:
     return model
 
 
+@ARCHITECTURES.register("densenet169")
 def densenet169(num_classes: int = 1000, pretrained: str | None = None, input_size: int = 224) -> GapClassifier:
     """torchvision DenseNet-169 split after each transition; CAM on the final ReLU(norm5) features."""
     net = tvm.densenet169(weights=None)
@@ -67,6 +69,7 @@ def densenet169(num_classes: int = 1000, pretrained: str | None = None, input_si
     return model
 
 
+@ARCHITECTURES.register("vgg16")
 def vgg16(num_classes: int = 1000, pretrained: str | None = None, input_size: int = 224, in_channels: int = 3) -> GapClassifier:
     """VGG-16 convolutional trunk without its last max-pool (14x14 at 224 px), then GAP -> linear (VGG-GAP).
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import GapClassifier
+from .base import ARCHITECTURES, GapClassifier
 
 __all__ = ["small_cnn", "resnet18_cifar", "wide_resnet"]
 
@@ -17,6 +17,7 @@ def _conv_bn(cin: int, cout: int, stride: int = 1, batchnorm: bool = True) -> li
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
+@ARCHITECTURES.register("small_cnn")
 def small_cnn(num_classes: int = 10, width: int = 32, input_size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD,
               batchnorm: bool = True) -> GapClassifier:
     """Three conv stages (w, 2w, 4w channels) at 32, 16 and 8 px: CAM is 8x8 for 32 px inputs.
@@ -60,6 +61,7 @@ def _layer(cin: int, cout: int, blocks: int, stride: int, **kw) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+@ARCHITECTURES.register("resnet18_cifar")
 def resnet18_cifar(num_classes: int = 10, width: int = 64, input_size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD) -> GapClassifier:
     """ResNet-18 for 32 px inputs (3x3 stem, no max-pool); CAM is 4x4."""
     w = width
@@ -74,6 +76,7 @@ def resnet18_cifar(num_classes: int = 10, width: int = 64, input_size: int = 32,
                          stage_channels=[w, 2 * w, 4 * w, 8 * w])
 
 
+@ARCHITECTURES.register("wide_resnet")
 def wide_resnet(num_classes: int = 10, depth: int = 16, widen: int = 4, batchnorm: bool = True, dropout: float = 0.0,
                 input_size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD) -> GapClassifier:
     """WRN-depth-widen (Zagoruyko & Komodakis). ``batchnorm=False`` matches the robust-training reference."""

@@ -1,0 +1,85 @@
+"""The README's "First steps" run as written, in order, from an empty directory: each line is the README's command
+(parsed from the block between the walk markers) plus flags that shrink it to tiny settings. Every command must
+succeed and leave the file the next one reads where the README says it goes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defend.evaluate.card import validate_card
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["--data.init_args.renders_per_digit=[1,1,1]"]
+TRAIN = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+         "--trainer.enable_progress_bar=false", *DATA]
+EXPERIMENT = ["--no-progress", "--set", "classifier.module.model_options.width=4",
+              "--set", "data.init_args.renders_per_digit=[1,1,1]"]
+EVALUATE = ["--no-progress", "--set", "n_images=4", "--set", "batch_size=4", "--set", "clean_n=32",
+            "--set", "autoattack.eps=[]", "--set", "topk.steps=2", "--set", "attacks.options.warm_steps=2",
+            "--set", "attacks.options.steps=2", "--set", "attacks.attacks=[adv2]", "--set", "adaptive.rts_restarts=1",
+            "--set", "data.renders_per_digit=[1,1,1]"]
+#: what shrinks each README command (keyed by its config or subcommand) and the file it must leave
+TINY = {
+    "configs/classifier/digits.yaml": (TRAIN + ["--model.init_args.model_options.width=4"],
+                                       "checkpoints/digits_small_cnn.pt"),
+    "configs/experiments/classifier.yaml": (EXPERIMENT + ["--set", "evaluation.n_images=8", "--set", "evaluation.n_mask=4",
+                                                          "--set", "evaluation.mask.iterations=3"], "runs/classifier/report.md"),
+    "configs/experiments/attacks.yaml": (EXPERIMENT + ["--set", "evaluation.n_images=4", "--set", "evaluation.batch_size=4",
+                                                       "--set", "attack.warm_steps=2", "--set", "attack.steps=2",
+                                                       "--set", "per_interpreter.grad.steps=2",
+                                                       "--set", "per_interpreter.cam.steps=2",
+                                                       "--set", "evaluation.attacks=[pgd,adv2]"], "runs/attacks/report.md"),
+    "configs/aid/digits_rts.yaml": (TRAIN + ["--model.init_args.width=4"], "checkpoints/digits_rts.pt"),
+    "configs/aid/digits_aid.yaml": (TRAIN + ["--trainer.limit_train_batches=4", "--model.init_args.attack.warm_steps=1",
+                                             "--model.init_args.attack.steps=1", "--model.init_args.aid.batch_size=4",
+                                             "--model.init_args.val_attack_batches=0"], "checkpoints/digits_aid.pt"),
+    "runs/card_aid": (EVALUATE, "runs/card_aid/card.json"),
+    "configs/robust/digits_int_adv.yaml": (TRAIN + ["--model.init_args.model_options.width=4",
+                                                    "--model.init_args.inner.steps=1"], "checkpoints/digits_int_adv.pt"),
+    "runs/card_int_adv": (EVALUATE, "runs/card_int_adv/card.json"),
+}
+
+
+def readme_commands() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- walk:start -->\s*```bash\n(.*?)```\s*<!-- walk:end -->", text, flags=re.S)
+    assert block, "README.md lost its First steps block"
+    return [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
+
+
+def tiny(cmd: list[str]) -> tuple[list[str], str]:
+    key = next(k for k in TINY if k in cmd)
+    extra, output = TINY[key]
+    return cmd + extra, output
+
+
+def test_readme_first_steps_run_in_order(tmp_path):
+    commands = readme_commands()
+    assert len(commands) == len(TINY) and all(c[0] == "defend" for c in commands)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for cmd in commands:
+        full, output = tiny(cmd)
+        proc = subprocess.run([sys.executable, "-m", "defend.cli", *full[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (" ".join(cmd), proc.stderr[-3000:])
+        assert (tmp_path / output).is_file(), (" ".join(cmd), output)
+        if cmd[1] == "fit":  # fit says where its artifact and its Lightning checkpoints went
+            said = proc.stdout + proc.stderr
+            assert f"to {output} (" in said and "Lightning checkpoints" in said, said[-1500:]
+    for card in ("runs/card_aid/card.json", "runs/card_int_adv/card.json"):
+        validate_card(json.loads((tmp_path / card).read_text()))
+    rts_card = json.loads((tmp_path / "runs/card_aid/card.json").read_text())
+    assert "digits_aid.pt" in json.dumps(rts_card)  # the card describes the AID-trained RTS it was given
+
+
+@pytest.mark.parametrize("cmd", readme_commands(), ids=lambda c: " ".join(c[1:3]))
+def test_every_readme_command_has_tiny_settings(cmd):
+    assert any(k in cmd for k in TINY), cmd
