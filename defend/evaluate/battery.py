@@ -179,15 +179,10 @@ def parse_battery(raw: dict[str, Any]) -> tuple[Battery, str]:
 
 def load_battery(spec: str, overrides: dict[str, Any] | None = None) -> tuple[Battery, str]:
     """The battery named by ``spec`` (``quick``, ``standard`` or a YAML file) with dotted ``overrides`` applied."""
-    import yaml
+    from ..experiments.runner import read_mapping
 
     path = battery_path(spec)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a mapping at top level")
+    raw = read_mapping(path)
     raw.setdefault("name", spec if spec in BATTERIES else path.stem)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)

@@ -25,7 +25,7 @@ from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, w
 from ..provenance import noted_data, provenance
 from .config import EXPERIMENTS, parse_experiment
 
-__all__ = ["main", "load_config", "deep_merge", "planned_outputs", "load_experiments"]
+__all__ = ["main", "load_config", "read_mapping", "deep_merge", "planned_outputs", "load_experiments"]
 
 
 def load_experiments() -> None:
@@ -53,20 +53,25 @@ def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (``safe_load``: no code runs); a missing file or bad YAML is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping at top level")
+    return data
+
+
 def load_config(paths: Sequence[str], overrides: Sequence[str] = (), quick: bool = False) -> dict[str, Any]:
     """Merge config files left to right, then ``quick:`` overrides (if asked), then ``--set key=value``."""
     cfg: dict[str, Any] = {}
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping at top level")
-        cfg = deep_merge(cfg, data)
+        cfg = deep_merge(cfg, read_mapping(p))
     if quick:
         cfg = deep_merge(cfg, cfg.get("quick", {}) or {})
     for item in overrides:
