@@ -94,7 +94,7 @@ def test_rescoring_saved_inputs_gives_the_same_success(card_run, tiny_clf, tmp_p
         assert a["asr"] == pytest.approx(o["asr"]) and a["l1"] == pytest.approx(o["l1"], abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["missing", "classes", "battery", "data", "detector", "rts"])
+@pytest.mark.parametrize("case", ["missing", "classes", "battery", "data", "detector", "rts", "autoattack_n"])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_path, capsys):
     out = tmp_path / "out"
     clf = str(tiny_clf[1])
@@ -105,13 +105,15 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_pa
             "battery": ["--classifier", clf, "--set", "attacks.interpreters=[cma]"],
             "data": ["--classifier", clf, "--data", "folder:" + str(tmp_path / "no_such_folder")],
             "detector": ["--classifier", clf, "--detector", str(tmp_path)],
-            "rts": ["--classifier", clf, "--rts", str(tiny_clf[1])]}[case]
+            "rts": ["--classifier", clf, "--rts", str(tiny_clf[1])],
+            "autoattack_n": ["--classifier", clf, "--set", "autoattack.n=999"]}[case]
     assert run(*args, "--out", str(out)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("defend evaluate: error: ") and "\n" not in err, err
     assert not out.exists()
     want = {"missing": "no such file", "classes": "class count mismatch", "battery": "did you mean 'cam'",
-            "data": "does not exist", "detector": "detector.json", "rts": "'classifier' artifact, expected 'rts'"}[case]
+            "data": "does not exist", "detector": "detector.json", "rts": "'classifier' artifact, expected 'rts'",
+            "autoattack_n": "autoattack.n (999) cannot exceed n_images"}[case]
     assert want in err, err
 
 

@@ -147,6 +147,9 @@ def check_battery(b: Battery) -> None:
                          f"got {b.adaptive.ensemble_interpreters}")
     if b.n_figure > b.n_images:
         raise ValueError(f"n_figure ({b.n_figure}) cannot exceed n_images ({b.n_images})")
+    if b.autoattack.eps and int(b.autoattack.n) > int(b.n_images):  # AutoAttack runs on the attacked inputs
+        raise ValueError(f"autoattack.n ({b.autoattack.n}) cannot exceed n_images ({b.n_images}): AutoAttack runs on "
+                         "the correctly classified inputs the battery attacks; raise n_images or lower autoattack.n")
     if b.autoattack.eps and any(float(e) <= 0 for e in b.autoattack.eps):
         raise ValueError(f"autoattack.eps must be positive radii, got {[float(e) for e in b.autoattack.eps]}")
 
