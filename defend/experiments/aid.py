@@ -36,7 +36,7 @@ from attacks.adv2 import ADV2, random_targets
 from attacks.interpreters import CAMInterpreter
 from attacks.interpreters.rts import RTSInterpreter, RTSNetwork
 
-from ..aid import AID_OPTIMISER, AIDModule, AIDSchedule, InnerAttack, RTSObjective, load_rts, save_rts
+from ..aid import AID_OPTIMISER, AIDModule, AIDSchedule, InnerAttack, RTSObjective, load_rts
 from ..classifier import load_classifier
 from ..data import BaseDataModule
 from ..evaluation import interpret, run_attack
@@ -248,7 +248,7 @@ def _train(cfg: ExperimentConfig, run: RTSTraining, options: dict[str, Any], clf
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     full = len(dm.train_dataloader())
-    save_rts(module.rts, out_path, {**module.artifact_meta(), "train_seconds": seconds})  # = export(path, extra)
+    module.export(out_path, {"train_seconds": seconds})
     weight = float(module.aid.weight)
     if weight > 0 and module.aid_steps == 0:
         raise ValueError(f"the AID run trained no l_aid step ({len(timer.seconds)} batches): it would be a plain RTS "
