@@ -49,10 +49,10 @@ from .common import (
     classifier_outputs,
     default_data,
     get_classifier,
-    make_trainer,
     markdown_table,
     select_correct,
     setup_data,
+    train_rts,
     write_outputs,
 )
 from .config import ExperimentConfig, check_class_options, register_experiment
@@ -233,26 +233,16 @@ class BatchTimer(pl.Callback):
 
 def _train(cfg: ExperimentConfig, run: RTSTraining, options: dict[str, Any], clf_path: str, dm: BaseDataModule,
            init_from: str | None, out_path: Path, progress: bool) -> dict[str, Any]:
-    """Train one RTS variant (``options``: AIDModule arguments) with Lightning; export it; return timing.
-    ``cfg`` gives the Trainer options and the seed."""
-    seed = int(cfg.seed)
-    pl.seed_everything(seed, workers=True)
-    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **options)
+    """Train one RTS variant (``options``: AIDModule arguments) and export it (:func:`.common.train_rts`); return
+    the network and its timing."""
     timer = BatchTimer()
-    extra: dict[str, Any] = {"callbacks": [timer], "num_sanity_val_steps": 0, "limit_val_batches": 0,
-                             "inference_mode": False, "enable_progress_bar": progress}
-    if run.limit_train_batches is not None:
-        extra["limit_train_batches"] = int(run.limit_train_batches)
-    trainer = make_trainer(cfg.trainer, int(run.max_epochs), **extra)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    seconds = time.perf_counter() - start
-    full = len(dm.train_dataloader())
-    module.export(out_path, {"train_seconds": seconds})
+    module, seconds = train_rts(cfg, dm, clf_path, options, out_path, int(run.max_epochs), run.limit_train_batches,
+                                init_from, progress, callbacks=[timer])
     weight = float(module.aid.weight)
     if weight > 0 and module.aid_steps == 0:
         raise ValueError(f"the AID run trained no l_aid step ({len(timer.seconds)} batches): it would be a plain RTS "
                          "labelled AID; train more batches or lower aid.every")
+    full = len(dm.train_dataloader())
     return {"network": load_rts(out_path), "train_seconds": seconds, "batch_seconds": timer.mean,
             "batches": len(timer.seconds), "epoch_seconds": timer.mean * full, "full_epoch_batches": full,
             "aid_weight": weight, "aid_steps": module.aid_steps}

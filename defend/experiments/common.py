@@ -19,8 +19,9 @@ from ..provenance import note_data
 from ..types import PositiveCount
 from .config import ExperimentConfig, check_class_options
 
-__all__ = ["ClassifierSpec", "ClassifierExperimentConfig", "default_data", "setup_data", "get_classifier", "classifier_outputs", "make_trainer", "take_split",
-           "write_outputs", "markdown_table", "fmt", "select_correct"]
+__all__ = ["ClassifierSpec", "ClassifierExperimentConfig", "default_data", "setup_data", "get_classifier",
+           "classifier_outputs", "make_trainer", "train_rts", "take_split", "write_outputs", "markdown_table", "fmt",
+           "select_correct"]
 
 
 @dataclass
@@ -124,6 +125,29 @@ def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = Tru
     trainer.strategy.barrier("classifier saved")
     print(f"[defend] classifier trained in {seconds:.0f} s -> {target}", flush=True)
     return model, {"trained": True, "checkpoint": str(target), "train_seconds": seconds}
+
+
+def train_rts(cfg: Any, dm: BaseDataModule, clf_path: str, options: dict[str, Any], target: Path, max_epochs: int,
+              limit_train_batches: int | None = None, init_from: str | None = None, progress: bool = True,
+              callbacks: Sequence[pl.Callback] = ()) -> tuple[Any, float]:
+    """Train one RTS interpreter (:class:`~defend.aid.AIDModule` with ``options``, seeded by ``cfg.seed``) on the
+    frozen classifier at ``clf_path`` with the config's Trainer options and no validation, export it to ``target``
+    (a safe RTS artifact with its training seconds); return the trained module and those seconds."""
+    from ..aid import AIDModule  # the RTS side of defend, loaded only by the experiments that train one
+
+    seed = int(cfg.seed)
+    pl.seed_everything(seed, workers=True)
+    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **options)
+    extra: dict[str, Any] = {"callbacks": list(callbacks), "num_sanity_val_steps": 0, "limit_val_batches": 0,
+                             "inference_mode": False, "enable_progress_bar": progress}
+    if limit_train_batches is not None:
+        extra["limit_train_batches"] = int(limit_train_batches)
+    trainer = make_trainer(cfg.trainer, int(max_epochs), **extra)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    module.export(target, {"train_seconds": seconds})
+    return module, seconds
 
 
 def classifier_outputs(cfg: Any, out: Path) -> list[Path]:

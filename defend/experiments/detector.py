@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
@@ -37,10 +36,10 @@ from .common import (
     classifier_outputs,
     default_data,
     get_classifier,
-    make_trainer,
     markdown_table,
     select_correct,
     setup_data,
+    train_rts,
     write_outputs,
 )
 from .config import (
@@ -239,28 +238,18 @@ def plain_rts(cfg: DetectorExperiment, dm: BaseDataModule, clf_path: str, out: P
               progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Reuse ``rts.checkpoint`` if it exists (it must fit the classifier), else train the plain RTS ``rts:``
     describes on the classifier and save it there (a safe RTS artifact, :func:`defend.aid.load_rts`)."""
-    from ..aid import AIDModule, load_rts
+    from ..aid import load_rts
     from ..classifier import load_classifier
 
-    spec, ckpt, seed = cfg.rts, cfg.rts.path(out), int(cfg.seed)
+    spec, ckpt = cfg.rts, cfg.rts.path(out)
     if spec.reuses(out):
         net = load_rts(ckpt)
         net.check_model(load_classifier(clf_path))
         return net, {"trained": False, "checkpoint": str(ckpt)}
     if progress:
         print(f"[rts] no RTS checkpoint at {ckpt}: training a plain RTS on {clf_path}")
-    pl.seed_everything(seed, workers=True)
-    module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=None, seed=seed,
-                       aid={"weight": 0.0}, **spec.module)
-    extra: dict[str, Any] = {"num_sanity_val_steps": 0, "limit_val_batches": 0, "inference_mode": False,
-                             "enable_progress_bar": progress}
-    if spec.limit_train_batches is not None:
-        extra["limit_train_batches"] = int(spec.limit_train_batches)
-    trainer = make_trainer(cfg.trainer, int(spec.max_epochs), **extra)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    seconds = time.perf_counter() - start
-    module.export(ckpt, {"train_seconds": seconds})
+    _, seconds = train_rts(cfg, dm, clf_path, {**spec.module, "aid": {"weight": 0.0}}, ckpt, int(spec.max_epochs),
+                           spec.limit_train_batches, progress=progress)
     return load_rts(ckpt), {"trained": True, "checkpoint": str(ckpt), "train_seconds": seconds}
 
 
