@@ -234,6 +234,7 @@ def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
            "--data.batch_size=8"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "module(s) in eval mode" not in proc.stderr  # the frozen classifier is in eval mode on purpose: no warning about it
     ckpts = sorted(tmp_path.rglob("*.ckpt"))
     assert ckpts, f"no checkpoint under {tmp_path}: {proc.stderr[-2000:]}"
     net = load_rts(ckpts[0])
