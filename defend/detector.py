@@ -209,8 +209,10 @@ class DetectorModule(DefenceModule):
         return torch.from_numpy(self.booster.predict_proba(feats)[:, 1].astype(np.float32))
 
     # ------------------------------------------------------------------------------------------------ artifacts
-    def save(self, directory: str | Path) -> None:
-        """``trunk.pt`` (safe weights + hyper-parameters), ``booster.json`` (XGBoost JSON) and ``detector.json``.
+    def save(self, directory: str | Path, interpreters: Sequence[str] | None = None, product: bool = False) -> None:
+        """``trunk.pt`` (safe weights + hyper-parameters), ``booster.json`` (XGBoost JSON) and ``detector.json``;
+        ``interpreters`` / ``product``: the maps it reads, in channel order (recorded so that ``defend evaluate
+        --detector`` stacks the same ones).
 
         ``detector.json`` is written last and lists the sha256 of every other file (plus a checksum of its own
         content), so :meth:`load` refuses a detector with a tampered, truncated or missing file, and an interrupted
@@ -237,6 +239,11 @@ class DetectorModule(DefenceModule):
             files["booster.json"] = atomic_write_bytes(d / "booster.json", data)
         info = {"format": DETECTOR_FORMAT, "hparams": hp, "booster_options": self.booster_options,
                 "has_booster": self.booster is not None, "files": files}
+        if interpreters is not None:
+            if len(interpreters) + int(product) != int(hp["in_channels"]):
+                raise ValueError(f"the detector reads {hp['in_channels']} channels, not {len(interpreters)} "
+                                 f"interpreters{' + product' if product else ''}")
+            info.update({"interpreters": list(interpreters), "product": bool(product)})
         write_json(d / "detector.json", {**info, "sha256": _json_digest(info)})
 
     @classmethod

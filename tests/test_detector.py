@@ -178,3 +178,38 @@ def test_detection_data_real_tiny_attack_cached(tmp_path, monkeypatch):
     save_detection_data(tmp_path / "d.pt", data, {"note": "x"})
     back = load_detection_data(tmp_path / "d.pt")
     assert torch.equal(back["maps"]["grad"], data["maps"]["grad"]) and back["meta"]["note"] == "x"
+
+
+def test_detector_experiment_saves_the_detector_it_attacks_adaptively(tmp_path):
+    """The best pair of the tiny run is saved with the interpreters it reads; it reloads and scores like its row."""
+    import json
+    from pathlib import Path
+
+    from _tiny import train_tiny_classifier
+
+    from defend.classifier import save_classifier
+    from defend.experiments.runner import main
+
+    root = Path(__file__).resolve().parents[1]
+    model, _, _ = train_tiny_classifier(width=8)
+    clf = tmp_path / "clf.pt"
+    save_classifier(model, clf, {"width": 8})
+    out = tmp_path / "run"
+    sets = [f"classifier.checkpoint={clf}", "classifier.module.model_options.width=8",
+            "data.init_args.renders_per_digit=[1,1,1]", "detection.interpreters=[grad,cam]", "detection.n_benign=20",
+            "detection.n_adversarial=20", "detection.n_adaptive=0", "detection.batch_size=20",
+            f"detection.cache_dir={tmp_path / 'cache'}", "detector.epochs=0", "detector.booster.n_estimators=5",
+            "attack.warm_steps=20", "attack.steps=6", "per_interpreter.grad.steps=6", "per_interpreter.cam.steps=6"]
+    argv = ["-c", str(root / "configs/experiments/detector.yaml"), "--quick", "--out", str(out), "--no-progress"]
+    assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    saved = [r for r in rows if "saved_to" in r]
+    pairs = [r for r in rows if r.get("detector") == "stacked" and not r.get("product")]
+    assert len(saved) == 1 and saved[0]["interpreters"] == "grad+cam"
+    assert saved[0]["accuracy"] == max(r["accuracy"] for r in pairs)  # the best pair (the only one here)
+    info = json.loads((out / "detectors" / "cam" / "detector.json").read_text())
+    assert info["interpreters"] == ["grad", "cam"] and info["product"] is False
+    det = DetectorModule.load(out / "detectors" / "cam")
+    assert det.booster is not None and int(det.hparams.in_channels) == 2
+    assert f"--detector {out / 'detectors' / 'cam'}" in (out / "report.md").read_text()

@@ -165,7 +165,7 @@ def test_image_folder_classifier_from_paths_only(tmp_path):
     assert card["results"]["clean_accuracy"]["value"] == pytest.approx(acc)
 
 
-def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, tmp_path):
+def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, tmp_path, capsys):
     from attacks import get_interpreter
     from defend.detector import train_detector
 
@@ -180,7 +180,12 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     data = torch.cat([maps(saved["x"], saved["label"]), maps(saved["x_adv"], pred)])
     labels = torch.cat([torch.zeros(6), torch.ones(6)]).long()
     det, _ = train_detector(data, labels, epochs=0, trainable="none", booster={"n_estimators": 5})
-    det.save(tmp_path / "det")
+    with pytest.raises(ValueError, match="reads 2 channels, not 3 interpreters"):
+        det.save(tmp_path / "bad", ["grad", "cam", "mask"])
+    det.save(tmp_path / "det", ["grad", "cam"])  # recorded: the card stacks these, in this order
+    assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "det"), "--out", str(tmp_path / "x"),
+               "--set", "detector.interpreters=[cam,grad]", *FAST) == 2  # the channels swapped: refused
+    assert "was trained on the maps of ['grad', 'cam'] (in that order), not ['cam', 'grad']" in capsys.readouterr().err
     out = tmp_path / "card"
     assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "det"), "--out", str(out), *FAST) == 0
     card = load_card(out)

@@ -149,6 +149,11 @@ def _detector(path: str, battery: Battery, rts_given: bool) -> tuple[Any, list[s
     info = json.loads((d / "detector.json").read_text())
     names = list(battery.detector.interpreters or info.get("interpreters") or DEFAULT_DETECTOR_INTERPRETERS)
     product = battery.detector.product if battery.detector.product is not None else bool(info.get("product", False))
+    if "interpreters" in info and (names != info["interpreters"] or product != bool(info.get("product"))):
+        raise ValueError(f"--detector: {d} was trained on the maps of {info['interpreters']}"
+                         f"{' + product' if info.get('product') else ''} (in that order), not {names}"
+                         f"{' + product' if product else ''}: leave detector.interpreters / detector.product out of "
+                         "the battery or set them to those")
     chans = len(names) + int(product)
     if int(det.hparams.in_channels) != chans:
         raise ValueError(f"--detector: {d} reads {det.hparams.in_channels} channels, but interpreters {names}"

@@ -10,7 +10,8 @@ configured), a seeded stratified train / test split, then one detector per combi
 
 The best triple (the best pair when fewer than three interpreters are read) is then attacked adaptively (ADV2 with
 the ensemble of the interpreters it reads) and its detection rate on those inputs is reported next to the
-non-adaptive one.
+non-adaptive one. That detector is saved to ``<out>/detectors/<target>/`` with the interpreters it reads, for
+``defend evaluate --detector`` (which adds the detector-aware attack).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from attacks import FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
 from ..data import BaseDataModule
 from ..detection_data import build_detection_data, select, stack_maps
-from ..detector import FeatureSqueezer, train_detector, xgb_device
+from ..detector import DETECTOR_FILES, FeatureSqueezer, train_detector, xgb_device
 from ..interpreters import build_interpreter
 from ..types import Count, Fraction01, Positive, PositiveCount
 from .common import (
@@ -220,9 +221,12 @@ def check(cfg: DetectorExperiment) -> None:
 
 
 def outputs(cfg: DetectorExperiment, out: Path) -> list[Path]:
-    """The checkpoints the run trains and saves: the classifier and the plain RTS (each unless reused)."""
+    """The checkpoints the run trains and saves: the classifier and the plain RTS (each unless reused), and the
+    detector of each target interpreter that was attacked adaptively (``detectors/<target>/``)."""
     rts = [cfg.rts.path(out)] if _trains_rts(cfg) and not cfg.rts.reuses(out) else []
-    return [*classifier_outputs(cfg, out), *rts]
+    detectors = [out / "detectors" / t / f for t in cfg.detection.target_interpreters
+                 for f in ("detector.json", *DETECTOR_FILES)]
+    return [*classifier_outputs(cfg, out), *rts, *detectors]
 
 
 def combinations(names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
@@ -299,6 +303,7 @@ class _Run:
     cache: Path
     base_spec: dict[str, Any]
     progress: bool
+    out: Path
     data_seconds: float = 0.0
 
     def data(self, desc: str, spec: dict[str, Any], **inputs: Any) -> dict[str, Any]:
@@ -347,7 +352,7 @@ def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[
     # weights, the interpreters' and the attack's settings, RTS weights included) and keys every batch on its inputs
     base_spec = {"data": _data_spec(dm), "n_benign": int(d.n_benign), "n_adversarial": int(d.n_adversarial),
                  "split": d.split, "seed": seed, "batch_size": int(d.batch_size)}
-    ctx = _Run(cfg, model, interps, Path(d.cache_dir or out / "cache"), base_spec, progress)
+    ctx = _Run(cfg, model, interps, Path(d.cache_dir or out / "cache"), base_spec, progress, out)
     benign = ctx.data("benign maps", {"set": "benign"}, benign=inputs["benign"])
     rows: list[dict[str, Any]] = []
     adaptive_rows: list[dict[str, Any]] = []
@@ -356,6 +361,9 @@ def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[
         rows += target_rows
         adaptive_rows += [adaptive] if adaptive is not None else []
     rows.extend(adaptive_rows)
+    notes += [f"The {r['target_interpreter'].upper()}-target detector ({r['interpreters']}) is saved to "
+              f"{r['saved_to']}: `defend evaluate --classifier {info['checkpoint']} --detector {r['saved_to']}` "
+              "scores it, detector-aware attack included." for r in rows if "saved_to" in r]
     total = time.perf_counter() - t_start
     for r in rows:
         r["experiment_seconds"] = total
@@ -396,9 +404,20 @@ def _target(ctx: _Run, target: str, benign: dict[str, Any],
         size = 3 if len(names) >= 3 else 2
         if len(combo) == size and (best is None or row["accuracy"] > best["accuracy"]):
             best, best_det = row, det
-    if int(d.n_adaptive) == 0 or best_det is None:
+    if best_det is None:
+        return rows, None
+    _save_detector(ctx, target, best, best_det)
+    if int(d.n_adaptive) == 0:
         return rows, None
     return rows, _adaptive(ctx, best, best_det, inputs, target, common)
+
+
+def _save_detector(ctx: _Run, target: str, row: dict[str, Any], det: Any) -> None:
+    """The detector the adaptive attack faces (the best of its size) to ``<out>/detectors/<target>/``, with the
+    interpreters it reads (what ``defend evaluate --detector`` needs); the row says where."""
+    path = ctx.out / "detectors" / target
+    det.save(path, row["interpreters"].split("+"), bool(row["product"]))
+    row["saved_to"] = str(path)
 
 
 def _squeeze_row(ctx: _Run, both: dict[str, Any], tr: torch.Tensor, te: torch.Tensor,

@@ -360,7 +360,7 @@ def _train_detector(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, pa
                                 trainable=o.trainable, pretrained=o.pretrained, lr=float(o.lr), booster=o.booster,
                                 seed=seed, progress=progress, trainer_options=o.trainer,
                                 feature_stages=o.feature_stages)
-    det.save(path)
+    det.save(path, list(d.interpreters), bool(d.product))
     return {"path": str(path), "trained": True, "seconds": time.perf_counter() - start, "n_benign": nb,
             "n_adversarial": n_adv, **times}
 
