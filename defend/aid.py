@@ -126,6 +126,8 @@ class AIDSchedule:
             on the benign batch to ``l_int``, ``g0`` the frozen initial network (distils its benign maps so that AID
             changes the maps of adversarial inputs rather than the benign ones; 0 = off).
         anchor_from: the anchor network ``g0`` (default: ``init_from``).
+        anchor_on_aid_steps: add the anchor term to the ``l_aid`` steps as well (the benign maps are held where they
+            were while ``l_aid`` moves the adversarial ones; false: the ``l_int`` steps only).
         detach_benign: use the benign map as a fixed anchor in ``l_aid`` (only ``g(A(x))`` moves); the paper
             differentiates both (false).
         success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
@@ -139,6 +141,7 @@ class AIDSchedule:
     lr: float | None = None
     anchor_weight: float = 0.0
     anchor_from: str | None = None
+    anchor_on_aid_steps: bool = False
     detach_benign: bool = False
     success_only: bool = True
     batch_size: int | None = None
@@ -149,6 +152,8 @@ class AIDSchedule:
         if self.every < 1 or self.weight < 0 or self.anchor_weight < 0:
             raise ValueError(f"need aid.every >= 1, aid.weight >= 0 and aid.anchor_weight >= 0, got {self.every}, "
                              f"{self.weight} and {self.anchor_weight}")
+        if self.anchor_on_aid_steps and not self.anchor_weight > 0:
+            raise ValueError("aid.anchor_on_aid_steps needs aid.anchor_weight > 0 (the anchor term it adds)")
         if (self.lr is not None and not self.lr > 0) or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"need aid.lr > 0 and aid.batch_size >= 1 (or null), got {self.lr} and {self.batch_size}")
 
@@ -384,7 +389,7 @@ class AIDModule(DefenceModule):
         if self.anchor_rts is not None:
             with torch.no_grad():
                 m0 = self.anchor_rts(self.model, x, cls)[0]
-            out["anchor"] = (m[:n] - m0).abs().mean().detach()  # logged only
+            out["anchor"] = (m[:n] - m0).abs().mean()  # in the loss with aid.anchor_on_aid_steps, else logged only
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -407,12 +412,14 @@ class AIDModule(DefenceModule):
             loss = self.aid.weight * a["l_aid"] + class_weight * a["class_ce"]
             logs.update({"l_aid": a["l_aid"], "aid_asr": a["asr"]})
             if "anchor" in a:
-                logs["aid_anchor"] = a["anchor"]
+                logs["aid_anchor"] = a["anchor"].detach()
             if self.aid.mode == "joint":
                 li = self.interpretation_loss(x, cls, self._generator(batch_idx))
                 loss = loss + li["loss"] - class_weight * a["class_ce"]  # class CE counted once
                 logs["l_int"] = li["loss"]
-                return loss, 0, logs
+                return loss, 0, logs  # the anchor is in l_int here
+            if self.aid.anchor_on_aid_steps and "anchor" in a:
+                loss = loss + self.aid.anchor_weight * a["anchor"]
             return loss, 1, logs
         li = self.interpretation_loss(x, cls, self._generator(batch_idx))
         logs.update({k: li[k] for k in ("area", "tv", "p_keep", "p_del", "class_ce", "mask_mean")})

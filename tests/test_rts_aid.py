@@ -207,9 +207,37 @@ def test_aid_increases_adversarial_map_distance_and_keeps_classifier(trained_rts
     assert l1_aid > 1.5 * l1_plain, (l1_plain, l1_aid)
 
 
+def test_anchor_on_aid_steps_adds_the_anchor_term_to_the_l_aid_steps(trained_rts, setup):
+    """``aid.anchor_on_aid_steps``: an l_aid step's loss gains anchor_weight x mean|g(x) - g0(x)| (a hand computation
+    against the initial network); without it the anchor is only logged there."""
+    _, _, _, path = trained_rts
+    kw = dict(init_from=path, seed=0, attack=InnerAttack(warm_steps=2, steps=2, alpha=2 / 255))
+    sched = dict(weight=1.0, every=1, anchor_weight=7.0)
+    off = AIDModule(setup["path"], aid=AIDSchedule(**sched), **kw).eval()
+    on = AIDModule(setup["path"], aid=AIDSchedule(**sched, anchor_on_aid_steps=True), **kw).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move both networks away from the anchor, identically
+        for p_on, p_off in zip(on.rts.parameters(), off.rts.parameters()):
+            noise = 0.05 * torch.randn(p_on.shape, generator=gen)
+            p_on.add_(noise)
+            p_off.add_(noise)
+    batch = {k: setup["test"][k][:16] for k in ("image", "label")}
+    loss_off, which_off, _ = off.step_loss(batch, 0)
+    loss_on, which_on, logs = on.step_loss(batch, 0)
+    with torch.no_grad():
+        m = on.rts(on.model, batch["image"], batch["label"])[0]
+        m0 = load_rts(path)(on.model, batch["image"], batch["label"])[0]
+    anchor = float((m - m0).abs().mean())
+    assert anchor > 1e-3 and which_on == which_off == 1  # the l_aid optimiser's steps
+    assert float(logs["aid_anchor"]) == pytest.approx(anchor, rel=1e-5)
+    assert float(loss_on) - float(loss_off) == pytest.approx(7.0 * anchor, rel=1e-4)
+
+
 def test_aid_module_validates_arguments(setup):
     with pytest.raises(ValueError, match=r"aid\.mode must be one of"):
         AIDModule(setup["path"], aid={"mode": "sometimes"})
+    with pytest.raises(ValueError, match=r"aid\.anchor_on_aid_steps needs aid\.anchor_weight > 0"):
+        AIDSchedule(anchor_on_aid_steps=True)
     with pytest.raises(ValueError, match=r"aid\.anchor_weight > 0 needs aid\.anchor_from or init_from"):
         AIDModule(setup["path"], aid=AIDSchedule(anchor_weight=1.0))
     with pytest.raises(ValueError, match="class count"):
