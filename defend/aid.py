@@ -126,8 +126,8 @@ class AIDSchedule:
             on the benign batch to ``l_int``, ``g0`` the frozen initial network (distils its benign maps so that AID
             changes the maps of adversarial inputs rather than the benign ones; 0 = off).
         anchor_from: the anchor network ``g0`` (default: ``init_from``).
-        anchor_on_aid_steps: add the anchor term to the ``l_aid`` steps as well (the benign maps are held where they
-            were while ``l_aid`` moves the adversarial ones; false: the ``l_int`` steps only).
+        anchor_aid_weight: the anchor term's weight in the ``l_aid`` steps of alternating AID (holds the benign maps
+            while ``l_aid`` moves the adversarial ones; 0 = logged only there).
         detach_benign: use the benign map as a fixed anchor in ``l_aid`` (only ``g(A(x))`` moves); the paper
             differentiates both (false).
         success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
@@ -141,7 +141,7 @@ class AIDSchedule:
     lr: float | None = None
     anchor_weight: float = 0.0
     anchor_from: str | None = None
-    anchor_on_aid_steps: bool = False
+    anchor_aid_weight: float = 0.0
     detach_benign: bool = False
     success_only: bool = True
     batch_size: int | None = None
@@ -149,11 +149,9 @@ class AIDSchedule:
     def __post_init__(self) -> None:
         if self.mode not in AID_MODES:
             raise ValueError(f"aid.mode must be one of {AID_MODES}, got {self.mode!r}")
-        if self.every < 1 or self.weight < 0 or self.anchor_weight < 0:
-            raise ValueError(f"need aid.every >= 1, aid.weight >= 0 and aid.anchor_weight >= 0, got {self.every}, "
-                             f"{self.weight} and {self.anchor_weight}")
-        if self.anchor_on_aid_steps and not self.anchor_weight > 0:
-            raise ValueError("aid.anchor_on_aid_steps needs aid.anchor_weight > 0 (the anchor term it adds)")
+        if self.every < 1 or self.weight < 0 or self.anchor_weight < 0 or self.anchor_aid_weight < 0:
+            raise ValueError(f"need aid.every >= 1 and aid.weight, aid.anchor_weight, aid.anchor_aid_weight >= 0, got "
+                             f"{self.every}, {self.weight}, {self.anchor_weight} and {self.anchor_aid_weight}")
         if (self.lr is not None and not self.lr > 0) or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError(f"need aid.lr > 0 and aid.batch_size >= 1 (or null), got {self.lr} and {self.batch_size}")
 
@@ -286,7 +284,7 @@ class AIDModule(DefenceModule):
         else:
             self.rts = RTSNetwork(clf.stage_channels, clf.num_classes, width=width)
         self.anchor_rts: FrozenModule | None = None
-        if self.aid.anchor_weight > 0:
+        if self.aid.anchor_weight > 0 or self.aid.anchor_aid_weight > 0:
             self.anchor_rts = FrozenModule(load_rts(self.aid.anchor_from or init_from))
         self.automatic_optimization = False  # alternating objectives: one optimiser step per batch, chosen here
         self.aid_steps = 0  # l_aid optimiser steps taken (stored with checkpoints and exported artifacts)
@@ -297,9 +295,9 @@ class AIDModule(DefenceModule):
             raise ValueError(f"explain must be 'label' or 'pred', got {explain!r}")
         if self.aid.weight > 0 and self.attack.warm_steps + self.attack.steps == 0:
             raise ValueError("AID (aid.weight > 0) needs attack.warm_steps + attack.steps > 0")
-        if self.aid.anchor_weight > 0 and not (self.aid.anchor_from or init_from):
-            raise ValueError("aid.anchor_weight > 0 needs aid.anchor_from or init_from (the network whose benign maps "
-                             "are kept)")
+        if (self.aid.anchor_weight > 0 or self.aid.anchor_aid_weight > 0) and not (self.aid.anchor_from or init_from):
+            raise ValueError("aid.anchor_weight or aid.anchor_aid_weight > 0 needs aid.anchor_from or init_from (the "
+                             "network whose benign maps are kept)")
         if self.optimiser.schedule != "constant":
             raise ValueError(f"AIDModule steps its optimisers itself (manual optimisation): optimiser.schedule must be "
                              f"'constant', got {self.optimiser.schedule!r}")
@@ -389,7 +387,7 @@ class AIDModule(DefenceModule):
         if self.anchor_rts is not None:
             with torch.no_grad():
                 m0 = self.anchor_rts(self.model, x, cls)[0]
-            out["anchor"] = (m[:n] - m0).abs().mean()  # in the loss with aid.anchor_on_aid_steps, else logged only
+            out["anchor"] = (m[:n] - m0).abs().mean()  # in the loss with aid.anchor_aid_weight > 0, else logged only
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -418,8 +416,8 @@ class AIDModule(DefenceModule):
                 loss = loss + li["loss"] - class_weight * a["class_ce"]  # class CE counted once
                 logs["l_int"] = li["loss"]
                 return loss, 0, logs  # the anchor is in l_int here
-            if self.aid.anchor_on_aid_steps and "anchor" in a:
-                loss = loss + self.aid.anchor_weight * a["anchor"]
+            if "anchor" in a:
+                loss = loss + self.aid.anchor_aid_weight * a["anchor"]
             return loss, 1, logs
         li = self.interpretation_loss(x, cls, self._generator(batch_idx))
         logs.update({k: li[k] for k in ("area", "tv", "p_keep", "p_del", "class_ce", "mask_mean")})

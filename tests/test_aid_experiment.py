@@ -59,7 +59,7 @@ def test_quick_config_resolves_to_the_module_arguments_of_both_runs():
     ("training.aid.module.aid.weight=0", r"training.aid.module.aid.weight must be > 0"),
     ("training.rts.module.aid.weight=1", r"training.rts is the plain RTS"),
     ("training.aid.module.aid.every=0", r"training.aid: need aid.every >= 1"),
-    ("training.aid.init=scratch", r"aid.anchor_weight > 0 needs aid.anchor_from or init_from"),
+    ("training.aid.init=scratch", r"aid.anchor_weight or aid.anchor_aid_weight > 0 needs aid.anchor_from or init_from"),
     ("training.aid.module.aid.anchor_from=missing.pt", r"anchor_from: checkpoint not found"),
     ("training.module.optimiser.schedule=onecycle", r"optimiser.schedule must be 'constant'"),
     ("evaluation.attack.alpha=-1", r"evaluation.attack.alpha.*radius must lie in \[0, 1\]"),

@@ -330,7 +330,7 @@ def test_fit_negative_epsilon_of_the_inner_attack(tmp_path, capsys):
 @pytest.mark.parametrize("option, pattern", [
     ("--model.init_args.aid.mode=sometimes", r"Parser key \"aid\.mode\": Expected a typing\.Literal\['alternate', "
                                              r"'joint'\]\. Got value: sometimes"),
-    ("--model.init_args.aid.anchor_weight=1", r"aid\.anchor_weight > 0 needs aid\.anchor_from or init_from"),
+    ("--model.init_args.aid.anchor_weight=1", r"aid\.anchor_weight or aid\.anchor_aid_weight > 0 needs aid\.anchor_from or init_from"),
     ("--model.init_args.attack.warm_stepz=1", r"unrecognized arguments: --attack\.warm_stepz=1"),
     ("--model.init_args.objective.fake_label_prob=1.5", r"objective\.fake_label_prob must lie in \[0, 1\), got 1\.5"),
     ("--model.init_args.optimiser.schedule=onecycle", r"AIDModule steps its optimisers itself .*optimiser\.schedule "

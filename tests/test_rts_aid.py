@@ -207,14 +207,14 @@ def test_aid_increases_adversarial_map_distance_and_keeps_classifier(trained_rts
     assert l1_aid > 1.5 * l1_plain, (l1_plain, l1_aid)
 
 
-def test_anchor_on_aid_steps_adds_the_anchor_term_to_the_l_aid_steps(trained_rts, setup):
-    """``aid.anchor_on_aid_steps``: an l_aid step's loss gains anchor_weight x mean|g(x) - g0(x)| (a hand computation
-    against the initial network); without it the anchor is only logged there."""
+def test_anchor_aid_weight_adds_the_anchor_term_to_the_l_aid_steps(trained_rts, setup):
+    """``aid.anchor_aid_weight``: an l_aid step's loss gains that weight x mean|g(x) - g0(x)| (a hand computation
+    against the initial network); at 0 the anchor is only logged there."""
     _, _, _, path = trained_rts
     kw = dict(init_from=path, seed=0, attack=InnerAttack(warm_steps=2, steps=2, alpha=2 / 255))
-    sched = dict(weight=1.0, every=1, anchor_weight=7.0)
+    sched = dict(weight=1.0, every=1, anchor_weight=30.0)
     off = AIDModule(setup["path"], aid=AIDSchedule(**sched), **kw).eval()
-    on = AIDModule(setup["path"], aid=AIDSchedule(**sched, anchor_on_aid_steps=True), **kw).eval()
+    on = AIDModule(setup["path"], aid=AIDSchedule(**sched, anchor_aid_weight=7.0), **kw).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move both networks away from the anchor, identically
         for p_on, p_off in zip(on.rts.parameters(), off.rts.parameters()):
@@ -236,9 +236,11 @@ def test_anchor_on_aid_steps_adds_the_anchor_term_to_the_l_aid_steps(trained_rts
 def test_aid_module_validates_arguments(setup):
     with pytest.raises(ValueError, match=r"aid\.mode must be one of"):
         AIDModule(setup["path"], aid={"mode": "sometimes"})
-    with pytest.raises(ValueError, match=r"aid\.anchor_on_aid_steps needs aid\.anchor_weight > 0"):
-        AIDSchedule(anchor_on_aid_steps=True)
-    with pytest.raises(ValueError, match=r"aid\.anchor_weight > 0 needs aid\.anchor_from or init_from"):
+    with pytest.raises(ValueError, match=r"aid\.anchor_aid_weight >= 0, got 2, 0\.0, 0\.0 and -1"):
+        AIDSchedule(anchor_aid_weight=-1, every=2)
+    with pytest.raises(ValueError, match=r"aid\.anchor_weight or aid\.anchor_aid_weight > 0 needs aid\.anchor_from"):
+        AIDModule(setup["path"], aid=AIDSchedule(anchor_aid_weight=1.0))
+    with pytest.raises(ValueError, match=r"aid\.anchor_weight or aid\.anchor_aid_weight > 0 needs aid\.anchor_from"):
         AIDModule(setup["path"], aid=AIDSchedule(anchor_weight=1.0))
     with pytest.raises(ValueError, match="class count"):
         AIDModule(setup["path"], num_classes=7)
