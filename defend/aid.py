@@ -47,7 +47,7 @@ from .models import GapClassifier
 from .module_base import DefenceModule, FrozenModule, Optimiser, as_options, build_optimiser
 
 __all__ = ["AIDModule", "RTSObjective", "AIDSchedule", "InnerAttack", "AID_OPTIMISER", "FrozenClassifier", "save_rts",
-           "load_rts", "aid_attack", "AID_MODES", "OBJECTIVE_KEYS"]
+           "load_rts", "aid_attack", "aid_score", "AID_MODES", "OBJECTIVE_KEYS"]
 
 AID_MODES = ("alternate", "joint")
 REPLACEMENTS = ("random", "noise", "blur")
@@ -237,6 +237,18 @@ def aid_attack(classifier: GapClassifier, network: RTSNetwork, x: Tensor, y_t: T
         return adv2(classifier, x.detach().clone(), y_t.detach())
 
 
+def aid_score(l1_adv: float, localisation: float | None, anchor_localisation: float | None,
+              max_drop: float) -> float:
+    """The validation figure an AID run is selected on (not in the paper): the benign-vs-ADV2 map L1 ``l1_adv``
+    when the maps' localisation is within ``max_drop`` (relative) of the anchor's, else ``ratio - (1 - max_drop)``
+    (negative: every such epoch ranks below every admissible one, the closest first). Without masks or an anchor
+    it is ``l1_adv``."""
+    if localisation is None or anchor_localisation is None or anchor_localisation <= 0:
+        return l1_adv
+    ratio = localisation / anchor_localisation
+    return l1_adv if ratio >= 1 - max_drop else ratio - (1 - max_drop)
+
+
 # --------------------------------------------------------------------------------------------- module
 class AIDModule(DefenceModule):
     """Train RTS on its own objective (``aid.weight = 0``) or with AID (``aid.weight > 0``) on a frozen classifier.
@@ -252,8 +264,9 @@ class AIDModule(DefenceModule):
         attack: the inner ADV2 of ``l_aid`` and of validation (:class:`InnerAttack`).
         optimiser: the optimiser of the RTS parameters (the classifier is frozen); manual optimisation, so its
             schedule must be ``constant``. Alternating AID gets a second optimiser of the same kind (lr ``aid.lr``).
-        val_attack_batches: run the inner ADV2 on this many validation batches and log ``val/l1_adv``
-            (needs ``Trainer(inference_mode=False)``).
+        val_attack_batches: run the inner ADV2 on this many validation batches and log ``val/l1_adv`` and
+            ``val/aid_score`` (:func:`aid_score`; needs ``Trainer(inference_mode=False)``).
+        val_max_localisation_drop: the localisation budget of ``val/aid_score`` (relative to the anchor network).
         seed: seeds the blend choice, random targets and attack starts (offset by step and rank).
     """
 
@@ -264,15 +277,18 @@ class AIDModule(DefenceModule):
     def __init__(self, classifier: str, num_classes: int | None = None, width: int = 32,
                  init_from: str | None = None, explain: str = "label", objective: RTSObjective = RTSObjective(),
                  aid: AIDSchedule = AIDSchedule(), attack: InnerAttack = InnerAttack(),
-                 optimiser: Optimiser = AID_OPTIMISER, val_attack_batches: int = 0, seed: int = 0) -> None:
+                 optimiser: Optimiser = AID_OPTIMISER, val_attack_batches: int = 0,
+                 val_max_localisation_drop: float = 0.1, seed: int = 0) -> None:
         super().__init__(as_options(optimiser, AID_OPTIMISER, "optimiser"))
         self.objective = as_options(objective, RTSObjective(), "objective")
         self.aid = as_options(aid, AIDSchedule(), "aid")
         self.attack = as_options(attack, InnerAttack(), "attack")
+        self.val_max_localisation_drop = float(val_max_localisation_drop)
         self._check_options(explain, init_from)
         self.save_options(classifier=classifier, num_classes=num_classes, width=width, init_from=init_from,
                           explain=explain, objective=self.objective, aid=self.aid, attack=self.attack,
-                          optimiser=self.optimiser, val_attack_batches=val_attack_batches, seed=seed)
+                          optimiser=self.optimiser, val_attack_batches=val_attack_batches,
+                          val_max_localisation_drop=val_max_localisation_drop, seed=seed)
         clf = load_classifier(classifier)
         if num_classes is not None and clf.num_classes != int(num_classes):
             raise ValueError(f"class count mismatch: {classifier} has {clf.num_classes} classes, "
@@ -293,6 +309,9 @@ class AIDModule(DefenceModule):
         """The checks that involve more than one option group."""
         if explain not in ("label", "pred"):
             raise ValueError(f"explain must be 'label' or 'pred', got {explain!r}")
+        drop = float(getattr(self, "val_max_localisation_drop", 0.1))
+        if not 0 <= drop < 1:
+            raise ValueError(f"val_max_localisation_drop must lie in [0, 1), got {drop}")
         if self.aid.weight > 0 and self.attack.warm_steps + self.attack.steps == 0:
             raise ValueError("AID (aid.weight > 0) needs attack.warm_steps + attack.steps > 0")
         if (self.aid.anchor_weight > 0 or self.aid.anchor_aid_weight > 0) and not (self.aid.anchor_from or init_from):
@@ -443,6 +462,11 @@ class AIDModule(DefenceModule):
         self.log("train/loss", loss.detach(), batch_size=bs)
         return loss.detach()
 
+    def on_validation_epoch_start(self) -> None:
+        # sums over the epoch's validation inputs: localisation, the anchor's localisation, their count,
+        # benign-vs-ADV2 map L1, its count (val/aid_score is computed from them at the epoch's end)
+        self._val_sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, y = batch["image"], batch["label"]
         cls = self._explained(x, y)
@@ -456,8 +480,7 @@ class AIDModule(DefenceModule):
                  prog_bar=True, sync_dist=True, batch_size=bs)
         self.log("val/mask_mean", m.mean(), sync_dist=True, batch_size=bs)
         if "mask" in batch:
-            energy, _ = localisation(m, (batch["mask"] > 0.5).float())
-            self.log("val/localisation", energy.mean(), prog_bar=True, sync_dist=True, batch_size=bs)
+            self._val_localisation(x, cls, m, (batch["mask"] > 0.5).float())
         if batch_idx < self.hparams.val_attack_batches:
             if torch.is_inference_mode_enabled():
                 raise RuntimeError("val_attack_batches > 0 runs ADV2 in validation: set Trainer(inference_mode=False) "
@@ -466,8 +489,31 @@ class AIDModule(DefenceModule):
             res = aid_attack(self.model, self.rts, x, y_t, self.attack, seed=seed)
             with torch.no_grad():
                 m_a = self.rts(self.model, res.x_adv, y_t)[0]
-            self.log("val/l1_adv", (m - m_a).abs().flatten(1).mean(1).mean(), sync_dist=True, batch_size=bs)
+            l1 = (m - m_a).abs().flatten(1).mean(1)
+            self._val_sums[3:] += torch.stack([l1.sum(), torch.tensor(float(bs), device=l1.device)]).double()
+            self.log("val/l1_adv", l1.mean(), sync_dist=True, batch_size=bs)
             self.log("val/attack_asr", res.success.float().mean(), sync_dist=True, batch_size=bs)
+
+    def _val_localisation(self, x: Tensor, cls: Tensor, m: Tensor, gt: Tensor) -> None:
+        """Localisation of the current maps (and of the anchor's, when there is one) on a validation batch."""
+        energy, _ = localisation(m, gt)
+        self.log("val/localisation", energy.mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        anchor = energy.new_zeros(())
+        if self.anchor_rts is not None:
+            with torch.no_grad():
+                energy0, _ = localisation(self.anchor_rts(self.model, x, cls)[0], gt)
+            self.log("val/localisation_anchor", energy0.mean(), sync_dist=True, batch_size=x.shape[0])
+            anchor = energy0.sum()
+        self._val_sums[:3] += torch.stack([energy.sum(), anchor, energy.new_tensor(float(x.shape[0]))]).double()
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")  # over ranks
+        if float(sums[4]) == 0:  # no ADV2 in this validation (val_attack_batches 0)
+            return
+        loc = float(sums[0] / sums[2]) if float(sums[2]) else None
+        loc0 = float(sums[1] / sums[2]) if float(sums[2]) and self.anchor_rts is not None else None
+        score = aid_score(float(sums[3] / sums[4]), loc, loc0, self.val_max_localisation_drop)
+        self.log("val/aid_score", score, prog_bar=True, batch_size=1)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["image"])

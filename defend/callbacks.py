@@ -18,7 +18,7 @@ import torch
 
 from .io import OutputConflictError, OutputGuard, guarded_outputs
 
-__all__ = ["EpochSeed", "epoch_seed", "ExportArtifact"]
+__all__ = ["EpochSeed", "epoch_seed", "ExportArtifact", "KeepBest"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -113,3 +113,43 @@ class ExportArtifact(pl.Callback):
             print(f"[defend] Lightning checkpoints (resume with --ckpt_path last): {folder}")
         print(f"[defend] exported the trained {getattr(pl_module, 'artifact_kind', 'model')} to {self.path} "
               f"({'weights of ' + best if best else 'final weights'})")
+
+
+class KeepBest(pl.Callback):
+    """Keep in memory the module's weights at the best value of a validation metric and put them back at the end of
+    ``fit`` (early stopping by selection, for runs that write no checkpoint files, such as the experiments;
+    ``ModelCheckpoint`` + ``ExportArtifact(weights=best)`` does the same with files).
+
+    Args:
+        monitor: the logged metric, e.g. ``val/aid_score``.
+        mode: ``max`` or ``min``.
+        record: further logged metrics to keep for each validation (``history``).
+    """
+
+    def __init__(self, monitor: str, mode: str = "max", record: tuple[str, ...] = ()) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"KeepBest mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode, self.record = monitor, mode, tuple(record)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.history: list[dict[str, float]] = []
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            raise ValueError(f"KeepBest: the module logged no {self.monitor!r} in validation (logged: "
+                             f"{', '.join(sorted(metrics)) or 'nothing'})")
+        value = float(metrics[self.monitor])
+        self.history.append({"epoch": trainer.current_epoch + 1, self.monitor: value,
+                             **{k: float(metrics[k]) for k in self.record if k in metrics}})
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch = value, trainer.current_epoch + 1
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.load_state_dict(self._state)

@@ -58,6 +58,9 @@ def test_quick_config_resolves_to_the_module_arguments_of_both_runs():
     ("training.aid.module.init_from=x.pt", r"unknown option 'init_from'"),
     ("training.aid.module.aid.weight=0", r"training.aid.module.aid.weight must be > 0"),
     ("training.rts.module.aid.weight=1", r"training.rts is the plain RTS"),
+    ("training.aid.select.max_localisation_drop=1.5", r"training.aid.select.*must lie in \[0, 1\]"),
+    ("training.aid.select.max_localisation_drop=1", r"training.aid.select.max_localisation_drop must be < 1"),
+    ("training.aid.module.val_max_localisation_drop=1.5", r"val_max_localisation_drop must lie in \[0, 1\)"),
     ("training.aid.module.aid.every=0", r"training.aid: need aid.every >= 1"),
     ("training.aid.init=scratch", r"aid.anchor_weight or aid.anchor_aid_weight > 0 needs aid.anchor_from or init_from"),
     ("training.aid.module.aid.anchor_from=missing.pt", r"anchor_from: checkpoint not found"),
@@ -71,3 +74,13 @@ def test_bad_settings_are_one_line_errors(setting, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
         parse(setting)
     assert "\n" not in str(info.value)
+
+
+def test_selection_needs_the_anchor_and_resolves():
+    _, cfg, _ = parse()
+    sel = cfg.training.aid.select
+    assert sel is not None and (sel.attack_batches, sel.max_localisation_drop, sel.val_batches) == (1, 0.1, 2)
+    with pytest.raises(ValueError, match=r"training.aid.select measures localisation against the anchor network"):
+        parse("training.aid.module.aid.anchor_weight=0")
+    _, cfg, _ = parse("training.aid.module.aid.anchor_weight=0", "training.aid.select=null")
+    assert cfg.training.aid.select is None

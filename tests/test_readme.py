@@ -39,7 +39,7 @@ TINY = {
     "configs/aid/digits_rts.yaml": (TRAIN + ["--model.init_args.width=4"], "checkpoints/digits_rts.pt"),
     "configs/aid/digits_aid.yaml": (TRAIN + ["--trainer.limit_train_batches=4", "--model.init_args.attack.warm_steps=1",
                                              "--model.init_args.attack.steps=1", "--model.init_args.aid.batch_size=4",
-                                             "--model.init_args.val_attack_batches=0"], "checkpoints/digits_aid.pt"),
+                                             "--model.init_args.val_attack_batches=1"], "checkpoints/digits_aid.pt"),
     "runs/card_aid": (EVALUATE, "runs/card_aid/card.json"),
     "configs/robust/digits_int_adv.yaml": (TRAIN + ["--model.init_args.model_options.width=4",
                                                     "--model.init_args.inner.steps=1"], "checkpoints/digits_int_adv.pt"),

@@ -250,6 +250,8 @@ def test_aid_module_validates_arguments(setup):
         InnerAttack(framework="deepfool")
     with pytest.raises(ValueError, match=r"attack: unknown option\(s\) eps_"):
         AIDModule(setup["path"], attack={"eps_": 0.1})
+    with pytest.raises(ValueError, match=r"val_max_localisation_drop must lie in \[0, 1\), got 1.5"):
+        AIDModule(setup["path"], val_max_localisation_drop=1.5)
 
 
 def test_aid_ddp_cpu_fit_writes_rts_checkpoint(setup, tmp_path):
@@ -291,3 +293,91 @@ def test_aid_epoch_shorter_than_aid_every_still_trains_l_aid(setup):
     assert module.rts_meta()["aid_steps"] == 2
     plain = AIDModule(setup["path"], width=8, aid=AIDSchedule(weight=0.0), seed=0)
     assert not any(plain.is_aid_batch(i) for i in range(8))
+
+
+# --------------------------------------------------------------------------------------------- epoch selection
+def test_aid_score_prefers_admissible_epochs_by_l1_then_the_closest_shortfall():
+    from defend.aid import aid_score
+
+    assert aid_score(0.03, 0.58, 0.64, 0.1) == 0.03  # 0.58 / 0.64 = 0.906 >= 0.9: admissible, scored by its L1
+    assert aid_score(0.05, 0.57, 0.64, 0.1) == pytest.approx(0.57 / 0.64 - 0.9)  # 0.891 < 0.9: its shortfall, < 0
+    assert aid_score(0.05, 0.57, 0.64, 0.2) == 0.05  # a larger budget admits it
+    assert aid_score(0.02, None, None, 0.1) == 0.02 and aid_score(0.02, 0.3, None, 0.1) == 0.02  # no masks / anchor
+    ranked = sorted([(0.01, 0.63), (0.04, 0.50), (0.03, 0.60), (0.05, 0.55)],
+                    key=lambda e: aid_score(e[0], e[1], 0.64, 0.1), reverse=True)
+    assert ranked == [(0.03, 0.60), (0.01, 0.63), (0.05, 0.55), (0.04, 0.50)]
+
+
+def test_keep_best_restores_the_weights_of_the_best_validation_epoch():
+    """A module whose weight is its epoch count and whose validation figure peaks at epoch 2 of 4."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from defend.callbacks import KeepBest
+
+    scores = {1: 0.2, 2: 0.9, 3: 0.5, 4: 0.1}
+
+    class Epochs(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            with torch.no_grad():
+                self.w += 1.0
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/score", scores[self.current_epoch + 1], batch_size=1)
+
+        def configure_optimizers(self):
+            return None
+
+    data = DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+    keep = KeepBest("val/score", "max")
+    module = Epochs()
+    pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[keep]).fit(module, data, data)
+    assert keep.best_epoch == 2 and keep.best == pytest.approx(0.9) and float(module.w) == 2.0
+    assert [h["epoch"] for h in keep.history] == [1, 2, 3, 4]
+    low = KeepBest("val/score", "min")
+    module = Epochs()
+    pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[low]).fit(module, data, data)
+    assert low.best_epoch == 4 and float(module.w) == 4.0
+
+
+def test_aid_validation_scores_each_epoch_by_l1_and_localisation_against_the_anchor(trained_rts, setup):
+    """val/aid_score of every epoch equals aid_score of that epoch's logged L1 and localisations (sums over the
+    split, not batch means), and the kept weights are those of the best epoch."""
+    import pytorch_lightning as pl
+
+    from defend.aid import aid_score
+    from defend.callbacks import KeepBest
+    from defend.data import DigitsDataModule
+
+    _, _, _, path = trained_rts
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=24)
+    module = AIDModule(setup["path"], init_from=path, aid=AIDSchedule(weight=1.0, every=2, lr=3e-3, anchor_weight=1.0),
+                       attack=InnerAttack(warm_steps=2, steps=2), val_attack_batches=2, val_max_localisation_drop=0.05,
+                       seed=0)
+    record = ("val/l1_adv", "val/localisation", "val/localisation_anchor")
+    keep = KeepBest("val/aid_score", "max", record=record)
+    states = []
+
+    class Snap(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            states.append({k: v.clone() for k, v in pl_module.rts.state_dict().items()})
+
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         inference_mode=False, num_sanity_val_steps=0, callbacks=[keep, Snap()])
+    trainer.fit(module, datamodule=dm)
+    assert len(keep.history) == 3
+    for h in keep.history:
+        want = aid_score(h["val/l1_adv"], h["val/localisation"], h["val/localisation_anchor"], 0.05)
+        assert h["val/aid_score"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    best = max(keep.history, key=lambda h: h["val/aid_score"])
+    assert keep.best_epoch == best["epoch"]
+    kept = states[best["epoch"] - 1]
+    assert all(torch.equal(v, kept[k]) for k, v in module.rts.state_dict().items())

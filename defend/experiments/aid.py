@@ -37,6 +37,7 @@ from attacks.interpreters import CAMInterpreter
 from attacks.interpreters.rts import RTSInterpreter, RTSNetwork
 
 from ..aid import AID_OPTIMISER, AIDModule, AIDSchedule, InnerAttack, RTSObjective, load_rts
+from ..callbacks import KeepBest
 from ..classifier import load_classifier
 from ..data import BaseDataModule
 from ..evaluation import interpret, run_attack
@@ -58,11 +59,15 @@ from .common import (
 from .config import ExperimentConfig, check_class_options, register_experiment
 from .runner import deep_merge
 
-__all__ = ["run", "AIDExperiment", "AIDTrainingPlan", "RTSTraining", "AIDTraining", "AIDEvaluation", "AIDAttack",
+__all__ = ["run", "AIDExperiment", "AIDTrainingPlan", "RTSTraining", "AIDTraining", "AIDSelection", "AIDEvaluation",
+           "AIDAttack",
            "NoiseLevels", "BatchTimer", "noise_levels", "check_rts_module", "MODULE_SKIP"]
 
 #: the AIDModule arguments an experiment sets itself (not in a config's ``module:`` sections)
 MODULE_SKIP = ("classifier", "num_classes", "init_from", "seed")
+
+#: the validation figures kept for each epoch of a selected AID run (report.md, metrics.json)
+SELECTION_RECORD = ("val/l1_adv", "val/localisation", "val/localisation_anchor", "val/attack_asr")
 
 PLAIN = {"aid": {"weight": 0.0}}  # what makes an AIDModule a plain RTS
 
@@ -76,7 +81,8 @@ def check_rts_module(options: dict[str, Any], where: str, init_from: str | None 
         groups = SimpleNamespace(objective=as_options(options.get("objective"), RTSObjective(), "objective"),
                                  aid=as_options(options.get("aid"), AIDSchedule(), "aid"),
                                  attack=as_options(options.get("attack"), InnerAttack(), "attack"),
-                                 optimiser=as_options(options.get("optimiser"), AID_OPTIMISER, "optimiser"))
+                                 optimiser=as_options(options.get("optimiser"), AID_OPTIMISER, "optimiser"),
+                                 val_max_localisation_drop=options.get("val_max_localisation_drop", 0.1))
         AIDModule._check_options(groups, options.get("explain", "label"), init_from)  # the module's own rules
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
@@ -106,11 +112,26 @@ class RTSTraining:
 
 
 @dataclass
+class AIDSelection:
+    """Early stopping by selection (not in the paper): validate after every AID epoch, the inner ADV2 on
+    ``attack_batches`` validation batches, and keep the epoch with the best ``val/aid_score``
+    (:func:`defend.aid.aid_score`: the largest benign-vs-ADV2 map L1 among the epochs whose validation localisation
+    is within ``max_localisation_drop`` of the plain RTS's). ``val_batches``: validation batches for localisation
+    (null: the whole split)."""
+
+    attack_batches: PositiveCount = PositiveCount(2)
+    max_localisation_drop: Fraction01 = Fraction01(0.1)
+    val_batches: PositiveCount | None = None
+
+
+@dataclass
 class AIDTraining(RTSTraining):
     """The AID run (``aid.weight > 0``): ``init: rts`` fine-tunes the plain RTS of this experiment, ``scratch``
-    trains from scratch."""
+    trains from scratch; ``select``: keep the best epoch on a validation figure (:class:`AIDSelection`; null: the
+    last epoch)."""
 
     init: Literal["rts", "scratch"] = "rts"
+    select: AIDSelection | None = None
 
 
 @dataclass
@@ -144,6 +165,13 @@ class AIDTrainingPlan:
         anchor = (aid.get("aid") or {}).get("anchor_from")
         if anchor:
             _check_rts_file(anchor, "training.aid.module.aid.anchor_from", classifier)
+        sched = aid.get("aid") or {}
+        if self.aid.select is not None and not float(self.aid.select.max_localisation_drop) < 1:
+            raise ValueError("training.aid.select.max_localisation_drop must be < 1 (1 admits any localisation)")
+        if self.aid.select is not None and not (float(sched.get("anchor_weight", 0)) > 0
+                                                or float(sched.get("anchor_aid_weight", 0)) > 0):
+            raise ValueError("training.aid.select measures localisation against the anchor network: set "
+                             "training.aid.module.aid.anchor_weight (or anchor_aid_weight) > 0, or select: null")
 
 
 @dataclass
@@ -236,16 +264,27 @@ def _train(cfg: ExperimentConfig, run: RTSTraining, options: dict[str, Any], clf
     """Train one RTS variant (``options``: AIDModule arguments) and export it (:func:`.common.train_rts`); return
     the network and its timing."""
     timer = BatchTimer()
+    select = getattr(run, "select", None)
+    callbacks: list[pl.Callback] = [timer]
+    if select is not None:
+        options = {**options, "val_attack_batches": int(select.attack_batches),
+                   "val_max_localisation_drop": float(select.max_localisation_drop)}
+        callbacks.append(KeepBest("val/aid_score", "max", record=SELECTION_RECORD))
     module, seconds = train_rts(cfg, dm, clf_path, options, out_path, int(run.max_epochs), run.limit_train_batches,
-                                init_from, progress, callbacks=[timer])
+                                init_from, progress, callbacks=callbacks,
+                                val_batches=0 if select is None else select.val_batches)
     weight = float(module.aid.weight)
     if weight > 0 and module.aid_steps == 0:
         raise ValueError(f"the AID run trained no l_aid step ({len(timer.seconds)} batches): it would be a plain RTS "
                          "labelled AID; train more batches or lower aid.every")
     full = len(dm.train_dataloader())
-    return {"network": load_rts(out_path), "train_seconds": seconds, "batch_seconds": timer.mean,
-            "batches": len(timer.seconds), "epoch_seconds": timer.mean * full, "full_epoch_batches": full,
-            "aid_weight": weight, "aid_steps": module.aid_steps}
+    res = {"network": load_rts(out_path), "train_seconds": seconds, "batch_seconds": timer.mean,
+           "batches": len(timer.seconds), "epoch_seconds": timer.mean * full, "full_epoch_batches": full,
+           "aid_weight": weight, "aid_steps": module.aid_steps, "epochs": int(run.max_epochs)}
+    if select is not None:
+        keep = callbacks[-1]
+        res.update({"selected_epoch": keep.best_epoch, "selection": keep.history})
+    return res
 
 
 def _train_both(cfg: AIDExperiment, dm: BaseDataModule, clf_path: str, out: Path,
@@ -358,6 +397,8 @@ def _rows(res: dict[str, dict[str, Any]], extra: dict[str, Any], trained: dict[s
                     "epoch_time_ratio": t["epoch_seconds"] / ref_epoch if ref_epoch else float("nan"),
                     "batch_seconds": t["batch_seconds"], "train_batches": t["batches"], "aid_steps": t["aid_steps"],
                     "train_seconds": t["train_seconds"], "aid_weight": t["aid_weight"]})
+        if "selected_epoch" in t:
+            row.update({"selected_epoch": t["selected_epoch"], "epochs": t["epochs"]})
         rows.append(row)
     cam_row = {"interpreter": "cam", "n": extra["n"]}
     if "cam_localisation" in extra:
@@ -475,7 +516,31 @@ def _report(cfg: AIDExperiment, info: dict[str, Any], rows: list[dict[str, Any]]
         "",
     ]
     lines += _checks(rts, aid, cam, ratio, total)
+    lines += _selection_lines(cfg, trained["rts_aid"])
     return "\n".join(lines + _cost_lines(trained, aid["epoch_time_ratio"], total))
+
+
+def _selection_lines(cfg: AIDExperiment, t: dict[str, Any]) -> list[str]:
+    """The validation figure of every AID epoch and the epoch kept (``training.aid.select``)."""
+    sel = cfg.training.aid.select
+    if sel is None or "selection" not in t:
+        return ["", f"The RTS-AID weights are those of the last of {t['epochs']} epochs (no selection)."]
+    drop = float(sel.max_localisation_drop)
+    rows = [[h["epoch"], h.get("val/l1_adv", "-"), h.get("val/localisation", "-"),
+             h.get("val/localisation_anchor", "-"), h["val/aid_score"], "kept" if h["epoch"] == t["selected_epoch"]
+             else ""] for h in t["selection"]]
+    where = "the validation split" if sel.val_batches is None else f"{int(sel.val_batches)} validation batch(es)"
+    kept = next(h for h in t["selection"] if h["epoch"] == t["selected_epoch"])
+    verdict = (f"Kept: epoch {t['selected_epoch']} of {t['epochs']}." if kept["val/aid_score"] >= 0 else
+               f"No epoch kept its validation localisation within the budget: kept the closest, epoch "
+               f"{t['selected_epoch']} of {t['epochs']}.")
+    return ["", "## Epoch selection on the validation split", "",
+            f"After each AID epoch: the inner ADV2 on {int(sel.attack_batches)} validation batch(es) and the "
+            f"localisation on {where}; kept: the epoch with the largest benign-vs-ADV2 L1 among those whose "
+            f"localisation is within {100 * drop:.0f} % of the plain RTS's (`val/aid_score`; an epoch outside the "
+            f"budget scores its shortfall, < 0). {verdict}", "",
+            markdown_table(["epoch", "val L1 benign vs inner ADV2", "val localisation", "plain RTS", "score", ""],
+                           rows)]
 
 
 def _cost_lines(trained: dict[str, dict[str, Any]], aid_ratio: float, total: float) -> list[str]:

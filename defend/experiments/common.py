@@ -129,17 +129,19 @@ def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = Tru
 
 def train_rts(cfg: Any, dm: BaseDataModule, clf_path: str, options: dict[str, Any], target: Path, max_epochs: int,
               limit_train_batches: int | None = None, init_from: str | None = None, progress: bool = True,
-              callbacks: Sequence[pl.Callback] = ()) -> tuple[Any, float]:
+              callbacks: Sequence[pl.Callback] = (), val_batches: int | None = 0) -> tuple[Any, float]:
     """Train one RTS interpreter (:class:`~defend.aid.AIDModule` with ``options``, seeded by ``cfg.seed``) on the
-    frozen classifier at ``clf_path`` with the config's Trainer options and no validation, export it to ``target``
-    (a safe RTS artifact with its training seconds); return the trained module and those seconds."""
+    frozen classifier at ``clf_path`` with the config's Trainer options, export it to ``target`` (a safe RTS
+    artifact with its training seconds); return the trained module and those seconds. ``val_batches``: validation
+    batches after each epoch (0: no validation, ``None``: the whole split)."""
     from ..aid import AIDModule  # the RTS side of defend, loaded only by the experiments that train one
 
     seed = int(cfg.seed)
     pl.seed_everything(seed, workers=True)
     module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **options)
-    extra: dict[str, Any] = {"callbacks": list(callbacks), "num_sanity_val_steps": 0, "limit_val_batches": 0,
-                             "inference_mode": False, "enable_progress_bar": progress}
+    extra: dict[str, Any] = {"callbacks": list(callbacks), "num_sanity_val_steps": 0, "inference_mode": False,
+                             "limit_val_batches": 1.0 if val_batches is None else int(val_batches),
+                             "enable_progress_bar": progress}
     if limit_train_batches is not None:
         extra["limit_train_batches"] = int(limit_train_batches)
     trainer = make_trainer(cfg.trainer, int(max_epochs), **extra)
