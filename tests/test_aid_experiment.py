@@ -33,7 +33,7 @@ def test_quick_config_resolves_to_the_module_arguments_of_both_runs():
                             "class_weight": 1.0}}
     assert plan.options("rts") == {**shared, "aid": {"weight": 0.0}}
     assert plan.options("aid") == {**shared, "aid": {"weight": 1.0, "every": 4, "mode": "alternate", "lr": 0.002,
-                                                     "batch_size": 32, "anchor_weight": 30.0},
+                                                     "batch_size": 32, "anchor_weight": 100.0},
                                    "attack": {"eps": 0.031, "alpha": 0.00784, "warm_steps": 10, "steps": 20,
                                               "c": 20.0, "enc_weight": 0.1}}
     assert (plan.rts.max_epochs, plan.rts.limit_train_batches) == (1, 40)
