@@ -43,7 +43,7 @@ class Probe(pl.Callback):
 
     def __init__(self, model, test, val, ev, seed, base, out):
         self.model, self.test, self.val, self.ev, self.seed, self.base, self.out = model, test, val, ev, seed, base, out
-        self.log = [base]
+        self.rows = [base]
 
     def on_train_epoch_end(self, trainer, module):
         net, was, start = module.rts, module.rts.training, time.time()
@@ -58,14 +58,14 @@ class Probe(pl.Callback):
                                     net(self.model, inner.x_adv, y_t)[0]).mean())
         net.train(was)
         b = self.base
-        self.log.append({"epoch": trainer.current_epoch + 1, "l1": r["l1_benign_vs_adv2"],
+        self.rows.append({"epoch": trainer.current_epoch + 1, "l1": r["l1_benign_vs_adv2"],
                          "ratio": r["l1_benign_vs_adv2"] / b["l1"], "loc": r["localisation"],
                          "loc_drop": 1 - r["localisation"] / b["loc"], "iou": r["iou_benign_vs_adv2"],
                          "val_ratio": rv["l1_benign_vs_adv2"] / b["val_l1"],
                          "val_loc_drop": 1 - rv["localisation"] / b["val_loc"], "val_inner_l1": inner_l1,
                          "probe_seconds": time.time() - start})
-        print(json.dumps(self.log[-1]), flush=True)
-        (self.out / "traj.json").write_text(json.dumps(self.log, indent=1))
+        print(json.dumps(self.rows[-1]), flush=True)
+        (self.out / "traj.json").write_text(json.dumps(self.rows, indent=1))
 
 
 def main() -> None:
