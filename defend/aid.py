@@ -149,6 +149,9 @@ class AIDSchedule:
     def __post_init__(self) -> None:
         if self.mode not in AID_MODES:
             raise ValueError(f"aid.mode must be one of {AID_MODES}, got {self.mode!r}")
+        if self.mode == "joint" and self.anchor_aid_weight > 0:
+            raise ValueError("aid.anchor_aid_weight applies to the l_aid steps of mode 'alternate'; in 'joint' mode "
+                             "the anchor (aid.anchor_weight) is already in the loss of every step")
         if self.every < 1 or self.weight < 0 or self.anchor_weight < 0 or self.anchor_aid_weight < 0:
             raise ValueError(f"need aid.every >= 1 and aid.weight, aid.anchor_weight, aid.anchor_aid_weight >= 0, got "
                              f"{self.every}, {self.weight}, {self.anchor_weight} and {self.anchor_aid_weight}")
@@ -435,7 +438,7 @@ class AIDModule(DefenceModule):
                 loss = loss + li["loss"] - class_weight * a["class_ce"]  # class CE counted once
                 logs["l_int"] = li["loss"]
                 return loss, 0, logs  # the anchor is in l_int here
-            if "anchor" in a:
+            if "anchor" in a and self.aid.anchor_aid_weight > 0:
                 loss = loss + self.aid.anchor_aid_weight * a["anchor"]
             return loss, 1, logs
         li = self.interpretation_loss(x, cls, self._generator(batch_idx))

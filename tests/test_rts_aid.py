@@ -236,6 +236,8 @@ def test_anchor_aid_weight_adds_the_anchor_term_to_the_l_aid_steps(trained_rts, 
 def test_aid_module_validates_arguments(setup):
     with pytest.raises(ValueError, match=r"aid\.mode must be one of"):
         AIDModule(setup["path"], aid={"mode": "sometimes"})
+    with pytest.raises(ValueError, match=r"aid\.anchor_aid_weight applies to the l_aid steps of mode 'alternate'"):
+        AIDSchedule(mode="joint", anchor_aid_weight=1.0)
     with pytest.raises(ValueError, match=r"aid\.anchor_aid_weight >= 0, got 2, 0\.0, 0\.0 and -1"):
         AIDSchedule(anchor_aid_weight=-1, every=2)
     with pytest.raises(ValueError, match=r"aid\.anchor_weight or aid\.anchor_aid_weight > 0 needs aid\.anchor_from"):
