@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -124,6 +125,9 @@ class KeepBest(pl.Callback):
         monitor: the logged metric, e.g. ``val/aid_score``.
         mode: ``max`` or ``min``.
         record: further logged metrics to keep for each validation (``history``).
+
+    Each validation (after every epoch, or every ``val_check_interval`` batches) is a candidate; its ``history`` row
+    has the epoch in progress and ``batches``, the training batches done so far (which tells candidates apart).
     """
 
     def __init__(self, monitor: str, mode: str = "max", record: tuple[str, ...] = ()) -> None:
@@ -132,8 +136,13 @@ class KeepBest(pl.Callback):
         self.monitor, self.mode, self.record = monitor, mode, tuple(record)
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.best_batches: int | None = None
+        self.batches = 0
         self.history: list[dict[str, float]] = []
         self._state: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.batches += 1
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -143,11 +152,11 @@ class KeepBest(pl.Callback):
             raise ValueError(f"KeepBest: the module logged no {self.monitor!r} in validation (logged: "
                              f"{', '.join(sorted(metrics)) or 'nothing'})")
         value = float(metrics[self.monitor])
-        self.history.append({"epoch": trainer.current_epoch + 1, self.monitor: value,
+        self.history.append({"epoch": trainer.current_epoch + 1, "batches": self.batches, self.monitor: value,
                              **{k: float(metrics[k]) for k in self.record if k in metrics}})
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better:
-            self.best, self.best_epoch = value, trainer.current_epoch + 1
+            self.best, self.best_epoch, self.best_batches = value, trainer.current_epoch + 1, self.batches
             self._state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

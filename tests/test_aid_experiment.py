@@ -37,7 +37,7 @@ def test_quick_config_resolves_to_the_module_arguments_of_both_runs():
                                    "attack": {"eps": 0.031, "alpha": 0.00784, "warm_steps": 10, "steps": 20,
                                               "c": 20.0, "enc_weight": 0.1}}
     assert (plan.rts.max_epochs, plan.rts.limit_train_batches) == (1, 40)
-    assert (plan.aid.max_epochs, plan.aid.limit_train_batches, plan.aid.init) == (1, 24, "rts")
+    assert (plan.aid.max_epochs, plan.aid.limit_train_batches, plan.aid.init) == (1, 23, "rts")
     ev = cfg.evaluation
     assert (ev.n_images, ev.batch_size, ev.n_figure) == (16, 16, 4)
     assert ev.attack.alpha == 1 / 255 and (ev.attack.warm_steps, ev.attack.steps) == (20, 30)
@@ -80,7 +80,29 @@ def test_selection_needs_the_anchor_and_resolves():
     _, cfg, _ = parse()
     sel = cfg.training.aid.select
     assert sel is not None and (sel.attack_batches, sel.max_localisation_drop, sel.val_batches) == (1, 0.1, 2)
+    full = parse(quick=False)[1].training.aid
+    assert (full.max_epochs, full.limit_train_batches) == (6, None)  # 79-batch epochs: 3 l_int steps after the last l_aid
     with pytest.raises(ValueError, match=r"training.aid.select measures localisation against the anchor network"):
         parse("training.aid.module.aid.anchor_weight=0")
     _, cfg, _ = parse("training.aid.module.aid.anchor_weight=0", "training.aid.select=null")
     assert cfg.training.aid.select is None
+
+
+def test_selection_report_marks_the_kept_candidate_by_its_batch_count():
+    """Two candidates inside one epoch: the row kept is the one with the selected batch count, and a run whose
+    best candidate is outside the budget says so."""
+    from defend.experiments.aid import _selection_lines
+
+    _, cfg, _ = parse(quick=False)
+    hist = [{"epoch": 1, "batches": 30, "val/l1_adv": 0.02, "val/localisation": 0.63, "val/aid_score": 0.02},
+            {"epoch": 1, "batches": 60, "val/l1_adv": 0.03, "val/localisation": 0.60, "val/aid_score": 0.03},
+            {"epoch": 2, "batches": 90, "val/l1_adv": 0.04, "val/localisation": 0.50, "val/aid_score": -0.1}]
+    text = "\n".join(_selection_lines(cfg, {"epochs": 6, "selected_epoch": 1, "selected_batches": 60,
+                                            "selection": hist}))
+    kept = [row for row in text.splitlines() if row.endswith("| kept |")]
+    assert len(kept) == 1 and kept[0].startswith("| 1 | 60 |")
+    assert "after 60 batches (epoch 1 of 6)" in text
+    bad = [{**h, "val/aid_score": -0.05} for h in hist[:1]]
+    text = "\n".join(_selection_lines(cfg, {"epochs": 6, "selected_epoch": 1, "selected_batches": 30,
+                                            "selection": bad}))
+    assert "No candidate kept its validation localisation within the budget" in text

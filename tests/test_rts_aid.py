@@ -349,6 +349,42 @@ def test_keep_best_restores_the_weights_of_the_best_validation_epoch():
     assert low.best_epoch == 4 and float(module.w) == 4.0
 
 
+def test_keep_best_candidates_every_n_batches_across_epochs():
+    """Validation every 3 batches of 4-batch epochs (counted across epochs): candidates after 3, 6, 9 and 12
+    batches, two of them inside one epoch; the weight (its batch count) of the best candidate is restored."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from defend.callbacks import KeepBest
+
+    scores = {3: 0.1, 6: 0.4, 9: 0.7, 12: 0.3}
+
+    class Batches(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            with torch.no_grad():
+                self.w += 1.0
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/score", scores[int(self.w)], batch_size=1)
+
+        def configure_optimizers(self):
+            return None
+
+    data = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
+    keep = KeepBest("val/score", "max")
+    module = Batches()
+    pl.Trainer(max_epochs=3, val_check_interval=3, check_val_every_n_epoch=None, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0, callbacks=[keep]).fit(module, data, DataLoader(TensorDataset(torch.zeros(1, 1))))
+    assert [(h["epoch"], h["batches"]) for h in keep.history] == [(1, 3), (2, 6), (3, 9), (3, 12)]
+    assert (keep.best_batches, keep.best_epoch, float(module.w)) == (9, 3, 9.0)
+
+
 def test_aid_validation_scores_each_epoch_by_l1_and_localisation_against_the_anchor(trained_rts, setup):
     """val/aid_score of every epoch equals aid_score of that epoch's logged L1 and localisations (sums over the
     split, not batch means), and the kept weights are those of the best epoch."""

@@ -117,7 +117,8 @@ class AIDSelection:
     ``attack_batches`` validation batches, and keep the epoch with the best ``val/aid_score``
     (:func:`defend.aid.aid_score`: the largest benign-vs-ADV2 map L1 among the epochs whose validation localisation
     is within ``max_localisation_drop`` of the plain RTS's). ``val_batches``: validation batches for localisation
-    (null: the whole split)."""
+    (null: the whole split). Candidates are epoch ends only: the localisation swings with the phase of the
+    ``aid.every`` cycle (lowest right after an ``l_aid`` step), so candidates must share it (docs/results.md)."""
 
     attack_batches: PositiveCount = PositiveCount(2)
     max_localisation_drop: Fraction01 = Fraction01(0.1)
@@ -283,7 +284,8 @@ def _train(cfg: ExperimentConfig, run: RTSTraining, options: dict[str, Any], clf
            "aid_weight": weight, "aid_steps": module.aid_steps, "epochs": int(run.max_epochs)}
     if select is not None:
         keep = callbacks[-1]
-        res.update({"selected_epoch": keep.best_epoch, "selection": keep.history})
+        res.update({"selected_epoch": keep.best_epoch, "selected_batches": keep.best_batches,
+                    "selection": keep.history})
     return res
 
 
@@ -398,7 +400,8 @@ def _rows(res: dict[str, dict[str, Any]], extra: dict[str, Any], trained: dict[s
                     "batch_seconds": t["batch_seconds"], "train_batches": t["batches"], "aid_steps": t["aid_steps"],
                     "train_seconds": t["train_seconds"], "aid_weight": t["aid_weight"]})
         if "selected_epoch" in t:
-            row.update({"selected_epoch": t["selected_epoch"], "epochs": t["epochs"]})
+            row.update({"selected_epoch": t["selected_epoch"], "selected_batches": t["selected_batches"],
+                        "epochs": t["epochs"]})
         rows.append(row)
     cam_row = {"interpreter": "cam", "n": extra["n"]}
     if "cam_localisation" in extra:
@@ -521,26 +524,26 @@ def _report(cfg: AIDExperiment, info: dict[str, Any], rows: list[dict[str, Any]]
 
 
 def _selection_lines(cfg: AIDExperiment, t: dict[str, Any]) -> list[str]:
-    """The validation figure of every AID epoch and the epoch kept (``training.aid.select``)."""
+    """The validation figure of every epoch and the one kept (``training.aid.select``)."""
     sel = cfg.training.aid.select
     if sel is None or "selection" not in t:
         return ["", f"The RTS-AID weights are those of the last of {t['epochs']} epochs (no selection)."]
     drop = float(sel.max_localisation_drop)
-    rows = [[h["epoch"], h.get("val/l1_adv", "-"), h.get("val/localisation", "-"),
-             h.get("val/localisation_anchor", "-"), h["val/aid_score"], "kept" if h["epoch"] == t["selected_epoch"]
-             else ""] for h in t["selection"]]
+    rows = [[h["epoch"], h["batches"], h.get("val/l1_adv", "-"), h.get("val/localisation", "-"),
+             h.get("val/localisation_anchor", "-"), h["val/aid_score"],
+             "kept" if h["batches"] == t["selected_batches"] else ""] for h in t["selection"]]
     where = "the validation split" if sel.val_batches is None else f"{int(sel.val_batches)} validation batch(es)"
-    kept = next(h for h in t["selection"] if h["epoch"] == t["selected_epoch"])
-    verdict = (f"Kept: epoch {t['selected_epoch']} of {t['epochs']}." if kept["val/aid_score"] >= 0 else
-               f"No epoch kept its validation localisation within the budget: kept the closest, epoch "
-               f"{t['selected_epoch']} of {t['epochs']}.")
+    kept = next(h for h in t["selection"] if h["batches"] == t["selected_batches"])
+    at = f"the weights after {t['selected_batches']} batches (epoch {t['selected_epoch']} of {t['epochs']})"
+    verdict = (f"Kept: {at}." if kept["val/aid_score"] >= 0 else
+               f"No candidate kept its validation localisation within the budget: kept the closest, {at}.")
     return ["", "## Epoch selection on the validation split", "",
             f"After each AID epoch: the inner ADV2 on {int(sel.attack_batches)} validation batch(es) and the "
-            f"localisation on {where}; kept: the epoch with the largest benign-vs-ADV2 L1 among those whose "
-            f"localisation is within {100 * drop:.0f} % of the plain RTS's (`val/aid_score`; an epoch outside the "
-            f"budget scores its shortfall, < 0). {verdict}", "",
-            markdown_table(["epoch", "val L1 benign vs inner ADV2", "val localisation", "plain RTS", "score", ""],
-                           rows)]
+            f"localisation on {where}; kept: the weights with the largest benign-vs-ADV2 L1 among those whose "
+            f"localisation is within {100 * drop:.0f} % of the plain RTS's (`val/aid_score`; outside the "
+            f"budget the score is the shortfall, < 0). {verdict}", "",
+            markdown_table(["epoch", "batches trained", "val L1 benign vs inner ADV2", "val localisation",
+                            "plain RTS", "score", ""], rows)]
 
 
 def _cost_lines(trained: dict[str, dict[str, Any]], aid_ratio: float, total: float) -> list[str]:
