@@ -34,7 +34,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from attacks import ADV2, AttackResult, RTSInterpreter, RTSNetwork, frozen, get_framework, random_targets
 from attacks.checks import check_images, check_labels
@@ -212,8 +211,7 @@ def save_rts(network: RTSNetwork, path: str | os.PathLike, extra: dict[str, Any]
 
 def load_rts(path: str | os.PathLike) -> RTSNetwork:
     """Rebuild an RTS network from :func:`save_rts` output or an :class:`AIDModule` Lightning checkpoint
-    (``torch.load(weights_only=True)``; returned in eval mode). From a checkpoint of a run with ``ema_decay > 0``
-    the weight average is loaded (what the module validated and exports)."""
+    (``torch.load(weights_only=True)``; returned in eval mode)."""
     payload = load_artifact(path, "rts")
     cfg = (payload.get("meta") or {}).get("network")
     if not isinstance(cfg, dict) or "stage_channels" not in cfg or "num_classes" not in cfg:
@@ -221,8 +219,7 @@ def load_rts(path: str | os.PathLike) -> RTSNetwork:
     net = RTSNetwork(**cfg)
     state = payload["state"]
     if payload["format"] == "lightning":
-        ema = strip_prefix(state, "rts_ema.module.")
-        state = ema or strip_prefix(state, "rts.")
+        state = strip_prefix(state, "rts.")
     load_state_checked(net, state, path)
     return net.eval()
 
@@ -273,9 +270,6 @@ class AIDModule(DefenceModule):
         val_attack_batches: run the inner ADV2 on this many validation batches and log ``val/l1_adv`` and
             ``val/aid_score`` (:func:`aid_score`; needs ``Trainer(inference_mode=False)``).
         val_max_localisation_drop: the localisation budget of ``val/aid_score`` (relative to the anchor network).
-        ema_decay: not in the paper: > 0 keeps an exponential moving average of the RTS weights (Polyak averaging,
-            ``torch.optim.swa_utils``), updated after every step; validation, ``forward`` and the exported artifact
-            use the average (it smooths the swings of the benign maps between ``l_aid`` and ``l_int`` steps).
         seed: seeds the blend choice, random targets and attack starts (offset by step and rank).
     """
 
@@ -287,18 +281,17 @@ class AIDModule(DefenceModule):
                  init_from: str | None = None, explain: str = "label", objective: RTSObjective = RTSObjective(),
                  aid: AIDSchedule = AIDSchedule(), attack: InnerAttack = InnerAttack(),
                  optimiser: Optimiser = AID_OPTIMISER, val_attack_batches: int = 0,
-                 val_max_localisation_drop: float = 0.1, ema_decay: float = 0.0, seed: int = 0) -> None:
+                 val_max_localisation_drop: float = 0.1, seed: int = 0) -> None:
         super().__init__(as_options(optimiser, AID_OPTIMISER, "optimiser"))
         self.objective = as_options(objective, RTSObjective(), "objective")
         self.aid = as_options(aid, AIDSchedule(), "aid")
         self.attack = as_options(attack, InnerAttack(), "attack")
         self.val_max_localisation_drop = float(val_max_localisation_drop)
-        self.ema_decay = float(ema_decay)
         self._check_options(explain, init_from)
         self.save_options(classifier=classifier, num_classes=num_classes, width=width, init_from=init_from,
                           explain=explain, objective=self.objective, aid=self.aid, attack=self.attack,
                           optimiser=self.optimiser, val_attack_batches=val_attack_batches,
-                          val_max_localisation_drop=val_max_localisation_drop, ema_decay=ema_decay, seed=seed)
+                          val_max_localisation_drop=val_max_localisation_drop, seed=seed)
         clf = load_classifier(classifier)
         if num_classes is not None and clf.num_classes != int(num_classes):
             raise ValueError(f"class count mismatch: {classifier} has {clf.num_classes} classes, "
@@ -312,10 +305,6 @@ class AIDModule(DefenceModule):
         self.anchor_rts: FrozenModule | None = None
         if self.aid.anchor_weight > 0 or self.aid.anchor_aid_weight > 0:
             self.anchor_rts = FrozenModule(load_rts(self.aid.anchor_from or init_from))
-        self.rts_ema: AveragedModel | None = None
-        if self.ema_decay > 0:
-            self.rts_ema = AveragedModel(self.rts, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay))
-            self.rts_ema.requires_grad_(False)  # not trained (DDP would wait for its gradients)
         self.automatic_optimization = False  # alternating objectives: one optimiser step per batch, chosen here
         self.aid_steps = 0  # l_aid optimiser steps taken (stored with checkpoints and exported artifacts)
 
@@ -326,9 +315,6 @@ class AIDModule(DefenceModule):
         drop = float(getattr(self, "val_max_localisation_drop", 0.1))
         if not 0 <= drop < 1:
             raise ValueError(f"val_max_localisation_drop must lie in [0, 1), got {drop}")
-        decay = float(getattr(self, "ema_decay", 0.0))
-        if not 0 <= decay < 1:
-            raise ValueError(f"ema_decay must lie in [0, 1) (0: no weight averaging), got {decay}")
         if self.aid.weight > 0 and self.attack.warm_steps + self.attack.steps == 0:
             raise ValueError("AID (aid.weight > 0) needs attack.warm_steps + attack.steps > 0")
         if (self.aid.anchor_weight > 0 or self.aid.anchor_aid_weight > 0) and not (self.aid.anchor_from or init_from):
@@ -344,15 +330,9 @@ class AIDModule(DefenceModule):
         """The frozen classifier."""
         return self.classifier.model
 
-    @property
-    def net(self) -> RTSNetwork:
-        """The RTS network that is validated and exported: the weight average with ``ema_decay > 0``, else the
-        trained network itself."""
-        return self.rts if self.rts_ema is None else self.rts_ema.module
-
     def interpreter(self, enc_weight: float | None = None) -> RTSInterpreter:
-        """The current RTS network (:attr:`net`) as an interpreter."""
-        return RTSInterpreter(self.net, self.attack.enc_weight if enc_weight is None else enc_weight)
+        """The current RTS network as an interpreter."""
+        return RTSInterpreter(self.rts, self.attack.enc_weight if enc_weight is None else enc_weight)
 
     def _generator(self, batch_idx: int, salt: int = 0) -> torch.Generator:
         """The same stream on every rank: draws are made for the global batch and sharded (``rank_world``)."""
@@ -438,7 +418,7 @@ class AIDModule(DefenceModule):
         if cls is None:
             with torch.no_grad():
                 cls = self.model(x).argmax(1)
-        return self.net(self.model, x, cls)[0]
+        return self.rts(self.model, x, cls)[0]
 
     def step_loss(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[Tensor, int, dict[str, Tensor]]:
         """The loss of one training batch, the index of the optimiser that minimises it, and what to log."""
@@ -479,8 +459,6 @@ class AIDModule(DefenceModule):
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
-        if self.rts_ema is not None:
-            self.rts_ema.update_parameters(self.rts)
         bs = x.shape[0]
         for k, v in logs.items():
             self.log(f"train/{k}", v.detach(), prog_bar=k in ("l_int", "l_aid"), batch_size=bs)
@@ -497,9 +475,8 @@ class AIDModule(DefenceModule):
         cls = self._explained(x, y)
         bs = x.shape[0]
         seed = int(self.hparams.seed)
-        net = self.net
         with torch.no_grad():
-            m, logits = net(self.model, x, cls)
+            m, logits = self.rts(self.model, x, cls)
             out = rts_objective(self.model, x, cls, m, generator=torch.Generator().manual_seed(seed + batch_idx),
                                 **self.objective.rts_kwargs())
         self.log("val/l_int", out["loss"].mean() + self.objective.class_weight * F.cross_entropy(logits, cls),
@@ -512,9 +489,9 @@ class AIDModule(DefenceModule):
                 raise RuntimeError("val_attack_batches > 0 runs ADV2 in validation: set Trainer(inference_mode=False) "
                                    "(--trainer.inference_mode=false)")
             y_t = random_targets(cls, self.model.num_classes, torch.Generator().manual_seed(seed + batch_idx))
-            res = aid_attack(self.model, net, x, y_t, self.attack, seed=seed)
+            res = aid_attack(self.model, self.rts, x, y_t, self.attack, seed=seed)
             with torch.no_grad():
-                m_a = net(self.model, res.x_adv, y_t)[0]
+                m_a = self.rts(self.model, res.x_adv, y_t)[0]
             l1 = (m - m_a).abs().flatten(1).mean(1)
             self._val_sums[3:] += torch.stack([l1.sum(), torch.tensor(float(bs), device=l1.device)]).double()
             self.log("val/l1_adv", l1.mean(), sync_dist=True, batch_size=bs)
@@ -559,7 +536,7 @@ class AIDModule(DefenceModule):
     def artifact_meta(self) -> dict[str, Any]:
         """The RTS network's configuration, the classifier it explains and how it was trained."""
         hp, aid = self.hparams, self.aid
-        return {"network": self.net.config(), "classifier": str(hp.classifier), "classifier_meta": self.model.describe(),
+        return {"network": self.rts.config(), "classifier": str(hp.classifier), "classifier_meta": self.model.describe(),
                 "aid_weight": float(aid.weight), "aid_mode": aid.mode, "aid_every": int(aid.every),
                 "aid_steps": int(self.aid_steps), "init_from": hp.init_from, "objective": self.objective.rts_kwargs(),
                 "class_weight": float(self.objective.class_weight)}
@@ -575,4 +552,4 @@ class AIDModule(DefenceModule):
     def export(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Save the RTS network alone as a safe artifact (:func:`save_rts`; what ``load_rts`` and the ``rts``
         paths of the experiments read)."""
-        save_rts(self.net, path, {**self.artifact_meta(), **(extra or {})})
+        save_rts(self.rts, path, {**self.artifact_meta(), **(extra or {})})

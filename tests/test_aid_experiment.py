@@ -60,7 +60,6 @@ def test_quick_config_resolves_to_the_module_arguments_of_both_runs():
     ("training.rts.module.aid.weight=1", r"training.rts is the plain RTS"),
     ("training.aid.select.max_localisation_drop=1.5", r"training.aid.select.*must lie in \[0, 1\]"),
     ("training.aid.select.max_localisation_drop=1", r"training.aid.select.max_localisation_drop must be < 1"),
-    ("training.aid.module.ema_decay=1", r"training.aid: ema_decay must lie in \[0, 1\)"),
     ("training.aid.module.val_max_localisation_drop=1.5", r"val_max_localisation_drop must lie in \[0, 1\)"),
     ("training.aid.module.aid.every=0", r"training.aid: need aid.every >= 1"),
     ("training.aid.init=scratch", r"aid.anchor_weight or aid.anchor_aid_weight > 0 needs aid.anchor_from or init_from"),

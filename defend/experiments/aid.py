@@ -82,8 +82,7 @@ def check_rts_module(options: dict[str, Any], where: str, init_from: str | None 
                                  aid=as_options(options.get("aid"), AIDSchedule(), "aid"),
                                  attack=as_options(options.get("attack"), InnerAttack(), "attack"),
                                  optimiser=as_options(options.get("optimiser"), AID_OPTIMISER, "optimiser"),
-                                 val_max_localisation_drop=options.get("val_max_localisation_drop", 0.1),
-                                 ema_decay=options.get("ema_decay", 0.0))
+                                 val_max_localisation_drop=options.get("val_max_localisation_drop", 0.1))
         AIDModule._check_options(groups, options.get("explain", "label"), init_from)  # the module's own rules
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
