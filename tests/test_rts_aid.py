@@ -310,16 +310,12 @@ def test_aid_score_prefers_admissible_epochs_by_l1_then_the_closest_shortfall():
     assert ranked == [(0.03, 0.60), (0.01, 0.63), (0.05, 0.55), (0.04, 0.50)]
 
 
-def test_keep_best_restores_the_weights_of_the_best_validation_epoch():
-    """A module whose weight is its epoch count and whose validation figure peaks at epoch 2 of 4."""
+def _counting_module(score):
+    """A LightningModule whose one weight counts its training batches and whose validation logs
+    ``val/score = score(module)``."""
     import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from defend.callbacks import KeepBest
-
-    scores = {1: 0.2, 2: 0.9, 3: 0.5, 4: 0.1}
-
-    class Epochs(pl.LightningModule):
+    class Counting(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
@@ -330,57 +326,47 @@ def test_keep_best_restores_the_weights_of_the_best_validation_epoch():
                 self.w += 1.0
 
         def validation_step(self, batch, batch_idx):
-            self.log("val/score", scores[self.current_epoch + 1], batch_size=1)
+            self.log("val/score", score(self), batch_size=1)
 
         def configure_optimizers(self):
             return None
 
-    data = DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
-    keep = KeepBest("val/score", "max")
-    module = Epochs()
-    pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[keep]).fit(module, data, data)
+    return Counting()
+
+
+def _fit_counting(module, keep, n_batches: int, max_epochs: int, **trainer) -> None:
+    from pytorch_lightning import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.zeros(n_batches, 1)), batch_size=1)
+    Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[keep], **trainer).fit(
+        module, data, DataLoader(TensorDataset(torch.zeros(1, 1))))
+
+
+def test_keep_best_restores_the_weights_of_the_best_validation_epoch():
+    """A module whose weight is its epoch count and whose validation figure peaks at epoch 2 of 4."""
+    from defend.callbacks import KeepBest
+
+    scores = {1: 0.2, 2: 0.9, 3: 0.5, 4: 0.1}
+    by_epoch = lambda m: scores[m.current_epoch + 1]  # noqa: E731
+    keep, module = KeepBest("val/score", "max"), _counting_module(by_epoch)
+    _fit_counting(module, keep, 1, 4)
     assert keep.best_epoch == 2 and keep.best == pytest.approx(0.9) and float(module.w) == 2.0
     assert [h["epoch"] for h in keep.history] == [1, 2, 3, 4]
-    low = KeepBest("val/score", "min")
-    module = Epochs()
-    pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[low]).fit(module, data, data)
+    low, module = KeepBest("val/score", "min"), _counting_module(by_epoch)
+    _fit_counting(module, low, 1, 4)
     assert low.best_epoch == 4 and float(module.w) == 4.0
 
 
 def test_keep_best_candidates_every_n_batches_across_epochs():
     """Validation every 3 batches of 4-batch epochs (counted across epochs): candidates after 3, 6, 9 and 12
     batches, two of them inside one epoch; the weight (its batch count) of the best candidate is restored."""
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
     from defend.callbacks import KeepBest
 
     scores = {3: 0.1, 6: 0.4, 9: 0.7, 12: 0.3}
-
-    class Batches(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            with torch.no_grad():
-                self.w += 1.0
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val/score", scores[int(self.w)], batch_size=1)
-
-        def configure_optimizers(self):
-            return None
-
-    data = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
-    keep = KeepBest("val/score", "max")
-    module = Batches()
-    pl.Trainer(max_epochs=3, val_check_interval=3, check_val_every_n_epoch=None, logger=False,
-               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-               num_sanity_val_steps=0, callbacks=[keep]).fit(module, data, DataLoader(TensorDataset(torch.zeros(1, 1))))
+    keep, module = KeepBest("val/score", "max"), _counting_module(lambda m: scores[int(m.w)])
+    _fit_counting(module, keep, 4, 3, val_check_interval=3, check_val_every_n_epoch=None)
     assert [(h["epoch"], h["batches"]) for h in keep.history] == [(1, 3), (2, 6), (3, 9), (3, 12)]
     assert (keep.best_batches, keep.best_epoch, float(module.w)) == (9, 3, 9.0)
 
