@@ -1,9 +1,9 @@
 """Adaptive attacks: an attacker who knows the defence (Carlini & Wagner 2017; Tramer et al. 2020).
 
 - :class:`DetectorAwareTerm` / attack ``"adaptive_detector"``: ADV2 against the ensemble of the interpreters a
-  multi-interpreter detector reads, plus the detector's own differentiable score on the stacked maps (the trunk's
-  cross-entropy head stands in for the booster, which has no gradient). Success against the real detector is judged
-  by the caller (``defend``), with the booster at its threshold.
+  multi-interpreter detector reads, plus a differentiable stand-in of the detector's score on the stacked maps (the
+  booster has no gradient; ``defend`` passes the booster's distilled surrogate, or the trunk's cross-entropy head).
+  Success against the real detector is judged by the caller (``defend``), with the booster at its threshold.
 - :class:`Restarts` / attack ``"adaptive_rts"``: ADV2 against an (AID-trained) RTS with a larger budget, random
   restarts and a heavier encoder term (the RTS class head in the loss, ADV2 section 3.4).
 - Against robust classifiers the adaptive attacks are ADV2 / AdvEdge on their CAM and GRAD and on the ensemble of

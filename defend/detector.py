@@ -4,8 +4,9 @@
 maps): a VGG-16 convolutional trunk whose input layer takes the ``C`` channels and whose 2-way head is trained with
 cross-entropy (which layers train is configurable: ``"input"`` = first conv + head as in the paper, ``"all"``,
 ``"head"``), then the trunk's GAP features feed an ``xgboost.XGBClassifier`` (``tree_method="hist"``, device "cuda"
-when available). :meth:`DetectorModule.save` writes the trunk as a safe checkpoint and the booster as JSON, and
-``detector.json`` with the sha256 of both; :meth:`DetectorModule.load` checks every file and unpickles nothing.
+when available), and a differentiable surrogate of the booster is distilled from it (:mod:`defend.booster_surrogate`,
+what the detector-aware attack differentiates). :meth:`DetectorModule.save` writes the trunk and the surrogate as safe
+checkpoints and the booster as JSON, and ``detector.json`` with the sha256 of each; :meth:`DetectorModule.load` checks every file and unpickles nothing.
 
 :class:`FeatureSqueezer` is the baseline of Xu et al. (NDSS 2018, used in ADV2 Table 4): bit-depth reduction and
 2x2 median smoothing (exactly ``scipy.ndimage.median_filter(..., mode="reflect")`` per channel); the score is the
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from attacks import eval_mode
 
+from .booster_surrogate import BoosterSurrogate, fit_booster_surrogate
 from .io import (
     CheckpointError,
     atomic_write_bytes,
@@ -42,7 +44,7 @@ from .io import (
 from .models.imagenet import vgg16
 from .module_base import DefenceModule, Optimiser
 
-__all__ = ["DetectorModule", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth", "best_threshold",
+__all__ = ["DetectorModule", "DistilledDetector", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth", "best_threshold",
            "xgb_device"]
 
 TRAINABLE = ("input", "all", "head", "none")
@@ -99,6 +101,8 @@ class DetectorModule(DefenceModule):
         self._set_trainable(trainable)
         self.booster_options = dict(booster or {})
         self.booster = None
+        self.surrogate: BoosterSurrogate | None = None  # fitted with the booster (fit_booster)
+        self.surrogate_fit: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------------ trunk
     @staticmethod
@@ -130,11 +134,7 @@ class DetectorModule(DefenceModule):
         out = []
         with eval_mode(self), torch.no_grad():  # every train / eval flag restored, also after an exception
             for i in range(0, idx.numel(), batch_size):
-                xb = maps[idx[i:i + batch_size]].to(self.device, torch.float32)
-                if self.hparams.feature_stages == "all":
-                    out.append(torch.cat([h.mean((2, 3)) for h in self.net.forward_stages(xb)], 1).cpu())
-                else:
-                    out.append(self.net.pool(self.net.forward_features(xb)).cpu())
+                out.append(self.gap_features(maps[idx[i:i + batch_size]].to(self.device, torch.float32)).cpu())
         local = torch.cat(out) if out else torch.zeros(0, self.feature_dim)
         if world == 1:
             return local
@@ -144,6 +144,12 @@ class DetectorModule(DefenceModule):
         for i, f in parts:
             full[i] = f
         return full
+
+    def gap_features(self, maps: Tensor) -> Tensor:
+        """The booster's input, differentiable: GAP of every trunk stage concatenated, or of the last stage."""
+        if self.hparams.feature_stages == "all":
+            return torch.cat([h.mean((2, 3)) for h in self.net.forward_stages(maps)], 1)
+        return self.net.pool(self.net.forward_features(maps))
 
     @property
     def feature_dim(self) -> int:
@@ -192,14 +198,18 @@ class DetectorModule(DefenceModule):
         return XGBClassifier(**opts)
 
     def fit_booster(self, maps: Tensor, labels: Tensor) -> dict[str, float]:
-        """Extract GAP features and fit the booster; returns ``feature_seconds`` and ``booster_seconds``."""
+        """Extract GAP features, fit the booster and its differentiable surrogate (:class:`DistilledDetector`);
+        returns ``feature_seconds``, ``booster_seconds`` and the surrogate's fit (``surrogate_r2``, ...)."""
         start = time.perf_counter()
         feats = self.features(maps).numpy()
         feature_seconds = time.perf_counter() - start
         start = time.perf_counter()
         self.booster = self._make_booster()
         self.booster.fit(feats, labels.cpu().numpy().astype(np.int64))
-        return {"feature_seconds": feature_seconds, "booster_seconds": time.perf_counter() - start}
+        booster_seconds = time.perf_counter() - start
+        self.surrogate, self.surrogate_fit = fit_booster_surrogate(feats, self.booster.predict(feats,
+                                                                                             output_margin=True))
+        return {"feature_seconds": feature_seconds, "booster_seconds": booster_seconds, **self.surrogate_fit}
 
     def predict_proba(self, maps: Tensor) -> Tensor:
         """Probability that each input is adversarial, ``[N]`` (needs a fitted booster)."""
@@ -207,6 +217,23 @@ class DetectorModule(DefenceModule):
             raise RuntimeError("the booster is not fitted: call fit_booster (or train_detector) first")
         feats = self.features(maps).numpy()
         return torch.from_numpy(self.booster.predict_proba(feats)[:, 1].astype(np.float32))
+
+    def attack_surrogate(self, kind: str = "auto") -> nn.Module:
+        """The differentiable stand-in an adaptive attack puts in its loss: ``"distilled"`` (the booster's ridge
+        surrogate, :class:`DistilledDetector`), ``"head"`` (the trunk's cross-entropy head: this module) or ``"auto"``
+        (distilled when fitted, else the head). Both map stacked maps to logits ``[N, 2]`` (1 = adversarial)."""
+        if kind not in SURROGATES:
+            raise ValueError(f"the detector surrogate must be one of {SURROGATES}, got {kind!r}")
+        if kind == "head" or (kind == "auto" and self.surrogate is None):
+            return self
+        if self.surrogate is None:
+            raise ValueError("this detector has no distilled surrogate (saved before it existed, or its booster was "
+                             "never fitted): re-train it with train_detector, or set adaptive.detector_surrogate=head")
+        return DistilledDetector(self)
+
+    def surrogate_kind(self, kind: str = "auto") -> str:
+        """The surrogate :meth:`attack_surrogate` gives for ``kind`` (``"distilled"`` or ``"head"``)."""
+        return "head" if kind == "head" or (kind == "auto" and self.surrogate is None) else "distilled"
 
     # ------------------------------------------------------------------------------------------------ artifacts
     def save(self, directory: str | Path, interpreters: Sequence[str] | None = None, product: bool = False) -> None:
@@ -237,6 +264,9 @@ class DetectorModule(DefenceModule):
             except (OSError, XGBoostError) as exc:  # e.g. a full disk: one line naming the file
                 raise write_error(d / "booster.json", exc) from None
             files["booster.json"] = atomic_write_bytes(d / "booster.json", data)
+        if self.surrogate is not None:
+            files["surrogate.pt"] = save_artifact(d / "surrogate.pt", "detector", self.surrogate.state_dict(),
+                                                  {"fit": dict(self.surrogate_fit)})
         info = {"format": DETECTOR_FORMAT, "hparams": hp, "booster_options": self.booster_options,
                 "has_booster": self.booster is not None, "files": files}
         if interpreters is not None:
@@ -268,13 +298,35 @@ class DetectorModule(DefenceModule):
             except Exception as exc:  # xgboost rejects it although the checksum matched: not an XGBoost model
                 text = " ".join(str(exc).split())[:200]
                 raise CheckpointError(f"{d / 'booster.json'} is not a valid XGBoost model: {text}") from None
+        if "surrogate.pt" in blobs:
+            sur = load_artifact(d / "surrogate.pt", "detector", data=blobs["surrogate.pt"])
+            det.surrogate = BoosterSurrogate.empty(det.feature_dim)
+            load_state_checked(det.surrogate, sur["state"], d / "surrogate.pt")
+            det.surrogate_fit = {k: float(v) for k, v in dict((sur.get("meta") or {}).get("fit") or {}).items()}
         return det.eval()
+
+
+class DistilledDetector(nn.Module):
+    """A detector as its booster's differentiable surrogate: stacked maps -> logits ``[0, z]``, ``z`` the
+    surrogate's log-odds on the trunk's GAP features (what :class:`~attacks.adaptive.DetectorAwareTerm` reads)."""
+
+    def __init__(self, detector: DetectorModule) -> None:
+        super().__init__()
+        if detector.surrogate is None:
+            raise ValueError("DistilledDetector needs a detector with a fitted surrogate (DetectorModule.fit_booster)")
+        self.detector = detector
+
+    def forward(self, maps: Tensor) -> Tensor:
+        z = self.detector.surrogate(self.detector.gap_features(maps))
+        return torch.stack([torch.zeros_like(z), z], 1)
 
 
 #: ``format`` of ``detector.json``
 DETECTOR_FORMAT = "idls-defend-detector/1"
 #: the files :meth:`DetectorModule.save` writes next to ``detector.json`` (the only names ``load`` reads)
-DETECTOR_FILES = ("trunk.pt", "booster.json")
+DETECTOR_FILES = ("trunk.pt", "booster.json", "surrogate.pt")
+#: the differentiable stand-ins of the booster an adaptive attack can use (:meth:`DetectorModule.attack_surrogate`)
+SURROGATES = ("auto", "distilled", "head")
 
 
 def _json_digest(obj: Any) -> str:

@@ -7,8 +7,17 @@ import pytest
 import torch
 from torch import nn
 
+from defend.booster_surrogate import SURROGATE_ALPHAS, fit_booster_surrogate
 from defend.detection_data import build_detection_data, load_detection_data, save_detection_data, stack_maps
-from defend.detector import DetectorModule, FeatureSqueezer, best_threshold, bit_depth, median_smooth, train_detector
+from defend.detector import (
+    DetectorModule,
+    DistilledDetector,
+    FeatureSqueezer,
+    best_threshold,
+    bit_depth,
+    median_smooth,
+    train_detector,
+)
 from defend.experiments.detector import combinations
 
 torch.set_num_threads(1)
@@ -76,6 +85,8 @@ def test_detector_separates_and_reloads_without_pickle(tmp_path, monkeypatch):
     again = DetectorModule.load(tmp_path / "det")
     monkeypatch.undo()
     assert torch.equal(again.predict_proba(x[64:]), prob)
+    assert again.surrogate_fit == det.surrogate_fit and again.surrogate_kind() == "distilled"
+    assert torch.equal(again.attack_surrogate("distilled")(x[64:]), det.attack_surrogate("distilled")(x[64:]))
 
 
 def test_frozen_trunk_modes():
@@ -213,3 +224,72 @@ def test_detector_experiment_saves_the_detector_it_attacks_adaptively(tmp_path):
     det = DetectorModule.load(out / "detectors" / "cam")
     assert det.booster is not None and int(det.hparams.in_channels) == 2
     assert f"--detector {out / 'detectors' / 'cam'}" in (out / "report.md").read_text()
+
+
+def test_booster_surrogate_is_the_textbook_ridge_on_standardised_features():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 0.5, 1, 4], dtype=torch.float64)
+    z = f @ torch.tensor([0.5, -1, 0.2, 0, 2, 0.1], dtype=torch.float64) + 0.3 * torch.randn(40, generator=g,
+                                                                                           dtype=torch.float64)
+    head, fit = fit_booster_surrogate(f.numpy(), z.numpy())
+    alpha = fit["surrogate_alpha"]
+    xs = (f - f.mean(0)) / f.std(0, unbiased=False)  # population std, as StandardScaler
+    w = torch.linalg.solve(xs.T @ xs + alpha * torch.eye(6, dtype=torch.float64), xs.T @ (z - z.mean()))
+    want = xs @ w + z.mean()
+    assert torch.allclose(head(f.float()).double(), want, atol=1e-4)
+    resid = ((z - want) ** 2).sum() / ((z - z.mean()) ** 2).sum()
+    assert fit["surrogate_r2"] == pytest.approx(1 - float(resid), abs=1e-5) and fit["surrogate_r2"] > 0.8
+    assert alpha in SURROGATE_ALPHAS
+
+
+def test_attack_surrogate_choice(tmp_path):
+    x, y = _synthetic(32)
+    det, info = train_detector(x, y, epochs=0, trainable="none", booster={"n_estimators": 10}, seed=0)
+    assert info["surrogate_sign_agreement"] >= 0.9 and info["surrogate_r2"] > 0.5
+    assert isinstance(det.attack_surrogate(), DistilledDetector) and det.attack_surrogate("head") is det
+    maps = x[:4].clone().requires_grad_(True)
+    z = det.attack_surrogate("distilled")(maps)
+    assert torch.equal(z[:, 0], torch.zeros(4))  # logits [0, log-odds]
+    assert float(torch.autograd.grad(z[:, 1].sum(), maps)[0].abs().sum()) > 0  # differentiable in the maps
+    det.surrogate = None  # a detector saved before the surrogate existed: it loads, and attacks use the head
+    det.save(tmp_path / "old")
+    assert "surrogate.pt" not in (tmp_path / "old" / "detector.json").read_text()
+    det = DetectorModule.load(tmp_path / "old")
+    assert det.surrogate is None and det.attack_surrogate() is det and det.surrogate_kind() == "head"
+    with pytest.raises(ValueError, match="no distilled surrogate.*adaptive.detector_surrogate=head"):
+        det.attack_surrogate("distilled")
+    with pytest.raises(ValueError, match="must be one of"):
+        det.attack_surrogate("booster")
+
+
+def test_the_distilled_surrogate_lets_adv2_evade_the_booster():
+    """Tramer et al. 2020: an attack that knows the detector (through the booster's distilled surrogate) is flagged
+    less often by the real detector (the booster) than ADV2, at the same success and budget."""
+    from _tiny import train_tiny_classifier
+
+    from attacks import build_attack, get_interpreter, random_targets
+
+    model, test, _ = train_tiny_classifier(n_test=128)
+    with torch.no_grad():
+        ok = model(test["image"]).argmax(1) == test["label"]
+    x, y = test["image"][ok], test["label"][ok]
+    names, opts = ["cam", "grad"], dict(eps=16 / 255, alpha=2 / 255, warm_steps=15, steps=25, c=20.0, seed=0)
+
+    def stacked(xx, cls):
+        return torch.cat([get_interpreter(n)(model, xx, cls) for n in names], 1)
+
+    xa, ya, xb, yb = x[:25], y[:25], x[25:49], y[25:49]  # detector training inputs / attacked inputs
+    ta, tb = (random_targets(v, 10, torch.Generator().manual_seed(s)) for v, s in ((ya, 1), (yb, 0)))
+    fit = build_attack("adv2", "pgd", names, **opts)(model, xa, ta)
+    maps = torch.cat([stacked(xa, ya), stacked(fit.x_adv[fit.success], ta[fit.success])])
+    labels = torch.cat([torch.zeros(25), torch.ones(int(fit.success.sum()))]).long()
+    det, _ = train_detector(maps, labels, epochs=0, trainable="none", booster={"n_estimators": 40}, seed=0)
+    plain = build_attack("adv2", "pgd", names, **opts)(model, xb, tb)
+    aware = build_attack("adaptive_detector", "pgd", names, detector=det.attack_surrogate("distilled"),
+                         detector_weight=2.0, **opts)(model, xb, tb)
+    both = plain.success & aware.success
+    assert float(both.float().mean()) >= 0.9
+    p_plain, p_aware = det.predict_proba(stacked(plain.x_adv, tb))[both], det.predict_proba(stacked(aware.x_adv, tb))[both]
+    assert float(p_aware.mean()) < float(p_plain.mean()) - 0.15, (p_aware.mean(), p_plain.mean())
+    assert float((p_aware > 0.5).float().mean()) < 0.5 * float((p_plain > 0.5).float().mean())
+    assert float((aware.x_adv - xb).abs().max()) <= 16 / 255 + 1e-6

@@ -323,6 +323,8 @@ def saved_detector(tmp_path_factory):
     ("trunk.pt truncated", r"trunk\.pt was modified or is corrupt"),
     ("booster.json missing", r"booster\.json is missing \(listed in .*detector\.json\)"),
     ("trunk.pt missing", r"trunk\.pt is missing \(listed in .*detector\.json\)"),
+    ("surrogate.pt truncated", r"surrogate\.pt was modified or is corrupt"),
+    ("surrogate.pt missing", r"surrogate\.pt is missing \(listed in .*detector\.json\)"),
     ("detector.json missing", r"detector\.json is missing: .* is not a saved detector"),
     ("detector.json edited", r"detector\.json was modified or is corrupt: its content does not match its checksum"),
     ("detector.json without checksums", r"detector\.json lists no file checksums"),
@@ -340,7 +342,7 @@ def test_detector_load_refuses_a_tampered_or_missing_file(case, pattern, saved_d
     elif case == "trunk.pt replaced":  # another valid detector trunk
         DetectorModule(in_channels=2, input_size=32, seed=1).save(tmp_path / "other")
         shutil.copy(tmp_path / "other" / "trunk.pt", path)
-    elif case == "trunk.pt truncated":
+    elif what == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
     elif what == "missing":
         path.unlink()

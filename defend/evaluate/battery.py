@@ -73,14 +73,18 @@ class AttackBattery:
 class AdaptiveBattery:
     """The adaptive attacks (an attacker who knows the defence): ``ensemble`` attacks against the ensemble of
     ``ensemble_interpreters`` at once (always: the adaptive attack for a classifier and its interpreters); with a
-    detector, the detector-aware ADV2 (``adaptive_detector``: the detector's differentiable trunk score, weight
-    ``detector_weight``, in the loss; success judged by the real detector); with an RTS, ``adaptive_rts``
+    detector, the detector-aware ADV2 (``adaptive_detector``: a differentiable stand-in of the detector's score,
+    weight ``detector_weight``, in the loss; success judged by the real detector), the stand-in chosen by
+    ``detector_surrogate``: ``distilled`` (the booster's log-odds distilled into a ridge regression on the trunk's
+    features, fitted with the booster), ``head`` (the trunk's cross-entropy head) or ``auto`` (distilled when the
+    saved detector has it, else the head; the card's budget records which); with an RTS, ``adaptive_rts``
     (``rts_restarts`` runs, encoder weight ``rts_enc_weight``). ``options`` override the attack options of
     :class:`AttackBattery` for these attacks."""
 
     ensemble: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge"])
     ensemble_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     detector_weight: NonNegative = NonNegative(1.0)
+    detector_surrogate: Literal["auto", "distilled", "head"] = "auto"
     rts_restarts: PositiveCount = PositiveCount(3)
     rts_enc_weight: NonNegative = NonNegative(0.2)
     options: AttackOptions = field(default_factory=AttackOptions)

@@ -150,12 +150,14 @@ def build_plan(system: System, interps: dict[str, Any], battery: Battery) -> lis
     if system.detector is not None:
         names = system.detector_interpreters
         det_interps = [interps.get(n) or interpreters_for(system, [n])[n] for n in names]
-        engine = build_attack("adaptive_detector", a.framework, det_interps, detector=system.detector,
+        engine = build_attack("adaptive_detector", a.framework, det_interps,
+                              detector=system.detector.attack_surrogate(ad.detector_surrogate),
                               detector_weight=float(ad.detector_weight), product=system.detector_product, seed=seed,
                               **a.options_for(None, ad.options))
         plan.append((PlanItem("adaptive_detector", a.framework, None, engine, [r for r in readers if r in names] or readers),
                      {"kind": "adaptive", "interpreter": "+".join(names), "base_attack": "adv2",
-                      "detector_weight": float(ad.detector_weight)}))
+                      "detector_weight": float(ad.detector_weight),
+                      "surrogate": system.detector.surrogate_kind(ad.detector_surrogate)}))
     return plan
 
 
@@ -176,8 +178,7 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
     system.classifier.cpu().eval()
     rows, transfer, sets = [], [], []
     for item, info in plan:
-        budget = {**engine_budget(item.engine), **({"detector_weight": info["detector_weight"]}
-                                                   if "detector_weight" in info else {})}
+        budget = {**engine_budget(item.engine), **{k: info[k] for k in ("detector_weight", "surrogate") if k in info}}
         main = [r for r in item.readers if r in info["interpreter"].split("+")] or item.readers[:1]
         for reader in item.readers:
             res = ev.results[(item.key, reader)]
