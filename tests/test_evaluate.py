@@ -196,6 +196,8 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     assert {r["attack"] for r in card["results"]["attacks"]} >= {"adaptive_detector"}
     aware = [r for r in card["results"]["attacks"] if r["attack"] == "adaptive_detector"]
     assert aware and {r["budget"]["surrogate"] for r in aware} == {"distilled"}  # the booster's, fitted with it
+    fit = card["system"]["detector"]["surrogate"]
+    assert fit["surrogate_r2"] <= 1 and 0 <= fit["surrogate_sign_agreement"] <= 1 and fit["surrogate_alpha"] > 0
     for r in det_card["rows"]:
         assert r["evasion_rate"] <= 1 and r["n_adversarial"] <= r["n"]
     assert det_card["thresholds"]["fpr5"]["benign_fpr"] <= 0.05 and det_card["n_benign"] == 8

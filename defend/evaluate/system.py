@@ -51,7 +51,8 @@ class System:
             info = json.loads((Path(self.detector_path) / "detector.json").read_text())
             det = {"path": self.detector_path, "sha256": file_sha256(Path(self.detector_path) / "detector.json"),
                    "interpreters": list(self.detector_interpreters), "product": bool(self.detector_product),
-                   "hparams": info.get("hparams", {})}
+                   "hparams": info.get("hparams", {}),
+                   "surrogate": dict(self.detector.surrogate_fit) if self.detector.surrogate is not None else None}
         rts = None if self.rts is None else {"path": self.rts_path, "sha256": self.rts_sha256,
                                              "network": _plain(self.rts.config())}
         return {"classifier": {"path": self.classifier_path, "sha256": self.classifier_sha256,
