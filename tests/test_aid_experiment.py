@@ -32,7 +32,7 @@ def test_quick_config_resolves_to_the_module_arguments_of_both_runs():
                             "destroyer_power": 0.3, "preserver_weight": 1.0, "replacement": "random",
                             "class_weight": 1.0}}
     assert plan.options("rts") == {**shared, "aid": {"weight": 0.0}}
-    assert plan.options("aid") == {**shared, "aid": {"weight": 1.0, "every": 4, "mode": "alternate", "lr": 0.002,
+    assert plan.options("aid") == {**shared, "aid": {"weight": 1.0, "every": 4, "mode": "alternate", "lr": 0.0015,
                                                      "batch_size": 32, "anchor_weight": 100.0},
                                    "attack": {"eps": 0.031, "alpha": 0.00784, "warm_steps": 10, "steps": 20,
                                               "c": 20.0, "enc_weight": 0.1}}
@@ -81,7 +81,7 @@ def test_selection_needs_the_anchor_and_resolves():
     sel = cfg.training.aid.select
     assert sel is not None and (sel.attack_batches, sel.max_localisation_drop, sel.val_batches) == (1, 0.1, 2)
     full = parse(quick=False)[1].training.aid
-    assert (full.max_epochs, full.limit_train_batches) == (6, None)  # 79-batch epochs: 3 l_int steps after the last l_aid
+    assert (full.max_epochs, full.limit_train_batches) == (10, None)  # 79-batch epochs: 3 l_int steps after the last l_aid
     with pytest.raises(ValueError, match=r"training.aid.select measures localisation against the anchor network"):
         parse("training.aid.module.aid.anchor_weight=0")
     _, cfg, _ = parse("training.aid.module.aid.anchor_weight=0", "training.aid.select=null")
