@@ -207,8 +207,8 @@ class DetectorModule(DefenceModule):
         self.booster = self._make_booster()
         self.booster.fit(feats, labels.cpu().numpy().astype(np.int64))
         booster_seconds = time.perf_counter() - start
-        self.surrogate, self.surrogate_fit = fit_booster_surrogate(feats, self.booster.predict(feats,
-                                                                                             output_margin=True))
+        surrogate, self.surrogate_fit = fit_booster_surrogate(feats, self.booster.predict(feats, output_margin=True))
+        self.surrogate = surrogate.to(self.device)  # a submodule: moves with the detector from here on
         return {"feature_seconds": feature_seconds, "booster_seconds": booster_seconds, **self.surrogate_fit}
 
     def predict_proba(self, maps: Tensor) -> Tensor:
