@@ -363,6 +363,27 @@ def test_experiment_reuse_fills_in_architecture_defaults(tmp_path):
     assert info == {"trained": False, "checkpoint": str(ckpt)} and model.stage_channels[0] == 32
 
 
+def test_a_trained_classifier_does_not_follow_the_experiment_seed(tmp_path):
+    """The classifier an experiment trains is shared by every later run: the experiment's seed must not change it
+    (a fresh clone running ``--set seed=1`` first got another classifier than one running seed 0 first)."""
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=32)
+
+    def trained(name: str, experiment_seed: int, **spec) -> dict[str, torch.Tensor]:
+        path = _experiment(tmp_path, tmp_path / f"{name}.pt")
+        cfg = yaml.safe_load(path.read_text())
+        cfg["seed"] = experiment_seed
+        cfg["classifier"].update(max_epochs=1, **spec)
+        cfg["trainer"] = {"limit_train_batches": 3, "enable_progress_bar": False}
+        path.write_text(yaml.safe_dump(cfg))
+        model, info = get_classifier(_typed(path), dm, tmp_path / "out", progress=False)
+        assert info["trained"] and (tmp_path / f"{name}.pt").is_file()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b, c = trained("a", 0), trained("b", 7), trained("c", 0, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the experiment's seed: the same classifier
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the classifier's own seed: another one
+
+
 # --------------------------------------------------------------------------------------------- 3. schedules
 @pytest.mark.parametrize("steps", range(1, 13))
 def test_one_cycle_schedule_of_any_length(steps):

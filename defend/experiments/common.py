@@ -32,6 +32,8 @@ class ClassifierSpec:
     and model options), else a :class:`~defend.classifier.ClassifierModule` with the arguments ``module`` (checked
     against its signature; ``num_classes`` comes from the data) is trained for ``max_epochs`` and saved there.
     ``train: false`` uses the architecture as built (e.g. local pretrained ImageNet weights in ``model_options``).
+    ``seed`` seeds that training: its own, not the experiment's, since the checkpoint is shared by every later run
+    that names it and must not depend on which experiment (or ``--set seed=``) happened to run first.
     """
 
     checkpoint: str | None = None
@@ -39,6 +41,7 @@ class ClassifierSpec:
     train: bool = True
     max_epochs: PositiveCount = PositiveCount(10)
     module: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
 
     def reuses(self) -> bool:
         return bool(self.checkpoint) and Path(self.checkpoint).is_file() and not self.retrain
@@ -113,7 +116,7 @@ def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = Tru
         return model, {"trained": False, "checkpoint": str(target)}
     print(f"[defend] no classifier at {target}: training {spec.arch()} for {int(spec.max_epochs)} epochs first "
           "(saved there and reused by every later run, --quick or not)", flush=True)
-    pl.seed_everything(int(cfg.seed), workers=True)
+    pl.seed_everything(int(spec.seed), workers=True)
     module = ClassifierModule(num_classes=dm.num_classes, **spec.module)
     trainer = make_trainer(cfg.trainer, int(spec.max_epochs), enable_progress_bar=progress)
     start = time.perf_counter()
