@@ -183,6 +183,11 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     with pytest.raises(ValueError, match="reads 2 channels, not 3 interpreters"):
         det.save(tmp_path / "bad", ["grad", "cam", "mask"])
     det.save(tmp_path / "det", ["grad", "cam"])  # recorded: the card stacks these, in this order
+    det.surrogate = None  # as saved before the distilled surrogate existed: asking for it is refused up front
+    det.save(tmp_path / "old", ["grad", "cam"])
+    assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "old"), "--out", str(tmp_path / "y"),
+               "--set", "adaptive.detector_surrogate=distilled", *FAST) == 2
+    assert "has no distilled surrogate" in capsys.readouterr().err and not (tmp_path / "y").exists()
     assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "det"), "--out", str(tmp_path / "x"),
                "--set", "detector.interpreters=[cam,grad]", *FAST) == 2  # the channels swapped: refused
     assert "was trained on the maps of ['grad', 'cam'] (in that order), not ['cam', 'grad']" in capsys.readouterr().err

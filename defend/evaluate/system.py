@@ -162,6 +162,7 @@ def _detector(path: str, battery: Battery, rts_given: bool) -> tuple[Any, list[s
                          "detector.product in the battery (--set detector.interpreters=[grad,cam,mask])")
     if "rts" in names and not rts_given:
         raise ValueError("--detector reads RTS maps: give the RTS network with --rts")
+    det.attack_surrogate(battery.adaptive.detector_surrogate)  # 'distilled' without one: refused before any work
     return det, names, bool(product)
 
 
