@@ -6,7 +6,8 @@ cross-entropy (which layers train is configurable: ``"input"`` = first conv + he
 ``"head"``), then the trunk's GAP features feed an ``xgboost.XGBClassifier`` (``tree_method="hist"``, device "cuda"
 when available), and a differentiable surrogate of the booster is distilled from it (:mod:`defend.booster_surrogate`,
 what the detector-aware attack differentiates). :meth:`DetectorModule.save` writes the trunk and the surrogate as safe
-checkpoints and the booster as JSON, and ``detector.json`` with the sha256 of each; :meth:`DetectorModule.load` checks every file and unpickles nothing.
+checkpoints and the booster as JSON, and ``detector.json`` with the sha256 of each; :meth:`DetectorModule.load`
+checks every file and unpickles nothing.
 
 :class:`FeatureSqueezer` is the baseline of Xu et al. (NDSS 2018, used in ADV2 Table 4): bit-depth reduction and
 2x2 median smoothing (exactly ``scipy.ndimage.median_filter(..., mode="reflect")`` per channel); the score is the
@@ -44,8 +45,8 @@ from .io import (
 from .models.imagenet import vgg16
 from .module_base import DefenceModule, Optimiser
 
-__all__ = ["DetectorModule", "DistilledDetector", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth", "best_threshold",
-           "xgb_device"]
+__all__ = ["DetectorModule", "DistilledDetector", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth",
+           "best_threshold", "xgb_device"]
 
 TRAINABLE = ("input", "all", "head", "none")
 
@@ -222,9 +223,7 @@ class DetectorModule(DefenceModule):
         """The differentiable stand-in an adaptive attack puts in its loss: ``"distilled"`` (the booster's ridge
         surrogate, :class:`DistilledDetector`), ``"head"`` (the trunk's cross-entropy head: this module) or ``"auto"``
         (distilled when fitted, else the head). Both map stacked maps to logits ``[N, 2]`` (1 = adversarial)."""
-        if kind not in SURROGATES:
-            raise ValueError(f"the detector surrogate must be one of {SURROGATES}, got {kind!r}")
-        if kind == "head" or (kind == "auto" and self.surrogate is None):
+        if self.surrogate_kind(kind) == "head":
             return self
         if self.surrogate is None:
             raise ValueError("this detector has no distilled surrogate (saved before it existed, or its booster was "
@@ -233,6 +232,8 @@ class DetectorModule(DefenceModule):
 
     def surrogate_kind(self, kind: str = "auto") -> str:
         """The surrogate :meth:`attack_surrogate` gives for ``kind`` (``"distilled"`` or ``"head"``)."""
+        if kind not in SURROGATES:
+            raise ValueError(f"the detector surrogate must be one of {SURROGATES}, got {kind!r}")
         return "head" if kind == "head" or (kind == "auto" and self.surrogate is None) else "distilled"
 
     # ------------------------------------------------------------------------------------------------ artifacts
