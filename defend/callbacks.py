@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from .data.base import require_development
 from .io import OutputConflictError, OutputGuard, guarded_outputs
 
 __all__ = ["EpochSeed", "epoch_seed", "ExportArtifact", "KeepBest"]
@@ -122,7 +123,8 @@ class KeepBest(pl.Callback):
     ``ModelCheckpoint`` + ``ExportArtifact(weights=best)`` does the same with files).
 
     Args:
-        monitor: the logged metric, e.g. ``val/aid_score``.
+        monitor: the logged metric, e.g. ``val/aid_score``: a metric of the development split (``val/...``); a
+            ``test/...`` or ``train/...`` metric is refused (selection never reads the test split).
         mode: ``max`` or ``min``.
         record: further logged metrics to keep for each validation (``history``).
 
@@ -133,6 +135,7 @@ class KeepBest(pl.Callback):
     def __init__(self, monitor: str, mode: str = "max", record: tuple[str, ...] = ()) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"KeepBest mode must be 'max' or 'min', got {mode!r}")
+        require_development(monitor.split("/")[0] if "/" in monitor else "unnamed", f"KeepBest({monitor!r})")
         self.monitor, self.mode, self.record = monitor, mode, tuple(record)
         self.best: float | None = None
         self.best_epoch: int | None = None

@@ -74,7 +74,13 @@ def interpret(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor, bat
 class AttackMeter(nn.Module):
     """ASR, misclassification confidence, map L1 / L2 / top-k IoU to the benign map, noise rate (1 - SSIM),
     L-inf size, input count and attack seconds: all torchmetrics states, summed (max for L-inf) across DDP ranks
-    at :meth:`compute` (every rank must call it, in the same order)."""
+    at :meth:`compute` (every rank must call it, in the same order). Every figure carries its 95 % interval (Wilson
+    for the success rate, a seeded bootstrap over inputs for the means; :mod:`defend.stats`) and the IoU the chance
+    level of its top-k fractions (``iou_chance``)."""
+
+    #: the figures with an interval, and whether each needs the maps
+    FIGURES = (("asr", False), ("confidence", False), ("noise_rate", False), ("l1", True), ("l2", True),
+               ("iou", True))
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +94,7 @@ class AttackMeter(nn.Module):
         self.seconds = SumMetric()
         self.n = SumMetric()
         self.has_maps = SumMetric()
+        self.pixels = MaxMetric()
 
     def update(self, logits: Tensor, target: Tensor, x: Tensor, x_adv: Tensor, benign_map: Tensor | None,
                adv_map: Tensor | None, seconds: float = 0.0) -> None:
@@ -100,18 +107,35 @@ class AttackMeter(nn.Module):
             self.l1.update(adv_map, benign_map)
             self.l2.update(adv_map, benign_map)
             self.iou.update(adv_map, benign_map)
+            self.pixels.update(float(benign_map.shape[-1] * benign_map.shape[-2]))
         self.has_maps.update(float(with_maps))
         self.seconds.update(float(seconds))
         self.n.update(float(x.shape[0]))
 
-    def compute(self) -> dict[str, float]:
+    def _metric(self, name: str):
+        return {"asr": self.asr, "confidence": self.conf, "noise_rate": self.noise, "l1": self.l1, "l2": self.l2,
+                "iou": self.iou}[name]
+
+    def compute(self, seed: int = 0) -> dict[str, Any]:
+        """Every figure, ``<figure>_ci_low`` / ``_ci_high`` (bootstrap ``seed``), ``n``, ``linf``, seconds per input and,
+        with maps, ``iou_chance``."""
         n = float(self.n.compute())
-        out = {"asr": float(self.asr.compute()), "confidence": float(self.conf.compute()),
-               "noise_rate": float(self.noise.compute()), "n": int(round(n)), "linf": float(self.linf.compute()),
-               "seconds_per_input": float(self.seconds.compute()) / max(n, 1.0)}
-        if float(self.has_maps.compute()) > 0:
-            out.update(l1=float(self.l1.compute()), l2=float(self.l2.compute()), iou=float(self.iou.compute()))
+        with_maps = float(self.has_maps.compute()) > 0
+        out: dict[str, Any] = {"n": int(round(n)), "linf": float(self.linf.compute()),
+                               "seconds_per_input": float(self.seconds.compute()) / max(n, 1.0)}
+        for name, needs_maps in self.FIGURES:
+            if needs_maps and not with_maps:
+                continue
+            out.update(self._metric(name).estimate(seed).fields(name))
+        if with_maps:
+            out["iou_chance"] = self.iou.chance(int(self.pixels.compute()))
         return out
+
+    def per_input(self) -> dict[str, Tensor]:
+        """The per-input values of every figure (for paired tests between attacks or systems on the same inputs)."""
+        with_maps = float(self.has_maps.compute()) > 0
+        return {name: self._metric(name).per_input() for name, needs_maps in self.FIGURES
+                if with_maps or not needs_maps}
 
 
 def run_attack(attack: ADV2, model: nn.Module, x: Tensor, target: Tensor, target_map: Tensor | None,
@@ -165,7 +189,8 @@ class AttackEvaluation(pl.LightningModule):
 
     Each rank attacks its own shard (examples ``rank::world``, un-padded, so the published figures count every
     input exactly once); every figure is an :class:`AttackMeter` (torchmetrics) synced across ranks at the end.
-    ``results[(plan key, reader)]`` holds the figures on every rank; ``examples`` the adversarial inputs of the
+    ``results[(plan key, reader)]`` holds the figures with their intervals (bootstrap ``seed``) on every rank,
+    ``per_input[(plan key, reader)]`` the per-input values; ``examples`` the adversarial inputs of the
     first ``keep`` examples (gathered to every rank), ``benign`` their benign maps.
 
     With ``cache_dir`` every (plan item, batch) result is written there (atomically: an entry is complete or absent)
@@ -179,17 +204,18 @@ class AttackEvaluation(pl.LightningModule):
 
     def __init__(self, model: nn.Module, interpreters: dict[str, Interpreter], plan: list[PlanItem],
                  data: dict[str, Tensor], batch_size: int = 64, keep: int = 0, cache_dir: str | None = None,
-                 cache_key: str = "", progress: bool = True) -> None:
+                 cache_key: str = "", progress: bool = True, seed: int = 0) -> None:
         super().__init__()
         for k in ("image", "label", "target"):
             if k not in data:
                 raise ValueError(f"evaluation data needs {k!r}")
         self.model = model
         self.interpreters, self.plan, self.data = interpreters, plan, data
-        self.batch_size, self.keep, self.progress = int(batch_size), int(keep), progress
+        self.batch_size, self.keep, self.progress, self.seed = int(batch_size), int(keep), progress, int(seed)
         self.cache_dir, self.cache_key = (Path(cache_dir) if cache_dir else None), cache_key
         self.meters = nn.ModuleDict({_mkey(p.key, r): AttackMeter() for p in plan for r in p.readers})
-        self.results: dict[tuple[str, str], dict[str, float]] = {}
+        self.results: dict[tuple[str, str], dict[str, Any]] = {}
+        self.per_input: dict[tuple[str, str], dict[str, Tensor]] = {}
         self.examples: dict[str, Tensor] = {}
         self.benign: dict[str, Tensor] = {}
         self._local_examples: dict[str, dict[int, Tensor]] = {}
@@ -302,7 +328,9 @@ class AttackEvaluation(pl.LightningModule):
             self._bar.close()
         for item in self.plan:  # same order on every rank: each compute() is a collective under DDP
             for reader in item.readers:
-                self.results[(item.key, reader)] = self.meters[_mkey(item.key, reader)].compute()
+                meter = self.meters[_mkey(item.key, reader)]
+                self.results[(item.key, reader)] = meter.compute(self.seed)
+                self.per_input[(item.key, reader)] = meter.per_input()
         local = (self._local_examples, self._local_benign)
         parts = [local]
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from .stats import RESAMPLES, Estimate, bootstrap_mean, proportion, topk_iou_chance
 
 __all__ = [
     # helpers
@@ -739,8 +742,35 @@ def max_sensitivity(
 # --------------------------------------------------------------------------- #
 # torchmetrics classes
 # --------------------------------------------------------------------------- #
-class _MeanMetric(Metric):
-    """Accumulates ``sum`` of per-example values and ``count``; ``compute()`` is the mean (NaN if empty)."""
+class _PerInput:
+    """What every metric class here shares: a list state of per-example values (``dist_reduce_fx="cat"``: gathered
+    across DDP ranks, in rank order) kept beside the summed states, so a figure carries its interval
+    (:mod:`defend.stats`). ``interval`` says which: ``"wilson"`` for 0 / 1 outcomes (a proportion), ``"bootstrap"``
+    (a seeded percentile bootstrap over inputs) for every other mean."""
+
+    interval: str = "bootstrap"
+
+    def _keep(self, values: Tensor) -> None:
+        self.values.append(values.detach().double().cpu())
+
+    def per_input(self) -> Tensor:
+        """The per-example values seen so far (float64 ``[N]``; gathered across processes like ``compute``)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, process_group=self.process_group):
+            vals = self.values
+            out = dim_zero_cat(vals) if isinstance(vals, Tensor) or len(vals) else torch.zeros(0, dtype=torch.float64)
+        return out.double().cpu()
+
+    def estimate(self, seed: int = 0, resamples: int = RESAMPLES) -> Estimate:
+        """The mean over examples with its 95 % interval (Wilson for a proportion, else the bootstrap with ``seed``)."""
+        values = self.per_input()
+        if self.interval == "wilson":
+            return proportion(values)
+        return bootstrap_mean(values, seed, resamples)
+
+
+class _MeanMetric(_PerInput, Metric):
+    """Accumulates ``sum`` of per-example values and ``count`` (and the values, :class:`_PerInput`); ``compute()``
+    is the mean (NaN if empty)."""
 
     is_differentiable = False
     full_state_update = False
@@ -749,20 +779,24 @@ class _MeanMetric(Metric):
         super().__init__(**kwargs)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def _accumulate(self, values: Tensor) -> None:
         values = values.detach()
         self.total += values.sum(dtype=torch.float64)
         self.count += values.shape[0]
+        self._keep(values)
 
     def compute(self) -> Tensor:
         return (self.total / self.count).float()
 
 
 class AttackSuccessRate(_MeanMetric):
-    """Attack success rate: mean of ``pred == target`` (ADV2). Accepts logits ``[N, K]`` or labels ``[N]``."""
+    """Attack success rate: mean of ``pred == target`` (ADV2). Accepts logits ``[N, K]`` or labels ``[N]``; a
+    proportion (Wilson interval)."""
 
     higher_is_better = True
+    interval = "wilson"
 
     def update(self, logits_or_preds: Tensor, target: Tensor) -> None:
         self._accumulate(attack_success(logits_or_preds, target))
@@ -792,11 +826,13 @@ class MapDistance(_MeanMetric):
         self._accumulate(map_lp_distance(map_a, map_b, p=self.p))
 
 
-class TopKIoU(Metric):
+class TopKIoU(_PerInput, Metric):
     """Top-k IoU between attribution maps (ADV2), averaged over ``fractions`` and examples.
 
     ``compute()`` returns the mean over examples of the per-example IoU averaged over the
-    fractions; ``compute_per_fraction()`` returns ``{fraction: mean IoU}``.
+    fractions; ``compute_per_fraction()`` returns ``{fraction: mean IoU}``; ``per_input()`` the per-example IoU
+    averaged over the fractions, and ``chance(num_pixels)`` what two unrelated maps score
+    (:func:`defend.stats.topk_iou_chance`).
     """
 
     is_differentiable = False
@@ -814,14 +850,20 @@ class TopKIoU(Metric):
         self.fractions = fractions
         self.add_state("total", default=torch.zeros(len(fractions), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, map_a: Tensor, map_b: Tensor) -> None:
         iou = topk_iou(map_a, map_b, self.fractions).detach()
         self.total += iou.sum(dim=0, dtype=torch.float64)
         self.count += iou.shape[0]
+        self._keep(iou.double().mean(dim=1))
 
     def compute(self) -> Tensor:
         return (self.total / self.count).mean().float()
+
+    def chance(self, num_pixels: int) -> float:
+        """The IoU two unrelated maps of ``num_pixels`` pixels get by chance, averaged over the fractions."""
+        return topk_iou_chance(self.fractions, num_pixels)
 
     def compute_per_fraction(self) -> dict[float, Tensor]:
         """Mean IoU for each fraction (synchronised across processes like ``compute``)."""
@@ -870,10 +912,10 @@ class KendallTau(_MeanMetric):
         )
 
 
-class Localisation(Metric):
+class Localisation(_PerInput, Metric):
     """Mean share of map energy inside a ground-truth mask and mean mask area, see :func:`localisation`.
 
-    ``compute()`` returns ``{"energy_in_mask": ..., "mask_area": ...}``.
+    ``compute()`` returns ``{"energy_in_mask": ..., "mask_area": ...}``; ``per_input()`` the per-example energy share.
     """
 
     is_differentiable = False
@@ -885,12 +927,14 @@ class Localisation(Metric):
         self.add_state("energy_total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("area_total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, attribution: Tensor, mask: Tensor) -> None:
         energy, area = localisation(attribution, mask)
         self.energy_total += energy.detach().sum(dtype=torch.float64)
         self.area_total += area.detach().sum(dtype=torch.float64)
         self.count += energy.shape[0]
+        self._keep(energy)
 
     def compute(self) -> dict[str, Tensor]:
         return {
@@ -908,11 +952,12 @@ class SpearmanRho(_MeanMetric):
         self._accumulate(spearman_rho(map_a, map_b))
 
 
-class TopKIntersection(Metric):
+class TopKIntersection(_PerInput, Metric):
     """Top-k intersection between benign and attacked maps (Ghorbani et al. 2019), see :func:`topk_intersection`.
 
     ``compute()`` returns the mean over examples and ``ks``; ``compute_per_k()`` returns
-    ``{k: mean intersection}``.
+    ``{k: mean intersection}``. Its interval is a bootstrap over inputs, not Wilson over pixels: the pixels of one
+    map are not independent trials, the inputs are.
     """
 
     is_differentiable = False
@@ -925,11 +970,13 @@ class TopKIntersection(Metric):
         self.ks = ks
         self.add_state("total", default=torch.zeros(len(ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, benign: Tensor, attacked: Tensor) -> None:
         inter = topk_intersection(benign, attacked, self.ks).detach()
         self.total += inter.sum(dim=0, dtype=torch.float64)
         self.count += inter.shape[0]
+        self._keep(inter.double().mean(dim=1))
 
     def compute(self) -> Tensor:
         return (self.total / self.count).mean().float()

@@ -1,7 +1,8 @@
 """Where a result came from: ``provenance.json`` beside every run's outputs (and inside ``card.json``).
 
 Package versions, the git commit of the source tree (or "not a git checkout", with a dirty flag), the seed, a digest
-of the data the run read, the command line, the device and the start and end times.
+of the data the run read and which splits it read (``data_read``: train, val = the development split, test), the
+command line, the device and the start and end times. Every ``metrics.json`` row names its own split too.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "git_state", "package_versions", "data_digest", "note_data", "noted_data", "PACKAGES"]
+__all__ = ["provenance", "git_state", "package_versions", "data_digest", "note_data", "noted_data", "noted_splits",
+           "PACKAGES"]
 
 _NOTED: list[str] = []  # digests of the inputs a run read (note_data), reset by the runner at the start of a run
+_SPLITS: list[dict[str, Any]] = []  # the split and size of each of those reads (provenance.json: "data_read")
 
 PACKAGES = ("idls-defend", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "numpy", "scikit-learn",
             "xgboost", "jsonargparse", "pyautoattack")
@@ -56,9 +59,23 @@ def data_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def note_data(*tensors: torch.Tensor) -> None:
-    """Record the digest of inputs a run reads (the experiments' input selection calls it)."""
-    _NOTED.append(data_digest(*tensors))
+def note_data(*tensors: torch.Tensor, split: str | None = None) -> None:
+    """Record the digest of inputs a run reads (the experiments' input selection calls it) and the split they came
+    from (``provenance.json``'s ``data_read``: which split every figure was measured on)."""
+    digest = data_digest(*tensors)
+    _NOTED.append(digest)
+    if split is not None:
+        _SPLITS.append({"split": split, "n": int(tensors[0].shape[0]) if tensors else 0, "digest": digest})
+
+
+def noted_splits() -> list[dict[str, Any]]:
+    """The splits read since the last reset, merged by split: ``[{"split", "reads", "max_n"}]``."""
+    merged: dict[str, dict[str, Any]] = {}
+    for entry in _SPLITS:
+        m = merged.setdefault(entry["split"], {"split": entry["split"], "reads": 0, "max_n": 0})
+        m["reads"] += 1
+        m["max_n"] = max(m["max_n"], entry["n"])
+    return list(merged.values())
 
 
 def noted_data(reset: bool = False) -> str | None:
@@ -66,6 +83,7 @@ def noted_data(reset: bool = False) -> str | None:
     out = hashlib.sha256("|".join(_NOTED).encode()).hexdigest()[:16] if _NOTED else None
     if reset:
         _NOTED.clear()
+        _SPLITS.clear()
     return out
 
 
@@ -84,5 +102,5 @@ def provenance(start: float, seed: int, data: str | None = None, argv: list[str]
             "command": " ".join(argv if argv is not None else ["defend", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - start, 1),
-            "seed": int(seed), "data_digest": data, "source": git_state(), "packages": package_versions(),
-            "device": _device(), **extra}
+            "seed": int(seed), "data_digest": data, "data_read": noted_splits(), "source": git_state(),
+            "packages": package_versions(), "device": _device(), **extra}

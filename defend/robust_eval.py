@@ -26,6 +26,7 @@ from attacks.topk import TopKAttack
 
 from .metrics import CentreOfMassShift, KendallTau, MapCosineSimilarity, MaxSensitivity, SpearmanRho, TopKIntersection
 from .robust import discrepancy, maps_and_logits
+from .stats import Estimate
 
 __all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "craft_interpretation_attack",
            "interpretation_robustness", "sensitivity", "INTERPRETATION_ATTACKS", "native_map"]
@@ -39,7 +40,12 @@ def native_map(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor) ->
 
 
 class MapAgreement(nn.Module):
-    """Agreement of benign and attacked maps: the torchmetrics of :mod:`defend.metrics`, summed across DDP ranks."""
+    """Agreement of benign and attacked maps: the torchmetrics of :mod:`defend.metrics`, summed across DDP ranks;
+    every figure with its bootstrap interval over inputs."""
+
+    #: figure name -> metric attribute
+    FIGURES = {"kendall_tau": "tau", "spearman": "rho", "topk_intersection": "topk", "cosine": "cos",
+               "com_shift": "shift"}
 
     def __init__(self, ks: Sequence[int] = (4, 8, 16)) -> None:
         super().__init__()
@@ -51,12 +57,16 @@ class MapAgreement(nn.Module):
         for m in (self.tau, self.rho, self.cos, self.topk, self.shift):
             m.update(benign, attacked)
 
-    def compute(self) -> dict[str, float]:
-        out = {"kendall_tau": float(self.tau.compute()), "spearman": float(self.rho.compute()),
-               "topk_intersection": float(self.topk.compute()), "cosine": float(self.cos.compute()),
-               "com_shift": float(self.shift.compute())}
+    def compute(self, seed: int = 0) -> dict[str, float]:
+        out: dict[str, Any] = {}
+        for name, attr in self.FIGURES.items():
+            out.update(getattr(self, attr).estimate(seed).fields(name))
         out.update({f"topk_intersection_k{k}": float(v) for k, v in self.topk.compute_per_k().items()})
         return out
+
+    def per_input(self) -> dict[str, Tensor]:
+        """The per-input values of every figure (in the order the inputs were seen)."""
+        return {name: getattr(self, attr).per_input() for name, attr in self.FIGURES.items()}
 
 
 def pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, alpha: float,
@@ -124,14 +134,16 @@ def craft_interpretation_attack(model: nn.Module, interp: Interpreter, x: Tensor
 
 def interpretation_robustness(model: nn.Module, interp: Interpreter, x: Tensor, eps: float, attack: str, *,
                               options: dict[str, Any] | None = None, ks: Sequence[int] = (4, 8, 16), seed: int = 0,
-                              batch_size: int = 128) -> dict[str, Any]:
+                              batch_size: int = 128, per_input: bool = False) -> dict[str, Any]:
     """Benign vs attacked maps of the inputs whose prediction the attack kept (class = benign prediction).
 
-    Returns :class:`MapAgreement`'s figures (native grid), ``kendall_tau_input_grid``, ``n`` (inputs attacked) and
-    ``n_kept``; at eps 0 the maps are identical."""
+    Returns :class:`MapAgreement`'s figures (native grid) with their bootstrap intervals over the kept inputs (seed
+    ``seed``), ``kendall_tau_input_grid``, ``n`` (inputs attacked) and ``n_kept``; with ``per_input`` also
+    ``per_input`` (each figure's values) and ``kept`` (their positions in ``x``) for paired tests. At eps 0 the maps
+    are identical."""
     gen = torch.Generator().manual_seed(seed)
     agree, tau_in = MapAgreement(ks), KendallTau()
-    n_kept = 0
+    kept_at: list[Tensor] = []
     with frozen(model):
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size]
@@ -141,20 +153,25 @@ def interpretation_robustness(model: nn.Module, interp: Interpreter, x: Tensor, 
                 craft_interpretation_attack(model, interp, xb, cls, eps, attack, dict(options or {}), gen)
             if not bool(kept.any()):
                 continue
+            kept_at.append(kept.nonzero().flatten().cpu() + i)
             xb, xa, cls = xb[kept], xa[kept], cls[kept]
             with torch.no_grad():
                 agree.update(native_map(interp, model, xb, cls), native_map(interp, model, xa, cls))
                 tau_in.update(interp.map(model, xb, cls).detach(), interp.map(model, xa, cls).detach())
-            n_kept += int(kept.sum())
+    n_kept = int(sum(k.numel() for k in kept_at))
     if n_kept == 0:
         return {"n": int(x.shape[0]), "n_kept": 0}
-    return {**agree.compute(), "kendall_tau_input_grid": float(tau_in.compute()), "n": int(x.shape[0]),
-            "n_kept": n_kept}
+    out = {**agree.compute(seed), "kendall_tau_input_grid": float(tau_in.compute()), "n": int(x.shape[0]),
+           "n_kept": n_kept, "bootstrap_seed": int(seed)}
+    if per_input:
+        out.update(per_input=agree.per_input(), kept=torch.cat(kept_at))
+    return out
 
 
 def sensitivity(model: nn.Module, interp: Interpreter, x: Tensor, radius: float, n_samples: int = 10,
-                seed: int = 0, batch_size: int = 128) -> float:
-    """captum-style max-sensitivity of the native-grid map (uniform L-inf noise of ``radius``, ``n_samples``)."""
+                seed: int = 0, batch_size: int = 128) -> Estimate:
+    """captum-style max-sensitivity of the native-grid map (uniform L-inf noise of ``radius``, ``n_samples``): the
+    mean over inputs with its bootstrap interval (seed ``seed``)."""
     metric = MaxSensitivity(radius=radius, n_samples=n_samples, seed=seed)
     with frozen(model):
         for i in range(0, x.shape[0], batch_size):
@@ -162,4 +179,4 @@ def sensitivity(model: nn.Module, interp: Interpreter, x: Tensor, radius: float,
             with torch.no_grad():
                 cls = model(xb).argmax(1)
             metric.update(lambda z, c=cls: native_map(interp, model, z, c.repeat_interleave(z.shape[0] // c.shape[0])), xb)
-    return float(metric.compute())
+    return metric.estimate(seed)

@@ -1,7 +1,15 @@
-"""Shared pieces of the data modules: an in-memory dataset and a small base class."""
+"""Shared pieces of the data modules: an in-memory dataset, a small base class and the three splits.
+
+Every data module has three disjoint splits: ``train``, the **development** split ``val`` (Lightning's name; ``dev``
+is accepted everywhere a split is named) and ``test``. Everything that tunes or selects (early stopping, epoch
+selection, recipe and hyper-parameter sweeps, the detector's choice of interpreters, FPR thresholds) reads the
+development split; the test split is for final figures only (:func:`require_development` refuses it), and no image
+lies on both sides (:meth:`BaseDataModule.check_disjoint`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +20,46 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..distributed import rank_world
 from .batch import IMAGE, INDEX, LABEL, MASK
 
-__all__ = ["TensorImageDataset", "BaseDataModule", "EpochShuffleSampler"]
+__all__ = ["TensorImageDataset", "BaseDataModule", "EpochShuffleSampler", "SPLITS", "DEV", "split_name",
+           "require_development", "SealedSplitError", "image_digests"]
+
+#: the splits of every data module, in order: training, development (Lightning's ``val``), test
+SPLITS = ("train", "val", "test")
+#: the development split: what tuning and selection read
+DEV = "val"
+_ALIASES = {"dev": DEV, "development": DEV, "validation": DEV}
+
+
+class SealedSplitError(ValueError):
+    """Tuning or selection was asked to read the test split."""
+
+
+def split_name(split: str) -> str:
+    """The canonical name of ``split`` (``dev`` / ``development`` / ``validation`` -> ``val``); one-line error for an
+    unknown one."""
+    name = _ALIASES.get(str(split), str(split))
+    if name not in SPLITS:
+        raise ValueError(f"unknown data split {split!r}; choose train, dev (= val) or test")
+    return name
+
+
+def require_development(split: str, what: str) -> str:
+    """The canonical development split for ``what`` (something that tunes or selects); the test split is refused:
+    it is sealed for final figures. The training split is refused too (selection on training data selects the fit)."""
+    name = split_name(split)
+    if name != DEV:
+        why = "the test split is sealed for final figures" if name == "test" else "it is the training split"
+        raise SealedSplitError(f"{what} tunes or selects, so it reads the development split (dev), not {split!r}: "
+                               f"{why}; pass split: dev")
+    return name
+
+
+def image_digests(images: torch.Tensor) -> list[str]:
+    """SHA-256 of every image's bytes (uint8 ``[N, C, H, W]`` or floats on the uint8 grid): equal images, equal digest."""
+    if images.dtype != torch.uint8:
+        images = torch.round(images.clamp(0, 1) * 255).to(torch.uint8)
+    flat = images.reshape(images.shape[0], -1).contiguous().numpy()
+    return [hashlib.sha256(row.tobytes()).hexdigest() for row in flat]
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -138,6 +185,31 @@ class BaseDataModule(pl.LightningDataModule):
         self.setup()
         return self._datasets[2]
 
+    @property
+    def dev_dataset(self) -> Dataset:
+        """The development split (``val``): everything that tunes or selects reads it."""
+        return self.val_dataset
+
+    def split_dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` (``train``, ``dev`` / ``val`` or ``test``)."""
+        return {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split_name(split)]
+
+    def split_keys(self, split: str) -> list[str]:
+        """What identifies each item of ``split`` for the disjointness check: the digest of its image bytes
+        (subclasses add their own identities, e.g. the source digit or the file's content)."""
+        ds = self.split_dataset(split)
+        images = getattr(ds, "images", None)
+        if isinstance(images, torch.Tensor):
+            return image_digests(images)
+        return [image_digests(ds[i][IMAGE].unsqueeze(0))[0] for i in range(len(ds))]
+
+    def check_disjoint(self, a: str = DEV, b: str = "test") -> None:
+        """Raise ``ValueError`` when an item of split ``a`` is also in split ``b`` (same image, or same source)."""
+        shared = set(self.split_keys(a)) & set(self.split_keys(b))
+        if shared:
+            raise ValueError(f"{self.name}: {len(shared)} item(s) of the {a} split are also in the {b} split (e.g. "
+                             f"{sorted(shared)[0][:16]}); remove the duplicates so that {b} stays unseen")
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         """Shuffled loaders draw their order from :class:`EpochShuffleSampler` (seeded per epoch); the loader's own
         generator (worker seeds) keeps iterator creation from consuming the global RNG."""
@@ -175,4 +247,5 @@ class BaseDataModule(pl.LightningDataModule):
                 "val": len(self.val_dataset),
                 "test": len(self.test_dataset),
             },
+            "development_split": DEV,
         }

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .base import BaseDataModule, TensorImageDataset
+from .base import BaseDataModule, TensorImageDataset, image_digests
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES", "read_cifar10"]
 
@@ -130,7 +130,9 @@ def read_cifar10(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 class CIFAR10DataModule(BaseDataModule):
-    """CIFAR-10 with a seeded train/val split; train augmentation = random crop (pad 4) + h-flip.
+    """CIFAR-10 with a seeded train / development (``val``) split; train augmentation = random crop (pad 4) + h-flip.
+    A development image whose bytes equal a test image's is dropped from the development split (the test split
+    stays unseen); the training split is CIFAR-10's own, untouched.
 
     Args:
         root: folder holding ``cifar-10-batches-py`` (the extracted ``cifar-10-python.tar.gz``).
@@ -205,6 +207,8 @@ class CIFAR10DataModule(BaseDataModule):
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
         tr, va = perm[: len(images) - self.val_size], perm[len(images) - self.val_size :]
         test_images, test_labels = read_cifar10(self.root, train=False)
+        seen = set(image_digests(test_images))
+        va = va[torch.tensor([d not in seen for d in image_digests(images[va])], dtype=torch.bool)]
         return (
             TensorImageDataset(images[tr], labels[tr], transform=self._train_transform()),
             TensorImageDataset(images[va], labels[va]),

@@ -2,7 +2,8 @@
 
 An existing ``root/train`` (plus optional ``root/val``, ``root/test``) split layout is used as is;
 missing val/test splits, or all splits for a flat layout, are carved out with a stratified,
-seeded split.  Images are loaded lazily with PIL and turned into RGB in [0, 1] (:func:`load_image`):
+seeded split. Files with identical bytes are carved together (never on two sides), and a test file whose bytes also
+lie in the train or development (``val``) split is refused before anything runs: the test split stays unseen.  Images are loaded lazily with PIL and turned into RGB in [0, 1] (:func:`load_image`):
 
 * 8-bit grey, palette, RGB, CMYK, YCbCr and bilevel images: PIL's conversion to RGB (grey -> 3 equal channels);
 * 16-bit grey (``I;16`` and the like, ``I`` with values in 0..65535): ``v / 65535`` (not clipped to 8 bits, which
@@ -17,6 +18,7 @@ seeded split.  Images are loaded lazily with PIL and turned into RGB in [0, 1] (
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from .base import BaseDataModule
 from .batch import IMAGE, INDEX, LABEL, quantize
 
 __all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder", "find_unreadable",
-           "load_image", "IMAGE_MODES"]
+           "load_image", "IMAGE_MODES", "file_digest"]
 
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -123,6 +125,27 @@ def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> t
     return names, files, labels
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (identical copies of an image have the same digest)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise ValueError(f"cannot read image file '{path}': {exc.strerror or exc}") from None
+
+
+def _grouped_split(files: Sequence[Path], labels: np.ndarray, fractions: Sequence[float],
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """:func:`_stratified_split` over groups of byte-identical files (each group on one side, stratified by the
+    label of its first file)."""
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(files):
+        groups.setdefault(file_digest(path), []).append(i)
+    members = list(groups.values())
+    parts = _stratified_split(np.asarray([labels[g[0]] for g in members]), fractions, rng)
+    return [np.sort(np.asarray([i for k in part for i in members[k]], dtype=np.int64)) for part in parts]
+
+
 def _stratified_split(labels: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
     """Per class, give ``fractions[k]`` of the items to part ``k + 1``; the rest form part 0 (train)."""
     parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
@@ -137,6 +160,18 @@ def _stratified_split(labels: np.ndarray, fractions: Sequence[float], rng: np.ra
             start += take
         parts[0].extend(idx[start:].tolist())
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _refuse_leaks(splits: dict[str, tuple[list[Path], list[int]]]) -> None:
+    """A test image whose bytes are also in the train or development split would not be unseen: one line, before
+    anything runs."""
+    test = {file_digest(p): p for p in splits["test"][0]}
+    for side in ("val", "train"):
+        for path in splits[side][0]:
+            twin = test.get(file_digest(path))
+            if twin is not None:
+                raise ValueError(f"'{twin}' (test split) has the same bytes as '{path}' ({side} split): the test split "
+                                 "must hold unseen images; remove one of the copies")
 
 
 class FolderDataset(Dataset):
@@ -235,11 +270,12 @@ class ImageFolderDataModule(BaseDataModule):
         else:
             names, files, labels = scan_image_folder(self.root)
             given, fractions = {}, [self.val_fraction, self.test_fraction]
-        tr, va, te = _stratified_split(np.asarray(labels), fractions, rng)
+        tr, va, te = _grouped_split(files, np.asarray(labels), fractions, rng)
         pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
         splits = {"train": pick(tr), "val": given.get("val", pick(va)), "test": given.get("test", pick(te))}
         if not splits["train"][0]:
             raise ValueError(f"no training images left under {self.root} after the val/test split")
+        _refuse_leaks(splits)
         return names, splits
 
     def _transform(self, train: bool) -> transforms.Compose:
@@ -248,6 +284,12 @@ class ImageFolderDataModule(BaseDataModule):
         else:
             crop = [transforms.CenterCrop(self.image_size)]
         return transforms.Compose([transforms.Resize(self.resize), *crop, transforms.ToTensor()])
+
+    def split_keys(self, split: str) -> list[str]:
+        """The sha256 of every file of ``split`` (byte-identical copies share it)."""
+        from .base import split_name
+
+        return [file_digest(p) for p in self._splits[split_name(split)][0]]
 
     def _build(self) -> tuple[Dataset, Dataset, Dataset]:
         return tuple(

@@ -27,7 +27,8 @@ InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
 @dataclass
 class AutoAttackBattery:
     """Robust accuracy under AutoAttack (standard version, L-inf) at each radius of ``eps`` (empty: skipped) on the
-    first ``n`` attack inputs."""
+    first ``n`` test inputs, RobustBench's way (a clean error counts as a failure), with the accuracy on the correctly
+    classified ones among them beside it."""
 
     eps: list[Radius] = field(default_factory=lambda: [Radius("4/255"), Radius("8/255")])
     n: PositiveCount = PositiveCount(100)
@@ -94,7 +95,10 @@ class AdaptiveBattery:
 class DetectorBattery:
     """How the detector given with ``--detector`` reads inputs: the maps of ``interpreters`` (in channel order;
     default: those its ``detector.json`` names, else ``[grad, cam]``) for the predicted class, plus the product of the
-    first two when ``product``. ``n_benign`` benign inputs (default ``n_images``) set the 1 % / 5 % FPR thresholds."""
+    first two when ``product``. ``n_benign`` correctly classified inputs of the development split (default
+    ``n_images``) set the 1 % / 5 % FPR thresholds (a threshold at FPR ``f`` needs ``10 / f`` of them, else it is not
+    reported) and as many test inputs, other than the attacked ones, give the realised false-positive rate and the
+    ROC."""
 
     interpreters: list[str] | None = None
     product: bool | None = None
@@ -151,9 +155,6 @@ def check_battery(b: Battery) -> None:
                          f"got {b.adaptive.ensemble_interpreters}")
     if b.n_figure > b.n_images:
         raise ValueError(f"n_figure ({b.n_figure}) cannot exceed n_images ({b.n_images})")
-    if b.autoattack.eps and int(b.autoattack.n) > int(b.n_images):  # AutoAttack runs on the attacked inputs
-        raise ValueError(f"autoattack.n ({b.autoattack.n}) cannot exceed n_images ({b.n_images}): AutoAttack runs on "
-                         "the correctly classified inputs the battery attacks; raise n_images or lower autoattack.n")
     if b.autoattack.eps and any(float(e) <= 0 for e in b.autoattack.eps):
         raise ValueError(f"autoattack.eps must be positive radii, got {[float(e) for e in b.autoattack.eps]}")
 

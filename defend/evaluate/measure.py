@@ -14,6 +14,8 @@ from torch import Tensor
 from attacks import build_attack, random_targets
 from attacks.state import frozen
 
+from .. import stats
+from ..data.base import require_development
 from ..evaluation import AttackMeter, PlanItem, check_adversarial, evaluate_plan
 from ..interpreters import build_interpreter
 from .battery import Battery
@@ -63,7 +65,9 @@ def attack_inputs(system: System, battery: Battery) -> dict[str, Tensor]:
 
 
 def clean_accuracy(system: System, battery: Battery) -> dict[str, Any]:
-    """Accuracy on the first ``clean_n`` test inputs (all when unset), in batches."""
+    """Accuracy on the first ``clean_n`` test inputs (all when unset), in batches, with its Wilson interval, and
+    whether the classifier is at chance (:func:`defend.stats.at_chance`: then its robust and interpretation figures
+    mean nothing; the card flags them)."""
     from ..experiments.common import take_split
 
     start = time.perf_counter()
@@ -71,28 +75,41 @@ def clean_accuracy(system: System, battery: Battery) -> dict[str, Any]:
     x, y = test["image"], test["label"]
     with torch.no_grad(), frozen(system.classifier):
         pred = torch.cat([system.classifier(x[i:i + 256]).argmax(1) for i in range(0, x.shape[0], 256)])
-    return {"metric": "clean_accuracy", "value": float((pred == y).float().mean()), "n": int(y.numel()),
-            "split": "test", "attack": None, "budget": None, "seed": int(battery.seed),
-            "seconds": time.perf_counter() - start}
+    correct = pred == y
+    est = stats.proportion(correct)
+    k = int(system.data.num_classes)
+    return {"metric": "clean_accuracy", **est.fields("value"), "n": int(y.numel()), "split": "test", "attack": None,
+            "budget": None, "seed": int(battery.seed), "seconds": time.perf_counter() - start,
+            "chance_level": stats.chance_level(k), "at_chance": stats.at_chance(int(correct.sum()), int(y.numel()), k)}
 
 
-def autoattack_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> list[dict[str, Any]]:
-    """Robust accuracy under AutoAttack (standard, L-inf) at each radius, on the first ``autoattack.n`` inputs."""
+def autoattack_rows(system: System, battery: Battery) -> list[dict[str, Any]]:
+    """Robust accuracy under AutoAttack (standard, L-inf) at each radius on the first ``autoattack.n`` test inputs,
+    RobustBench's way (a clean error counts as a failure: ``robust_accuracy``), and on the correctly classified ones
+    among them (``robust_accuracy_on_correct``), each with its Wilson interval."""
     from ..autoattack import autoattack_accuracy
+    from ..experiments.common import take_split
 
-    n = int(battery.autoattack.n)
-    x, y = inputs["image"][:n], inputs["label"][:n]
+    first = take_split(system.data, "test", int(battery.autoattack.n))
+    x, y = first["image"], first["label"]
+    with torch.no_grad(), frozen(system.classifier):
+        clean_ok = torch.cat([system.classifier(x[i:i + 256]).argmax(1) == y[i:i + 256]
+                              for i in range(0, x.shape[0], 256)])
     rows = []
     for eps in battery.autoattack.eps:
         start = time.perf_counter()
         res = autoattack_accuracy(system.classifier, x, y, float(eps), seed=int(battery.seed),
                                   batch_size=int(battery.batch_size))
-        rows.append({"attack": "autoattack-standard", "eps": float(eps), "robust_accuracy": res.accuracy,
-                     "n": int(y.numel()), "budget": {"eps": float(eps), "norm": "Linf",
-                                                     "attacks": list(res.settings.get("attacks", []))},
+        robust = res.robust.cpu()
+        rows.append({"attack": "autoattack-standard", "eps": float(eps),
+                     **stats.proportion(robust).fields("robust_accuracy"), "n": int(y.numel()),
+                     **stats.proportion(robust[clean_ok]).fields("robust_accuracy_on_correct"),
+                     "n_correct": int(clean_ok.sum()),
+                     "budget": {"eps": float(eps), "norm": "Linf", "attacks": list(res.settings.get("attacks", []))},
                      "stages": {k: float(v) for k, v in res.stages.items()}, "flags": list(res.flags),
                      "seed": int(battery.seed), "seconds": time.perf_counter() - start,
-                     "note": "inputs: correctly classified test inputs (clean accuracy 1 on them)"})
+                     "note": "inputs: the first n test inputs; robust_accuracy counts a clean error as a failure "
+                             "(RobustBench), robust_accuracy_on_correct is over the correctly classified ones"})
     return rows
 
 
@@ -110,11 +127,11 @@ def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> li
         res = interpretation_robustness(system.classifier, interp, x, float(t.eps), "topk", options=options,
                                         ks=[int(k) for k in t.ks], seed=int(battery.seed),
                                         batch_size=int(battery.batch_size))
+        figures = {f"{k}{suffix}": res.get(f"{k}{suffix}") for k in ("kendall_tau", "spearman", "topk_intersection")
+                   for suffix in ("", "_ci_low", "_ci_high")}
         rows.append({"interpreter": name, "attack": "topk", "budget": {"eps": float(t.eps), **options},
-                     "ks": [int(k) for k in t.ks], "n": int(res["n"]), "n_kept": int(res["n_kept"]),
-                     "kendall_tau": res.get("kendall_tau"), "spearman": res.get("spearman"),
-                     "topk_intersection": res.get("topk_intersection"), "seed": int(battery.seed),
-                     "seconds": time.perf_counter() - start})
+                     "ks": [int(k) for k in t.ks], "n": int(res["n"]), "n_kept": int(res["n_kept"]), **figures,
+                     "seed": int(battery.seed), "seconds": time.perf_counter() - start})
     return rows
 
 
@@ -174,7 +191,8 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
     trainer = make_trainer({}, 1, inference_mode=False, use_distributed_sampler=False, enable_progress_bar=False,
                            logger=False)
     ev = evaluate_plan(system.classifier, interps, [p for p, _ in plan], inputs, trainer,
-                       batch_size=int(battery.batch_size), keep=n, cache_dir=None, progress=progress)
+                       batch_size=int(battery.batch_size), keep=n, cache_dir=None, progress=progress,
+                       seed=int(battery.seed))
     system.classifier.cpu().eval()
     rows, transfer, sets = [], [], []
     for item, info in plan:
@@ -190,16 +208,24 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
                              "file": f"adversarial/{item.attack}_{info['interpreter'].replace('+', '-')}.pt"})
             if info["kind"] == "standard":
                 transfer.append({"attack": item.attack, "source": info["interpreter"], "read_by": reader,
-                                 "l1": res.get("l1"), "iou": res.get("iou"), "asr": res["asr"], "n": res["n"],
-                                 "budget": budget, "seed": int(battery.seed)})
+                                 **_figures(res, ("l1", "iou", "asr")), "n": res["n"], "budget": budget,
+                                 "seed": int(battery.seed)})
         sets.append(AttackSet(item.attack, info["interpreter"], info["kind"], budget, inputs["image"],
                               ev.examples[item.key], inputs["label"], inputs["target"]))
     return rows, transfer, sets, ev.benign
 
 
-def _figures(res: dict[str, Any]) -> dict[str, Any]:
-    keys = ("asr", "confidence", "l1", "l2", "iou", "noise_rate", "seconds_per_input", "linf", "n")
-    return {k: res.get(k) for k in keys}
+#: the figures of an attack row that carry a 95 % interval (``<figure>_ci_low`` / ``_ci_high``)
+INTERVAL_FIGURES = ("asr", "confidence", "l1", "l2", "iou", "noise_rate")
+
+
+def _figures(res: dict[str, Any], keys: tuple[str, ...] = INTERVAL_FIGURES) -> dict[str, Any]:
+    """The figures of an :class:`~defend.evaluation.AttackMeter` result with their intervals; attack rows add
+    seconds per input, L-inf, n and the IoU's chance level."""
+    out = {f"{k}{suffix}": res.get(f"{k}{suffix}") for k in keys for suffix in ("", "_ci_low", "_ci_high")}
+    if keys == INTERVAL_FIGURES:
+        out.update({k: res.get(k) for k in ("seconds_per_input", "linf", "n", "iou_chance")})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -227,46 +253,78 @@ def detector_scores(system: System, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> dict[str, Any]:
-    """Detection of each adversarial set's successful inputs at the 1 % / 5 % FPR thresholds set on benign inputs,
-    at the detector's own threshold (0.5), AUC and ROC; ``evasion_rate``: share of all inputs that reach the target
-    class and are not flagged at the detector's own threshold (the end-to-end success of the attack)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+#: the false-positive rates the card sets detection thresholds at, and their keys
+FPRS = {"fpr1": 0.01, "fpr5": 0.05}
 
+
+def _thresholds(dev: Tensor, test: Tensor, seed: int) -> dict[str, Any]:
+    """Per FPR of :data:`FPRS`: the threshold set on the development benign scores ``dev`` where they are enough
+    (``10 / FPR`` of them), the FPR it gives there, and the realised FPR on the test benign scores (Wilson)."""
+    out = {}
+    for key, f in FPRS.items():
+        if not stats.fpr_supported(dev.numel(), f):
+            out[key] = {"threshold": None, "benign_fpr": None, **stats.interval_fields("test_fpr", None),
+                        "supported": False, "note": f"not enough benign inputs for {100 * f:g} % FPR "
+                        f"({dev.numel()} on the development split, {stats.min_benign_for_fpr(f)} needed)"}
+            continue
+        t, rate = fpr_threshold(dev, f)
+        out[key] = {"threshold": t, "benign_fpr": rate, **stats.proportion(test > t).fields("test_fpr"),
+                    "supported": True, "note": f"set on {dev.numel()} development benign inputs"}
+    return out
+
+
+def _rate(flags: Tensor) -> dict[str, Any]:
+    return stats.proportion(flags).fields("v") if flags.numel() else stats.interval_fields("v", None)
+
+
+def _detection_row(s: AttackSet, hit: Tensor, adv: Tensor, benign: Tensor, thresholds: dict[str, Any],
+                   seed: int) -> dict[str, Any]:
+    """The figures of one adversarial set: detection rates (Wilson) at each supported threshold and at 0.5, the
+    end-to-end evasion, AUC (bootstrap) and ROC against the test benign inputs."""
+    from sklearn.metrics import roc_curve
+
+    flagged = torch.zeros_like(hit)
+    flagged[hit] = adv > 0.5
+    row = {"attack": s.attack, "interpreter": s.interpreter, "kind": s.kind, "n": int(hit.numel()),
+           "n_adversarial": int(hit.sum()), "budget": s.budget, "seed": seed,
+           **stats.proportion(hit & ~flagged).fields("evasion_rate"), "auc": None, "roc": None}
+    for key, rate in (("default", _rate(adv > 0.5)),
+                      *((k, _rate(adv > t["threshold"]) if t["supported"] else stats.interval_fields("v", None))
+                        for k, t in thresholds.items())):
+        row.update({f"detection_rate_{key}{suffix}": rate[f"v{suffix}"] for suffix in ("", "_ci_low", "_ci_high")})
+    if adv.numel() and benign.numel():
+        labels = torch.cat([torch.zeros(benign.numel()), torch.ones(adv.numel())])
+        scores = torch.cat([benign, adv])
+        fpr, tpr, _ = roc_curve(labels.numpy(), scores.numpy())
+        row.update(stats.bootstrap_auc(labels, scores, seed).fields("auc"))
+        row["roc"] = {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+    return row
+
+
+def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> dict[str, Any]:
+    """Detection of each adversarial set's successful inputs. The 1 % / 5 % FPR thresholds are set on ``n_benign``
+    correctly classified inputs of the development split (selection never reads the test split) and reported only
+    where those are at least ``10 / FPR``; the false-positive rate they give is measured on as many test inputs
+    other than the attacked ones, which also give the AUC and ROC. ``evasion_rate``: share of all inputs that reach
+    the target class and are not flagged at the detector's own threshold (the end-to-end success of the attack).
+    Every rate carries its Wilson interval, the AUC a bootstrap one."""
     from ..experiments.common import select_correct
 
     start = time.perf_counter()
-    bs = int(battery.batch_size)
-    n_b = int(battery.detector.n_benign or battery.n_images)
-    benign_x = select_correct(system.classifier, system.data, n_b, split="test")["image"]
-    benign = detector_scores(system, benign_x, bs)
-    thresholds = {f: fpr_threshold(benign, f) for f in (0.01, 0.05)}
+    bs, seed = int(battery.batch_size), int(battery.seed)
+    n_b, n_att = int(battery.detector.n_benign or battery.n_images), int(battery.n_images)
+    dev_x = select_correct(system.classifier, system.data, n_b, split=require_development("dev", "the FPR thresholds"))
+    test_x = select_correct(system.classifier, system.data, n_att + n_b, split="test")["image"][n_att:]
+    dev, benign = detector_scores(system, dev_x["image"], bs), detector_scores(system, test_x, bs)
+    thresholds = _thresholds(dev, benign, seed)
     rows = []
     for s in sets:
         with torch.no_grad():
             hit = torch.cat([system.classifier(s.x_adv[i:i + bs]).argmax(1) for i in range(0, s.x_adv.shape[0], bs)]) == s.target
-        adv = detector_scores(system, s.x_adv[hit], bs)
-        flagged = torch.zeros_like(hit)
-        flagged[hit] = adv > 0.5
-        row = {"attack": s.attack, "interpreter": s.interpreter, "kind": s.kind, "n": int(hit.numel()),
-               "n_adversarial": int(hit.sum()), "budget": s.budget, "seed": int(battery.seed),
-               "evasion_rate": float((hit & ~flagged).float().mean()),
-               "detection_rate_default": float((adv > 0.5).float().mean()) if adv.numel() else None,
-               "detection_rate_fpr1": float((adv > thresholds[0.01][0]).float().mean()) if adv.numel() else None,
-               "detection_rate_fpr5": float((adv > thresholds[0.05][0]).float().mean()) if adv.numel() else None,
-               "auc": None, "roc": None}
-        if adv.numel():
-            labels = torch.cat([torch.zeros(benign.numel()), torch.ones(adv.numel())]).numpy()
-            scores = torch.cat([benign, adv]).numpy()
-            fpr, tpr, _ = roc_curve(labels, scores)
-            row.update(auc=float(roc_auc_score(labels, scores)), roc={"fpr": [float(v) for v in fpr],
-                                                                     "tpr": [float(v) for v in tpr]})
-        rows.append(row)
+        rows.append(_detection_row(s, hit, detector_scores(system, s.x_adv[hit], bs), benign, thresholds, seed))
     return {"interpreters": list(system.detector_interpreters), "product": bool(system.detector_product),
-            "n_benign": int(benign.numel()), "default_threshold": 0.5,
-            "thresholds": {"fpr1": {"threshold": thresholds[0.01][0], "benign_fpr": thresholds[0.01][1]},
-                           "fpr5": {"threshold": thresholds[0.05][0], "benign_fpr": thresholds[0.05][1]}},
-            "benign_fpr_default": float((benign > 0.5).float().mean()), "rows": rows,
+            "n_benign": int(benign.numel()), "n_benign_dev": int(dev.numel()), "default_threshold": 0.5,
+            "thresholds": thresholds, **stats.proportion(benign > 0.5).fields("benign_fpr_default"), "rows": rows,
             "seconds": time.perf_counter() - start}
 
 
@@ -292,7 +350,7 @@ def rescore_sets(system: System, sets: list[AttackSet], battery: Battery) -> lis
                     meters[n].update(logits, yt, x, xa, g.map(system.classifier, x, y).detach(),
                                      g.map(system.classifier, xa, yt).detach(), 0.0)
         for n, m in meters.items():
-            res = m.compute()
+            res = m.compute(int(battery.seed))
             rows.append({"attack": s.attack, "framework": "pgd", "interpreter": s.interpreter, "kind": "rescored",
                          "read_by": n, **_figures(res), "budget": s.budget, "seed": int(s.meta.get("seed", 0)),
                          "seconds": 0.0, "file": s.meta.get("file")})

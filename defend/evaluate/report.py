@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .. import stats
 from ..figures import bar_chart, map_grid, roc_plot
 from ..io import atomic_write_text, load_artifact, save_artifact
 
@@ -18,20 +19,28 @@ __all__ = ["TABLES", "table_rows", "write_tables", "write_report", "write_figure
 #: artifact kind of a saved adversarial set
 SET_KIND = "adversarial-set"
 
-#: the CSV tables: file -> (results key, columns)
+def _ci(*names: str) -> list[str]:
+    """Each figure followed by its interval columns."""
+    return [c for n in names for c in (n, f"{n}_ci_low", f"{n}_ci_high")]
+
+
+#: the CSV tables: file -> (results key, columns); every figure with its 95 % interval columns
 TABLES = {
-    "clean.csv": ("clean_accuracy", ["metric", "value", "n", "split", "seed", "seconds"]),
-    "autoattack.csv": ("autoattack", ["attack", "eps", "robust_accuracy", "n", "seed", "seconds"]),
+    "clean.csv": ("clean_accuracy", ["metric", *_ci("value"), "n", "split", "chance_level", "at_chance", "seed",
+                                     "seconds"]),
+    "autoattack.csv": ("autoattack", ["attack", "eps", *_ci("robust_accuracy"), "n",
+                                      *_ci("robust_accuracy_on_correct"), "n_correct", "seed", "seconds"]),
     "interpretation.csv": ("interpretation_robustness", ["interpreter", "attack", "eps", "steps", "k", "n", "n_kept",
-                                                         "kendall_tau", "spearman", "topk_intersection", "seed",
+                                                         *_ci("kendall_tau", "spearman", "topk_intersection"), "seed",
                                                          "seconds"]),
-    "attacks.csv": ("attacks", ["attack", "framework", "interpreter", "kind", "read_by", "asr", "confidence", "l1",
-                                "l2", "iou", "noise_rate", "seconds_per_input", "linf", "eps", "steps", "n", "seed",
-                                "seconds", "file"]),
-    "transfer.csv": ("transfer", ["attack", "source", "read_by", "l1", "iou", "asr", "n", "eps", "steps", "seed"]),
-    "detection.csv": ("detection", ["attack", "interpreter", "kind", "n", "n_adversarial", "detection_rate_fpr1",
-                                    "detection_rate_fpr5", "detection_rate_default", "auc", "evasion_rate", "eps",
-                                    "steps", "seed"]),
+    "attacks.csv": ("attacks", ["attack", "framework", "interpreter", "kind", "read_by",
+                                *_ci("asr", "confidence", "l1", "l2", "iou"), "iou_chance", *_ci("noise_rate"),
+                                "seconds_per_input", "linf", "eps", "steps", "n", "seed", "seconds", "file"]),
+    "transfer.csv": ("transfer", ["attack", "source", "read_by", *_ci("l1", "iou", "asr"), "n", "eps", "steps",
+                                  "seed"]),
+    "detection.csv": ("detection", ["attack", "interpreter", "kind", "n", "n_adversarial",
+                                    *_ci("detection_rate_fpr1", "detection_rate_fpr5", "detection_rate_default",
+                                         "auc", "evasion_rate"), "eps", "steps", "seed"]),
 }
 
 
@@ -79,6 +88,11 @@ def _md(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows] + [""]
 
 
+def _v(row: dict[str, Any], name: str, n: int | None = None) -> str:
+    """``0.480 [0.42, 0.54]`` (with ``n`` where given: ``, n 256`` or ``, indicative (n = 32)``)."""
+    return stats.format_value(row.get(name), row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"), n)
+
+
 def _budget(b: dict[str, Any] | None) -> str:
     if not b:
         return "-"
@@ -89,8 +103,19 @@ def _budget(b: dict[str, Any] | None) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _not_meaningful(card: dict[str, Any], section: str) -> list[str]:
+    """The banner of a section whose figures mean nothing (the classifier is at chance), else nothing."""
+    v = card["validity"]
+    if v["meaningful"] or section not in v["sections"]:
+        return []
+    return [f"> **Not meaningful: the classifier is at chance.** {v['reason']}; the figures below are kept for the "
+            "record only.", ""]
+
+
 def write_report(out: Path, card: dict[str, Any]) -> None:
-    """``report.md``: what was evaluated, then one table per measurement (every figure with its n and budget)."""
+    """``report.md``: what was evaluated, then one table per measurement (every figure with its 95 % interval, n and
+    budget; figures on fewer than 100 inputs marked indicative; sections flagged when the classifier is at
+    chance)."""
     s, d, r = card["system"], card["data"], card["results"]
     lines = [f"# Model card: `{s['classifier']['path']}`", "",
              f"Schema {card['schema_version']}, mode `{card['mode']}`, battery `{card['battery']['name']}` "
@@ -100,56 +125,83 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
              f"- classifier sha256 `{s['classifier']['sha256'][:16]}`, arch `{s['classifier']['meta'].get('arch')}`",
              f"- RTS: {'`' + s['rts']['path'] + '`' if s['rts'] else 'none'}",
              f"- detector: {'`' + s['detector']['path'] + '` reading ' + '+'.join(s['detector']['interpreters']) if s['detector'] else 'none'}",
-             f"- wall time {card['provenance']['seconds']:.0f} s; command `{card['provenance']['command']}`", ""]
+             f"- wall time {card['provenance']['seconds']:.0f} s; command `{card['provenance']['command']}`",
+             "- every figure: value [95 % interval] (Wilson for rates and accuracies, a percentile bootstrap over "
+             f"inputs for means, seed {card['battery']['seed']}); fewer than 100 inputs: indicative only", ""]
     c = r["clean_accuracy"]
-    lines += ["## Clean accuracy", "", *_md(["accuracy", "n", "split"], [[c["value"], c["n"], c["split"]]])]
+    lines += ["## Clean accuracy", "", *_md(["accuracy", "split", "chance"], [[_v(c, "value", c["n"]), c["split"],
+                                                                               c["chance_level"]]])]
+    if not card["validity"]["meaningful"]:
+        lines += [f"> **Warning: {card['validity']['reason']}.**", ""]
     if r["autoattack"]:
-        lines += ["## Robust accuracy under AutoAttack (standard, L-inf)", "",
-                  *_md(["eps", "robust accuracy", "n", "seconds"],
-                       [[f"{a['eps'] * 255:.0f}/255", a["robust_accuracy"], a["n"], a["seconds"]] for a in r["autoattack"]])]
+        lines += ["## Robust accuracy under AutoAttack (standard, L-inf)", "", *_not_meaningful(card, "autoattack"),
+                  "On the first n test inputs, a clean error counting as a failure (RobustBench's convention); the "
+                  "last column is over the correctly classified ones among them.", "",
+                  *_md(["eps", "robust accuracy", "on correctly classified inputs", "seconds"],
+                       [[f"{a['eps'] * 255:.0f}/255", _v(a, "robust_accuracy", a["n"]),
+                         _v(a, "robust_accuracy_on_correct", a["n_correct"]), a["seconds"]] for a in r["autoattack"]])]
     if r["interpretation_robustness"]:
         lines += ["## Interpretation robustness under the top-k attack (benign vs attacked maps, prediction kept)", "",
+                  *_not_meaningful(card, "interpretation_robustness"),
                   *_md(["interpreter", "budget", "k", "Kendall tau", "Spearman", "top-k intersection", "n kept / n", "s"],
-                       [[t["interpreter"], _budget(t["budget"]), t["budget"].get("k"), t["kendall_tau"], t["spearman"],
-                         t["topk_intersection"], f"{t['n_kept']}/{t['n']}", t["seconds"]]
+                       [[t["interpreter"], _budget(t["budget"]), t["budget"].get("k"), _v(t, "kendall_tau", t["n_kept"]),
+                         _v(t, "spearman"), _v(t, "topk_intersection"), f"{t['n_kept']}/{t['n']}", t["seconds"]]
                         for t in r["interpretation_robustness"]])]
-    lines += _attack_section(r["attacks"]) + _transfer_section(r["transfer"]) + _detection_section(r["detection"])
+    lines += (_attack_section(card, r["attacks"]) + _transfer_section(card, r["transfer"])
+              + _detection_section(card, r["detection"]))
     figures = card["files"]["figures"]
     lines += [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 
-def _attack_section(rows: list[dict[str, Any]]) -> list[str]:
+def _attack_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    body = [[a["attack"], a["interpreter"], a["kind"], a["read_by"], a["asr"], a["confidence"], a["l1"], a["iou"],
-             a["noise_rate"], a["seconds_per_input"], _budget(a["budget"]), a["n"]] for a in rows]
+    body = [[a["attack"], a["interpreter"], a["kind"], a["read_by"], _v(a, "asr", a["n"]), _v(a, "confidence"),
+             _v(a, "l1"), _v(a, "iou"), a.get("iou_chance"), _v(a, "noise_rate"), a["seconds_per_input"],
+             _budget(a["budget"])] for a in rows]
     return ["## Interpretation attacks (success = target class reached; maps compared to the benign map)", "",
-            *_md(["attack", "against", "kind", "read by", "success", "confidence", "map L1", "IoU", "noise rate",
-                  "s / input", "budget", "n"], body)]
+            *_not_meaningful(card, "attacks"),
+            "IoU: top-k IoU averaged over k = 5, 10, 20, 30, 50 % of the pixels; `IoU by chance` is what two "
+            "unrelated maps score.", "",
+            *_md(["attack", "against", "kind", "read by", "success", "confidence", "map L1", "IoU", "IoU by chance",
+                  "noise rate", "s / input", "budget"], body)]
 
 
-def _transfer_section(rows: list[dict[str, Any]]) -> list[str]:
+def _transfer_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     readers = list(dict.fromkeys(t["read_by"] for t in rows))
     keys = list(dict.fromkeys((t["attack"], t["source"]) for t in rows))
-    body = [[a, s] + [next((t["l1"] for t in rows if (t["attack"], t["source"], t["read_by"]) == (a, s, rd)), None)
-                      for rd in readers] for a, s in keys]
-    return ["## Transfer matrix: map L1 to the benign map (rows: crafted against, columns: read by)", "",
+    body = [[a, s] + [next((_v(t, "l1") for t in rows if (t["attack"], t["source"], t["read_by"]) == (a, s, rd)),
+                           None) for rd in readers] for a, s in keys]
+    n = rows[0]["n"]
+    return [f"## Transfer matrix: map L1 to the benign map (rows: crafted against, columns: read by; n {n}"
+            + (", indicative" if stats.indicative(n) else "") + ")", "", *_not_meaningful(card, "transfer"),
             *_md(["attack", "crafted against"] + readers, body)]
 
 
-def _detection_section(det: dict[str, Any] | None) -> list[str]:
+def _threshold_text(key: str, t: dict[str, Any]) -> str:
+    label = {"fpr1": "1 %", "fpr5": "5 %"}.get(key, key)
+    if not t["supported"]:
+        return f"{label} FPR: {t['note']}"
+    return (f"{label} FPR -> threshold {t['threshold']:.3f} ({t['note']}; realised on the test benign inputs "
+            f"{_v(t, 'test_fpr')})")
+
+
+def _detection_section(card: dict[str, Any], det: dict[str, Any] | None) -> list[str]:
     if not det:
         return []
     th = det["thresholds"]
-    body = [[d["attack"], d["interpreter"], d["kind"], d["n_adversarial"], d["detection_rate_fpr1"],
-             d["detection_rate_fpr5"], d["detection_rate_default"], d["auc"], d["evasion_rate"]] for d in det["rows"]]
-    return [f"## Detection ({'+'.join(det['interpreters'])}{' +product' if det['product'] else ''}; thresholds set on "
-            f"{det['n_benign']} benign inputs: 1 % FPR -> {th['fpr1']['threshold']:.3f}, 5 % FPR -> "
-            f"{th['fpr5']['threshold']:.3f}; benign FPR at 0.5: {det['benign_fpr_default']:.3f})", "",
-            *_md(["attack", "against", "kind", "successful inputs", "detected @1% FPR", "detected @5% FPR",
+    body = [[d["attack"], d["interpreter"], d["kind"], d["n_adversarial"],
+             *[_v(d, f"detection_rate_{k}") if th[k]["supported"] else "not enough benign inputs" for k in th],
+             _v(d, "detection_rate_default"), _v(d, "auc"), _v(d, "evasion_rate", d["n"])] for d in det["rows"]]
+    return [f"## Detection ({'+'.join(det['interpreters'])}{' +product' if det['product'] else ''})", "",
+            *_not_meaningful(card, "detection"),
+            *[f"- {_threshold_text(k, t)}" for k, t in th.items()],
+            f"- benign false-positive rate at 0.5 on {det['n_benign']} test inputs: {_v(det, 'benign_fpr_default')}",
+            "",
+            *_md(["attack", "against", "kind", "successful inputs", *[f"detected @{k[3:]}% FPR" for k in th],
                   "detected @0.5", "AUC", "evasion (target & unflagged @0.5)"], body)]
 
 

@@ -2,12 +2,14 @@
 (or re-score saved adversarial sets) and write the model card, its report, tables, figures and adversarial sets."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .. import stats
 from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
 from ..provenance import noted_data, provenance
 from .battery import Battery, load_battery, parse_battery
@@ -110,13 +112,18 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
     say = print if progress else (lambda *a, **k: None)
     results: dict[str, Any] = {"clean_accuracy": clean_accuracy(system, battery), "autoattack": [],
                                "interpretation_robustness": [], "attacks": [], "transfer": [], "detection": None}
-    say(f"[evaluate] clean accuracy {results['clean_accuracy']['value']:.3f} (n={results['clean_accuracy']['n']})")
+    clean = results["clean_accuracy"]
+    say(f"[evaluate] clean accuracy {stats.format_value(clean['value'], clean['value_ci_low'], clean['value_ci_high'], clean['n'])}")
+    if clean["at_chance"]:  # a warning even when quiet: every robust figure of this card means nothing
+        print(f"[evaluate] warning: the classifier is at chance (clean accuracy {clean['value']:.3f}, Wilson lower "
+              f"bound {clean['value_ci_low']:.3f} <= 1/{system.data.num_classes} + 0.1): its robust and "
+              "interpretation figures are not meaningful (the card flags them)", file=sys.stderr, flush=True)
     benign: dict[str, Any] = {}
     files: list[str] = []
     if sets is None:
         x = attack_inputs(system, battery)
         n_inputs = int(x["image"].shape[0])
-        results["autoattack"] = autoattack_rows(system, x, battery) if battery.autoattack.eps else []
+        results["autoattack"] = autoattack_rows(system, battery) if battery.autoattack.eps else []
         say("[evaluate] AutoAttack done" if battery.autoattack.eps else "[evaluate] AutoAttack skipped")
         results["interpretation_robustness"] = topk_rows(system, x, battery)
         say("[evaluate] top-k interpretation robustness done")
@@ -146,6 +153,23 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
     return card
 
 
+#: the sections of a card whose figures mean nothing when the classifier is at chance
+UNMEANING_AT_CHANCE = ("autoattack", "interpretation_robustness", "attacks", "transfer", "detection")
+
+
+def validity(results: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """Whether the robust and interpretation figures mean anything: not when the classifier is at chance (the Wilson
+    lower bound of its clean accuracy at or below ``1/K + 0.1``); the figures stay in the card, flagged here."""
+    c = results["clean_accuracy"]
+    if not c["at_chance"]:
+        return {"meaningful": True, "reason": None, "sections": []}
+    low = c.get("value_ci_low")
+    return {"meaningful": False, "sections": list(UNMEANING_AT_CHANCE),
+            "reason": f"the classifier is at chance: clean accuracy {c['value']:.3f} (Wilson 95 % lower bound "
+                      f"{'-' if low is None else format(low, '.3f')}, n {c['n']}) is not clearly above "
+                      f"1/{num_classes} + 0.1"}
+
+
 def _card(system: System, battery_yaml: str, results: dict[str, Any], files: dict[str, Any], digest: str | None,
           n_inputs: int, sets: list[Any], inputs: str | None, wall: float, argv: list[str] | None) -> dict[str, Any]:
     dm = system.data
@@ -160,6 +184,7 @@ def _card(system: System, battery_yaml: str, results: dict[str, Any], files: dic
                                       "budget": s.budget} for s in sets]}
     card = {"schema": "idls-defend-card", "schema_version": CARD_SCHEMA_VERSION,
             "mode": "evaluate" if inputs is None else "rescore", "system": system.describe(), "data": data,
-            "battery": battery, "results": results, "files": files, "inputs": source,
+            "battery": battery, "results": results, "validity": validity(results, int(dm.num_classes)),
+            "files": files, "inputs": source,
             "provenance": provenance(wall, int(battery["seed"]), digest, argv)}
     return plain_json(card)

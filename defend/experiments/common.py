@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..classifier import ClassifierModule, load_reused_classifier, save_classifier
 from ..data import BaseDataModule, DigitsDataModule
+from ..data.base import split_name
 from ..io import atomic_write_text, refuse_conflicts, write_json
 from ..models import GapClassifier, build_classifier
 from ..provenance import note_data
@@ -162,12 +163,14 @@ def classifier_outputs(cfg: Any, out: Path) -> list[Path]:
 
 
 def take_split(dm: pl.LightningDataModule, split: str = "test", n: int | None = None) -> dict[str, Tensor]:
-    """The first ``n`` items of a split as one batch dict (images, labels, masks if any)."""
-    ds = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[split]
+    """The first ``n`` items of a split (``train``, ``dev`` / ``val``, ``test``) as one batch dict (images, labels,
+    masks if any); the split and the inputs' digest are noted for ``provenance.json``."""
+    name = split_name(split)
+    ds = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[name]
     n = len(ds) if n is None else min(n, len(ds))
     items = [ds[i] for i in range(n)]
     out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    note_data(out["image"], out["label"])
+    note_data(out["image"], out["label"], split=name)
     return out
 
 
@@ -201,9 +204,9 @@ def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int,
     """The first ``n`` inputs of a split (or of several, concatenated in order: ``["test", "val"]``) that the
     classifier gets right (attacks start from correct inputs)."""
     splits = [split] if isinstance(split, str) else list(split)
-    unknown = [s for s in splits if s not in ("train", "val", "test")]
-    if unknown or not splits:
-        raise ValueError(f"unknown data split(s) {unknown or splits}; choose from train, val, test")
+    if not splits:
+        raise ValueError("no data split named; choose from train, dev (= val), test")
+    splits = [split_name(s) for s in splits]
     parts = [take_split(dm, s) for s in splits]
     data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with torch.no_grad():
@@ -211,5 +214,5 @@ def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int,
                         for i in range(0, data["image"].shape[0], 512)])
     idx = ok.nonzero().flatten()[:n]
     out = {k: v[idx] for k, v in data.items()}
-    note_data(out["image"], out["label"])
+    note_data(out["image"], out["label"], split="+".join(splits))
     return out

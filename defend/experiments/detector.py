@@ -22,16 +22,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
 from attacks import FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
+from .. import stats
 from ..data import BaseDataModule
+from ..data.base import DEV, split_name
 from ..detection_data import build_detection_data, select, stack_maps
 from ..detector import DETECTOR_FILES, FeatureSqueezer, train_detector, xgb_device
 from ..interpreters import build_interpreter
-from ..types import Count, Fraction01, Positive, PositiveCount
+from ..selection import select_best
+from ..types import Count, Positive, PositiveCount
 from .common import (
     ClassifierExperimentConfig,
     classifier_outputs,
@@ -61,7 +62,6 @@ MIN_ADVERSARIAL = 10
 
 #: the attacks with an interpretation term (what the detector is meant to catch)
 InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
-Split = Literal["train", "val", "test"]
 
 
 @dataclass
@@ -78,24 +78,37 @@ class AdaptiveAttack(AttackOptions):
 
 @dataclass
 class Detection:
-    """The detector's data: the first ``n_benign + n_adversarial + n_adaptive`` correctly classified inputs of
-    ``split`` (several splits are concatenated in order); ``attack`` on ``framework`` crafts the adversarial inputs
-    against each of ``target_interpreters`` (one table each); the maps of ``interpreters`` are stacked as channels;
-    ``test_fraction`` of the benign + successful adversarial inputs is held out (stratified). ``cache_dir``: the
-    per-batch cache of maps and attacks (default ``<out>/cache``)."""
+    """The detector's data: three disjoint sets of correctly classified inputs, each of ``n`` benign inputs and ``n``
+    other inputs that ``attack`` on ``framework`` crafts against each of ``target_interpreters`` (one table each):
 
-    n_benign: PositiveCount = PositiveCount(200)
-    n_adversarial: PositiveCount = PositiveCount(200)
+    * ``fit`` (``n_fit`` of each, from ``fit_split``, the training split by default) trains every detector;
+    * ``select`` (``n_select``, from the development split) chooses the detector that is saved and attacked
+      adaptively, and nothing else;
+    * ``test`` (``n_test``, from the test split) gives every figure of the tables.
+
+    Only successful adversarial inputs are kept and every set is balanced (its first ``m`` benign and ``m``
+    adversarial inputs, ``m`` the smaller count): accuracy is balanced accuracy and the majority baseline is 0.5.
+    The adaptive attack re-attacks the first ``n_adaptive`` test sources toward the same targets, so its detection
+    rate is compared with the non-adaptive one on the same inputs (McNemar). The maps of ``interpreters`` are
+    stacked as channels. ``cache_dir``: the per-batch cache of maps and attacks (default ``<out>/cache``)."""
+
+    n_fit: PositiveCount = PositiveCount(200)
+    n_select: PositiveCount = PositiveCount(100)
+    n_test: PositiveCount = PositiveCount(200)
     n_adaptive: Count = Count(40)
-    split: Split | list[Split] = "test"
+    fit_split: Literal["train", "dev", "val"] = "train"
     attack: InterpretationAttack = "advedge"
     framework: str = "pgd"
     target_interpreters: list[str] = field(default_factory=lambda: ["cam"])
     interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "mask"])
-    test_fraction: Fraction01 = Fraction01(0.3)
     batch_size: PositiveCount = PositiveCount(50)
     cache_dir: str | None = None
     adaptive: AdaptiveAttack = field(default_factory=AdaptiveAttack)
+
+    def sets(self) -> dict[str, tuple[str, int]]:
+        """``{set: (split, n)}`` for ``fit``, ``select`` and ``test``."""
+        return {"fit": (split_name(self.fit_split), int(self.n_fit)), "select": (DEV, int(self.n_select)),
+                "test": ("test", int(self.n_test))}
 
 
 @dataclass
@@ -213,8 +226,9 @@ def check(cfg: DetectorExperiment) -> None:
     missing = [t for t in d.target_interpreters if t not in d.interpreters]
     if missing:
         raise ValueError(f"detection.target_interpreters {missing} are not in detection.interpreters {d.interpreters}")
-    if not 0 < d.test_fraction < 1:
-        raise ValueError(f"detection.test_fraction must lie strictly between 0 and 1, got {d.test_fraction}")
+    if int(d.n_adaptive) > int(d.n_test):
+        raise ValueError(f"detection.n_adaptive ({d.n_adaptive}) re-attacks test sources: it cannot exceed "
+                         f"detection.n_test ({d.n_test})")
     cfg.check_attack_sections()
     cfg.classifier.check(default_data(cfg))
     _check_files(cfg)
@@ -273,19 +287,31 @@ def _interpreters(cfg: DetectorExperiment, dm: BaseDataModule, clf_path: str, ou
     return interps
 
 
-def _split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.arange(labels.shape[0]).numpy()
-    tr, te = train_test_split(idx, test_size=test_fraction, stratify=labels.numpy(), random_state=seed)
-    return torch.as_tensor(tr), torch.as_tensor(te)
-
-
-def _scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+def _scores(prob: torch.Tensor, labels: torch.Tensor, seed: int, threshold: float = 0.5) -> dict[str, Any]:
+    """A detector's figures on one balanced set, each with its 95 % interval: accuracy (Wilson), balanced accuracy
+    (mean of the detection and true-negative rates, bootstrap), the majority-class baseline, AUC (bootstrap),
+    detection rate and false-positive rate (Wilson); ``_correct`` keeps the per-input correctness (paired tests)."""
     pred = (prob > threshold).long()
     adv = labels == 1
-    return {"accuracy": float((pred == labels).float().mean()),
-            "auc": float(roc_auc_score(labels.numpy(), prob.numpy())) if labels.unique().numel() == 2 else float("nan"),
-            "detection_rate": float(pred[adv].float().mean()) if adv.any() else float("nan"),
-            "false_positive_rate": float(pred[~adv].float().mean()) if (~adv).any() else float("nan")}
+    correct = (pred == labels).double()
+    # balanced accuracy per input: each input weighs 1 / (2 x its class size), so the mean is (TPR + TNR) / 2
+    weight = torch.where(adv, 0.5 / max(int(adv.sum()), 1), 0.5 / max(int((~adv).sum()), 1)) * labels.numel()
+    majority = max(int(adv.sum()), int((~adv).sum())) / max(labels.numel(), 1)
+    return {**stats.proportion(correct).fields("accuracy"),
+            **stats.bootstrap_mean(correct * weight.double(), seed).fields("balanced_accuracy"),
+            "majority_baseline": majority,
+            **stats.bootstrap_auc(labels, prob, seed).fields("auc"),
+            **stats.proportion(pred[adv]).fields("detection_rate"),
+            **stats.proportion(pred[~adv]).fields("false_positive_rate"),
+            "n_benign": int((~adv).sum()), "n_adversarial": int(adv.sum()), "_correct": correct}
+
+
+def balanced(benign: dict[str, Any], adv: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The first ``m`` benign and the first ``m`` (successful) adversarial inputs, ``m`` the smaller count."""
+    m = min(int(benign["label"].shape[0]), int(adv["label"].shape[0]))
+    b, a = select(benign, torch.arange(m)), select(adv, torch.arange(m))
+    return {"label": torch.cat([b["label"], a["label"]]), "image": torch.cat([b["image"], a["image"]]),
+            "maps": {n: torch.cat([b["maps"][n], a["maps"][n]]) for n in names}}
 
 
 def _data_spec(dm: BaseDataModule) -> dict[str, Any]:
@@ -323,20 +349,29 @@ class _Run:
         return {**layered_options(fw, *layers), "interpreter_options": c.interpreter_options}
 
 
-def _inputs(cfg: DetectorExperiment, model: Any, dm: BaseDataModule) -> dict[str, torch.Tensor]:
-    """Benign, to-be-attacked and adaptive inputs (disjoint, correctly classified) and random target classes."""
-    d = cfg.detection
-    n_b, n_a, n_ad = int(d.n_benign), int(d.n_adversarial), int(d.n_adaptive)
-    pool = select_correct(model, dm, n_b + n_a + n_ad, split=d.split)
-    x, y = pool["image"], pool["label"]
-    if x.shape[0] < n_b + n_a + n_ad:
-        raise ValueError(f"only {x.shape[0]} correctly classified inputs in split {d.split}; "
-                         f"need n_benign + n_adversarial + n_adaptive = {n_b + n_a + n_ad} (add a split: [test, val])")
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    ys, yad = y[n_b:n_b + n_a], y[n_b + n_a:]
-    yt_s, yt_ad = random_targets(ys, dm.num_classes, gen), random_targets(yad, dm.num_classes, gen)
-    return {"benign": x[:n_b], "source": x[n_b:n_b + n_a], "target": yt_s, "adaptive": x[n_b + n_a:],
-            "adaptive_target": yt_ad}
+def _inputs(cfg: DetectorExperiment, model: Any, dm: BaseDataModule) -> dict[str, dict[str, torch.Tensor]]:
+    """Per set (``fit``, ``select``, ``test``): benign inputs, attacked sources and their random targets; sets that
+    read the same split take consecutive, disjoint inputs of it."""
+    d, seed = cfg.detection, int(cfg.seed)
+    sets = d.sets()
+    need: dict[str, int] = {}
+    for split, n in sets.values():
+        need[split] = need.get(split, 0) + 2 * n
+    pools = {split: select_correct(model, dm, n, split=split) for split, n in need.items()}
+    for split, n in need.items():
+        if pools[split]["image"].shape[0] < n:
+            raise ValueError(f"only {pools[split]['image'].shape[0]} correctly classified inputs in the {split} split; "
+                             f"the detection sets need {n} there (lower detection.n_fit / n_select / n_test)")
+    gen = torch.Generator().manual_seed(seed)
+    taken: dict[str, int] = {}
+    out = {}
+    for name, (split, n) in sets.items():
+        at = taken.get(split, 0)
+        x, y = pools[split]["image"][at:at + 2 * n], pools[split]["label"][at:at + 2 * n]
+        taken[split] = at + 2 * n
+        out[name] = {"benign": x[:n], "source": x[n:], "target": random_targets(y[n:], dm.num_classes, gen),
+                     "split": split}
+    return out
 
 
 @register_experiment("detector", DetectorExperiment, outputs=outputs, check=check)
@@ -350,10 +385,10 @@ def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[
     inputs = _inputs(cfg, model, dm)
     # how the inputs were chosen; build_detection_data adds what the data are computed from (the classifier's
     # weights, the interpreters' and the attack's settings, RTS weights included) and keys every batch on its inputs
-    base_spec = {"data": _data_spec(dm), "n_benign": int(d.n_benign), "n_adversarial": int(d.n_adversarial),
-                 "split": d.split, "seed": seed, "batch_size": int(d.batch_size)}
+    base_spec = {"data": _data_spec(dm), "seed": seed, "batch_size": int(d.batch_size)}
     ctx = _Run(cfg, model, interps, Path(d.cache_dir or out / "cache"), base_spec, progress, out)
-    benign = ctx.data("benign maps", {"set": "benign"}, benign=inputs["benign"])
+    benign = {name: ctx.data(f"benign maps ({name})", {"set": "benign", "part": name}, benign=part["benign"])
+              for name, part in inputs.items()}
     rows: list[dict[str, Any]] = []
     adaptive_rows: list[dict[str, Any]] = []
     for target in d.target_interpreters:
@@ -368,131 +403,173 @@ def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[
     for r in rows:
         r["experiment_seconds"] = total
         r["data_seconds"] = ctx.data_seconds
-    write_outputs(out, rows, _report(cfg, info, rows, notes, total, ctx.data_seconds))
+    report = _report(cfg, info, rows, notes, total, ctx.data_seconds)
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    write_outputs(out, rows, report)
     return rows
 
 
-def _target(ctx: _Run, target: str, benign: dict[str, Any],
-            inputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The rows of one target interpreter (squeezing, every combination) and its adaptive row (if any)."""
+def _craft(ctx: _Run, target: str, inputs: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
+    """The adversarial maps of every set's sources (crafted against ``target``)."""
     d, seed = ctx.cfg.detection, int(ctx.cfg.seed)
-    names, attack, fw = d.interpreters, d.attack, d.framework
-    opts = ctx.attack_options(attack, target)
-    atk = build_attack(attack, fw, target, seed=seed, **opts)
-    adv = ctx.data(f"{attack}/{target} adversarial maps",
-                   {"set": "adversarial", "attack": attack, "framework": fw, "target": target, "options": opts},
-                   source=inputs["source"], target=inputs["target"], attack=atk)
-    ok = adv["success"].bool()
-    asr, attack_seconds, n_ok = float(ok.float().mean()), float(adv["attack_seconds"].sum()), int(ok.sum())
-    common = {"target_interpreter": target, "attack": attack, "framework": fw, "attack_success": asr,
-              "attack_seconds": attack_seconds}
-    if n_ok < MIN_ADVERSARIAL:
-        return [{"detector": "not measured", "interpreters": "-", **common, "n_adversarial": n_ok,
-                 "status": f"not measured: the attack succeeded on {n_ok} of {int(d.n_adversarial)} inputs "
-                           f"(a detector needs >= {MIN_ADVERSARIAL} adversarial inputs)"}], None
-    adv = select(adv, ok.nonzero().flatten())
-    both = {"label": torch.cat([benign["label"], adv["label"]]), "image": torch.cat([benign["image"], adv["image"]]),
-            "maps": {n: torch.cat([benign["maps"][n], adv["maps"][n]]) for n in names}}
-    tr, te = _split(both["label"], float(d.test_fraction), seed)
-    common.update({"n_train": int(tr.numel()), "n_test": int(te.numel())})
-    rows = [_squeeze_row(ctx, both, tr, te, common)]
-    best, best_det = None, None
+    opts = ctx.attack_options(d.attack, target)
+    atk = build_attack(d.attack, d.framework, target, seed=seed, **opts)
+    return {name: ctx.data(f"{d.attack}/{target} adversarial maps ({name})",
+                           {"set": "adversarial", "part": name, "attack": d.attack, "framework": d.framework,
+                            "target": target, "options": opts},
+                           source=part["source"], target=part["target"], attack=atk)
+            for name, part in inputs.items()}
+
+
+def _target(ctx: _Run, target: str, benign: dict[str, dict[str, Any]],
+            inputs: dict[str, dict[str, torch.Tensor]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The rows of one target interpreter (squeezing, every combination; fitted on the fit set, chosen on the
+    select set, scored on the test set) and its adaptive row (if any)."""
+    d, seed = ctx.cfg.detection, int(ctx.cfg.seed)
+    names = d.interpreters
+    adv = _craft(ctx, target, inputs)
+    ok = {name: a["success"].bool() for name, a in adv.items()}
+    asr = stats.proportion(ok["test"])
+    common = {"target_interpreter": target, "attack": d.attack, "framework": d.framework,
+              **asr.fields("attack_success"), "n_attacked": asr.n, "attack_seconds": float(sum(float(a["attack_seconds"].sum())
+                                                                          for a in adv.values()))}
+    short = {name: int(v.sum()) for name, v in ok.items() if int(v.sum()) < MIN_ADVERSARIAL}
+    if short:
+        return [{"detector": "not measured", "interpreters": "-", **common,
+                 "status": "not measured: the attack succeeded on too few inputs of the "
+                           + ", ".join(f"{k} set ({v} of {inputs[k]['source'].shape[0]})" for k, v in short.items())
+                           + f" (a detector needs >= {MIN_ADVERSARIAL} adversarial inputs per set)"}], None
+    parts = {name: balanced(benign[name], select(adv[name], ok[name].nonzero().flatten()), names) for name in adv}
+    common.update({f"n_{name}": int(p["label"].numel()) for name, p in parts.items()})
+    rows = [_squeeze_row(ctx, parts, common)]
+    candidates: list[tuple[dict[str, Any], Any]] = []
+    size = 3 if len(names) >= 3 else 2
     for combo, product in combinations(names):
-        row, det = _detector_row(ctx, both, tr, te, combo, product, common)
+        row, det = _detector_row(ctx, parts, combo, product, common)
         rows.append(row)
-        # the detector attacked adaptively: the best triple, the best pair (product channel included) without one
-        size = 3 if len(names) >= 3 else 2
-        if len(combo) == size and (best is None or row["accuracy"] > best["accuracy"]):
-            best, best_det = row, det
-    if best_det is None:
-        return rows, None
+        if len(combo) == size:  # the detector attacked adaptively: the best of its size on the development split
+            candidates.append((row, det))
+    best, best_det = select_best(candidates, lambda c: c[0]["select_accuracy"], DEV,
+                                 f"the choice of the {target.upper()}-target detector")
+    best["chosen_on"] = DEV
+    rows[0].update(_versus_squeeze(best, rows[0], seed))
     _save_detector(ctx, target, best, best_det)
     if int(d.n_adaptive) == 0:
         return rows, None
-    return rows, _adaptive(ctx, best, best_det, inputs, target, common)
+    return rows, _adaptive(ctx, best, best_det, inputs["test"], adv["test"], target, common)
+
+
+def _versus_squeeze(best: dict[str, Any], squeeze: dict[str, Any], seed: int) -> dict[str, Any]:
+    """McNemar's test of the chosen map detector against feature squeezing on the same test inputs."""
+    test = stats.mcnemar(best["_correct"], squeeze["_correct"], seed)
+    return {"versus": best["interpreters"], **test.fields("accuracy_vs_best")}
 
 
 def _save_detector(ctx: _Run, target: str, row: dict[str, Any], det: Any) -> None:
-    """The detector the adaptive attack faces (the best of its size) to ``<out>/detectors/<target>/``, with the
-    interpreters it reads (what ``defend evaluate --detector`` needs); the row says where."""
+    """The detector the adaptive attack faces (the best of its size on the development split) to
+    ``<out>/detectors/<target>/``, with the interpreters it reads (what ``defend evaluate --detector`` needs); the
+    row says where."""
     path = ctx.out / "detectors" / target
     det.save(path, row["interpreters"].split("+"), bool(row["product"]))
     row["saved_to"] = str(path)
 
 
-def _squeeze_row(ctx: _Run, both: dict[str, Any], tr: torch.Tensor, te: torch.Tensor,
-                 common: dict[str, Any]) -> dict[str, Any]:
-    """Feature squeezing on the images: fitted on the training inputs, scored on the held-out ones."""
+def _squeeze_row(ctx: _Run, parts: dict[str, dict[str, Any]], common: dict[str, Any]) -> dict[str, Any]:
+    """Feature squeezing on the images: its threshold fitted on the fit set, scored on the test set."""
     sq_cfg = ctx.cfg.squeeze
     sq = FeatureSqueezer(ctx.model, bits=[int(b) for b in sq_cfg.bits], median=[int(m) for m in sq_cfg.median])
     start = time.perf_counter()
-    sq.fit(both["image"][tr], both["label"][tr])
+    sq.fit(parts["fit"]["image"], parts["fit"]["label"])
     fit_s = time.perf_counter() - start
-    res = _scores(sq.score(both["image"][te]), both["label"][te], sq.threshold)
+    test = parts["test"]
+    res = _scores(sq.score(test["image"]), test["label"], int(ctx.cfg.seed), sq.threshold)
     return {"detector": "squeeze", "interpreters": "-", "channels": 3, "product": False, **common, **res,
             "threshold": sq.threshold, "feature_seconds": fit_s, "booster_seconds": 0.0, "train_seconds": 0.0}
 
 
-def _detector_row(ctx: _Run, both: dict[str, Any], tr: torch.Tensor, te: torch.Tensor, combo: tuple[str, ...],
-                  product: bool, common: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """Train the detector of one interpreter combination on the training maps; its scores on the held-out ones."""
-    dc = ctx.cfg.detector
-    maps = stack_maps(both["maps"], combo, product)
-    det, times = train_detector(maps[tr], both["label"][tr], epochs=int(dc.epochs), batch_size=int(dc.batch_size),
-                                trainable=dc.trainable, pretrained=dc.pretrained, lr=float(dc.lr),
-                                booster=dc.booster, seed=int(ctx.cfg.seed), progress=False,
+def _detector_row(ctx: _Run, parts: dict[str, dict[str, Any]], combo: tuple[str, ...], product: bool,
+                  common: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Train the detector of one interpretation combination on the fit set; its accuracy on the select set (for the
+    choice) and every figure on the test set."""
+    dc, seed = ctx.cfg.detector, int(ctx.cfg.seed)
+    fit = parts["fit"]
+    det, times = train_detector(stack_maps(fit["maps"], combo, product), fit["label"], epochs=int(dc.epochs),
+                                batch_size=int(dc.batch_size), trainable=dc.trainable, pretrained=dc.pretrained,
+                                lr=float(dc.lr), booster=dc.booster, seed=seed, progress=False,
                                 trainer_options=dc.trainer, feature_stages=dc.feature_stages)
-    res = _scores(det.predict_proba(maps[te]), both["label"][te])
+    sel, test = parts["select"], parts["test"]
+    select_acc = float(((det.predict_proba(stack_maps(sel["maps"], combo, product)) > 0.5).long()
+                        == sel["label"]).float().mean())
+    maps = stack_maps(test["maps"], combo, product)
+    res = _scores(det.predict_proba(maps), test["label"], seed)
     row = {"detector": "single" if len(combo) == 1 else "stacked", "interpreters": "+".join(combo),
-           "channels": int(maps.shape[1]), "product": bool(product), **common, **res, **times}
+           "channels": int(maps.shape[1]), "product": bool(product), **common, "select_accuracy": select_acc,
+           **res, **times}
     if ctx.progress:
         print(f"[detector] {common['target_interpreter']}: {row['interpreters']}{' (+product)' if product else ''} "
-              f"acc={res['accuracy']:.3f} auc={res['auc']:.3f}", flush=True)
+              f"dev acc={select_acc:.3f}, test acc={res['accuracy']:.3f}", flush=True)
     return row, det
 
 
-def _adaptive(ctx: _Run, best: dict[str, Any], det: Any, inputs: dict[str, torch.Tensor], target: str,
-              common: dict[str, Any]) -> dict[str, Any]:
-    """The adaptive attack against the ensemble of every interpreter the detector reads; its detection rate."""
-    ad = ctx.cfg.detection.adaptive
+def _adaptive(ctx: _Run, best: dict[str, Any], det: Any, test: dict[str, torch.Tensor], plain: dict[str, Any],
+              target: str, common: dict[str, Any]) -> dict[str, Any]:
+    """The adaptive attack (ADV2 against the ensemble of the interpreters the detector reads) on the first
+    ``n_adaptive`` test sources, toward the same targets as the plain attack; detection rates of both on the inputs
+    where both reached the target, with McNemar's test."""
+    ad, n = ctx.cfg.detection.adaptive, int(ctx.cfg.detection.n_adaptive)
+    seed = int(ctx.cfg.seed)
     combo = best["interpreters"].split("+")
     opts = ctx.attack_options(ad.attack, target, ad)
-    atk = build_attack(ad.attack, ctx.cfg.detection.framework, [ctx.interps[n] for n in combo],
-                       seed=int(ctx.cfg.seed), **opts)
+    atk = build_attack(ad.attack, ctx.cfg.detection.framework, [ctx.interps[n_] for n_ in combo], seed=seed, **opts)
     start = time.perf_counter()
     adv = ctx.data(f"adaptive {ad.attack} on {'+'.join(combo)}",
                    {"set": "adaptive", "attack": ad.attack, "ensemble": combo, "options": opts},
-                   source=inputs["adaptive"], target=inputs["adaptive_target"], attack=atk)
+                   source=test["source"][:n], target=test["target"][:n], attack=atk)
     wall = time.perf_counter() - start
-    seconds = float(adv["attack_seconds"].sum())  # recorded when crafted, so a cached re-run reports it too
-    ok = adv["success"].bool()
-    adv = select(adv, ok.nonzero().flatten())
-    rate = float("nan")
-    if ok.any():
-        prob = det.predict_proba(stack_maps(adv["maps"], combo, best["product"]))
-        rate = float((prob > 0.5).float().mean())
-    return {"detector": "stacked-adaptive", "interpreters": best["interpreters"], "channels": best["channels"],
-            "product": best["product"], **{**common, "attack": f"{ad.attack}-ensemble",
-                                          "attack_success": float(ok.float().mean()),
-                                          "n_train": best["n_train"], "n_test": int(ok.sum())},
-            "adaptive_detection_rate": rate, "detection_rate": best["detection_rate"], "accuracy": best["accuracy"],
-            "auc": best["auc"], "feature_seconds": 0.0, "booster_seconds": 0.0, "train_seconds": 0.0,
-            "attack_seconds": seconds, "wall_seconds": wall}
+    ok, ok_plain = adv["success"].bool(), plain["success"][:n].bool()
+    both = ok & ok_plain
+    flag = lambda data: (det.predict_proba(stack_maps(data["maps"], combo, best["product"])) > 0.5).double()  # noqa: E731
+    row = {"detector": "stacked-adaptive", "interpreters": best["interpreters"], "channels": best["channels"],
+           "product": best["product"], **{**common, "attack": f"{ad.attack}-ensemble"},
+           **stats.proportion(ok).fields("attack_success"), "n_adaptive": n, "n_both_succeeded": int(both.sum()),
+           "accuracy": best["accuracy"], "auc": best["auc"], "feature_seconds": 0.0, "booster_seconds": 0.0,
+           "train_seconds": 0.0, "attack_seconds": float(adv["attack_seconds"].sum()), "wall_seconds": wall}
+    flagged = flag(adv)[both] if bool(both.any()) else torch.zeros(0)
+    flagged_plain = flag(select(plain, torch.arange(n)))[both] if bool(both.any()) else torch.zeros(0)
+    row.update({**stats.proportion(flagged).fields("adaptive_detection_rate"),
+                **stats.proportion(flagged_plain).fields("detection_rate"),
+                **stats.proportion(ok & ~(flag(adv).bool())).fields("evasion_rate")})
+    if bool(both.any()):
+        row.update(stats.mcnemar(flagged, flagged_plain, seed).fields("detection"))
+    return row
 
 
 def _report(cfg: DetectorExperiment, info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str],
             total: float, data_seconds: float) -> str:
     d, names = cfg.detection, cfg.detection.interpreters
+    sets = d.sets()
     lines = ["# Multi-interpreter adversarial detector (AdvEdge section VIII, Tables V-VI)", "",
              f"Classifier `{info['checkpoint']}`; attack `{d.attack}` / `{d.framework}`; "
-             f"interpreters {', '.join(n.upper() for n in names)}; held-out fraction {float(d.test_fraction)}; "
-             f"booster device `{xgb_device()}`; trunk layers trained: `{cfg.detector.trainable}`.",
+             f"interpreters {', '.join(n.upper() for n in names)}; booster device `{xgb_device()}`; trunk layers "
+             f"trained: `{cfg.detector.trainable}`.", "",
+             f"Three disjoint sets of correctly classified inputs, each balanced (as many benign as successful "
+             f"adversarial inputs, so accuracy is balanced accuracy and the majority baseline 0.5): every detector is "
+             f"**trained** on the fit set ({sets['fit'][1]} benign + {sets['fit'][1]} attacked inputs of the "
+             f"{sets['fit'][0]} split), the detector that is saved and attacked adaptively is **chosen** on the "
+             f"select set (the development split, {sets['select'][1]} + {sets['select'][1]}; its accuracy there is "
+             f"the `dev accuracy` column), and **every figure below** is on the test set (the test split, "
+             f"{sets['test'][1]} + {sets['test'][1]}). Figures: value [95 % interval] (Wilson for accuracy and rates, "
+             f"a percentile bootstrap over inputs for AUC, seed {cfg.seed}); fewer than 100 inputs: indicative.",
              f"Total experiment time {total:.0f} s (data: maps + attacks {data_seconds:.0f} s in this run; "
              "data already in the cache are not recomputed).", ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     for t in d.target_interpreters:
         lines += _target_report(t, names, [r for r in rows if r["target_interpreter"] == t])
     return "\n".join(lines)
+
+
+def _fig(row: dict[str, Any], name: str) -> str:
+    return stats.format_value(row.get(name), row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"))
 
 
 def _target_report(t: str, names: list[str], tr: list[dict[str, Any]]) -> list[str]:
@@ -502,29 +579,41 @@ def _target_report(t: str, names: list[str], tr: list[dict[str, Any]]) -> list[s
     r0 = tr[0]
     if r0["detector"] == "not measured":
         return [f"## Adversarial inputs crafted against {t.upper()}: {r0['status']}", ""]
-    lines = [f"## Adversarial inputs crafted against {t.upper()} (attack success {r0['attack_success']:.2f}; "
-             f"{r0['n_train']} train / {r0['n_test']} test inputs; crafting took {r0['attack_seconds']:.0f} s)", ""]
+    lines = [f"## Adversarial inputs crafted against {t.upper()} (attack success on the {r0['n_attacked']} test "
+             f"sources {_fig(r0, 'attack_success')}; balanced sets of {r0['n_fit']} fit / {r0['n_select']} select / "
+             f"{r0['n_test']} test inputs; crafting took {r0['attack_seconds']:.0f} s)", ""]
 
     def acc(combo, product, key="accuracy"):
         hit = [r for r in tr if r["detector"] in ("stacked", "single") and r["interpreters"] == "+".join(combo)
                and r["product"] == product]
-        return hit[0][key] if hit else "-"
+        return _fig(hit[0], key) if hit else "-"
 
-    for product, title in ((False, "Table V (upper): 2-channel samples, accuracy"),
-                           (True, "Table V (lower): 3-channel samples (pair + product), accuracy")):
+    for product, title in ((False, "Table V (upper): 2-channel samples, test accuracy"),
+                           (True, "Table V (lower): 3-channel samples (pair + product), test accuracy")):
         body = [[a.upper()] + [acc((b, a), product) if j < i else "-" for j, b in enumerate(names)]
                 for i, a in enumerate(names)]
         lines += [f"### {title}", "", markdown_table([""] + [n.upper() for n in names], body), ""]
     triples = list(itertools.combinations(names, 3))
     if triples:
         body = [[", ".join(n.upper() for n in c), acc(c, False), acc(c, False, "auc")] for c in triples]
-        lines += ["### Table VI: three-interpreter detector", "", markdown_table(["interpreters", "accuracy", "AUC"], body), ""]
-    body = [[r["detector"], r["interpreters"], r["channels"], r["product"], r["accuracy"], r["auc"],
-             r["detection_rate"], r["false_positive_rate"], r["train_seconds"], r["feature_seconds"],
-             r["booster_seconds"]] for r in tr if r["detector"] in ("single", "stacked", "squeeze")]
-    lines += ["### All detectors (single-interpreter and feature-squeezing baselines included)", "",
-              markdown_table(["detector", "interpreters", "C", "product", "accuracy", "AUC", "detection rate",
-                              "false positives", "CE train s", "feature s", "booster s"], body), ""]
+        lines += ["### Table VI: three-interpreter detector (test set)", "",
+                  markdown_table(["interpreters", "accuracy", "AUC"], body), ""]
+    body = [[r["detector"], r["interpreters"], r["channels"], r["product"], r.get("select_accuracy", "-"),
+             _fig(r, "accuracy"), _fig(r, "balanced_accuracy"), r["majority_baseline"], _fig(r, "auc"),
+             _fig(r, "detection_rate"), _fig(r, "false_positive_rate"), "chosen" if "saved_to" in r else ""]
+            for r in tr if r["detector"] in ("single", "stacked", "squeeze")]
+    lines += ["### All detectors (single-interpreter and feature-squeezing baselines included; test set)", "",
+              markdown_table(["detector", "interpreters", "C", "product", "dev accuracy", "accuracy",
+                              "balanced accuracy", "majority baseline", "AUC", "detection rate", "false positives",
+                              ""], body), ""]
+    sq = next((r for r in tr if r["detector"] == "squeeze"), None)
+    if sq is not None and sq.get("accuracy_vs_best_p") is not None:
+        better = "the chosen detector" if sq["accuracy_vs_best_diff"] > 0 else "feature squeezing"
+        verdict = ("within noise" if stats.within_noise(sq["accuracy_vs_best_p"])
+                   else f"{better} is ahead")
+        lines += [f"The chosen detector ({sq['versus']}) against feature squeezing on the same test inputs: accuracy "
+                  f"of the detector minus squeezing {_fig(sq, 'accuracy_vs_best_diff')}, McNemar exact p = "
+                  f"{sq['accuracy_vs_best_p']:.2g}: {verdict}.", ""]
     return lines + _adaptive_report([r for r in tr if r["detector"] == "stacked-adaptive"])
 
 
@@ -532,11 +621,16 @@ def _adaptive_report(ad: list[dict[str, Any]]) -> list[str]:
     if not ad:
         return []
     a = ad[0]
+    p = a.get("detection_p")
+    verdict = "not measured (no input reached its target under both attacks)" if p is None else (
+        f"McNemar exact p = {p:.2g}" + (" (within noise)" if stats.within_noise(p) else ""))
     return ["### Adaptive attack (ADV2 against the ensemble of the interpreters the detector reads)", "",
-            markdown_table(["detector", "non-adaptive detection rate", "adaptive detection rate",
-                            "adaptive attack success", "adaptive inputs", "attack s"],
-                           [[a["interpreters"] + (" +product" if a["product"] else ""), a["detection_rate"],
-                             a["adaptive_detection_rate"] if a["n_test"] else "not measured (no successful "
-                             "adaptive input)", a["attack_success"], a["n_test"], a["attack_seconds"]]]), "",
-            "Detection rate = share of successful adversarial inputs the detector flags (probability > 0.5). "
-            "The adaptive inputs are new source images; only successful ones are scored.", ""]
+            markdown_table(["detector", "non-adaptive detection rate", "adaptive detection rate", "paired test",
+                            "adaptive attack success", "evasion (target reached, not flagged)", "inputs (both "
+                            "succeeded / attacked)", "attack s"],
+                           [[a["interpreters"] + (" +product" if a["product"] else ""), _fig(a, "detection_rate"),
+                             _fig(a, "adaptive_detection_rate"), verdict, _fig(a, "attack_success"),
+                             _fig(a, "evasion_rate"), f"{a['n_both_succeeded']} / {a['n_adaptive']}",
+                             a["attack_seconds"]]]), "",
+            "Both detection rates are on the same test sources and targets, over the inputs where both the plain "
+            "and the adaptive attack reached the target (probability > 0.5 = flagged).", ""]

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -34,9 +34,11 @@ from attacks import INTERPRETERS
 from attacks.interpreters import get_interpreter
 from attacks.topk import TopKAttack
 
+from .. import stats
 from ..autoattack import autoattack_accuracy
 from ..classifier import save_classifier
 from ..data import BaseDataModule
+from ..data.base import split_name
 from ..figures import line_plot
 from ..models import GapClassifier
 from ..robust import INTERPRETATIONS, MODES, RobustClassifierModule
@@ -118,9 +120,11 @@ class InterpretationEvaluation:
 
 @dataclass
 class RobustEvaluation:
-    """Every model is evaluated on the first ``n_images`` test images at each radius of ``eps`` (image units), in
-    batches of ``batch_size``, on ``device`` (``auto``: CUDA when available)."""
+    """Every model is evaluated on the first ``n_images`` images of ``split`` (``test`` for final figures, ``dev``
+    for a run that tunes, e.g. a gamma sweep) at each radius of ``eps`` (image units), in batches of ``batch_size``,
+    on ``device`` (``auto``: CUDA when available)."""
 
+    split: Literal["test", "dev", "val"] = "test"
     n_images: PositiveCount = PositiveCount(256)
     eps: list[Radius] = field(default_factory=lambda: [Radius(f"{k}/255") for k in (0, 2, 4, 6, 8, 10)])
     batch_size: PositiveCount = PositiveCount(256)
@@ -291,7 +295,10 @@ def _train(cfg: RobustExperiment, model: RobustModel, dm: BaseDataModule, out: P
 # --------------------------------------------------------------------------------------------- evaluation
 def _accuracy_rows(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, eps: float, ev: RobustEvaluation,
                    seed: int, bar: tqdm) -> list[dict[str, Any]]:
-    """Clean / PGD-CE accuracy at ``eps`` and, at the AutoAttack radii, AutoAttack next to PGD on the same inputs."""
+    """Clean / PGD-CE accuracy at ``eps`` and, at the AutoAttack radii, AutoAttack next to PGD on the same inputs;
+    every accuracy with its Wilson interval. Accuracy counts every input (a clean error is a failure, RobustBench's
+    convention); AutoAttack's conditional accuracy on the correctly classified inputs is labelled as such. Each row
+    keeps its per-input correctness under ``_correct`` (for paired tests; not written)."""
     steps, ratio, bs = int(ev.pgd.steps), float(ev.pgd.step_ratio), int(ev.batch_size)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     bar.set_postfix_str(f"eps {eps_255(eps)}/255 PGD")
@@ -299,19 +306,27 @@ def _accuracy_rows(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, eps: 
     bar.update()
     base = {"measure": "accuracy", "eps": eps, "eps_255": eps_255(eps), "seed": seed}
     rows = [{**base, "attack": "clean" if eps == 0 else "pgd-ce", "steps": steps if eps else 0, "restarts": 1,
-             "step": eps * ratio, "n": int(x.shape[0]), "accuracy": float(correct.float().mean())}]
+             "step": eps * ratio, "n": int(x.shape[0]), **stats.proportion(correct).fields("accuracy"),
+             "_correct": correct.cpu()}]
     if eps > 0 and any(same_eps(eps, v) for v in ev.autoattack.eps):
         n = min(int(ev.autoattack.n_images), x.shape[0])
         bar.set_postfix_str(f"eps {eps_255(eps)}/255 AutoAttack")
         start = time.perf_counter()
         aa = autoattack_accuracy(model, x[:n], y[:n], eps, seed=seed, batch_size=bs)
         bar.update()
+        with torch.no_grad():
+            clean_ok = torch.cat([model(x[i:min(i + bs, n)]).argmax(1) == y[i:min(i + bs, n)]
+                                  for i in range(0, n, bs)]).cpu()
+        robust = aa.robust.cpu()
         rows.append({**base, "attack": "autoattack-" + str(aa.settings["version"]),
                      "steps": "apgd 100 / fab 100 / square 5000 queries", "restarts": 1, "n": n,
-                     "accuracy": aa.accuracy, "pgd_accuracy_same_inputs": float(correct[:n].float().mean()),
+                     **stats.proportion(robust).fields("accuracy"),
+                     **stats.proportion(robust[clean_ok]).fields("accuracy_on_correct"), "n_correct": int(clean_ok.sum()),
+                     **stats.proportion(correct[:n]).fields("pgd_accuracy_same_inputs"),
                      "attacks": "+".join(aa.settings["attacks"]), "target_classes": aa.settings["target_classes"],
                      **{f"accuracy_after_{k}": v for k, v in aa.stages.items()},
-                     "autoattack_flags": " | ".join(aa.flags) or "-", "seconds": time.perf_counter() - start})
+                     "autoattack_flags": " | ".join(aa.flags) or "-", "seconds": time.perf_counter() - start,
+                     "_correct": robust})
     return rows
 
 
@@ -336,16 +351,18 @@ def _interpretation_rows(model: GapClassifier, x: torch.Tensor, eps: float, ev: 
         opts = _attack_options(ie, attack)
         bar.set_postfix_str(f"eps {eps_255(eps)}/255 {attack}")
         res = interpretation_robustness(model, interp, xi, eps, attack, options=opts, ks=[int(k) for k in ie.ks],
-                                        seed=seed, batch_size=int(ev.batch_size))
+                                        seed=seed, batch_size=int(ev.batch_size), per_input=True)
         bar.update()
+        hidden = {"_per_input": res.pop("per_input", {}), "_kept": res.pop("kept", None)}
         rows.append({"measure": "interpretation", **base, "attack": attack,
-                     "settings": ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-", "seed": seed, **res})
+                     "settings": ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-", "seed": seed, **res,
+                     **hidden})
     if eps > 0:
         samples = int(ie.sensitivity_samples)
         bar.set_postfix_str(f"eps {eps_255(eps)}/255 max-sensitivity")
         rows.append({"measure": "max_sensitivity", **base, "attack": "uniform-noise", "radius": eps,
                      "samples": samples, "n": int(xi.shape[0]), "seed": seed,
-                     "max_sensitivity": sensitivity(model, interp, xi, eps, samples, seed)})
+                     **sensitivity(model, interp, xi, eps, samples, seed).fields("max_sensitivity")})
         bar.update()
     return rows
 
@@ -358,8 +375,10 @@ def _steps(ev: RobustEvaluation) -> int:
 
 
 def _summary(rows: list[dict[str, Any]], eps: float, seconds: float) -> str:
-    acc = {r["attack"]: r["accuracy"] for r in rows if r["measure"] == "accuracy" and same_eps(r["eps"], eps)}
-    tau = {r["attack"]: r.get("kendall_tau", float("nan")) for r in rows
+    def num(v: Any) -> float:
+        return float("nan") if v is None else float(v)
+    acc = {r["attack"]: num(r["accuracy"]) for r in rows if r["measure"] == "accuracy" and same_eps(r["eps"], eps)}
+    tau = {r["attack"]: num(r.get("kendall_tau")) for r in rows
            if r["measure"] == "interpretation" and same_eps(r["eps"], eps)}
     return (f"[robust]   eps {eps_255(eps)}/255 ({seconds:.0f} s): accuracy "
             + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + "; Kendall tau "
@@ -393,10 +412,10 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         res["clean"] = next((r["accuracy"] for r in res["rows"] if r["measure"] == "accuracy" and r["eps"] == 0),
                             float("nan"))
         res["ratio"] = res["epoch_seconds"] / ref if ref else float("nan")
-        meta = {"model": name, "mode": res["mode"], "clean_accuracy": res["clean"], "epochs": res["epochs"],
-                "epoch_seconds": res["epoch_seconds"], "epoch_time_ratio": res["ratio"],
+        meta = {"model": name, "mode": res["mode"], "split": res["split"], "clean_accuracy": res["clean"],
+                "epochs": res["epochs"], "epoch_seconds": res["epoch_seconds"], "epoch_time_ratio": res["ratio"],
                 "train_seconds": res["train_seconds"]}
-        rows += [{**meta, **r} for r in res["rows"]]
+        rows += [{**meta, **{k: v for k, v in r.items() if not k.startswith("_")}} for r in res["rows"]]
     return rows
 
 
@@ -406,13 +425,15 @@ def run(cfg: RobustExperiment, out: Path, progress: bool = True) -> list[dict[st
     seed = int(cfg.seed)
     dm = setup_data(cfg)
     ev = cfg.evaluation
-    data = take_split(dm, "test", int(ev.n_images))
+    split = split_name(ev.split)
+    data = take_split(dm, split, int(ev.n_images))
     results: dict[str, dict[str, Any]] = {}
     for model in cfg.models:
         res = _train(cfg, model, dm, out, progress)
         if progress:
             print(f"[robust] {model.name}: {res['train_seconds']:.0f} s training; evaluating", flush=True)
         res["rows"] = evaluate_model(res.pop("model"), data["image"], data["label"], ev, seed, progress, model.name)
+        res["split"] = split
         results[model.name] = res
     rows = _rows(results)
     _figure(out, ev, results)

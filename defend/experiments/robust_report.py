@@ -3,18 +3,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .. import stats
 from .common import markdown_table
 
-__all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS"]
+__all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS", "versus"]
 
 LABELS = {"normal": "NT (normal)", "pgd_at": "PGD-AT", "int": "Int", "int_adv": "Int-Adv"}
 #: the radius (image units) of the report's detailed tables and checks: 8/255
 HEADLINE_EPS = 8 / 255
 
 
-def near_chance(clean: float, num_classes: int) -> bool:
-    """A model whose clean accuracy is below twice chance has learnt too little for a robustness comparison."""
-    return not clean >= 2.0 / num_classes
+def near_chance(clean: float, num_classes: int, n: int) -> bool:
+    """A model whose clean accuracy is not clearly above chance (:func:`defend.stats.at_chance`: the Wilson lower
+    bound at or below ``1/K + 0.1``) has learnt too little for a robustness comparison."""
+    return stats.at_chance(int(round(clean * n)), n, num_classes)
+
+
+def _cell(r: dict[str, Any] | None, field: str) -> str:
+    """A figure with its 95 % interval (``not measured`` where the row lacks it)."""
+    if r is None:
+        return "-"
+    if r.get(field) is None:
+        return "not measured"
+    return stats.format_value(r[field], r.get(f"{field}_ci_low"), r.get(f"{field}_ci_high"))
 
 
 def _same(a: float, b: float) -> bool:
@@ -34,14 +47,19 @@ def _pick(res: dict[str, Any], measure: str, attack: str, eps: float) -> dict[st
 
 def _grid(results: dict[str, Any], eps_list: list[float], measure: str, attacks: tuple[str, ...], field: str,
           label: str) -> list[list[Any]]:
-    """One table row per model: ``field`` of the first of ``attacks`` measured at each radius."""
+    """One table row per model: ``field`` of the first of ``attacks`` measured at each radius, with its interval;
+    the label says the attacked inputs' n (the last attack's, e.g. AutoAttack's; "indicative" below 100)."""
     rows = []
     for name, res in results.items():
-        vals = []
+        vals, ns = [], []
         for e in eps_list:
             hit = next((r for a in attacks if (r := _pick(res, measure, a, e)) is not None), None)
-            vals.append(hit.get(field, "not measured") if hit else "-")
-        rows.append([f"{LABELS.get(res['mode'], name)} `{name}`", label] + vals)
+            vals.append(_cell(hit, field))
+            if hit is not None and hit.get("attack") == attacks[-1]:
+                ns.append(int(hit.get("n_correct" if field.endswith("_on_correct") else "n_kept"
+                                       if measure == "interpretation" else "n", hit.get("n", 0))))
+        n = f" ({'indicative, ' if ns and stats.indicative(min(ns)) else ''}n {min(ns)})" if ns else ""
+        rows.append([f"{LABELS.get(res['mode'], name)} `{name}`", label + n] + vals)
     return rows
 
 
@@ -74,11 +92,31 @@ def _checks(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
     return lines
 
 
-def _versus(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
-    """Int-Adv against PGD-AT at the headline radius (Boopathy et al.'s claim: Int-Adv keeps explanations better)."""
-    ia = next((r for r in results.values() if r["mode"] == "int_adv"), None)
-    at_ = next((r for r in results.values() if r["mode"] == "pgd_at"), None)
-    if ia is None or at_ is None:
+def _paired(a: dict[str, Any], b: dict[str, Any], field: str, seed: int) -> stats.PairedTest | None:
+    """The paired test of two models' rows on the same inputs: McNemar on per-input correctness; a paired bootstrap
+    on the inputs both kept (interpretation figures); ``None`` when a row lacks per-input values."""
+    if "_correct" in a and "_correct" in b:
+        return stats.mcnemar(a["_correct"], b["_correct"], seed)
+    pa, pb = a.get("_per_input", {}), b.get("_per_input", {})
+    if field not in pa or field not in pb or a.get("_kept") is None or b.get("_kept") is None:
+        return None
+    ka, kb = a["_kept"].tolist(), b["_kept"].tolist()
+    both = sorted(set(ka) & set(kb))
+    if len(both) < 2:
+        return None
+    ia = torch.tensor([ka.index(i) for i in both])
+    ib = torch.tensor([kb.index(i) for i in both])
+    return stats.paired_bootstrap(pa[field][ia], pb[field][ib], seed)
+
+
+def versus(results: dict[str, Any], first: str, second: str, at: float = HEADLINE_EPS,
+           seed: int = 0) -> list[tuple[str, dict[str, Any], dict[str, Any], stats.PairedTest | None]]:
+    """``(figure, row of first, row of second, paired test)`` for the models of modes ``first`` and ``second`` at
+    radius ``at``: accuracy under AutoAttack and PGD (McNemar), the top-k and discrepancy attacks' Kendall tau and
+    top-k intersection (paired bootstrap on the inputs both models kept)."""
+    a_res = next((r for r in results.values() if r["mode"] == first), None)
+    b_res = next((r for r in results.values() if r["mode"] == second), None)
+    if a_res is None or b_res is None:
         return []
     out = []
     for label, measure, attack, field in (("AutoAttack accuracy", "accuracy", "autoattack-standard", "accuracy"),
@@ -86,10 +124,25 @@ def _versus(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
                                           ("top-k-attack Kendall tau", "interpretation", "topk", "kendall_tau"),
                                           ("top-k-attack top-k intersection", "interpretation", "topk", "topk_intersection"),
                                           ("discrepancy-attack Kendall tau", "interpretation", "discrepancy", "kendall_tau")):
-        a, b = _pick(ia, measure, attack, at), _pick(at_, measure, attack, at)
-        if a and b and field in a and field in b:
-            winner = "Int-Adv" if a[field] > b[field] else ("PGD-AT" if b[field] > a[field] else "tie")
-            out.append(f"- {label}: Int-Adv {a[field]:.3f} vs PGD-AT {b[field]:.3f} ({winner} ahead)")
+        a, b = _pick(a_res, measure, attack, at), _pick(b_res, measure, attack, at)
+        if a and b and a.get(field) is not None and b.get(field) is not None:
+            out.append((label, a, b, _paired(a, b, field, seed)))
+    return out
+
+
+def _versus(results: dict[str, Any], at: float = HEADLINE_EPS, seed: int = 0) -> list[str]:
+    """Int-Adv against PGD-AT at the headline radius (Boopathy et al.'s claim: Int-Adv keeps explanations better),
+    each comparison with its paired test: "ahead" only where p < 0.05, else "within noise"."""
+    out = []
+    for label, a, b, test in versus(results, "int_adv", "pgd_at", at, seed):
+        field = "accuracy" if "accuracy" in label else ("topk_intersection" if "intersection" in label else "kendall_tau")
+        head = f"- {label}: Int-Adv {_cell(a, field)} vs PGD-AT {_cell(b, field)}"
+        if test is None:
+            out.append(head + "; no paired test (no per-input values)")
+            continue
+        shared = "" if test.test == "mcnemar-exact" else f" on the {test.difference.n} inputs both kept"
+        out.append(f"{head}; Int-Adv minus PGD-AT {test.difference.text(with_n=False)}{shared} ({test.test}): "
+                   + test.verdict("Int-Adv", "PGD-AT"))
     return out
 
 
@@ -98,13 +151,15 @@ def _full_table(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
     for name, res in results.items():
         for r in res["rows"]:
             if r["measure"] == "interpretation" and _same(r["eps"], at):
-                body.append([name, r["attack"]] + [r.get(k, "not measured") for k in
-                            ("kendall_tau", "spearman", "topk_intersection_k4", "topk_intersection_k8",
-                             "topk_intersection_k16", "cosine", "com_shift", "kendall_tau_input_grid", "n_kept")])
+                body.append([name, r["attack"]] + [_cell(r, k) for k in ("kendall_tau", "spearman")]
+                            + [r.get(k, "not measured") for k in
+                               ("topk_intersection_k4", "topk_intersection_k8", "topk_intersection_k16")]
+                            + [_cell(r, "cosine"), _cell(r, "com_shift"), r.get("kendall_tau_input_grid", "-"),
+                               r.get("n_kept", "-")])
         s = _pick(res, "max_sensitivity", "uniform-noise", at)
         if s:
-            body.append([name, f"max-sensitivity (radius {s['radius']:.4f}, {s['samples']} samples)", s["max_sensitivity"]]
-                        + ["-"] * 8)
+            body.append([name, f"max-sensitivity (radius {s['radius']:.4f}, {s['samples']} samples)",
+                         _cell(s, "max_sensitivity")] + ["-"] * 8)
     return [markdown_table(["model", "attack", "Kendall tau", "Spearman", "top-4 inter.", "top-8 inter.",
                             "top-16 inter.", "cosine", "CoM shift (px)", "tau (input grid)", "n kept"], body)]
 
@@ -114,21 +169,29 @@ def _intro(cfg: Any, results: dict[str, Any], num_classes: int) -> list[str]:
     ev = cfg.evaluation
     ie, aa = ev.interpretation, ev.autoattack
     lines = []
-    chance = [n for n, r in results.items() if near_chance(r["clean"], num_classes)]
+    chance = [n for n, r in results.items() if near_chance(r["clean"], num_classes, int(ev.n_images))]
     if chance:
-        lines += [f"> **Smoke run: not a measurement.** {', '.join(chance)} reached clean accuracy below twice chance "
-                  f"({2 / num_classes:.2f}); the figures below compare models that have not learnt the task.", ""]
+        lines += [f"> **Not meaningful: {', '.join(chance)} at chance.** Their clean accuracy is not clearly above "
+                  f"chance (Wilson lower bound at or below {1 / num_classes + 0.1:.2f}); the robust and interpretation "
+                  "figures below compare models that have not learnt the task.", ""]
     discrepancy = {"steps": int(ie.discrepancy.steps), "step_ratio": float(ie.discrepancy.step_ratio)}
     return lines + [
         f"Radii in image units ([0, 1]), written x/255. Accuracy: untargeted PGD on the cross-entropy "
         f"({ev.pgd.steps} steps of eps x {float(ev.pgd.step_ratio)}, random start, 1 restart) on the first "
-        f"{ev.n_images} test images; AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; pyautoattack, the authors' "
+        f"{ev.n_images} images of the {_split(cfg)} split; AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; pyautoattack, the authors' "
         f"code) on the first {aa.n_images} of them at {', '.join(_eps_label(e) for e in aa.eps) or 'no radius'}. "
-        f"Seed {cfg.seed}.", "",
-        f"Interpretation robustness of {ie.interpreter.upper()} on the first {ie.n_images} test images, maps compared "
+        f"Seed {cfg.seed}. Accuracy counts every input, a clean error as a failure (RobustBench's convention); "
+        "AutoAttack's accuracy on the correctly classified inputs alone is the row labelled so. Every figure: value "
+        "[95 % interval] (Wilson for accuracies, a percentile bootstrap over inputs for map figures); figures on "
+        "fewer than 100 inputs are indicative.", "",
+        f"Interpretation robustness of {ie.interpreter.upper()} on the first {ie.n_images} of them, maps compared "
         f"on the CAM's own grid; the class is the benign prediction and only inputs whose prediction the attack kept "
         f"are scored. Top-k attack: {dict(ie.topk)}; discrepancy attack: {discrepancy}; noise: uniform in the ball, "
         f"rounded to 8 bits.", ""]
+
+
+def _split(cfg: Any) -> str:
+    return "test" if str(cfg.evaluation.split) == "test" else "development (dev)"
 
 
 def _cost(results: dict[str, Any]) -> str:
@@ -151,13 +214,16 @@ def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
         *_intro(cfg, results, dm.num_classes),
         "## Accuracy (AdvEdge Table VII, upper part)", "",
         markdown_table(headers, grid("accuracy", ("clean", "pgd-ce"), "accuracy", "PGD-CE")
-                       + grid("accuracy", ("clean", "autoattack-standard"), "accuracy", "AutoAttack")), "",
+                       + grid("accuracy", ("clean", "autoattack-standard"), "accuracy", "AutoAttack")
+                       + grid("accuracy", ("autoattack-standard",), "accuracy_on_correct",
+                              "AutoAttack, on correctly classified inputs")), "",
         "## Kendall's tau of benign vs attacked CAM (AdvEdge Table VII, lower part)", "",
         markdown_table(headers, grid("interpretation", ("topk",), "kendall_tau", "top-k attack")
                        + grid("interpretation", ("discrepancy",), "kendall_tau", "discrepancy attack")
                        + grid("interpretation", ("noise",), "kendall_tau", "uniform noise")), "",
         f"## Every interpretation measure at {_eps_label(HEADLINE_EPS)}", "", *_full_table(results), "",
-        f"## Int-Adv against PGD-AT at {_eps_label(HEADLINE_EPS)}", "", *(_versus(results) or ["- not measured"]), "",
+        f"## Int-Adv against PGD-AT at {_eps_label(HEADLINE_EPS)} (paired tests on the same inputs)", "",
+        *(_versus(results, seed=int(cfg.seed)) or ["- not measured"]), "",
         "## Checks", "", *(_checks(results) or ["- nothing to check (no AutoAttack or no normal model)"]), "",
         "## Training cost", "", _cost(results), "",
         f"Total experiment time {total:.0f} s.", "", "![accuracy and Kendall's tau](robust.png)", ""])
