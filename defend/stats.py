@@ -24,6 +24,7 @@ lower bound is at or below ``1/K + 0.1``), :func:`topk_iou_chance` (the IoU two 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +32,15 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["LEVEL", "RESAMPLES", "INDICATIVE_BELOW", "Estimate", "PairedTest", "wilson", "proportion",
+__all__ = ["LEVEL", "ALPHA", "RESAMPLES", "INDICATIVE_BELOW", "Estimate", "PairedTest", "wilson", "proportion",
            "bootstrap_mean", "bootstrap_ratio", "bootstrap_statistic", "bootstrap_auc", "mcnemar", "paired_bootstrap",
            "within_noise", "indicative", "fpr_supported", "min_benign_for_fpr", "chance_level", "at_chance",
            "topk_iou_chance", "as_array", "interval_fields", "format_value"]
 
 #: the confidence level of every interval
 LEVEL = 0.95
+#: the significance level of every paired test (p >= ALPHA is "within noise")
+ALPHA = 0.05
 #: bootstrap resamples (the rules ask for at least 1000)
 RESAMPLES = 2000
 #: figures on fewer inputs are "indicative" in reports
@@ -208,8 +211,10 @@ def bootstrap_auc(labels: Any, scores: Any, seed: int, resamples: int = RESAMPLE
             return _auc(a, b, axis)
 
     value = float(statistic(y, s))
-    res = _st.bootstrap((y, s), statistic, n_resamples=int(resamples), vectorized=True, paired=True,
-                        confidence_level=level, method="percentile", rng=np.random.default_rng(int(seed)))
+    with warnings.catch_warnings():  # resamples of one class give NaN; scipy warns, the percentiles skip them
+        warnings.simplefilter("ignore", _st.DegenerateDataWarning)
+        res = _st.bootstrap((y, s), statistic, n_resamples=int(resamples), vectorized=True, paired=True,
+                            confidence_level=level, method="percentile", rng=np.random.default_rng(int(seed)))
     dist = res.bootstrap_distribution
     dist = dist[np.isfinite(dist)]
     alpha = (1 - level) / 2
@@ -232,7 +237,7 @@ class PairedTest:
 
     @property
     def significant(self) -> bool:
-        return self.p_value < 1 - LEVEL
+        return self.p_value < ALPHA
 
     def verdict(self, a: str, b: str, higher_is_better: bool = True) -> str:
         """``"a beats b (p = 0.003)"`` or ``"a vs b: within noise (p = 0.72)"``."""
@@ -287,7 +292,7 @@ def paired_bootstrap(a: Any, b: Any, seed: int, resamples: int = RESAMPLES, leve
 
 def within_noise(p_value: float) -> bool:
     """A comparison whose p-value is at least 0.05 is within noise (never a "beats")."""
-    return not p_value < 1 - LEVEL
+    return not p_value < ALPHA
 
 
 # ------------------------------------------------------------------------------------------------ report rules

@@ -62,6 +62,7 @@ def test_detector_aware_attack_lowers_the_detector_score_more(tiny):
     assert aware.success.float().mean() >= 0.75
     both = aware.success & plain.success
     m_plain, m_aware = margin(det, stacked(model, plain.x_adv, y_t)), margin(det, stacked(model, aware.x_adv, y_t))
+    print('MEASURE', 'adaptive62', float(aware.success.float().mean()), float(plain.success.float().mean()), int(both.sum()), float(m_aware[both].mean()), float(m_plain[both].mean()), float((m_aware[both] > 0).float().mean()), float((m_plain[both] > 0).float().mean()), flush=True)  # MEASURE
     assert float(m_aware[both].mean()) < float(m_plain[both].mean()) - 1.0
     assert float((m_aware[both] > 0).float().mean()) < float((m_plain[both] > 0).float().mean())  # flagged less often
     assert all(p.grad is None and p.requires_grad for p in det.parameters())  # the detector was frozen and restored
@@ -85,6 +86,7 @@ def test_adaptive_rts_reaches_at_least_the_plain_success_with_closer_maps(tiny):
     assert isinstance(adaptive_attack, Restarts) and len(adaptive_attack.attacks) == 3
     assert [a.threat.random_start for a in adaptive_attack.attacks] == [False, True, True]
     adaptive = adaptive_attack(model, x, y_t)
+    print('MEASURE', 'adaptive88', float(adaptive.success.float().mean()), float(plain.success.float().mean()), flush=True)  # MEASURE
     assert adaptive.success.float().mean() >= plain.success.float().mean()
     assert float((adaptive.x_adv - x).abs().max()) <= 16 / 255 + 1e-7
     first = adaptive_attack.attacks[0](model, x, y_t)  # the kept run is never worse than the first, per input

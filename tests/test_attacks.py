@@ -86,6 +86,7 @@ def model(one_thread) -> nn.Module:
     xt, yt = make_shapes(256, seed=1)
     with torch.no_grad():
         acc = (net(xt).argmax(1) == yt).float().mean().item()
+        print('MEASURE', 'attacks89 acc', acc, flush=True)  # MEASURE
     assert acc > 0.9, f"the fixture model did not learn the shape task (test accuracy {acc:.2f})"
     return net
 
@@ -98,6 +99,7 @@ def batch(model) -> tuple[Tensor, Tensor, Tensor]:
         ok = model(x).argmax(1) == y
     x, y = x[ok][:16], y[ok][:16]
     assert len(x) == 16
+    print('MEASURE', 'attacks_batch_ok', int(ok.sum()), flush=True)  # MEASURE
     target = random_targets(y, K, torch.Generator().manual_seed(0))
     return x, y, target
 
@@ -231,6 +233,7 @@ def _maps(model, interpreter, x, cls):
 
 def test_plain_pgd_reaches_the_target(model, batch, pgd_result):
     x, _, target = batch
+    print('MEASURE', 'attacks234 pgd success', float(pgd_result.success.float().mean()), flush=True)  # MEASURE
     assert pgd_result.success.float().mean().item() >= 0.9
     with torch.no_grad():
         probs = model(pgd_result.x_adv).softmax(1)
@@ -245,6 +248,7 @@ def test_adv2_cam_succeeds_with_closer_maps_than_pgd(model, batch, pgd_result):
     attack = build_attack("adv2", interpreter="cam", warm_steps=30, steps=30,
                           framework_options=dict(eps=EPS, alpha=ALPHA))
     result = attack(model, x, target)
+    print('MEASURE', 'attacks_succ', float(result.success.float().mean()), flush=True)  # MEASURE
     assert result.success.float().mean().item() >= 0.9
     assert bool((linf(result.x_adv, x) <= EPS + TOL).all())
     cam = CAMInterpreter()
@@ -252,6 +256,7 @@ def test_adv2_cam_succeeds_with_closer_maps_than_pgd(model, batch, pgd_result):
     d_adv2 = map_l1(cam(model, result.x_adv, target), benign)
     d_pgd = map_l1(cam(model, pgd_result.x_adv, target), benign)
     both = result.success & pgd_result.success
+    print('MEASURE', 'attacks248', float(result.success.float().mean()), int(both.sum()), float(d_adv2[both].mean()), float(d_pgd[both].mean()), float(d_adv2[both].mean() / d_pgd[both].mean()), float((d_adv2[both] < d_pgd[both]).float().mean()), flush=True)  # MEASURE
     assert d_adv2[both].mean() < 0.6 * d_pgd[both].mean()
     assert (d_adv2[both] < d_pgd[both]).float().mean() >= 0.75
 
@@ -261,12 +266,14 @@ def test_adaptive_ensemble_lowers_cam_and_grad_distances(model, batch, pgd_resul
     attack = build_attack("adv2", interpreter=["cam", "grad"], warm_steps=30, steps=40, c=5.0,
                           framework_options=dict(eps=EPS, alpha=ALPHA))
     result = attack(model, x, target)
+    print('MEASURE', 'attacks_succ', float(result.success.float().mean()), flush=True)  # MEASURE
     assert result.success.float().mean().item() >= 0.9
     assert bool((linf(result.x_adv, x) <= EPS + TOL).all())
     for interpreter in (CAMInterpreter(), GradInterpreter()):
         benign = interpreter(model, x, y)
         d_ens = map_l1(interpreter(model, result.x_adv, target), benign).mean()
         d_pgd = map_l1(interpreter(model, pgd_result.x_adv, target), benign).mean()
+        print('MEASURE', 'attacks264', interpreter.name, float(result.success.float().mean()), float(d_ens), float(d_pgd), flush=True)  # MEASURE
         assert d_ens < d_pgd, f"{interpreter.name}: ensemble {d_ens:.4f} vs PGD {d_pgd:.4f}"
 
 
@@ -441,6 +448,7 @@ def test_pgd_maximise_increases_the_loss_and_stays_in_ball(model, batch):
             p.requires_grad_(True)
     with torch.no_grad():
         after = loss_fn(x_max)
+        print('MEASURE', 'attacks445', float(after.mean()), float(before.mean()), float((after > before).float().mean()), flush=True)  # MEASURE
     assert after.mean() > before.mean()
     assert (after > before).float().mean() >= 0.9
     assert bool((linf(x_max, x) <= eps + TOL).all()) and in_unit_range(x_max)

@@ -73,6 +73,7 @@ def test_detector_separates_and_reloads_without_pickle(tmp_path, monkeypatch):
     prob = det.predict_proba(x[64:])
     assert prob.shape == (32,) and float(prob.min()) >= 0 and float(prob.max()) <= 1
     acc = float(((prob > 0.5).long() == y[64:]).float().mean())
+    print('MEASURE', 'det76', acc, flush=True)  # MEASURE
     assert acc >= 0.75, acc
     det.save(tmp_path / "det")
     assert (tmp_path / "det" / "booster.json").read_text().lstrip().startswith("{")
@@ -126,9 +127,11 @@ def test_feature_squeezing_hand_computation_and_separation():
     benign = (torch.arange(16).float() / 15).view(16, 1, 1, 1).expand(16, 3, 8, 8).contiguous()  # flat, on the 4-bit grid
     adv = (benign + 0.03 * torch.sign(torch.randn(16, 3, 8, 8, generator=g))).clamp(0, 1)
     s_b, s_a = sq.score(benign), sq.score(adv)
+    print('MEASURE', 'det129', float(s_a.mean()), float(s_b.mean()), flush=True)  # MEASURE
     assert float(s_a.mean()) > float(s_b.mean())
     labels = torch.cat([torch.zeros(16), torch.ones(16)]).long()
     sq.fit(torch.cat([benign, adv]), labels)
+    print('MEASURE', 'det132', float((sq.predict(torch.cat([benign, adv])) == labels).float().mean()), flush=True)  # MEASURE
     assert float((sq.predict(torch.cat([benign, adv])) == labels).float().mean()) >= 0.9
     assert best_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.5)
 
@@ -191,9 +194,8 @@ def test_detection_data_real_tiny_attack_cached(tmp_path, monkeypatch):
     assert torch.equal(back["maps"]["grad"], data["maps"]["grad"]) and back["meta"]["note"] == "x"
 
 
-def test_detector_experiment_saves_the_detector_it_attacks_adaptively(tmp_path):
-    """The best pair of the tiny run is saved with the interpreters it reads; it reloads and scores like its row."""
-    import json
+def _tiny_detector_run(tmp_path, *extra: str):
+    """The detector experiment on a width-8 classifier with 20 + 20 inputs per set (fit, select, test)."""
     from pathlib import Path
 
     from _tiny import train_tiny_classifier
@@ -207,23 +209,52 @@ def test_detector_experiment_saves_the_detector_it_attacks_adaptively(tmp_path):
     save_classifier(model, clf, {"width": 8})
     out = tmp_path / "run"
     sets = [f"classifier.checkpoint={clf}", "classifier.module.model_options.width=8",
-            "data.init_args.renders_per_digit=[1,1,1]", "detection.interpreters=[grad,cam]", "detection.n_benign=20",
-            "detection.n_adversarial=20", "detection.n_adaptive=0", "detection.batch_size=20",
+            "data.init_args.renders_per_digit=[1,1,1]", "detection.interpreters=[grad,cam]", "detection.n_fit=20",
+            "detection.n_select=20", "detection.n_test=20", "detection.n_adaptive=0", "detection.batch_size=20",
             f"detection.cache_dir={tmp_path / 'cache'}", "detector.epochs=0", "detector.booster.n_estimators=5",
-            "attack.warm_steps=20", "attack.steps=6", "per_interpreter.grad.steps=6", "per_interpreter.cam.steps=6"]
+            *extra]
     argv = ["-c", str(root / "configs/experiments/detector.yaml"), "--quick", "--out", str(out), "--no-progress"]
-    assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 0
+    return main([*argv, *[a for s in sets for a in ("--set", s)]]), out
+
+
+def test_detector_experiment_saves_the_detector_it_chose_on_the_development_split(tmp_path):
+    """With a budget at which the tiny attack reaches its target on (nearly) every input (eps 0.2: 19-20 of 20 where a
+    set needs 10, a 2x margin), the pair chosen on the development split is saved with the interpreters it reads; it
+    reloads; every figure is on the balanced test set."""
+    import json
+
+    code, out = _tiny_detector_run(tmp_path, "attack.eps=0.2", "attack.alpha=8/255", "attack.warm_steps=20",
+                                   "attack.steps=6", "per_interpreter.grad.steps=6", "per_interpreter.cam.steps=6")
+    assert code == 0
     rows = json.loads((out / "metrics.json").read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert all(r["attack_success"] >= 0.5 for r in rows)
     saved = [r for r in rows if "saved_to" in r]
     pairs = [r for r in rows if r.get("detector") == "stacked" and not r.get("product")]
-    assert len(saved) == 1 and saved[0]["interpreters"] == "grad+cam"
-    assert saved[0]["accuracy"] == max(r["accuracy"] for r in pairs)  # the best pair (the only one here)
+    assert len(saved) == 1 and saved[0]["interpreters"] == "grad+cam" and saved[0]["chosen_on"] == "val"
+    assert saved[0]["select_accuracy"] == max(r["select_accuracy"] for r in pairs)  # the best pair (the only one here)
+    for r in rows:  # balanced test set: as many benign as adversarial inputs, the majority baseline 1/2
+        if r["detector"] in ("stacked", "single", "squeeze"):
+            assert r["n_benign"] == r["n_adversarial"] and r["majority_baseline"] == 0.5
+            assert r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"]
     info = json.loads((out / "detectors" / "cam" / "detector.json").read_text())
     assert info["interpreters"] == ["grad", "cam"] and info["product"] is False
     det = DetectorModule.load(out / "detectors" / "cam")
     assert det.booster is not None and int(det.hparams.in_channels) == 2
-    assert f"--detector {out / 'detectors' / 'cam'}" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"--detector {out / 'detectors' / 'cam'}" in report and "chosen** on the select set" in report
+
+
+def test_detector_experiment_refuses_a_detector_on_too_few_adversarial_inputs(tmp_path):
+    """At a radius of one grey level the tiny attack reaches almost no target: the row says "not measured" and no
+    detector is saved (the refusal path, whatever the machine)."""
+    import json
+
+    code, out = _tiny_detector_run(tmp_path, "attack.eps=1/255", "attack.alpha=1/255", "attack.warm_steps=1",
+                                   "attack.steps=1", "per_interpreter.grad.steps=1", "per_interpreter.cam.steps=1")
+    assert code == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["detector"] for r in rows] == ["not measured"] and "too few inputs" in rows[0]["status"]
+    assert not (out / "detectors").exists()
 
 
 def test_booster_surrogate_is_the_textbook_ridge_on_standardised_features():
@@ -238,6 +269,7 @@ def test_booster_surrogate_is_the_textbook_ridge_on_standardised_features():
     want = xs @ w + z.mean()
     assert torch.allclose(head(f.float()).double(), want, atol=1e-4)
     resid = ((z - want) ** 2).sum() / ((z - z.mean()) ** 2).sum()
+    print('MEASURE', 'det269', fit['surrogate_r2'], flush=True)  # MEASURE
     assert fit["surrogate_r2"] == pytest.approx(1 - float(resid), abs=1e-5) and fit["surrogate_r2"] > 0.8
     assert alpha in SURROGATE_ALPHAS
 
@@ -245,6 +277,7 @@ def test_booster_surrogate_is_the_textbook_ridge_on_standardised_features():
 def test_attack_surrogate_choice(tmp_path):
     x, y = _synthetic(32)
     det, info = train_detector(x, y, epochs=0, trainable="none", booster={"n_estimators": 10}, seed=0)
+    print('MEASURE', 'det276', info['surrogate_sign_agreement'], info['surrogate_r2'], flush=True)  # MEASURE
     assert info["surrogate_sign_agreement"] >= 0.9 and info["surrogate_r2"] > 0.5
     assert isinstance(det.attack_surrogate(), DistilledDetector) and det.attack_surrogate("head") is det
     maps = x[:4].clone().requires_grad_(True)
@@ -288,8 +321,10 @@ def test_the_distilled_surrogate_lets_adv2_evade_the_booster():
     aware = build_attack("adaptive_detector", "pgd", names, detector=det.attack_surrogate("distilled"),
                          detector_weight=2.0, **opts)(model, xb, tb)
     both = plain.success & aware.success
+    print('MEASURE', 'det319', float(both.float().mean()), int(both.sum()), float(plain.success.float().mean()), float(aware.success.float().mean()), int(fit.success.sum()), flush=True)  # MEASURE
     assert float(both.float().mean()) >= 0.9
     p_plain, p_aware = det.predict_proba(stacked(plain.x_adv, tb))[both], det.predict_proba(stacked(aware.x_adv, tb))[both]
+    print('MEASURE', 'det321', float(p_aware.mean()), float(p_plain.mean()), float((p_aware > 0.5).float().mean()), float((p_plain > 0.5).float().mean()), flush=True)  # MEASURE
     assert float(p_aware.mean()) < float(p_plain.mean()) - 0.15, (p_aware.mean(), p_plain.mean())
     assert float((p_aware > 0.5).float().mean()) < 0.5 * float((p_plain > 0.5).float().mean())
     assert float((aware.x_adv - xb).abs().max()) <= 16 / 255 + 1e-6

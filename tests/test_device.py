@@ -86,6 +86,7 @@ def tiny32(device):
         torch.set_num_threads(before)
     with torch.no_grad():
         ok = model(test["image"]).argmax(1) == test["label"]
+    print('MEASURE', 'device89', int(ok.sum()), flush=True)  # MEASURE
     assert int(ok.sum()) >= 32, f"the tiny classifier got only {int(ok.sum())} of 128 test inputs right"
     return model.to(device), test["image"][ok][:32].to(device), test["label"][ok][:32].to(device)
 
@@ -113,6 +114,7 @@ def test_bf16_adv2_matches_float32_on_device(tiny32, interpreter):
     model, x, y = tiny32
     out = bf16_vs_fp32(model, x, y, interpreter)
     (asr32, l1_32), (asr16, l1_16) = out[None], out["bf16"]
+    print('MEASURE', 'device116', out, flush=True)  # MEASURE
     assert asr32 >= 0.8, out
     assert abs(asr32 - asr16) <= 2 / 32 + 1e-9, out  # at most two of 32 inputs flip
     assert abs(l1_32 - l1_16) <= 0.10 * l1_32, out  # map distance within 10 %

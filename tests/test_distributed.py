@@ -62,6 +62,7 @@ def test_attack_evaluation_ddp_cpu_matches_one_process(tiny, tmp_path):
             assert abs(a[k] - b[k]) <= 1e-4, (a["attack"], k, a[k], b[k])  # stated tolerance: float reordering
     adv2 = next(r for r in one if r["attack"] == "adv2" and "read_by" not in r)
     pgd = next(r for r in one if r["attack"] == "pgd")
+    print('MEASURE', 'dist65', adv2['l1'], pgd['l1'], adv2['asr'], pgd['asr'], flush=True)  # MEASURE
     assert adv2["l1"] < pgd["l1"]  # the evaluation measured real attacks, not empty rows
     assert (tmp_path / "two" / "maps.png").is_file()
 
@@ -94,6 +95,7 @@ def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path, monkeyp
     again = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
                           batch_size=4, cache_dir=str(cache), cache_key="k", progress=False)
     a, b = first.results[("adv2/pgd/cam", "cam")], again.results[("adv2/pgd/cam", "cam")]
+    print('MEASURE', 'dist98', a['asr'], a['n'], flush=True)  # MEASURE
     assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
     assert a["asr"] > 0.5 and a["n"] == 6
     with pytest.raises(AssertionError, match="re-attacked"):  # another cache key: nothing is reused

@@ -32,6 +32,7 @@ def test_api_walkthrough_runs_and_its_figures_are_right(tmp_path, monkeypatch):
     x, res, benign, adv_map = env["x"], env["res"], env["benign"], env["adv_map"]
     assert x.shape[0] == 8
     delta = (res.x_adv - x).abs()
+    print('MEASURE', 'docs38', float(res.success.float().mean()), float(env['l1'].mean()), float(env['l1_plain'].mean()), flush=True)  # MEASURE
     assert float(delta.max()) <= 8 / 255 + 1e-6  # inside the ball
     assert torch.equal(torch.round(res.x_adv * 255) / 255, res.x_adv)  # on the uint8 grid
     assert torch.allclose(env["l1"], (adv_map - benign).abs().mean((1, 2, 3)))  # the page's L1 is the textbook one

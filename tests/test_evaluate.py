@@ -46,7 +46,7 @@ def card_run(tiny_clf, tmp_path_factory):
 def test_card_validates_and_round_trips(card_run):
     raw = json.loads((card_run / "card.json").read_text())
     validate_card(raw)
-    assert load_card(card_run) == raw and raw["schema_version"] == "1.0.0"
+    assert load_card(card_run) == raw and raw["schema_version"] == "1.1.0"
     bad = copy.deepcopy(raw)
     bad["results"]["attacks"][0]["asr"] = 1.5
     del bad["system"]["classifier"]["sha256"]
@@ -113,7 +113,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_pa
     assert not out.exists()
     want = {"missing": "no such file", "classes": "class count mismatch", "battery": "did you mean 'cam'",
             "data": "does not exist", "detector": "detector.json", "rts": "'classifier' artifact, expected 'rts'",
-            "autoattack_n": "autoattack.n (999) cannot exceed n_images"}[case]
+            "autoattack_n": "autoattack.n (999) exceeds the 538 test inputs"}[case]
     assert want in err, err
 
 
@@ -205,7 +205,11 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     assert fit["surrogate_r2"] <= 1 and 0 <= fit["surrogate_sign_agreement"] <= 1 and fit["surrogate_alpha"] > 0
     for r in det_card["rows"]:
         assert r["evasion_rate"] <= 1 and r["n_adversarial"] <= r["n"]
-    assert det_card["thresholds"]["fpr5"]["benign_fpr"] <= 0.05 and det_card["n_benign"] == 8
+    fpr5 = det_card["thresholds"]["fpr5"]  # 8 development benign inputs cannot set a 5 % FPR threshold (200 can)
+    assert fpr5["supported"] is False and fpr5["threshold"] is None and det_card["n_benign_dev"] == 8
+    assert "not enough benign inputs for 5 % FPR (8 on the development split, 200 needed)" == fpr5["note"]
+    assert all(r["detection_rate_fpr5"] is None for r in det_card["rows"])
+    assert "not enough benign inputs for 5 % FPR" in (out / "report.md").read_text()
 
 
 def test_help_lists_evaluate_and_explains_every_option(capsys):
@@ -219,3 +223,62 @@ def test_help_lists_evaluate_and_explains_every_option(capsys):
                    "--overwrite", "--no-progress", "--print_config"):
         assert option in text, option
     assert "folder:PATH" in text and "card.json" in text
+
+
+def _constant_classifier(cls: int) -> torch.nn.Module:
+    """A small CNN whose output bias (100 on ``cls``) outweighs everything its features can add within an 8/255 ball
+    (output weights scaled to 1e-4): it predicts ``cls`` for every input, yet every map has an input gradient."""
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=10, width=4)
+    with torch.no_grad():
+        weight, bias = list(model.parameters())[-2:]
+        weight.mul_(1e-4)
+        bias.zero_()
+        bias[cls] = 100.0
+    return model.eval()
+
+
+def test_a_card_of_a_classifier_at_chance_says_its_figures_mean_nothing(tmp_path, capsys):
+    """A constant classifier (about 1/10 right): the card keeps its figures but flags them, the report says "not
+    meaningful: the classifier is at chance" in the robust and interpretation sections, and the console warns."""
+    dm = DigitsDataModule(seed=0)
+    first = int(take_split(dm, "test", 1)["label"][0])
+    clf = tmp_path / "constant.pt"
+    save_classifier(_constant_classifier(first), clf, {"width": 4})
+    out = tmp_path / "card"
+    assert run("--classifier", str(clf), "--out", str(out), "--set", "topk.interpreters=[cam]") == 0
+    card = load_card(out)
+    c = card["results"]["clean_accuracy"]
+    assert c["at_chance"] is True and c["value_ci_low"] <= 0.2 and c["chance_level"] == 0.1
+    assert card["validity"]["meaningful"] is False and "at chance" in card["validity"]["reason"]
+    assert set(card["validity"]["sections"]) >= {"autoattack", "interpretation_robustness", "attacks"}
+    assert card["results"]["attacks"] and card["results"]["autoattack"]  # the numbers stay, flagged
+    report = (out / "report.md").read_text()
+    assert report.count("Not meaningful: the classifier is at chance") >= 3
+    assert "warning: the classifier is at chance" in capsys.readouterr().err
+
+
+def test_robust_accuracy_counts_a_clean_error_as_a_failure(tmp_path):
+    """RobustBench's robust accuracy is over the first n test inputs, a misclassified one a failure; the conditional
+    figure is over the correctly classified ones. A constant classifier cannot be moved by any attack, so both are
+    known in closed form: (inputs of its class) / n and 1."""
+    from types import SimpleNamespace
+
+    from defend.evaluate.battery import Battery
+    from defend.evaluate.measure import autoattack_rows
+
+    dm = DigitsDataModule(seed=0)
+    labels = take_split(dm, "test", 16)["label"]
+    cls = int(labels[0])
+    battery = Battery()
+    battery.autoattack.eps, battery.autoattack.n, battery.batch_size = [8 / 255], 16, 16
+    row = autoattack_rows(SimpleNamespace(data=dm, classifier=_constant_classifier(cls)), battery)[0]
+    right = int((labels == cls).sum())
+    assert row["n"] == 16 and row["n_correct"] == right
+    assert row["robust_accuracy"] == pytest.approx(right / 16) and right < 16
+    assert row["robust_accuracy_on_correct"] == 1.0
+    lo, hi = row["robust_accuracy_ci_low"], row["robust_accuracy_ci_high"]
+    from scipy.stats import binomtest
+
+    ci = binomtest(right, 16).proportion_ci(method="wilson")
+    assert (lo, hi) == pytest.approx((ci.low, ci.high))

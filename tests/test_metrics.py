@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torchmetrics.utilities.data import dim_zero_sum
+from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 
 from defend.metrics import (
     AttackSuccessRate,
@@ -647,5 +647,8 @@ def test_two_updates_equal_one_on_concatenation(factory, kind):
             assert a[k].item() == pytest.approx(b[k].item(), abs=1e-6)
     else:
         assert a.item() == pytest.approx(b.item(), abs=1e-6)
-    # every state is summed across processes
-    assert split._reductions and all(fx is dim_zero_sum for fx in split._reductions.values())
+    # every state is summed across processes, but the per-input values (for the intervals), which are concatenated
+    sums = {k: fx for k, fx in split._reductions.items() if k != "values"}
+    assert sums and all(fx is dim_zero_sum for fx in sums.values())
+    assert split._reductions["values"] is dim_zero_cat
+    assert torch.allclose(split.per_input(), whole.per_input(), atol=1e-6) and split.per_input().numel() == 5

@@ -42,6 +42,7 @@ def test_bf16_autocast_matches_float32(tiny, interpreter):
         assert float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
         out[mode] = (res.success.float().mean().item(), map_l1(g(model, res.x_adv, y_t), benign).mean().item())
     (asr32, l1_32), (asr16, l1_16) = out[None], out["bf16"]
+    print('MEASURE', 'prec45', out, flush=True)  # MEASURE
     assert asr32 >= 0.8, out
     assert abs(asr32 - asr16) <= 2 / 16  # at most two of 16 inputs flip
     assert abs(l1_32 - l1_16) <= 0.25 * l1_32 + 0.01
@@ -64,6 +65,7 @@ def test_bf16_autocast_mask_attack_matches_float32(tiny):
     pgd = build_attack("pgd", "pgd", g, warm_steps=40, framework_options={"eps": 0.063, "alpha": 2 / 255})(model, x, y_t)
     l1_pgd = map_l1(g(model, pgd.x_adv, y_t), benign).mean().item()
     (asr32, l1_32), (asr16, l1_16) = out[None], out["bf16"]
+    print('MEASURE', 'prec67', out, l1_pgd, flush=True)  # MEASURE
     assert asr32 >= 0.8 and abs(asr32 - asr16) <= 2 / 16, out
     assert abs(l1_32 - l1_16) <= 0.25 * l1_32 + 0.01, out
     assert l1_16 <= 0.7 * l1_pgd, (out, l1_pgd)  # still ADV2: the maps stay much closer to benign than PGD's

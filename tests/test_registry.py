@@ -64,6 +64,7 @@ def test_adv2_attacks_every_interpreter_through_its_own_term(tiny, name):
     options = dict(eps=16 / 255, alpha=2 / 255, warm_steps=20, steps=30, c=20.0, seed=0)
     adv = build_attack("adv2", "pgd", g, **options)(model, x, y_t)
     plain = build_attack("pgd", "pgd", **options)(model, x, y_t)
+    print('MEASURE', 'reg67', name, float(adv.success.float().mean()), float(plain.success.float().mean()), flush=True)  # MEASURE
     assert adv.success.float().mean() >= 0.75
     both = adv.success & plain.success
     with torch.no_grad():
@@ -71,6 +72,7 @@ def test_adv2_attacks_every_interpreter_through_its_own_term(tiny, name):
     benign = g(model, x, pred)
     d_adv = map_l1(g(model, adv.x_adv, y_t), benign)[both].mean()
     d_pgd = map_l1(g(model, plain.x_adv, y_t), benign)[both].mean()
+    print('MEASURE', 'reg74', name, int(both.sum()), float(d_adv), float(d_pgd), float(d_adv / d_pgd), flush=True)  # MEASURE
     assert d_adv < 0.85 * d_pgd, (float(d_adv), float(d_pgd))
 
 

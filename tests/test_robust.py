@@ -118,6 +118,7 @@ def test_inner_maximisation_increases_d_and_stays_in_ball():
     with torch.no_grad():
         d_rand = interpretation_discrepancy(model, x, x_rand, y).mean()
         d_adv = interpretation_discrepancy(model, x, x_adv, y).mean()
+    print('MEASURE', 'rob121', float(d_adv), float(d_rand), flush=True)  # MEASURE
     assert d_adv > 1.5 * d_rand and d_adv > 0
     assert all(p.grad is None for p in model.parameters())
 
@@ -212,6 +213,7 @@ def test_short_robust_training_lowers_worst_case_d(digits_small):
             x_adv = worst_case_discrepancy(model, x, y, 8 / 255, 2 / 255, 5, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 worst[mode] = float(interpretation_discrepancy(model, x, x_adv, y).mean())
+    print('MEASURE', 'rob215', worst, flush=True)  # MEASURE
     assert worst["int"] < 0.7 * worst["normal"], worst  # measured: 0.15 vs 0.34
 
 

@@ -88,10 +88,13 @@ def test_cards_validate_and_cells_are_their_figures(scorecard):
         assert card["mode"] == "evaluate"
     normal = load_card(out / "cards" / "normal")
     clean = next(r for r in body if r[0] == "normal · CAM")[1]
-    assert clean == f"{normal['results']['clean_accuracy']['value']:.3f}"
+    c = normal["results"]["clean_accuracy"]
+    assert clean == f"{c['value']:.3f} [{c['value_ci_low']:.2f}, {c['value_ci_high']:.2f}]"
     row = next(a for a in normal["results"]["attacks"] if a["attack"] == "adv2" and a["kind"] == "standard"
                and a["interpreter"] == "cam" and a["read_by"] == "cam")
-    assert next(r for r in body if r[0] == "normal · CAM")[col] == f"ASR {row['asr']:.2f} · IoU {row['iou']:.2f}"
+    cell = " · ".join(f"{label} {row[k]:.2f} [{row[k + '_ci_low']:.2f}, {row[k + '_ci_high']:.2f}]"
+                      for label, k in (("ASR", "asr"), ("IoU", "iou")))
+    assert next(r for r in body if r[0] == "normal · CAM")[col] == cell
     pgd = load_card(out / "cards" / "pgd_at")
     assert pgd["system"]["classifier"]["meta"]["robust_training"]["mode"] == "pgd_at"
     assert load_card(out / "cards" / "rts_aid")["system"]["rts"] is not None

@@ -16,6 +16,7 @@ def test_random_patches_are_seeded_binary_and_sized(shape):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     area = a.flatten(1).mean(1)
+    print('MEASURE', 'tgt19', float(area.min()), float(area.max()), flush=True)  # MEASURE
     assert bool((area > 0.03).all()) and bool((area < 0.26).all()), area
 
 
@@ -27,6 +28,7 @@ def test_rectangles_are_rotated():
         ys, xs = m[k, 0].nonzero(as_tuple=True)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         fill.append(float(m[k].sum() / box))
+    print('MEASURE', 'tgt30', min(fill), flush=True)  # MEASURE
     assert min(fill) < 0.8
 
 

@@ -203,9 +203,11 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
             base = {"attack": item.attack, "framework": item.framework, "interpreter": info["interpreter"],
                     "kind": info["kind"], "read_by": reader}
             if reader in main:
+                per = ev.per_input[(item.key, reader)]
                 rows.append({**base, **_figures(res), "budget": budget, "seed": int(battery.seed),
                              "seconds": float(res["seconds_per_input"]) * res["n"],
-                             "file": f"adversarial/{item.attack}_{info['interpreter'].replace('+', '-')}.pt"})
+                             "file": f"adversarial/{item.attack}_{info['interpreter'].replace('+', '-')}.pt",
+                             "per_input": {k: [float(v) for v in per[k]] for k in PER_INPUT if k in per}})
             if info["kind"] == "standard":
                 transfer.append({"attack": item.attack, "source": info["interpreter"], "read_by": reader,
                                  **_figures(res, ("l1", "iou", "asr")), "n": res["n"], "budget": budget,
@@ -215,6 +217,8 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
     return rows, transfer, sets, ev.benign
 
 
+#: the per-input values an attack row keeps (in input order: paired tests between the rows of one card)
+PER_INPUT = ("asr", "l1", "iou")
 #: the figures of an attack row that carry a 95 % interval (``<figure>_ci_low`` / ``_ci_high``)
 INTERVAL_FIGURES = ("asr", "confidence", "l1", "l2", "iou", "noise_rate")
 
@@ -285,9 +289,11 @@ def _detection_row(s: AttackSet, hit: Tensor, adv: Tensor, benign: Tensor, thres
 
     flagged = torch.zeros_like(hit)
     flagged[hit] = adv > 0.5
+    evaded = hit & ~flagged
     row = {"attack": s.attack, "interpreter": s.interpreter, "kind": s.kind, "n": int(hit.numel()),
            "n_adversarial": int(hit.sum()), "budget": s.budget, "seed": seed,
-           **stats.proportion(hit & ~flagged).fields("evasion_rate"), "auc": None, "roc": None}
+           **stats.proportion(evaded).fields("evasion_rate"), "auc": None, "roc": None,
+           "per_input": {"evasion": [float(v) for v in evaded.double()]}}
     for key, rate in (("default", _rate(adv > 0.5)),
                       *((k, _rate(adv > t["threshold"]) if t["supported"] else stats.interval_fields("v", None))
                         for k, t in thresholds.items())):

@@ -75,6 +75,7 @@ def evaluate_system(classifier: str, out: str | Path, *, rts: str | None = None,
     else:
         battery, battery_yaml = load_battery(battery, overrides)
     system = load_system(classifier, data, battery, rts=rts, detector=detector, data_overrides=data_overrides)
+    check_sizes(system, battery)
     sets = load_sets(inputs) if inputs is not None else None
     for s in sets or []:
         check_set(s, system, s.meta["file"])
@@ -90,6 +91,15 @@ def evaluate_system(classifier: str, out: str | Path, *, rts: str | None = None,
     with guarded_outputs(guard):
         card = _measure(system, battery, battery_yaml, out, sets, inputs, progress, wall, argv)
     return card
+
+
+def check_sizes(system: System, battery: Battery) -> None:
+    """The battery's counts fit the data's splits, before any work: AutoAttack's first ``autoattack.n`` test inputs
+    exist (a shorter run would be reported as if it had them)."""
+    n_test = len(system.data.test_dataset)
+    if battery.autoattack.eps and int(battery.autoattack.n) > n_test:
+        raise ValueError(f"autoattack.n ({battery.autoattack.n}) exceeds the {n_test} test inputs of the data; lower "
+                         "autoattack.n")
 
 
 def _dump(battery: Battery) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
+from .. import stats
 from ..detection_data import code_fingerprint
 from ..evaluation import PlanItem, evaluate_plan, interpret
 from ..figures import map_grid
@@ -113,7 +114,7 @@ def run(cfg: AttacksExperiment, out: Path, progress: bool = True) -> list[dict[s
     key = hashlib.sha256(json.dumps({"attack_code": code_fingerprint(), "format": 2}).encode()).hexdigest()[:16]
     start = time.perf_counter()
     ev = evaluate_plan(model, interps, plan, {"image": x, "label": y, "target": y_t}, trainer, batch_size=bs,
-                       keep=n_show, cache_dir=cache, cache_key=key, progress=progress)
+                       keep=n_show, cache_dir=cache, cache_key=key, progress=progress, seed=seed)
     wall = time.perf_counter() - start
     if not trainer.is_global_zero:  # one rank publishes; the figures are already synced on every rank
         return []
@@ -124,13 +125,15 @@ def run(cfg: AttacksExperiment, out: Path, progress: bool = True) -> list[dict[s
             res = ev.results[(item.key, reader)]
             if item.interpreter is None or reader == item.interpreter:
                 rows.append({"attack": item.attack, "framework": item.framework, "interpreter": reader, **res,
-                             "processes": trainer.world_size, "evaluation_wall_seconds": wall})
+                             "split": "test", "bootstrap_seed": seed, "processes": trainer.world_size,
+                             "evaluation_wall_seconds": wall})
             if item.interpreter is not None and item.framework == transfer_fw:
                 transfer.append({"attack": item.attack, "source": item.interpreter, "target": reader,
-                                 "l1": res["l1"], "iou": res["iou"]})
+                                 **{f"transfer_{k}{c}": res.get(f"{k}{c}") for k in ("l1", "iou")
+                                    for c in ("", "_ci_low", "_ci_high")}})
     for t in transfer:
-        rows.append({"attack": t["attack"], "framework": transfer_fw, "interpreter": t["source"],
-                     "read_by": t["target"], "transfer_l1": t["l1"], "transfer_iou": t["iou"]})
+        rows.append({"attack": t.pop("attack"), "framework": transfer_fw, "interpreter": t.pop("source"),
+                     "read_by": t.pop("target"), "split": "test", **t})
     adv_store = {}
     for item in plan:
         if item.framework != transfer_fw or item.key not in ev.examples:
@@ -171,9 +174,12 @@ _SUCCESS_FIGURES = ("l1", "l2", "iou", "noise_rate")
 
 
 def _cell(row: dict[str, Any], field: str) -> Any:
-    """A table cell; "not measured" where the figure would describe adversarial inputs that all failed."""
+    """A table cell with its 95 % interval; "not measured" where the figure would describe adversarial inputs that
+    all failed."""
     if field in _SUCCESS_FIGURES and row.get("asr", 1.0) == 0:
         return "not measured (0 % success)"
+    if f"{field}_ci_low" in row:
+        return stats.format_value(row.get(field), row.get(f"{field}_ci_low"), row.get(f"{field}_ci_high"))
     return row.get(field, float("nan"))
 
 
@@ -182,6 +188,11 @@ def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("n
     interps = ecfg.interpreters
     lines = [f"# Attack evaluation ({n} correctly classified test inputs, random target classes)", "",
              f"Classifier checkpoint: `{info['checkpoint']}`. Attack options: `{cfg.attack.set_options()}`.", "",
+             f"Every figure: value [95 % interval] over the {n} inputs (Wilson for the success rate, a percentile "
+             f"bootstrap over inputs otherwise, seed {cfg.seed})"
+             + ("; fewer than 100 inputs: indicative only." if stats.indicative(n) else ".")
+             + (f" Two unrelated maps score an IoU of {main[0]['iou_chance']:.3f} by chance."
+                if main and main[0].get("iou_chance") is not None else ""), "",
              f"Evaluated by {processes} process(es) in {wall:.0f} s of wall time (each input attacked once; "
              "seconds per input = attack compute time summed over processes / inputs).", ""]
 
@@ -212,8 +223,9 @@ def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("n
                 continue
             body = []
             for s in interps:
-                body.append([a, s.upper()] + [next((r["transfer_l1"] for r in tr if r["attack"] == a and r["interpreter"] == s
-                                                    and r["read_by"] == t), "-") for t in interps])
+                body.append([a, s.upper()] + [next((_cell(r, "transfer_l1") for r in tr if r["attack"] == a
+                                                    and r["interpreter"] == s and r["read_by"] == t), "-")
+                                              for t in interps])
             lines.extend([markdown_table(["attack", "source"] + [t.upper() for t in interps], body), ""])
     lines.extend(["![maps](maps.png)", ""])
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import torch
 from attacks import frozen, get_interpreter
 from attacks.interpreters import MaskInterpreter, to_input_size
 
+from .. import stats
 from ..figures import map_grid
 from ..metrics import Localisation
 from ..types import PositiveCount
@@ -62,17 +63,19 @@ def outputs(cfg: ClassifierExperiment, out: Path) -> list[Path]:
     return [out / "maps.png", *classifier_outputs(cfg, out)]
 
 
-def _accuracy(model, dm, batch_size: int = 256) -> float:
+def _accuracy(model, dm, batch_size: int = 256) -> stats.Estimate:
+    """Accuracy on the whole test split with its Wilson interval."""
     correct = total = 0
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(dm.test_dataset, batch_size=batch_size):
             correct += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
             total += batch["label"].numel()
-    return correct / max(total, 1)
+    return stats.wilson(correct, total)
 
 
-def deletion_test(model, interp, x, cls, generator: torch.Generator) -> tuple[float, float, float]:
-    """Mean class probability: intact, with MASK's region blurred out, with a random equal-area region blurred out."""
+def deletion_test(model, interp, x, cls, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-input class probability: intact, with MASK's region blurred out, with a random equal-area region blurred
+    out."""
     m = interp.solve(model, x, cls)  # 1 = keep
     blurred = interp.blurred(x)
     up = to_input_size(m, tuple(x.shape[-2:]))
@@ -84,7 +87,7 @@ def deletion_test(model, interp, x, cls, generator: torch.Generator) -> tuple[fl
     assert torch.allclose(deleted.mean(1), (1 - up_r).flatten(1).mean(1), atol=0.05)
 
     def prob(img):
-        return model(img).softmax(1).gather(1, cls.view(-1, 1)).mean().item()
+        return model(img).softmax(1).gather(1, cls.view(-1, 1)).squeeze(1)
 
     with torch.no_grad():
         return prob(x), prob(x * up + blurred * (1 - up)), prob(x * up_r + blurred * (1 - up_r))
@@ -95,42 +98,53 @@ def run(cfg: ClassifierExperiment, out: Path, progress: bool = True) -> list[dic
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
     ecfg = cfg.evaluation
-    rows: list[dict[str, Any]] = [{"setting": "classifier", "metric": "test_accuracy", "value": _accuracy(model, dm),
-                                   "train_seconds": info.get("train_seconds", 0.0)}]
+    seed = int(cfg.seed)
+    acc = _accuracy(model, dm)
+    rows: list[dict[str, Any]] = [{"setting": "classifier", "metric": "test_accuracy", **acc.fields("value"),
+                                   "n": acc.n, "split": "test", "train_seconds": info.get("train_seconds", 0.0)}]
     data = take_split(dm, "test", int(ecfg.n_images))
     x, y = data["image"], data["label"]
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    gen = torch.Generator().manual_seed(seed)
     maps = {}
+
+    def localisation_row(name: str, m: torch.Tensor, masks: torch.Tensor) -> dict[str, Any]:
+        loc = Localisation()
+        loc.update(m, masks)
+        return {"setting": name, "metric": "localisation", **loc.estimate(seed).fields("value"),
+                "mask_area": float(loc.compute()["mask_area"]), "n": int(m.shape[0]), "split": "test"}
+
     with frozen(model):
         for name in ("cam", "grad"):
             interp = get_interpreter(name)
             maps[name] = interp(model, x, y).detach()
             if "mask" in data:
-                loc = Localisation()
-                loc.update(maps[name], data["mask"])
-                res = loc.compute()
-                rows.append({"setting": name, "metric": "localisation", "value": float(res["energy_in_mask"]),
-                             "mask_area": float(res["mask_area"])})
+                rows.append(localisation_row(name, maps[name], data["mask"]))
         n_mask = int(ecfg.n_mask)
         mask = get_interpreter("mask", **ecfg.mask)
         p0, p_mask, p_rand = deletion_test(model, mask, x[:n_mask], y[:n_mask], gen)
         maps["mask"] = mask(model, x[:8], y[:8])
         if "mask" in data:
-            loc = Localisation()
-            loc.update(mask(model, x[:n_mask], y[:n_mask]), data["mask"][:n_mask])
-            res = loc.compute()
-            rows.append({"setting": "mask", "metric": "localisation", "value": float(res["energy_in_mask"]),
-                         "mask_area": float(res["mask_area"])})
-    rows.append({"setting": "mask", "metric": "deletion_prob", "value": p_mask, "random_deletion_prob": p_rand,
-                 "intact_prob": p0})
+            rows.append(localisation_row("mask", mask(model, x[:n_mask], y[:n_mask]), data["mask"][:n_mask]))
+    rows.append({"setting": "mask", "metric": "deletion_prob", **stats.bootstrap_mean(p_mask, seed).fields("value"),
+                 **stats.bootstrap_mean(p_rand, seed).fields("random_deletion_prob"),
+                 **stats.bootstrap_mean(p0, seed).fields("intact_prob"),
+                 **stats.paired_bootstrap(p_mask, p_rand, seed).fields("mask_vs_random"), "n": int(p0.numel()),
+                 "split": "test"})
+    fig = lambda r, k="value": stats.format_value(r.get(k), r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high"))  # noqa: E731
+    d = rows[-1]
     report = [f"# Classifier: {cfg.classifier.arch()} on {dm.describe()['name']}", "",
-              f"Test accuracy: **{rows[0]['value']:.4f}** (training {info.get('train_seconds', 0.0):.0f} s; "
-              f"checkpoint `{info['checkpoint']}`)", "",
+              f"Test accuracy: **{acc.text()}** (Wilson 95 % interval; training {info.get('train_seconds', 0.0):.0f} "
+              f"s; checkpoint `{info['checkpoint']}`)", "",
               "## Interpretations are meaningful", "",
-              markdown_table(["interpreter", "energy inside object mask", "mask area share"],
-                             [[r["setting"].upper(), r["value"], r["mask_area"]] for r in rows if r["metric"] == "localisation"]),
-              "", "Deletion test (mean probability of the true class):", "",
-              markdown_table(["intact", "MASK region deleted", "random equal-area region deleted"], [[p0, p_mask, p_rand]]),
+              f"Value [95 % bootstrap interval over inputs, seed {seed}].", "",
+              markdown_table(["interpreter", "energy inside object mask", "mask area share", "n"],
+                             [[r["setting"].upper(), fig(r), r["mask_area"], r["n"]] for r in rows
+                              if r["metric"] == "localisation"]),
+              "", f"Deletion test (mean probability of the true class, {d['n']} inputs):", "",
+              markdown_table(["intact", "MASK region deleted", "random equal-area region deleted",
+                              "MASK minus random (paired bootstrap)"],
+                             [[fig(d, "intact_prob"), fig(d), fig(d, "random_deletion_prob"),
+                               f"{fig(d, 'mask_vs_random_diff')}, p = {d['mask_vs_random_p']:.2g}"]]),
               "", "![maps](maps.png)", ""]
     columns = [("image", x[:8])] + ([("object mask", data["mask"][:8])] if "mask" in data else []) + \
               [(k.upper(), v[:8]) for k, v in maps.items()]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from attacks import INTERPRETERS, build_attack, random_targets
 from attacks.targets import other_class_maps, random_patch_maps
 
+from .. import stats
 from ..evaluation import interpret, run_attack
 from ..figures import map_grid
 from ..interpreters import build_interpreter
@@ -94,21 +95,26 @@ def run(cfg: GapExperiment, out: Path, progress: bool = True) -> list[dict[str, 
             x_adv, seconds = run_attack(atk, model, x, y_t, m_t, bs, bar)
             adv_map = interpret(g, model, x_adv, y_t)
             with torch.no_grad():
-                success = (model(x_adv).argmax(1) == y_t).float().mean().item()
-            rows.append({"interpreter": name, "target": kind, "asr": success,
-                         "l1_to_target": map_l1(adv_map, m_t).mean().item(),
-                         "l1_to_benign": map_l1(adv_map, benign).mean().item(),
-                         "l1_benign_to_target": map_l1(benign, m_t).mean().item(),
-                         "seconds_per_input": seconds / x.shape[0], "n": x.shape[0]})
+                success = model(x_adv).argmax(1) == y_t
+            rows.append({"interpreter": name, "target": kind, **stats.proportion(success).fields("asr"),
+                         **stats.bootstrap_mean(map_l1(adv_map, m_t), seed).fields("l1_to_target"),
+                         **stats.bootstrap_mean(map_l1(adv_map, benign), seed).fields("l1_to_benign"),
+                         **stats.bootstrap_mean(map_l1(benign, m_t), seed).fields("l1_benign_to_target"),
+                         "seconds_per_input": seconds / x.shape[0], "n": x.shape[0], "split": "test",
+                         "bootstrap_seed": seed})
             figure += [(f"{name} target {kind}", m_t[:4]), (f"{name} ADV2", adv_map[:4])]
     bar.close()
     map_grid(out / "gap.png", figure, rows=4)
-    body = [[r["interpreter"].upper(), r["target"], r["asr"], r["l1_to_target"], r["l1_to_benign"], r["l1_benign_to_target"]]
-            for r in rows]
+    def fig(r: dict[str, Any], k: str) -> str:
+        return stats.format_value(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"])
+    body = [[r["interpreter"].upper(), r["target"], *(fig(r, k) for k in ("asr", "l1_to_target", "l1_to_benign",
+                                                                          "l1_benign_to_target"))] for r in rows]
     report = "\n".join([
         "# Prediction-interpretation gap (ADV2 Tables 6-8)", "",
         f"{x.shape[0]} correctly classified test inputs, random target classes, ADV2 on PGD "
-        f"(classifier `{info['checkpoint']}`).", "",
+        f"(classifier `{info['checkpoint']}`). Value [95 % interval] (Wilson for ASR, a percentile bootstrap over "
+        f"inputs with seed {seed} otherwise)" + ("; fewer than 100 inputs: indicative only." if stats.indicative(
+            int(x.shape[0])) else "."), "",
         markdown_table(["interpreter", "target map", "ASR", "L1 adv map to target", "L1 adv map to benign",
                         "L1 benign to target"], body), "",
         "A small L1 to the target next to a large L1 to the benign map means the interpreter was steered to an",

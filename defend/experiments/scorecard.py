@@ -36,6 +36,7 @@ import torch
 
 from attacks import INTERPRETERS, build_attack, random_targets
 
+from .. import stats
 from ..data import BaseDataModule
 from ..evaluate.battery import Battery, load_battery
 from ..figures import bar_chart
@@ -70,8 +71,6 @@ DEFENCES = ("normal", "pgd_at", "int_adv", "beta_smoothing", "rts", "rts_aid", "
 ARTIFACTS = ("pgd_at", "int_adv", "rts", "rts_aid", "detector")
 #: the literal of a cell whose figure the card does not hold
 NOT_MEASURED = "not measured"
-#: a change of a figure (a share) below this is not counted as a gain of the adaptive attack
-MARGIN = 0.05
 
 DESCRIPTIONS = {
     "normal": "the plain classifier (cross-entropy training), explained by CAM and GRAD: the undefended reference.",
@@ -353,8 +352,9 @@ def _train_detector(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, pa
     if n_adv < int(d.min_adversarial):
         raise ValueError(f"detector: only {n_adv} successful adversarial training inputs (need "
                          f">= {int(d.min_adversarial)}); raise detector.n_adversarial or the attack's steps")
-    maps = torch.cat([stack_maps(p["maps"], d.interpreters, d.product) for p in parts])
-    labels = torch.cat([p["label"] for p in parts])
+    maps, labels = _balanced([stack_maps(p["maps"], d.interpreters, d.product) for p in parts],
+                             [p["label"] for p in parts])
+    nb, n_adv = int((labels == 0).sum()), int((labels == 1).sum())
     o = d.detector
     det, times = train_detector(maps, labels, epochs=int(o.epochs), batch_size=int(o.batch_size),
                                 trainable=o.trainable, pretrained=o.pretrained, lr=float(o.lr), booster=o.booster,
@@ -363,6 +363,14 @@ def _train_detector(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, pa
     det.save(path, list(d.interpreters), bool(d.product))
     return {"path": str(path), "trained": True, "seconds": time.perf_counter() - start, "n_benign": nb,
             "n_adversarial": n_adv, **times}
+
+
+def _balanced(maps: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benign part (first) and the adversarial parts, cut to as many adversarial inputs as benign ones or the
+    reverse (the first of each): a balanced training set."""
+    benign, adv = maps[0], torch.cat(maps[1:])
+    m = min(benign.shape[0], adv.shape[0])
+    return torch.cat([benign[:m], adv[:m]]), torch.cat([labels[0][:m], torch.cat(labels[1:])[:m]])
 
 
 # --------------------------------------------------------------------------------------------- the table
@@ -400,7 +408,14 @@ def _interp_cell(card: dict[str, Any], attack: str, interp: str, adaptive: bool)
         return None
     r = hit[0]
     return {"asr": float(r["asr"]), "iou": float(r["iou"]), "l1": r.get("l1"), "run": r["attack"],
-            "n": int(r["n"]), "budget": r["budget"]}
+            "n": int(r["n"]), "budget": r["budget"], **{k: r.get(k) for k in _CI},
+            "per_input": r.get("per_input") or {}}
+
+
+#: the interval fields a cell carries from its card row
+_CI = ("asr_ci_low", "asr_ci_high", "iou_ci_low", "iou_ci_high", "evasion_rate_ci_low", "evasion_rate_ci_high",
+       "detection_rate_fpr5_ci_low", "detection_rate_fpr5_ci_high", "detection_rate_default_ci_low",
+       "detection_rate_default_ci_high")
 
 
 def _detector_cell(card: dict[str, Any], attack: str, interp: str, adaptive: bool) -> dict[str, Any] | None:
@@ -409,15 +424,17 @@ def _detector_cell(card: dict[str, Any], attack: str, interp: str, adaptive: boo
         return None
     if not adaptive:
         hit = [r for r in det["rows"] if r["attack"] == attack and r["kind"] == "standard" and r["interpreter"] == interp]
-    else:  # the strongest adaptive attack on the detector (lowest detection rate at 5 % FPR)
+    else:  # the strongest adaptive attack on the detector (highest evasion)
         hit = sorted((r for r in det["rows"] if r["kind"] == "adaptive" and _base(r["attack"]) == attack),
-                     key=lambda r: (r["detection_rate_fpr5"] if r["detection_rate_fpr5"] is not None else 2.0))
-    if not hit or hit[0].get("detection_rate_fpr5") is None:
+                     key=lambda r: -(r["evasion_rate"] or 0.0))
+    if not hit or hit[0].get("evasion_rate") is None:
         return None
     r = hit[0]
-    return {"dr1": float(r["detection_rate_fpr1"]), "dr5": float(r["detection_rate_fpr5"]),
-            "evasion": float(r["evasion_rate"]), "run": r["attack"], "n": int(r["n"]),
-            "n_adversarial": int(r["n_adversarial"]), "budget": r["budget"]}
+    num = lambda v: None if v is None else float(v)  # noqa: E731  (a threshold without enough benign inputs: None)
+    return {"dr1": num(r["detection_rate_fpr1"]), "dr5": num(r["detection_rate_fpr5"]),
+            "dr_default": num(r["detection_rate_default"]), "evasion": float(r["evasion_rate"]), "run": r["attack"],
+            "n": int(r["n"]), "n_adversarial": int(r["n_adversarial"]), "budget": r["budget"],
+            **{k: r.get(k) for k in _CI}, "per_input": r.get("per_input") or {}}
 
 
 def _frac(v: float) -> str:
@@ -471,11 +488,13 @@ def scorecard_table(cards: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
             for col in cols:
                 if col["kind"] == "clean":
                     ca = res["clean_accuracy"]
-                    cells[col["key"]] = {"value": float(ca["value"]), "n": int(ca["n"]), "budget": None}
+                    cells[col["key"]] = {"value": float(ca["value"]), "value_ci_low": ca.get("value_ci_low"),
+                                         "value_ci_high": ca.get("value_ci_high"), "n": int(ca["n"]), "budget": None}
                 elif col["kind"] == "autoattack":
                     aa = next((a for a in res["autoattack"] if abs(float(a["eps"]) - col["eps"]) < 1e-9), None)
-                    cells[col["key"]] = None if aa is None else {"value": float(aa["robust_accuracy"]),
-                                                                 "n": int(aa["n"]), "budget": aa["budget"]}
+                    cells[col["key"]] = None if aa is None else {
+                        "value": float(aa["robust_accuracy"]), "value_ci_low": aa.get("robust_accuracy_ci_low"),
+                        "value_ci_high": aa.get("robust_accuracy_ci_high"), "n": int(aa["n"]), "budget": aa["budget"]}
                 else:
                     pick = _detector_cell if row == "detector" else _interp_cell
                     cells[col["key"]] = pick(card, col["attack"], interp, col["adaptive"])
@@ -495,15 +514,23 @@ def scorecard_table(cards: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
     return headers, body, metrics, lines
 
 
+def _ci_text(c: dict[str, Any], key: str, field: str | None = None, digits: int = 2) -> str:
+    """A cell's figure with its 95 % interval."""
+    field = field or key
+    return stats.format_value(c.get(key), c.get(f"{field}_ci_low"), c.get(f"{field}_ci_high"), digits=digits)
+
+
 def _cell_text(row: str, col: dict[str, Any], c: dict[str, Any] | None) -> str:
     if c is None:
         return NOT_MEASURED
     if col["kind"] in ("clean", "autoattack"):
-        return f"{c['value']:.3f}"
+        return _ci_text(c, "value", digits=3)
     run = f" ({c['run']})" if col.get("adaptive") else ""
     if row == "detector":
-        return f"DR {c['dr1']:.2f} / {c['dr5']:.2f} · evades {c['evasion']:.2f}{run}"
-    return f"ASR {c['asr']:.2f} · IoU {c['iou']:.2f}{run}"
+        dr = (f"DR@5% {_ci_text(c, 'dr5', 'detection_rate_fpr5')}" if c["dr5"] is not None
+              else f"DR@0.5 {_ci_text(c, 'dr_default', 'detection_rate_default')}")
+        return f"{dr} · evades {_ci_text(c, 'evasion', 'evasion_rate')}{run}"
+    return f"ASR {_ci_text(c, 'asr')} · IoU {_ci_text(c, 'iou')}{run}"
 
 
 def _metric_row(ln: dict[str, Any], col: dict[str, Any], c: dict[str, Any] | None) -> dict[str, Any]:
@@ -515,15 +542,25 @@ def _metric_row(ln: dict[str, Any], col: dict[str, Any], c: dict[str, Any] | Non
     b = c.get("budget") or {}
     row.update({"n": c["n"], "eps": b.get("eps"), "warm_steps": b.get("warm_steps"), "steps": b.get("steps"),
                 "restarts": b.get("restarts"), "run": c.get("run", col.get("attack", col["kind"]))})
-    for k in ("value", "asr", "iou", "l1", "dr1", "dr5", "evasion", "n_adversarial"):
+    for k in ("value", "asr", "iou", "l1", "dr1", "dr5", "dr_default", "evasion", "n_adversarial", "value_ci_low",
+              "value_ci_high", *_CI):
         if k in c:
             row[k] = c[k]
     return row
 
 
-def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]]) -> str:
-    """Whether the adaptive attacks did better than the non-adaptive ones on this line (the rule is stated in the
-    report), naming the figures."""
+def _paired(a: dict[str, Any], b: dict[str, Any], key: str, seed: int, proportion: bool) -> stats.PairedTest | None:
+    """The paired test of an adaptive cell ``b`` against the non-adaptive ``a`` on the same inputs (McNemar for 0 / 1
+    outcomes, a paired bootstrap otherwise); ``None`` without per-input values of both."""
+    x, y = (a.get("per_input") or {}).get(key), (b.get("per_input") or {}).get(key)
+    if not x or not y or len(x) != len(y):
+        return None
+    return stats.mcnemar(y, x, seed) if proportion else stats.paired_bootstrap(y, x, seed)
+
+
+def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]], seed: int = 0) -> str:
+    """Whether the adaptive attacks did better than the non-adaptive ones on this line, by paired tests on the same
+    inputs (the rule is stated in the report), naming the figures."""
     gains, holds = [], []
     for col in cols:
         if col["kind"] != "attack" or col["adaptive"]:
@@ -532,20 +569,22 @@ def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]]) -> str:
         if a is None or b is None:
             continue
         if ln["row"] == "detector":
-            won = b["dr5"] < a["dr5"] - MARGIN or b["evasion"] > a["evasion"] + MARGIN
-            text = (f"{col['attack'].upper()}: detected at 5 % FPR {a['dr5']:.2f} -> {b['dr5']:.2f}, evasion "
-                    f"{a['evasion']:.2f} -> {b['evasion']:.2f} ({b['run']})")
+            tests = [("evasion", _paired(a, b, "evasion", seed, True), True)]
+            text = (f"{col['attack'].upper()}: evasion {a['evasion']:.2f} -> {b['evasion']:.2f} ({b['run']})")
         else:
-            won = b["asr"] > a["asr"] + MARGIN or (b["iou"] > a["iou"] + MARGIN and b["asr"] >= a["asr"] - MARGIN)
+            tests = [("ASR", _paired(a, b, "asr", seed, True), True), ("IoU", _paired(a, b, "iou", seed, False), True)]
             text = (f"{col['attack'].upper()}: ASR {a['asr']:.2f} -> {b['asr']:.2f}, IoU {a['iou']:.2f} -> "
                     f"{b['iou']:.2f} ({b['run']})")
-        (gains if won else holds).append(text)
+        won = [f"{name} p = {t.p_value:.2g}" for name, t, up in tests
+               if t is not None and t.significant and (t.difference.value > 0) == up]
+        noted = "; ".join(f"{name} p = {t.p_value:.2g}" for name, t, _ in tests if t is not None) or "no paired test"
+        (gains if won else holds).append(f"{text}, {', '.join(won) if won else noted}")
     if not gains and not holds:
         return "no adaptive figure was measured for this line."
     if gains:
         return ("**loses under the adaptive attack**: " + "; ".join(gains)
-                + (f" (no gain: {'; '.join(holds)})" if holds else "") + ".")
-    return "the adaptive attacks did no better than the non-adaptive ones: " + "; ".join(holds) + "."
+                + (f" (no significant gain: {'; '.join(holds)})" if holds else "") + ".")
+    return "the adaptive attacks did no better than the non-adaptive ones (within noise): " + "; ".join(holds) + "."
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -635,17 +674,18 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
            "How to read a cell: **ASR** = share of the attacked inputs classified as the target class; **IoU** = "
            "top-k IoU of the interpreter's map of the adversarial input with its benign map (high: the map still "
            "looks benign, the attack fooled the interpreter too; low: the map gives the attack away). Detector lines: "
-           "**DR** = share of the successful adversarial inputs the detector flags at the thresholds with 1 % / 5 % "
-           "false positives on benign test inputs; **evades** = share of all attacked inputs that reach the target "
+           "**DR** = share of the successful adversarial inputs the detector flags at the threshold giving 5 % false "
+           "positives on benign development inputs (at its own threshold 0.5 where there are fewer than the 200 "
+           "benign inputs a 5 % threshold needs); **evades** = share of all attacked inputs that reach the target "
            "and are not flagged at the detector's own threshold. An *adaptive* cell is the strongest adaptive attack "
            "the battery ran against that line (named in brackets): the ensemble attack on all the row's "
            "interpreters at once, `adaptive_rts` (restarts, heavier encoder term) for RTS, the detector-aware ADV2 "
            "(`adaptive_detector`, the detector's differentiable score in the loss) for the detector. "
            f"\"{NOT_MEASURED}\": the battery ran no such attack for that row (no number is made up).", "",
-           f"A line *loses under the adaptive attack* when an adaptive attack raises the ASR by more than {MARGIN}, "
-           f"or keeps the ASR (within {MARGIN}) while raising the IoU by more than {MARGIN}; a detector line, when "
-           f"the detection rate at 5 % FPR falls or the evasion rate rises by more than {MARGIN}. "
-           "With small n these figures are indicative only.", "",
+           "A line *loses under the adaptive attack* when, on the same inputs and targets, an adaptive attack raises "
+           "the ASR (McNemar's exact test) or the IoU (paired bootstrap) with p < 0.05; a detector line, when it "
+           "raises the evasion rate (McNemar). Otherwise the difference is within noise. Every figure: value [95 % "
+           "interval] (Wilson for rates, bootstrap over inputs for IoU); fewer than 100 inputs: indicative only.", "",
            "## The rows", ""]
     for row in cards:
         desc = DESCRIPTIONS[row].format(split=cfg.detector.split)
@@ -659,7 +699,7 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
                                                         if not art.get(row, {}).get("trained", True) else ".")
         out.append(f"- **{row}**: {desc}" + _row_note(row, cards[row], art.get(row), eval_seconds[row]))
         for ln in (x for x in lines if x["row"] == row):
-            out.append(f"  - {ln['label']}: {_verdict(ln, cols)}")
+            out.append(f"  - {ln['label']}: {_verdict(ln, cols, int(b['seed']))}")
     out += ["", "![attack success per defence](scorecard.png)", "",
             "## Artifacts", "",
             markdown_table(["artifact", "path", "trained here", "training s"],
