@@ -86,7 +86,7 @@ def model(one_thread) -> nn.Module:
     xt, yt = make_shapes(256, seed=1)
     with torch.no_grad():
         acc = (net(xt).argmax(1) == yt).float().mean().item()
-        print('MEASURE', 'attacks89 acc', acc, flush=True)  # MEASURE
+    # measured 1.00 (OMP 1 and 2, 2026-12-06); the batch below finds its 16 right inputs among 64 (all 64 right)
     assert acc > 0.9, f"the fixture model did not learn the shape task (test accuracy {acc:.2f})"
     return net
 
@@ -99,7 +99,6 @@ def batch(model) -> tuple[Tensor, Tensor, Tensor]:
         ok = model(x).argmax(1) == y
     x, y = x[ok][:16], y[ok][:16]
     assert len(x) == 16
-    print('MEASURE', 'attacks_batch_ok', int(ok.sum()), flush=True)  # MEASURE
     target = random_targets(y, K, torch.Generator().manual_seed(0))
     return x, y, target
 
@@ -233,8 +232,7 @@ def _maps(model, interpreter, x, cls):
 
 def test_plain_pgd_reaches_the_target(model, batch, pgd_result):
     x, _, target = batch
-    print('MEASURE', 'attacks234 pgd success', float(pgd_result.success.float().mean()), flush=True)  # MEASURE
-    assert pgd_result.success.float().mean().item() >= 0.9
+    assert pgd_result.success.float().mean().item() >= 0.9  # measured 1.00 (16 of 16), OMP 1 and 2, 2026-12-06
     with torch.no_grad():
         probs = model(pgd_result.x_adv).softmax(1)
     # the reported success / probabilities describe the returned (quantised) images
@@ -248,17 +246,15 @@ def test_adv2_cam_succeeds_with_closer_maps_than_pgd(model, batch, pgd_result):
     attack = build_attack("adv2", interpreter="cam", warm_steps=30, steps=30,
                           framework_options=dict(eps=EPS, alpha=ALPHA))
     result = attack(model, x, target)
-    print('MEASURE', 'attacks_succ', float(result.success.float().mean()), flush=True)  # MEASURE
-    assert result.success.float().mean().item() >= 0.9
+    assert result.success.float().mean().item() >= 0.9  # measured 1.00 (16 of 16), OMP 1 and 2, 2026-12-06
     assert bool((linf(result.x_adv, x) <= EPS + TOL).all())
     cam = CAMInterpreter()
     benign = cam(model, x, y)
     d_adv2 = map_l1(cam(model, result.x_adv, target), benign)
     d_pgd = map_l1(cam(model, pgd_result.x_adv, target), benign)
     both = result.success & pgd_result.success
-    print('MEASURE', 'attacks248', float(result.success.float().mean()), int(both.sum()), float(d_adv2[both].mean()), float(d_pgd[both].mean()), float(d_adv2[both].mean() / d_pgd[both].mean()), float((d_adv2[both] < d_pgd[both]).float().mean()), flush=True)  # MEASURE
-    assert d_adv2[both].mean() < 0.6 * d_pgd[both].mean()
-    assert (d_adv2[both] < d_pgd[both]).float().mean() >= 0.75
+    assert d_adv2[both].mean() < 0.6 * d_pgd[both].mean()  # measured ratio 0.19 (0.031 vs 0.161), OMP 1 and 2, 2026-12-06
+    assert (d_adv2[both] < d_pgd[both]).float().mean() >= 0.75  # measured 16 of 16 (OMP 1 and 2)
 
 
 def test_adaptive_ensemble_lowers_cam_and_grad_distances(model, batch, pgd_result):
@@ -266,15 +262,19 @@ def test_adaptive_ensemble_lowers_cam_and_grad_distances(model, batch, pgd_resul
     attack = build_attack("adv2", interpreter=["cam", "grad"], warm_steps=30, steps=40, c=5.0,
                           framework_options=dict(eps=EPS, alpha=ALPHA))
     result = attack(model, x, target)
-    print('MEASURE', 'attacks_succ', float(result.success.float().mean()), flush=True)  # MEASURE
-    assert result.success.float().mean().item() >= 0.9
+    assert result.success.float().mean().item() >= 0.9  # measured 1.00 (16 of 16), OMP 1 and 2, 2026-12-06
     assert bool((linf(result.x_adv, x) <= EPS + TOL).all())
+    # per input, closer maps than PGD on at least 12 of 16: measured 16 (CAM) and 15 (GRAD) of 16, OMP 1 and 2, 2026-12-06.
+    # On average the ensemble's distance is 0.33 of PGD's on CAM but 0.70 on GRAD (no 2x margin under 1): the mean is
+    # asserted on CAM only
     for interpreter in (CAMInterpreter(), GradInterpreter()):
         benign = interpreter(model, x, y)
-        d_ens = map_l1(interpreter(model, result.x_adv, target), benign).mean()
-        d_pgd = map_l1(interpreter(model, pgd_result.x_adv, target), benign).mean()
-        print('MEASURE', 'attacks264', interpreter.name, float(result.success.float().mean()), float(d_ens), float(d_pgd), flush=True)  # MEASURE
-        assert d_ens < d_pgd, f"{interpreter.name}: ensemble {d_ens:.4f} vs PGD {d_pgd:.4f}"
+        d_ens = map_l1(interpreter(model, result.x_adv, target), benign)
+        d_pgd = map_l1(interpreter(model, pgd_result.x_adv, target), benign)
+        closer = int((d_ens < d_pgd).sum())
+        assert closer >= 12, f"{interpreter.name}: the ensemble is closer than PGD on only {closer} of 16 inputs"
+        if interpreter.name == "cam":
+            assert d_ens.mean() < d_pgd.mean(), f"cam: ensemble {d_ens.mean():.4f} vs PGD {d_pgd.mean():.4f}"
 
 
 def test_mask_term_runs_and_stays_in_ball(model, batch):
@@ -448,9 +448,8 @@ def test_pgd_maximise_increases_the_loss_and_stays_in_ball(model, batch):
             p.requires_grad_(True)
     with torch.no_grad():
         after = loss_fn(x_max)
-        print('MEASURE', 'attacks445', float(after.mean()), float(before.mean()), float((after > before).float().mean()), flush=True)  # MEASURE
-    assert after.mean() > before.mean()
-    assert (after > before).float().mean() >= 0.9
+    assert after.mean() > before.mean()  # measured 0.049 vs 0.00084 (OMP 1 and 2, 2026-12-06)
+    assert (after > before).float().mean() >= 0.9  # measured 16 of 16 (OMP 1 and 2)
     assert bool((linf(x_max, x) <= eps + TOL).all()) and in_unit_range(x_max)
     assert not x_max.requires_grad
 

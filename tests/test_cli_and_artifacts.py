@@ -132,8 +132,7 @@ evaluation: {{n_images: 64, n_mask: 8, mask: {{iterations: 20}}}}
     assert defend_main(["experiment", "-c", str(cfg), "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "metrics.json").read_text())
     acc = next(r["value"] for r in rows if r["metric"] == "test_accuracy")
-    print('MEASURE', 'cli135', acc, flush=True)  # MEASURE
-    assert acc > 0.3, f"classifier did not learn (accuracy {acc})"
+    assert acc > 0.3, f"classifier did not learn (accuracy {acc})"  # measured 0.82 (OMP 1 and 2, 2026-12-06)
     assert {r["setting"] for r in rows if r["metric"] == "localisation"} == {"cam", "grad", "mask"}
     assert (out / "report.md").read_text().startswith("# Classifier")
     assert (out / "maps.png").stat().st_size > 1000

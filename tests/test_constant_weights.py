@@ -108,5 +108,6 @@ def test_bf16_autocast_is_as_accurate_as_pytorch_autocast():
     assert fast[1].dtype == torch.float32 and fast[2].dtype == torch.float32  # input grads in the input's dtype
     for e, a, b in zip(exact, ref, fast):  # bf16 gradients are ~10 % off for both; the fast path is no worse
         err_ref, err_fast = ((t.double() - e).abs().max() / e.abs().max() for t in (a, b))
-        print('MEASURE', 'cw111', float(err_fast), float(err_ref), flush=True)  # MEASURE
-        assert err_fast <= 1.5 * err_ref + 0.01, (err_fast, err_ref)
+        # measured 0.156 / 0.141 against 0.209 / 0.179 allowed by 1.5x + 0.01 (1.3x room, and bf16 rounding differs
+        # between CPUs): 2x + 0.05 leaves 2x; a broken fast path is off by ~1
+        assert err_fast <= 2.0 * err_ref + 0.05, (err_fast, err_ref)

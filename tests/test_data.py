@@ -81,6 +81,8 @@ def test_digits_items_follow_contract(digits: DigitsDataModule) -> None:
 
 
 def test_digits_values_masks_and_labels(digits: DigitsDataModule) -> None:
+    # data statistics, deterministic given the seed (seeded numpy renderer); measured (OMP 1 and 2, 2026-12-06): std
+    # 0.18 in every split, digit share per image 0.029 to 0.171, mean share 0.082 to 0.085
     for split, ds in _datasets(digits).items():
         images = ds.images.float() / 255.0
         assert images.shape[1:] == (3, 32, 32)
@@ -90,7 +92,6 @@ def test_digits_values_masks_and_labels(digits: DigitsDataModule) -> None:
         masks = ds.masks
         assert set(masks.unique().tolist()) <= {0, 1}
         share = masks.float().mean(dim=(1, 2, 3))
-        print('MEASURE', 'data89-94', split, float(images.std()), float(share.min()), float(share.max()), float(share.mean()), flush=True)  # MEASURE
         assert (share > 0).all() and (share < 0.5).all(), split
         assert 0.03 < float(share.mean()) < 0.4
         assert set(ds.labels.tolist()) == set(range(10)), split
@@ -103,9 +104,8 @@ def test_digits_mask_marks_the_digit(digits: DigitsDataModule) -> None:
     inside = (images * masks).sum((2, 3)) / masks.sum((2, 3))
     outside = (images * ring).sum((2, 3)) / ring.sum((2, 3)).clamp_min(1)
     contrast = (inside - outside).abs().max(dim=1).values
-    print('MEASURE', 'data105', float(contrast.median()), float((contrast > 0.1).float().mean()), flush=True)  # MEASURE
-    assert float(contrast.median()) > 0.2
-    assert float((contrast > 0.1).float().mean()) > 0.9
+    assert float(contrast.median()) > 0.2  # measured 0.33 (deterministic given the seed; OMP 1 and 2, 2026-12-06)
+    assert float((contrast > 0.1).float().mean()) > 0.9  # measured 1.00
 
 
 def _digit_crops(ds, size: int = 10) -> torch.Tensor:
@@ -134,8 +134,7 @@ def test_digits_are_learnable_with_logistic_regression(digits: DigitsDataModule)
         opt.step()
     with torch.no_grad():
         acc = float((model(x_test).argmax(1) == y_test).float().mean())
-        print('MEASURE', 'data135', acc, flush=True)  # MEASURE
-    assert acc > 0.5, acc  # chance is 0.1
+    assert acc > 0.5, acc  # chance is 0.1; measured 0.946 (OMP 1 and 2, 2026-12-06)
 
 
 def test_digits_limit_test_and_describe() -> None:

@@ -81,13 +81,12 @@ def tiny32(device):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, test, _ = train_tiny_classifier(n_test=128)
+        model, test, _ = train_tiny_classifier(n_test=256)  # 32 right inputs needed: 97 of 256 are (52 of the first 128)
     finally:
         torch.set_num_threads(before)
     with torch.no_grad():
         ok = model(test["image"]).argmax(1) == test["label"]
-    print('MEASURE', 'device89', int(ok.sum()), flush=True)  # MEASURE
-    assert int(ok.sum()) >= 32, f"the tiny classifier got only {int(ok.sum())} of 128 test inputs right"
+    assert int(ok.sum()) >= 32, f"the tiny classifier got only {int(ok.sum())} of 256 test inputs right"
     return model.to(device), test["image"][ok][:32].to(device), test["label"][ok][:32].to(device)
 
 
@@ -114,10 +113,12 @@ def test_bf16_adv2_matches_float32_on_device(tiny32, interpreter):
     model, x, y = tiny32
     out = bf16_vs_fp32(model, x, y, interpreter)
     (asr32, l1_32), (asr16, l1_16) = out[None], out["bf16"]
-    print('MEASURE', 'device116', out, flush=True)  # MEASURE
+    # measured on CPU (OMP 1 and 2, 2026-12-06): success 1.00 in float32 and bf16 (no input flips) for CAM and GRAD; map
+    # distance 0.0824 vs 0.0826 (CAM, 0.2 % apart) and 0.0590 vs 0.0626 (GRAD, 6.2 % apart: the former 10 % bound left
+    # no 2x margin)
     assert asr32 >= 0.8, out
     assert abs(asr32 - asr16) <= 2 / 32 + 1e-9, out  # at most two of 32 inputs flip
-    assert abs(l1_32 - l1_16) <= 0.10 * l1_32, out  # map distance within 10 %
+    assert abs(l1_32 - l1_16) <= 0.15 * l1_32, out  # map distance within 15 %
 
 
 # ------------------------------------------------------------------------------ one training step on the device

@@ -39,7 +39,7 @@ def _experiment(tmp_path: Path, clf: Path, extra: list[str], out: str) -> list[d
         "classifier": {"checkpoint": str(clf), "module": {"arch": "small_cnn", "model_options": {"width": 8}}},
         "evaluation": {"n_images": 9, "batch_size": 4, "attacks": ["pgd", "adv2"], "frameworks": ["pgd"],
                        "interpreters": ["cam"], "n_figure": 2},
-        "attack": {"eps": 0.031, "alpha": 0.00784, "warm_steps": 10, "steps": 10, "c": 20.0},
+        "attack": {"eps": 0.063, "alpha": 0.00784, "warm_steps": 10, "steps": 10, "c": 20.0},  # see adv2 < pgd below
     }
     path = tmp_path / "attacks.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -62,8 +62,9 @@ def test_attack_evaluation_ddp_cpu_matches_one_process(tiny, tmp_path):
             assert abs(a[k] - b[k]) <= 1e-4, (a["attack"], k, a[k], b[k])  # stated tolerance: float reordering
     adv2 = next(r for r in one if r["attack"] == "adv2" and "read_by" not in r)
     pgd = next(r for r in one if r["attack"] == "pgd")
-    print('MEASURE', 'dist65', adv2['l1'], pgd['l1'], adv2['asr'], pgd['asr'], flush=True)  # MEASURE
-    assert adv2["l1"] < pgd["l1"]  # the evaluation measured real attacks, not empty rows
+    # the evaluation measured real attacks, not empty rows: map L1 measured 0.085 (ADV2) vs 0.197 (PGD), a ratio of 0.43,
+    # both at success 9 of 9 (one process, 2026-12-06); at eps 0.031 the ratio was 0.88, no 2x margin under 1
+    assert adv2["l1"] < pgd["l1"]
     assert (tmp_path / "two" / "maps.png").is_file()
 
 
@@ -95,9 +96,8 @@ def test_interrupted_evaluation_resumes_from_batch_cache(tiny, tmp_path, monkeyp
     again = evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
                           batch_size=4, cache_dir=str(cache), cache_key="k", progress=False)
     a, b = first.results[("adv2/pgd/cam", "cam")], again.results[("adv2/pgd/cam", "cam")]
-    print('MEASURE', 'dist98', a['asr'], a['n'], flush=True)  # MEASURE
     assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
-    assert a["asr"] > 0.5 and a["n"] == 6
+    assert a["asr"] > 0.5 and a["n"] == 6  # measured 5 of 6 (OMP 1 and 2, 2026-12-06)
     with pytest.raises(AssertionError, match="re-attacked"):  # another cache key: nothing is reused
         evaluate_plan(model, interps, [PlanItem("adv2", "pgd", "cam", engine, ["cam"])], data, trainer(),
                       batch_size=4, cache_dir=str(cache), cache_key="other", progress=False)

@@ -20,7 +20,8 @@ def _blocks(path: Path) -> list[str]:
 
 
 def test_api_walkthrough_runs_and_its_figures_are_right(tmp_path, monkeypatch):
-    model, _, _ = train_tiny_classifier(steps=150, width=8)
+    # 300 steps: after 150 ADV2's mean map L1 was 0.68 of plain PGD's (no 2x margin under 1) and 7 of 8 succeeded
+    model, _, _ = train_tiny_classifier(steps=300, width=8)
     (tmp_path / "checkpoints").mkdir()
     save_classifier(model, tmp_path / "checkpoints" / "digits_small_cnn.pt", {"width": 8})
     monkeypatch.chdir(tmp_path)
@@ -32,10 +33,10 @@ def test_api_walkthrough_runs_and_its_figures_are_right(tmp_path, monkeypatch):
     x, res, benign, adv_map = env["x"], env["res"], env["benign"], env["adv_map"]
     assert x.shape[0] == 8
     delta = (res.x_adv - x).abs()
-    print('MEASURE', 'docs38', float(res.success.float().mean()), float(env['l1'].mean()), float(env['l1_plain'].mean()), flush=True)  # MEASURE
     assert float(delta.max()) <= 8 / 255 + 1e-6  # inside the ball
     assert torch.equal(torch.round(res.x_adv * 255) / 255, res.x_adv)  # on the uint8 grid
     assert torch.allclose(env["l1"], (adv_map - benign).abs().mean((1, 2, 3)))  # the page's L1 is the textbook one
-    assert float(res.success.float().mean()) >= 0.75
-    assert float(env["l1"].mean()) < float(env["l1_plain"].mean())  # ADV2 keeps the map closer than plain PGD
+    assert float(res.success.float().mean()) >= 0.75  # measured 1.00 (8 of 8), OMP 1 and 2, 2026-12-06
+    # ADV2 keeps the map closer than plain PGD: measured 0.099 vs 0.241, a ratio of 0.41 (OMP 1 and 2, 2026-12-06)
+    assert float(env["l1"].mean()) < float(env["l1_plain"].mean())
     assert (tmp_path / "adv2_cam.png").stat().st_size > 10_000

@@ -83,7 +83,7 @@ def test_finetune_pipeline_on_an_image_folder(tmp_path, monkeypatch):
     clf_path = Path("checkpoints/folder_classifier/last.ckpt")
     clf = load_classifier(clf_path, num_classes=3, input_size=32)
     acc = held_out_accuracy(clf, dm)
-    print('MEASURE', 'ft86', acc, flush=True)  # MEASURE
+    # measured 0.83 (15 of 18), OMP 1 and 2, 2026-12-06
     assert acc > 0.6, f"held-out accuracy {acc:.2f} does not beat chance (1/3) clearly"
 
     # 2. a plain RTS interpreter for it
@@ -118,7 +118,7 @@ def test_finetune_pipeline_on_an_image_folder(tmp_path, monkeypatch):
     robust_path = Path("checkpoints/folder_robust/last.ckpt")
     assert load_artifact(robust_path, "classifier")["meta"]["robust_training"]["mode"] == "int_adv"
     robust = load_classifier(robust_path, num_classes=3, input_size=32)
-    print('MEASURE', 'ft120', held_out_accuracy(robust, dm), flush=True)  # MEASURE
+    # measured 0.78 (14 of 18), OMP 1 and 2, 2026-12-06
     assert held_out_accuracy(robust, dm) > 0.5, "fine-tuning from the trained classifier lost its accuracy"
 
 

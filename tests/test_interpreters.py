@@ -356,8 +356,7 @@ def square_model():
     x, y = _square_data(200, g)
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
-        print('MEASURE', 'interp359', acc, flush=True)  # MEASURE
-    assert acc > 0.95, f"the synthetic task did not train (accuracy {acc})"
+    assert acc > 0.95, f"the synthetic task did not train (accuracy {acc})"  # measured 1.00 (OMP 1 and 2, 2026-12-06)
     pos = x[y == 1][:6]
     return model, pos
 
@@ -373,8 +372,7 @@ def test_mask_deletes_the_evidence(square_model):
     # the deleted region concentrates on the square
     inside = m[..., 4:9, 4:9].mean()
     outside = (m.sum() - m[..., 4:9, 4:9].sum()) / (m.numel() - n * 25)
-    print('MEASURE', 'interp376', float(inside), float(outside), flush=True)  # MEASURE
-    assert inside > outside + 0.3
+    assert inside > outside + 0.3  # measured 0.99 vs 0.26 (OMP 1 and 2, 2026-12-06)
 
     # deleting MASK's region lowers f_c more than deleting a random region of equal area
     flat = m.flatten(1)
@@ -390,7 +388,7 @@ def test_mask_deletes_the_evidence(square_model):
         p_orig = model(x).softmax(1)[:, 1]
         p_mask = model(x * keep_mask + blurred * (1 - keep_mask)).softmax(1)[:, 1]
         p_rand = model(x * keep_rand + blurred * (1 - keep_rand)).softmax(1)[:, 1]
-        print('MEASURE', 'interp391', float(p_orig.mean()), float(p_mask.mean()), float(p_rand.mean()), flush=True)  # MEASURE
+    # measured 0.26 (MASK's region deleted) vs 0.84 (a random region) and 0.89 (nothing deleted), OMP 1 and 2, 2026-12-06
     assert p_mask.mean() < p_rand.mean() - 0.2, (p_orig, p_mask, p_rand)
     assert p_mask.mean() < p_orig.mean() - 0.2
 

@@ -118,8 +118,7 @@ def test_inner_maximisation_increases_d_and_stays_in_ball():
     with torch.no_grad():
         d_rand = interpretation_discrepancy(model, x, x_rand, y).mean()
         d_adv = interpretation_discrepancy(model, x, x_adv, y).mean()
-    print('MEASURE', 'rob121', float(d_adv), float(d_rand), flush=True)  # MEASURE
-    assert d_adv > 1.5 * d_rand and d_adv > 0
+    assert d_adv > 1.5 * d_rand and d_adv > 0  # measured 0.48 vs 0.062, a ratio of 7.8 (OMP 1 and 2, 2026-12-06)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -187,12 +186,15 @@ def digits_small():
 
 
 def _train(module: RobustClassifierModule, dm, steps: int) -> GapClassifier:
+    """``steps`` Adam steps on shuffled batches of 64, starting another epoch when one runs out (20 batches each)."""
     opt = torch.optim.Adam(module.parameters(), lr=3e-3)
     module.train()
-    loader = iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=64, shuffle=True,
-                                              generator=torch.Generator().manual_seed(0)))
+    gen, loader = torch.Generator().manual_seed(0), iter(())
     for _ in range(steps):
-        batch = next(loader)
+        batch = next(loader, None)
+        if batch is None:
+            loader = iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=64, shuffle=True, generator=gen))
+            batch = next(loader)
         loss = module.compute_loss(batch["image"], batch["label"])["loss"]
         opt.zero_grad()
         loss.backward()
@@ -208,13 +210,14 @@ def test_short_robust_training_lowers_worst_case_d(digits_small):
     for mode in ("normal", "int"):
         module = _small(width=4, seed=0, mode=mode, gamma=4.0,
                         inner=InnerMaximisation(eps=8 / 255, steps=2, alpha=4 / 255))
-        model = _train(module, digits_small, steps=20)
+        model = _train(module, digits_small, steps=40)
         with eval_mode(model):
             x_adv = worst_case_discrepancy(model, x, y, 8 / 255, 2 / 255, 5, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 worst[mode] = float(interpretation_discrepancy(model, x, x_adv, y).mean())
-    print('MEASURE', 'rob215', worst, flush=True)  # MEASURE
-    assert worst["int"] < 0.7 * worst["normal"], worst  # measured: 0.15 vs 0.34
+    # measured 0.108 vs 0.445, a ratio of 0.24 (OMP 1 and 2, 2026-12-06); after 20 steps it was 0.143 vs 0.341, a ratio of
+    # 0.42: no 2x margin under 0.7
+    assert worst["int"] < 0.7 * worst["normal"], worst
 
 
 def test_ddp_cpu_fit_writes_loadable_checkpoint(tmp_path):

@@ -15,11 +15,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(one_thread):
-    model, test, _ = train_tiny_classifier()
+def right(one_thread):
+    """The tiny classifier and the inputs it classifies right among the first 256 of the test split (97 of them)."""
+    model, test, _ = train_tiny_classifier(n_test=256)
     with torch.no_grad():
         ok = model(test["image"]).argmax(1) == test["label"]
-    return model, test["image"][ok][:16], test["label"][ok][:16]
+    return model, test["image"][ok], test["label"][ok]
+
+
+@pytest.fixture(scope="module")
+def tiny(right):
+    """The first 16 of them (28 of the first 64 test inputs are right)."""
+    model, x, y = right
+    return model, x[:16], y[:16]
 
 
 class Rounded(nn.Module):
@@ -34,14 +42,17 @@ class Rounded(nn.Module):
         return self.model(torch.round(x * 15) / 15)
 
 
-def test_autoattack_is_at_least_as_strong_as_pgd(tiny):
-    model, x, y = tiny
-    eps = 3 / 255
+def test_autoattack_is_at_least_as_strong_as_pgd(right):
+    model, x, y = right
+    x, y = x[:48], y[:48]
+    eps = 5 / 255
     for p in model.parameters():
         p.grad = None
     pgd = pgd_accuracy(model, x, y, eps, 20, eps / 4, torch.Generator().manual_seed(0))
     aa = autoattack_accuracy(model, x, y, eps, seed=0)
-    print('MEASURE', 're44', float(pgd.float().mean()), aa.accuracy, aa.stages, flush=True)  # MEASURE
+    # measured (OMP 1 and 2, 2026-12-06): PGD leaves 5 of 48 inputs robust, AutoAttack 2 (a ratio of 0.4, AutoAttack
+    # robust only where PGD is), and every stage runs. At the former 3/255 on 16 inputs it was 6 vs 5 (0.83: no 2x
+    # margin under 1; at small radii the two break almost the same inputs)
     assert 0 < pgd.float().mean() < 1  # a radius where the comparison means something
     assert aa.accuracy <= float(pgd.float().mean())
     assert not bool((aa.robust & ~pgd).any()) or aa.accuracy < float(pgd.float().mean())
@@ -60,7 +71,7 @@ def test_autoattack_sees_through_gradient_masking_that_fools_pgd(tiny):
         clean = float((masked(x).argmax(1) == y).float().mean())
     pgd = float(pgd_accuracy(masked, x, y, eps, 20, eps / 4, torch.Generator().manual_seed(0)).float().mean())
     aa = autoattack_accuracy(masked, x, y, eps, seed=0)
-    print('MEASURE', 're62', clean, pgd, aa.accuracy, aa.stages, flush=True)  # MEASURE
+    # measured (OMP 1 and 2, 2026-12-06): clean 1.00, PGD 0.94 (15 of 16), APGD and FAB 0.94, Square 0.00
     assert clean >= 0.8 and pgd >= 0.6  # PGD (and APGD) move nothing: the "defence" looks robust
     assert aa.accuracy <= pgd - 0.3  # Square breaks it
     assert aa.stages["square"] < aa.stages["fab-t"]
@@ -70,15 +81,15 @@ def test_topk_attack_lowers_topk_intersection_more_than_noise(tiny):
     model, x, _ = tiny
     cam = CAMInterpreter()
     eps = 8 / 255
-    res = TopKAttack(cam, k=8, eps=eps, steps=20)(model, x)
+    res = TopKAttack(cam, k=8, eps=eps, steps=40)(model, x)
     assert bool(res.kept.all())
     assert bool(((res.x_adv - x).abs() <= eps + 1e-7).all())
     assert torch.equal(res.x_adv, torch.round(res.x_adv * 255) / 255)
-    print('MEASURE', 're75', float(res.mass_adv.mean()), float(res.mass_benign.mean()), flush=True)  # MEASURE
-    assert float(res.mass_adv.mean()) < 0.7 * float(res.mass_benign.mean())
-    attacked = interpretation_robustness(model, cam, x, eps, "topk", options={"k": 8, "steps": 20}, ks=[8])
+    # measured 0.134 vs 0.354, a ratio of 0.38 (OMP 1 and 2, 2026-12-06); with 20 steps and 0.7 it was 0.42: no 2x margin
+    assert float(res.mass_adv.mean()) < 0.8 * float(res.mass_benign.mean())
+    attacked = interpretation_robustness(model, cam, x, eps, "topk", options={"k": 8, "steps": 40}, ks=[8])
     noise = interpretation_robustness(model, cam, x, eps, "noise", ks=[8])
-    print('MEASURE', 're81', attacked, noise, flush=True)  # MEASURE
+    # measured 0.28 vs 0.96 (top-8 intersection) and 0.34 vs 0.96 (Kendall tau, a ratio of 0.35), OMP 1 and 2, 2026-12-06
     assert attacked["topk_intersection_k8"] < noise["topk_intersection_k8"] - 0.2
     assert attacked["kendall_tau"] < noise["kendall_tau"]
     # the reported intersection is the share of the benign top-8 CAM cells still in the attacked top-8

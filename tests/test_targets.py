@@ -16,7 +16,7 @@ def test_random_patches_are_seeded_binary_and_sized(shape):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     area = a.flatten(1).mean(1)
-    print('MEASURE', 'tgt19', float(area.min()), float(area.max()), flush=True)  # MEASURE
+    # seeded geometry, no trained model: areas measured 0.050 to 0.189 (both shapes, OMP 1 and 2, 2026-12-06)
     assert bool((area > 0.03).all()) and bool((area < 0.26).all()), area
 
 
@@ -28,8 +28,7 @@ def test_rectangles_are_rotated():
         ys, xs = m[k, 0].nonzero(as_tuple=True)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         fill.append(float(m[k].sum() / box))
-    print('MEASURE', 'tgt30', min(fill), flush=True)  # MEASURE
-    assert min(fill) < 0.8
+    assert min(fill) < 0.8  # seeded geometry: measured 0.48 (OMP 1 and 2, 2026-12-06)
 
 
 def test_other_class_maps_come_from_a_different_class():

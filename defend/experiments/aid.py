@@ -622,13 +622,13 @@ def _selection_lines(cfg: AIDExperiment, t: dict[str, Any]) -> list[str]:
     rows = [[h["epoch"], h["batches"], h.get("val/l1_adv", "-"), h.get("val/localisation", "-"),
              h.get("val/localisation_anchor", "-"), h["val/aid_score"],
              "kept" if h["batches"] == t["selected_batches"] else ""] for h in t["selection"]]
-    where = "the validation split" if sel.val_batches is None else f"{int(sel.val_batches)} validation batch(es)"
+    where = "the development split" if sel.val_batches is None else f"{int(sel.val_batches)} development batch(es)"
     kept = next(h for h in t["selection"] if h["batches"] == t["selected_batches"])
     at = f"the weights after {t['selected_batches']} batches (epoch {t['selected_epoch']} of {t['epochs']})"
     verdict = (f"Kept: {at}." if kept["val/aid_score"] >= 0 else
                f"No candidate kept its validation localisation within the budget: kept the closest, {at}.")
-    return ["", "## Epoch selection on the validation split", "",
-            f"After each AID epoch: the inner ADV2 on {int(sel.attack_batches)} validation batch(es) and the "
+    return ["", "## Epoch selection on the development split (dev, Lightning's validation split)", "",
+            f"After each AID epoch: the inner ADV2 on {int(sel.attack_batches)} development batch(es) and the "
             f"localisation on {where}; kept: the weights with the largest benign-vs-ADV2 L1 among those whose "
             f"localisation is within {100 * drop:.0f} % of the plain RTS's (`val/aid_score`; outside the "
             f"budget the score is the shortfall, < 0). {verdict}", "",
