@@ -80,7 +80,10 @@ def main() -> None:
     p.add_argument("--split", default="dev", help="the split every epoch is measured on: the development split "
                    "(dev); the test split is refused (this run tunes a recipe)")
     args = p.parse_args()
-    split = require_development(args.split, "the AID trajectory benchmark")
+    try:
+        split = require_development(args.split, "the AID trajectory benchmark")
+    except ValueError as exc:
+        p.error(str(exc))
     quiet_lightning()
     torch.set_num_threads(1)
     load_experiments()

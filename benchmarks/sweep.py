@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         value, split = score(rows, args.score)
         tried.append({"run": str(run), "values": values, "score": value, "split": split})
         print(f"[sweep] {i}: {values} -> {value:.4f} ({split})", flush=True)
-    best = select_best(tried, lambda t: t["score"], tried[0]["split"], "the sweep")
+    try:
+        best = select_best(tried, lambda t: t["score"], tried[0]["split"], "the sweep")
+    except ValueError as exc:  # e.g. the configurations were measured on the test split: one line, nothing chosen
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
     if any(t["split"] != best["split"] for t in tried):
         raise SystemExit("sweep: the configurations were measured on different splits")
     report = {"configurations_tried": len(tried), "score": args.score, "grid": args.grid, "set": args.set,
