@@ -214,7 +214,7 @@ def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
         *_intro(cfg, results, dm.num_classes),
         "## Accuracy (AdvEdge Table VII, upper part)", "",
         markdown_table(headers, grid("accuracy", ("clean", "pgd-ce"), "accuracy", "PGD-CE")
-                       + grid("accuracy", ("clean", "autoattack-standard"), "accuracy", "AutoAttack")
+                       + grid("accuracy", ("autoattack-standard",), "accuracy", "AutoAttack")
                        + grid("accuracy", ("autoattack-standard",), "accuracy_on_correct",
                               "AutoAttack, on correctly classified inputs")), "",
         "## Kendall's tau of benign vs attacked CAM (AdvEdge Table VII, lower part)", "",
