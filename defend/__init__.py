@@ -8,11 +8,13 @@ A flat namespace for notebooks (see ``docs/api.md``)::
     adv = attacks.build_attack("adv2", "pgd", "cam", eps=8 / 255)(model, x, target)
     defend.map_l1(cam(model, adv.x_adv, target), cam(model, x, y))
 
-Submodules hold the rest: :mod:`defend.metrics` (every metric), :mod:`defend.robust_eval`,
+Submodules hold the rest: :mod:`defend.metrics` (every metric), :mod:`defend.stats` (the interval and the paired
+test of every figure), :mod:`defend.selection` (choices on the development split only), :mod:`defend.robust_eval`,
 :mod:`defend.experiments` (the registered experiments), :mod:`defend.figures`.
 """
 from __future__ import annotations
 
+from . import selection, stats
 from .aid import AIDModule, AIDSchedule, InnerAttack, RTSObjective, load_rts, save_rts
 from .autoattack import autoattack_accuracy
 from .classifier import ClassifierModule, load_classifier, save_classifier
@@ -40,7 +42,7 @@ from .robust_eval import interpretation_robustness, pgd_accuracy, sensitivity
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
+    "__version__", "stats", "selection",
     # defences (LightningModules) and their option groups
     "DefenceModule", "Optimiser", "ClassifierModule", "RobustClassifierModule", "InnerMaximisation",
     "AIDModule", "RTSObjective", "AIDSchedule", "InnerAttack", "DetectorModule",

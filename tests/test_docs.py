@@ -26,7 +26,7 @@ def test_api_walkthrough_runs_and_its_figures_are_right(tmp_path, monkeypatch):
     save_classifier(model, tmp_path / "checkpoints" / "digits_small_cnn.pt", {"width": 8})
     monkeypatch.chdir(tmp_path)
     blocks = _blocks(ROOT / "docs" / "api.md")
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     env: dict = {}
     for code in blocks:
         exec(compile(code, "docs/api.md", "exec"), env)  # noqa: S102 - the page's own code
@@ -40,3 +40,8 @@ def test_api_walkthrough_runs_and_its_figures_are_right(tmp_path, monkeypatch):
     # ADV2 keeps the map closer than plain PGD: measured 0.099 vs 0.241, a ratio of 0.41 (OMP 1 and 2, 2026-12-06)
     assert float(env["l1"].mean()) < float(env["l1_plain"].mean())
     assert (tmp_path / "adv2_cam.png").stat().st_size > 10_000
+    from scipy.stats import binomtest  # the page's interval is the Wilson interval of the success count
+
+    ci = binomtest(int(res.success.sum()), 8).proportion_ci(method="wilson")
+    shown = str(env["stats"].proportion(res.success))
+    assert shown.startswith(f"{float(res.success.float().mean()):.3f} [{ci.low:.2f}, {ci.high:.2f}]")
