@@ -430,7 +430,8 @@ def _target(ctx: _Run, target: str, benign: dict[str, dict[str, Any]],
     adv = _craft(ctx, target, inputs)
     ok = {name: a["success"].bool() for name, a in adv.items()}
     asr = stats.proportion(ok["test"])
-    common = {"target_interpreter": target, "attack": d.attack, "framework": d.framework,
+    common = {"target_interpreter": target, "attack": d.attack, "framework": d.framework, "split": "test",
+              "fit_split": inputs["fit"]["split"], "select_split": inputs["select"]["split"],
               **asr.fields("attack_success"), "n_attacked": asr.n, "attack_seconds": float(sum(float(a["attack_seconds"].sum())
                                                                           for a in adv.values()))}
     short = {name: int(v.sum()) for name, v in ok.items() if int(v.sum()) < MIN_ADVERSARIAL}

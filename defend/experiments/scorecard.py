@@ -535,6 +535,7 @@ def _cell_text(row: str, col: dict[str, Any], c: dict[str, Any] | None) -> str:
 
 def _metric_row(ln: dict[str, Any], col: dict[str, Any], c: dict[str, Any] | None) -> dict[str, Any]:
     row = {"defence": ln["row"], "line": ln["label"], "interpreter": ln["interpreter"], "column": col["key"],
+           "split": "test",
            "attack": col.get("attack", col["kind"]), "kind": "adaptive" if col.get("adaptive") else "non-adaptive",
            "status": "measured" if c is not None else NOT_MEASURED}
     if c is None:
