@@ -13,7 +13,7 @@ Rows (``defences:``, in this order):
   (:class:`defend.aid.AIDModule`, the ``aid`` experiment's training function, ``aid:`` its training plan);
 * ``detector``: the normal classifier behind the multi-interpreter detector (:class:`defend.detector.DetectorModule`
   on the stacked maps of ``detector.interpreters``, trained on benign and adversarial inputs of ``detector.split``,
-  not the test split), scored by its detection rates at 1 % / 5 % false positives on the battery's non-adaptive
+  the training split: the development split sets the card's FPR thresholds, the test split reports), scored by its detection rates at 1 % / 5 % false positives on the battery's non-adaptive
   sets and on the detector-aware adaptive ADV2 (``adaptive_detector``).
 
 Every row is one :func:`~defend.evaluate.evaluate_system` run into ``<out>/cards/<row>/`` (its ``card.json``,
@@ -127,14 +127,15 @@ class DetectorDefence:
     """The ``detector`` row: ``detector`` (the ``detector`` experiment's trunk / booster options) trained on the
     stacked maps of ``interpreters`` (+ their product channel when ``product``) of ``n_benign`` benign and the
     successful ones of ``n_adversarial`` inputs per target (each of ``attacks`` against each of
-    ``target_interpreters``, options ``attack``), all correctly classified inputs of ``split`` (not the test split
-    the battery measures on), in batches of ``batch_size``."""
+    ``target_interpreters``, options ``attack``), all correctly classified inputs of ``split`` (the training split:
+    the card sets the FPR thresholds on the development split and measures on the test split), in batches of
+    ``batch_size``; the training set is balanced (as many benign as successful adversarial inputs)."""
 
     interpreters: list[str] = field(default_factory=lambda: ["grad", "cam"])
     product: bool = False
     n_benign: PositiveCount = PositiveCount(200)
     n_adversarial: PositiveCount = PositiveCount(100)
-    split: Split | list[Split] = "val"
+    split: Split | list[Split] = "train"
     attacks: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge"])
     target_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     batch_size: PositiveCount = PositiveCount(50)
@@ -255,6 +256,10 @@ def check(cfg: ScorecardExperiment) -> None:
         if "rts" in d.interpreters:
             raise ValueError("detector.interpreters: the scorecard's detector row reads maps of the classifier's "
                              "own interpreters (no RTS network is given to it); use e.g. [grad, cam]")
+        splits = [d.split] if isinstance(d.split, str) else list(d.split)
+        if any(s != "train" for s in splits):
+            raise ValueError(f"detector.split {d.split}: the detector trains on the training split only (the card sets "
+                             "its FPR thresholds on the development split and reports on the test split); use train")
 
 
 def _artifacts(cfg: ScorecardExperiment, out: Path) -> dict[str, Path]:
