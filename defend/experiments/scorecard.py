@@ -88,9 +88,10 @@ DESCRIPTIONS = {
                "section 5 Q3; AIDModule, AID weight > 0): its maps of adversarial inputs should differ from the "
                "benign ones (low IoU).",
     "detector": "the normal classifier behind the multi-interpreter detector (AdvEdge section VIII: VGG-16 trunk + "
-                "XGBoost on the stacked interpreter maps; DetectorModule), trained on inputs of the data's {split} "
-                "split; scored by the share of successful adversarial inputs it flags at the thresholds giving 1 % / "
-                "5 % false positives on benign test inputs.",
+                "XGBoost on the stacked interpreter maps; DetectorModule), trained on a balanced set of inputs of the "
+                "data's {split} split; scored by the share of successful adversarial test inputs it flags at the "
+                "thresholds giving 1 % / 5 % false positives on benign development inputs (where there are 10 / FPR "
+                "of them) and by the evasion rate.",
 }
 
 Split = Literal["train", "val", "test"]
@@ -564,6 +565,15 @@ def _paired(a: dict[str, Any], b: dict[str, Any], key: str, seed: int, proportio
     return stats.mcnemar(y, x, seed) if proportion else stats.paired_bootstrap(y, x, seed)
 
 
+def _test_text(name: str, t: stats.PairedTest | None) -> str:
+    """One paired test as the verdict names it: within noise, or significant and in which direction."""
+    if t is None:
+        return f"{name}: no paired test"
+    if not t.significant:
+        return f"{name} within noise (p = {t.p_value:.2g})"
+    return f"{name} {'higher' if t.difference.value > 0 else 'lower'} (p = {t.p_value:.2g})"
+
+
 def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]], seed: int = 0) -> str:
     """Whether the adaptive attacks did better than the non-adaptive ones on this line, by paired tests on the same
     inputs (the rule is stated in the report), naming the figures."""
@@ -583,14 +593,14 @@ def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]], seed: int = 0) -> s
                     f"{b['iou']:.2f} ({b['run']})")
         won = [f"{name} p = {t.p_value:.2g}" for name, t, up in tests
                if t is not None and t.significant and (t.difference.value > 0) == up]
-        noted = "; ".join(f"{name} p = {t.p_value:.2g}" for name, t, _ in tests if t is not None) or "no paired test"
+        noted = "; ".join(_test_text(name, t) for name, t, _ in tests) or "no paired test"
         (gains if won else holds).append(f"{text}, {', '.join(won) if won else noted}")
     if not gains and not holds:
         return "no adaptive figure was measured for this line."
     if gains:
         return ("**loses under the adaptive attack**: " + "; ".join(gains)
                 + (f" (no significant gain: {'; '.join(holds)})" if holds else "") + ".")
-    return "the adaptive attacks did no better than the non-adaptive ones (within noise): " + "; ".join(holds) + "."
+    return "no adaptive attack did significantly better than the non-adaptive one: " + "; ".join(holds) + "."
 
 
 # --------------------------------------------------------------------------------------------- run
