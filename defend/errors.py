@@ -113,6 +113,9 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}"
     text = _worker_error(text) or text
+    from .class_paths import import_denied
+
+    text = import_denied(text) or text
     if "\n" in text.strip():
         text = _nested(text)
     text = " ".join(text.split())

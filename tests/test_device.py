@@ -160,7 +160,7 @@ def fit(config: str, device: torch.device, tmp: Path, extra: list[str]) -> tuple
            f"--trainer.accelerator={accelerator}", f"--trainer.devices={devices}", "--trainer.max_epochs=1",
            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp}",
-           f"--trainer.logger.init_args.save_dir={tmp}", f"--trainer.callbacks+={callback}",
+           f"--trainer.logger.init_args.save_dir={tmp}", "--import", "test_device", f"--trainer.callbacks+={callback}",
            "--data.renders_per_digit=[1,1,1]", "--data.batch_size=8", *tiny_overrides(ROOT / config), *extra]
     path = os.pathsep.join(p for p in (str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

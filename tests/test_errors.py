@@ -145,7 +145,7 @@ class BadData(BaseDataModule):
 ])
 def test_fit_rejects_bad_data_before_writing_anything(kind, pattern, tmp_path, capsys):
     cfg = fit_config(tmp_path, CLASSIFIER, {"class_path": f"{__name__}.BadData", "init_args": {"kind": kind}})
-    rc, err = run(capsys, ["fit", "-c", str(cfg)])
+    rc, err = run(capsys, ["fit", "-c", str(cfg), "--import", __name__])  # a test module: opted in by name
     assert_one_line_error(rc, err, "fit", pattern)
     assert_nothing_written(tmp_path / "out")
 
@@ -153,7 +153,7 @@ def test_fit_rejects_bad_data_before_writing_anything(kind, pattern, tmp_path, c
 def test_fit_accepts_good_data(tmp_path, capsys):
     """The control: the same module and data without the mistake trains and writes its checkpoint."""
     cfg = fit_config(tmp_path, CLASSIFIER, {"class_path": f"{__name__}.BadData", "init_args": {"kind": "ok"}})
-    rc, err = run(capsys, ["fit", "-c", str(cfg)])
+    rc, err = run(capsys, ["fit", "-c", str(cfg), "--import", __name__])
     assert rc == 0, err
     assert (tmp_path / "out" / "ckpt" / "last.ckpt").is_file()
 

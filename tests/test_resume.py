@@ -54,7 +54,7 @@ def _ckpt(path: Path) -> dict:
 
 def _last_val(run_dir: Path) -> dict[str, str]:
     """The validation row of the last epoch in the newest CSV log of a run."""
-    logs = sorted(run_dir.glob("runs/fit/version_*/metrics.csv"))
+    logs = sorted(run_dir.glob("runs/*/version_*/metrics.csv"))
     rows = [r for r in csv.DictReader(logs[-1].open()) if r.get("val/acc")]
     return {k: rows[-1][k] for k in ("epoch", "step", "val/acc", "val/loss")}
 
@@ -74,7 +74,8 @@ def test_interrupted_fit_resumes_to_the_same_weights(run, tmp_path, monkeypatch)
 
     monkeypatch.chdir(crashed)
     with pytest.raises(RuntimeError, match="simulated crash at step 6"):
-        defend_main(["fit", *args, f"--trainer.callbacks+={__name__}.StopAt", "--trainer.callbacks.step=6"])
+        defend_main(["fit", *args, "--import", __name__, f"--trainer.callbacks+={__name__}.StopAt",
+                     "--trainer.callbacks.step=6"])
     stopped = _ckpt(crashed / last)
     assert (stopped["epoch"], stopped["global_step"]) == (0, 4), "last.ckpt should be the end of the first epoch"
     assert defend_main(["fit", *args, "--ckpt_path", "last"]) == 0

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..class_paths import IMPORT_HELP, allow_imports
+
 __all__ = ["main", "EPILOG"]
 
 EPILOG = """data (--data):
@@ -15,7 +17,9 @@ EPILOG = """data (--data):
                         configs/finetune/*.yaml do (val/test fraction 0.15, seed 0); change an option with
                         --set data.KEY=VALUE (e.g. --set data.resize=256)
   cifar10:PATH          CIFAR-10 in its on-disk format
-  FILE.yaml             data: {class_path: ImageFolderDataModule, init_args: {root: ...}} as the experiment configs
+  FILE.yaml             data: {class_path: ImageFolderDataModule, init_args: {root: ...}} as the experiment configs;
+                        a class_path may name registered classes and classes of defend, attacks, torch,
+                        torchvision and (pytorch_)lightning: for your own data module give --import MODULE
 
 examples:
   defend evaluate --classifier checkpoints/digits_small_cnn.pt --battery quick --out runs/card_quick
@@ -56,11 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow replacing files in --out that defend did not write")
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.add_argument("--print_config", action="store_true", help="print the resolved battery and exit")
+    p.add_argument("--import", action="append", default=[], metavar="MODULE", dest="imports", help=IMPORT_HELP)
     return p
 
 
 def _overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    import yaml
+    from ..safe_yaml import YAMLLimitError, loads
 
     battery, data = {}, {}
     for item in items:
@@ -68,8 +73,10 @@ def _overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
+            parsed = loads(value, f"--set {key}")
+        except YAMLLimitError:
+            raise
+        except ValueError:
             raise ValueError(f"--set {key}: {value!r} is not a YAML value") from None
         if key.startswith("data."):
             data[key[5:]] = parsed
@@ -98,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else None
     created = out is not None and not out.exists()
     try:
+        allow_imports(args.imports)
         battery_over, data_over = _overrides(args.set)
         if args.print_config:
             from .battery import load_battery

@@ -23,6 +23,7 @@ from jsonargparse import ArgumentParser
 
 from attacks.registry import Registry
 
+from ..class_paths import import_denied
 from ..types import Count, Fraction01, NonNegative, Positive, PositiveCount, Radius, StepSize
 
 __all__ = ["Radius", "StepSize", "Positive", "NonNegative", "Count", "PositiveCount", "Fraction01", "ExperimentConfig",
@@ -119,6 +120,9 @@ def config_error(exc: Exception, cls: type) -> str:
     """jsonargparse's multi-line report on a config of ``cls`` as one line (value types' own messages, a did-you-mean)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     text = text.replace('Parser key "cfg.', 'config key "').replace("Group 'cfg' ", "the config ")
+    denied = import_denied(text)
+    if denied:
+        return denied
     typed = re.search(r"(config key \"[\w.]+\"): .*?Not of type \w+: (.*?)(?: - Expected a <class 'NoneType'>.*)?$", text)
     if typed:  # a value type's own message ("a radius must lie in [0, 1] ...") without the Union noise
         return f"{typed.group(1)}: {typed.group(2)}"
@@ -148,7 +152,11 @@ def parse_typed(cls: type, raw: dict[str, Any], instantiate: bool = True) -> tup
     """``raw`` as an instance of the dataclass ``cls`` (types checked, defaults filled in) and as that resolved YAML;
     any problem is one line (:func:`config_error`). ``instantiate=False`` checks and resolves without building the
     classes it names (``--print_config`` of a config whose data is on another machine); the instance is then ``None``."""
+    from ..class_paths import check_class_paths, enforce_in_jsonargparse
+
     check_known_keys(cls, raw)
+    check_class_paths(raw, "")  # before jsonargparse imports the module a class_path names
+    enforce_in_jsonargparse()
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--cfg", type=cls)
     try:

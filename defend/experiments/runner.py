@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..class_paths import IMPORT_HELP, allow_imports
 from ..distributed import is_global_zero
 from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
 from ..provenance import noted_data, provenance
+from ..safe_yaml import load_file, loads
 from .config import EXPERIMENTS, parse_experiment
 
 __all__ = ["main", "load_config", "read_mapping", "deep_merge", "planned_outputs", "load_experiments"]
@@ -54,14 +54,10 @@ def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file holding a mapping (``safe_load``: no code runs); a missing file or bad YAML is one line."""
+    """A YAML file holding a mapping (:func:`defend.safe_yaml.load_file`: plain data, size / alias / depth limits,
+    no duplicated key); a missing file or bad YAML is one line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_file(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping at top level")
     return data
@@ -78,7 +74,7 @@ def load_config(paths: Sequence[str], overrides: Sequence[str] = (), quick: bool
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        _set_path(cfg, key, yaml.safe_load(value))
+        _set_path(cfg, key, loads(value, f"--set {key}"))
     cfg.pop("quick", None)
     return cfg
 
@@ -94,8 +90,10 @@ The config is checked before anything runs (names of attacks / frameworks / inte
 counts, the data and a reused classifier checkpoint): an invalid config exits with status 2 and one error line,
 and writes nothing into --out. So is --out: a run refuses to overwrite files in it that it did not write (listed
 with their sha256 in DIR/.defend-manifest.json) unless --overwrite is given. A full disk or a permission error is
-one line too (`cannot write <file>: <reason>`), leaving the previous file intact. Set DEFEND_DEBUG=1 to see full
-tracebacks.
+one line too (`cannot write <file>: <reason>`), leaving the previous file intact. A class_path (e.g. data:) may
+name registered classes and classes of defend, attacks, torch, torchvision and (pytorch_)lightning; give
+--import MODULE (repeatable) to use your own module's classes: no config file makes defend import a module.
+Set DEFEND_DEBUG=1 to see full tracebacks.
 """
 
 
@@ -131,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved, checked config (every default filled in) and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--import", action="append", default=[], metavar="MODULE", dest="imports", help=IMPORT_HELP)
     return parser
 
 
@@ -199,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or ".")
     created = args.out is not None and not out.exists()
     try:
+        allow_imports(args.imports)
         raw = load_config(args.config, args.set, args.quick)
         raw["output_dir"] = str(out)  # where rank 0 publishes (other ranks run in a scratch directory)
         if args.print_config:  # resolved and type-checked; the data and checkpoints it names need not exist here
