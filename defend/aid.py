@@ -39,7 +39,7 @@ from attacks import ADV2, AttackResult, RTSInterpreter, RTSNetwork, frozen, get_
 from attacks.checks import check_images, check_labels
 from attacks.interpreters import rts_objective
 
-from .classifier import load_classifier
+from .classifier import build_from_state, check_hparams, load_classifier
 from .distributed import mean_over_ranks, rank_world, shard_draw
 from .io import CheckpointError, load_artifact, load_state_checked, save_artifact, strip_prefix
 from .metrics import localisation
@@ -216,10 +216,11 @@ def load_rts(path: str | os.PathLike) -> RTSNetwork:
     cfg = (payload.get("meta") or {}).get("network")
     if not isinstance(cfg, dict) or "stage_channels" not in cfg or "num_classes" not in cfg:
         raise CheckpointError(f"{path} lacks the RTS network configuration in its metadata")
-    net = RTSNetwork(**cfg)
+    check_hparams(cfg, path)
     state = payload["state"]
     if payload["format"] == "lightning":
         state = strip_prefix(state, "rts.")
+    net = build_from_state(lambda: RTSNetwork(**cfg), state, path, f"the RTS network {cfg}")
     load_state_checked(net, state, path)
     return net.eval()
 

@@ -2,8 +2,11 @@
 
 We call ``pyautoattack`` (the packaging of github.com/fra31/auto-attack that RobustBench itself depends on) rather
 than a re-implementation, so that our figures are RobustBench's figures: APGD-CE, APGD-T (DLR loss, 9 target classes),
-FAB-T (9 target classes) and Square (5,000 queries), L-inf. The only change is forced by small label sets: with K < 10
-classes the targeted attacks use the K - 1 classes there are (the standard version cannot run otherwise; reported).
+FAB-T (9 target classes) and Square (5,000 queries), L-inf. The only changes are forced by small label sets: with K < 10
+classes the targeted attacks use the K - 1 classes there are; with K < 4 the targeted DLR loss (it reads the third and
+fourth largest logits) is not defined, so the ``reduced`` version runs instead (:func:`autoattack_plan`): APGD-DLR
+untargeted in place of APGD-T with 3 classes (its loss reads the third largest logit), no DLR attack at all with 2.
+The card's rows name the version and the attacks run.
 
 The classifier is wrapped so the package sees the logits of [0, 1] inputs (normalisation stays inside the model), in
 eval mode with frozen parameters (no ``.grad`` left on them); the caller's flags are restored.
@@ -19,9 +22,14 @@ from torch import Tensor, nn
 from attacks.checks import check_images, check_labels
 from attacks.state import frozen
 
-__all__ = ["AutoAttackResult", "autoattack_accuracy", "AUTOATTACK_VERSION"]
+__all__ = ["AutoAttackResult", "autoattack_accuracy", "autoattack_plan", "AUTOATTACK_VERSION"]
 
 AUTOATTACK_VERSION = "standard"
+#: the attacks of the standard version, and of the reduced one by class count (the DLR losses need K >= 4 / K >= 3)
+STANDARD_ATTACKS = ["apgd-ce", "apgd-t", "fab-t", "square"]
+REDUCED_ATTACKS = {3: ["apgd-ce", "apgd-dlr", "fab-t", "square"], 2: ["apgd-ce", "fab-t", "square"]}
+#: AutoAttack's own warning about the class count, answered by :func:`autoattack_plan` (not kept among the flags)
+_CLASS_COUNT = re.compile(r"with only \d+ classes it is not possible to use the (targeted )?DLR loss")
 _STAGE = re.compile(r"robust accuracy after (\S+): ([0-9.]+)%")
 
 
@@ -69,9 +77,21 @@ class AutoAttackResult:
         return float(self.robust.float().mean())
 
 
+def autoattack_plan(num_classes: int) -> tuple[str, list[str], int]:
+    """``(version, attacks, target classes)`` AutoAttack runs against ``num_classes`` classes: the standard version
+    from 4 classes on, the reduced one below (module docstring); fewer than 2 classes is an error."""
+    if num_classes < 2:
+        raise ValueError(f"AutoAttack needs at least 2 classes, the classifier has {num_classes}")
+    targets = min(9, num_classes - 1)
+    if num_classes >= 4:
+        return AUTOATTACK_VERSION, list(STANDARD_ATTACKS), targets
+    return "reduced", list(REDUCED_ATTACKS[num_classes]), targets
+
+
 def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int = 0,
                         batch_size: int = 256) -> AutoAttackResult:
-    """Run AutoAttack (standard, L-inf radius ``eps``) on ``x`` with labels ``y``; clean errors count as non-robust."""
+    """Run AutoAttack (L-inf radius ``eps``; the version :func:`autoattack_plan` gives for the class count) on ``x``
+    with labels ``y``; clean errors count as non-robust."""
     from pyautoattack import AutoAttack
 
     check_images(x)
@@ -79,7 +99,7 @@ def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, s
     check_labels(y, num_classes, x.shape[0])
     if not eps > 0:
         raise ValueError(f"AutoAttack needs eps > 0, got {eps}")
-    targets = min(9, num_classes - 1)
+    version, attacks, targets = autoattack_plan(num_classes)
     log = logging.getLogger("auto-attack")
     handler, level, propagate = _Collect(), log.level, log.propagate
     log.addHandler(handler)
@@ -89,6 +109,7 @@ def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, s
         with frozen(model):
             aa = AutoAttack(_Logits(model), eps=float(eps), norm="Linf", version=AUTOATTACK_VERSION, seed=seed,
                             device=x.device)
+            aa.attacks_to_run = attacks  # the standard version's settings, with the attacks the classes allow
             aa.apgd_targeted.n_target_classes = targets
             aa.fab.n_target_classes = targets
             x_adv, y_adv = aa.run_standard_evaluation(x.detach(), y.detach(), batch_size=batch_size)
@@ -96,7 +117,8 @@ def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, s
         log.removeHandler(handler)
         log.setLevel(level)
         log.propagate = propagate
-    settings = {"version": AUTOATTACK_VERSION, "attacks": list(aa.attacks_to_run), "norm": "Linf", "eps": float(eps),
+    settings = {"version": version, "attacks": list(aa.attacks_to_run), "norm": "Linf", "eps": float(eps),
                 "target_classes": targets, "square_queries": int(aa.square.n_queries), "seed": seed,
                 "n": int(x.shape[0])}
-    return AutoAttackResult(y_adv.to(y.device) == y, x_adv.detach(), handler.stages, handler.flags, settings)
+    flags = [f for f in handler.flags if not _CLASS_COUNT.search(f)]
+    return AutoAttackResult(y_adv.to(y.device) == y, x_adv.detach(), handler.stages, flags, settings)

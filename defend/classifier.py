@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from attacks.checks import check_images, check_labels
@@ -105,6 +106,83 @@ def state_differences(own: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# --------------------------------------------------------------------------------------------- untrusted metadata
+#: the largest integer an artifact's hyper-parameters may hold (widths, depths, sizes, channels), checked before
+#: anything is built from them; class counts may go up to :data:`MAX_CLASSES`, lists hold at most :data:`MAX_ITEMS`
+MAX_HPARAM = 4096
+MAX_CLASSES = 100_000
+MAX_ITEMS = 64
+#: integer hyper-parameters that size nothing (not bounded)
+UNSIZED = frozenset({"seed"})
+
+
+def check_hparams(values: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` (one line) when a hyper-parameter of ``values`` (an artifact's metadata,
+    nested mappings and lists included) is an integer above :data:`MAX_HPARAM` (:data:`MAX_CLASSES` for
+    ``num_classes``) or below 0, or a list longer than :data:`MAX_ITEMS`: a few bytes of metadata must not make the
+    tool allocate gigabytes."""
+    def walk(key: str, v: Any) -> None:
+        if isinstance(v, Mapping):
+            for k, item in v.items():
+                walk(f"{key}.{k}" if key else str(k), item)
+        elif isinstance(v, (list, tuple)):
+            if len(v) > MAX_ITEMS:
+                raise CheckpointError(f"{path}: its metadata's {key} has {len(v)} items (at most {MAX_ITEMS}); the "
+                                      "file was not written by this tool: re-export it")
+            for item in v:
+                walk(key, item)
+        elif isinstance(v, int) and not isinstance(v, bool) and key.split(".")[-1] not in UNSIZED:
+            top = MAX_CLASSES if key.split(".")[-1] == "num_classes" else MAX_HPARAM
+            if not 0 <= v <= top:
+                raise CheckpointError(f"{path}: its metadata's {key} = {v} is outside [0, {top}]; the file was not "
+                                      "written by this tool: re-export it")
+    walk("", values)
+
+
+def build_from_state(build: Callable[[], nn.Module], state: Mapping[str, Any], path: str | os.PathLike,
+                     described: str) -> nn.Module:
+    """The module ``build`` makes, after checking that the stored tensors ``state`` have exactly its weights' names
+    and shapes: it is first built on the ``meta`` device (no memory), so metadata that disagrees with the stored
+    tensors (e.g. a width the weights do not have) is a one-line :class:`CheckpointError` before any allocation.
+    ``described``: what the metadata describes, for the message."""
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its metadata describes a model that cannot be built ({exc}); "
+                              "re-export it") from None
+    detail = state_differences(skeleton.state_dict(), state)
+    if detail:
+        raise CheckpointError(f"{path}: its weights do not fit {described} its metadata describes: {detail}; the file "
+                              "was damaged or written by other code: re-export it")
+    return build()
+
+
+def _names_text(names: Sequence[str], limit: int = 12) -> str:
+    shown = [str(n) for n in names[:limit]]
+    return "[" + ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > limit else "") + "]"
+
+
+def check_class_names(meta: Mapping[str, Any], names: Sequence[str], path: str | os.PathLike) -> str | None:
+    """The classifier at ``path`` (artifact metadata ``meta``) was trained on classes ``names`` in this order: a
+    one-line ``ValueError`` showing both lists when they differ (a renamed or re-ordered class folder would
+    otherwise be scored with shuffled labels); for artifacts saved before class names were stored, returns the
+    one-line warning that the order cannot be checked (for the caller to print once its checks have passed)."""
+    stored = meta.get("class_names")
+    names = [str(n) for n in names]
+    if stored is None:
+        return (f"[defend] warning: {path} does not record its class names (saved by an older version): the order "
+                f"of the data's classes {_names_text(names)} cannot be checked against the classifier's")
+    if not isinstance(stored, list) or not all(isinstance(n, str) for n in stored) or len(stored) > MAX_CLASSES:
+        raise CheckpointError(f"{path}: its metadata's class_names is not a list of names; re-export it")
+    if stored != names:
+        first = next((i for i, (a, b) in enumerate(zip(stored, names)) if a != b), min(len(stored), len(names)))
+        raise ValueError(f"{path} was trained on the classes {_names_text(stored)}, the data has "
+                         f"{_names_text(names)} (first difference at position {first}): give the data it was trained "
+                         "on, with the same class names in the same order")
+    return None
+
+
 def classification_step(module: pl.LightningModule, batch: dict[str, Tensor], metric: MulticlassAccuracy, stage: str,
                         label_smoothing: float = 0.0, check: bool = True) -> Tensor:
     """Cross-entropy of ``module.model`` on a batch, accuracy into ``metric``, both logged as ``{stage}/loss`` and
@@ -193,8 +271,10 @@ class ClassifierModule(DefenceModule):
         meta = self.artifact_meta()
         options = {k: v for k, v in (meta.pop("model_options") or {}).items() if k != "pretrained"}
         described = self.model.describe()
+        data = getattr(getattr(self, "_trainer", None), "datamodule", None)
         save_classifier(self.model, path, options,
-                        extra={**{k: v for k, v in meta.items() if k not in described}, **(extra or {})})
+                        extra={**{k: v for k, v in meta.items() if k not in described}, **(extra or {})},
+                        class_names=getattr(data, "class_names", None))
 
 
 def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head: bool = False,
@@ -226,9 +306,13 @@ def init_from_checkpoint(model: GapClassifier, path: str | os.PathLike, new_head
 
 
 def save_classifier(model: GapClassifier, path: str | os.PathLike, model_options: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Export a classifier as a safe, self-describing artifact (atomic write)."""
-    meta = {**model.describe(), "model_options": dict(model_options or {}), **(extra or {})}
+                    extra: dict[str, Any] | None = None, class_names: Sequence[str] | None = None) -> None:
+    """Export a classifier as a safe, self-describing artifact (atomic write); ``class_names``: the classes of the
+    data it was trained on, in label order (``defend evaluate`` refuses data whose classes differ)."""
+    names = {} if not class_names else {"class_names": [str(n) for n in class_names]}
+    if names and len(names["class_names"]) != model.num_classes:
+        raise ValueError(f"{len(names['class_names'])} class names for a classifier of {model.num_classes} classes")
+    meta = {**model.describe(), "model_options": dict(model_options or {}), **names, **(extra or {})}
     save_artifact(path, "classifier", model.state_dict(), meta)
 
 
@@ -278,18 +362,12 @@ def _load(path: str | os.PathLike, num_classes: int | None = None, input_size: i
     if input_size is not None and int(meta["input_size"]) != int(input_size):
         raise CheckpointError(f"input size mismatch: {path} expects {meta['input_size']} px, the data is {input_size} px")
     options = {k: v for k, v in dict(meta.get("model_options") or {}).items() if k != "pretrained"}
-    try:
-        model = build_classifier(meta["arch"], int(meta["num_classes"]), **options)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its metadata describes a model that cannot be built ({exc}); "
-                              "re-export it") from None
+    check_hparams({"num_classes": meta["num_classes"], "input_size": meta["input_size"], "model_options": options},
+                  path)
     state = payload["state"]
     if payload["format"] == "lightning":
         state = strip_prefix(state, "model.")
-    detail = state_differences(model.state_dict(), state)
-    if detail:
-        raise CheckpointError(f"{path}: its weights do not fit the '{meta['arch']}' classifier its metadata describes "
-                              f"(model_options {options}): {detail}; the file was damaged or written by other code: "
-                              "re-export it")
+    model = build_from_state(lambda: build_classifier(meta["arch"], int(meta["num_classes"]), **options), state, path,
+                             f"the '{meta['arch']}' classifier (model_options {options})")
     load_state_checked(model, state, path)
     return model.eval(), meta

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from attacks import eval_mode
 
 from .booster_surrogate import BoosterSurrogate, fit_booster_surrogate
+from .classifier import build_from_state, check_hparams
 from .io import (
     CheckpointError,
     atomic_write_bytes,
@@ -104,6 +105,7 @@ class DetectorModule(DefenceModule):
         self.booster = None
         self.surrogate: BoosterSurrogate | None = None  # fitted with the booster (fit_booster)
         self.surrogate_fit: dict[str, float] = {}
+        self.surrogate_problem: str | None = None  # why the surrogate may not stand in (measure_surrogate)
 
     # ------------------------------------------------------------------------------------------------ trunk
     @staticmethod
@@ -210,6 +212,7 @@ class DetectorModule(DefenceModule):
         booster_seconds = time.perf_counter() - start
         surrogate, self.surrogate_fit = fit_booster_surrogate(feats, self.booster.predict(feats, output_margin=True))
         self.surrogate = surrogate.to(self.device)  # a submodule: moves with the detector from here on
+        self.surrogate_problem = None
         return {"feature_seconds": feature_seconds, "booster_seconds": booster_seconds, **self.surrogate_fit}
 
     def predict_proba(self, maps: Tensor) -> Tensor:
@@ -218,6 +221,33 @@ class DetectorModule(DefenceModule):
             raise RuntimeError("the booster is not fitted: call fit_booster (or train_detector) first")
         feats = self.features(maps).numpy()
         return torch.from_numpy(self.booster.predict_proba(feats)[:, 1].astype(np.float32))
+
+    def measure_surrogate(self, maps: Tensor) -> dict[str, float]:
+        """Re-measure how well the distilled surrogate reproduces the booster, on stacked ``maps`` the caller computed
+        (not on anything the saved files claim): ``surrogate_r2`` (of the surrogate's log-odds against the booster's
+        margins), ``surrogate_sign_agreement`` and ``surrogate_n``; ``surrogate_alpha`` is kept from the fit. The
+        figures replace :attr:`surrogate_fit`; a surrogate whose output is constant, or whose r^2 is below
+        :data:`SURROGATE_R2_FLOOR`, is then refused as ``distilled`` (:attr:`surrogate_problem`)."""
+        if self.surrogate is None or self.booster is None:
+            raise RuntimeError("measure_surrogate needs a fitted booster and surrogate")
+        feats = self.features(maps)
+        z = self.booster.predict(feats.numpy(), output_margin=True).astype(np.float64).reshape(-1)
+        with torch.no_grad():
+            s = self.surrogate(feats.to(self.surrogate.mean.device)).double().cpu().numpy()
+        total = float(((z - z.mean()) ** 2).sum())
+        r2 = 1.0 - float(((z - s) ** 2).sum()) / total if total > 0 else float(np.allclose(z, s, atol=1e-4))
+        self.surrogate_fit = {"surrogate_r2": r2, "surrogate_sign_agreement": float(((s > 0) == (z > 0)).mean()),
+                              "surrogate_n": float(z.size),
+                              **{k: v for k, v in self.surrogate_fit.items() if k == "surrogate_alpha"}}
+        if float(s.std()) <= 1e-6 * max(1.0, float(np.abs(s).mean())):
+            self.surrogate_problem = (f"its distilled surrogate is constant ({float(s.mean()):.4g} on {z.size} maps "
+                                      "the tool computed): it gives the attack no detector gradient")
+        elif r2 < SURROGATE_R2_FLOOR:
+            self.surrogate_problem = (f"its distilled surrogate does not reproduce the booster (r^2 {r2:.3f} on "
+                                      f"{z.size} maps the tool computed, floor {SURROGATE_R2_FLOOR})")
+        else:
+            self.surrogate_problem = None
+        return dict(self.surrogate_fit)
 
     def attack_surrogate(self, kind: str = "auto") -> nn.Module:
         """The differentiable stand-in an adaptive attack puts in its loss: ``"distilled"`` (the booster's ridge
@@ -228,13 +258,17 @@ class DetectorModule(DefenceModule):
         if self.surrogate is None:
             raise ValueError("this detector has no distilled surrogate (saved before it existed, or its booster was "
                              "never fitted): re-train it with train_detector, or set adaptive.detector_surrogate=head")
+        if self.surrogate_problem is not None:
+            raise ValueError(f"detector_surrogate distilled: {self.surrogate_problem}; re-train the detector with "
+                             "train_detector, or set adaptive.detector_surrogate=head")
         return DistilledDetector(self)
 
     def surrogate_kind(self, kind: str = "auto") -> str:
         """The surrogate :meth:`attack_surrogate` gives for ``kind`` (``"distilled"`` or ``"head"``)."""
         if kind not in SURROGATES:
             raise ValueError(f"the detector surrogate must be one of {SURROGATES}, got {kind!r}")
-        return "head" if kind == "head" or (kind == "auto" and self.surrogate is None) else "distilled"
+        usable = self.surrogate is not None and self.surrogate_problem is None
+        return "head" if kind == "head" or (kind == "auto" and not usable) else "distilled"
 
     # ------------------------------------------------------------------------------------------------ artifacts
     def save(self, directory: str | Path, interpreters: Sequence[str] | None = None, product: bool = False) -> None:
@@ -290,7 +324,10 @@ class DetectorModule(DefenceModule):
         payload = load_artifact(d / "trunk.pt", "detector", data=blobs["trunk.pt"])
         hp = dict(payload["meta"]["hparams"])
         booster = json.loads(payload["meta"].get("booster") or "{}")
-        det = cls(booster=booster, **hp)
+        check_hparams(hp, d / "trunk.pt")
+        det = build_from_state(lambda: cls(booster=booster, **hp),
+                               {f"net.{k}": v for k, v in payload["state"].items()}, d / "trunk.pt",
+                               f"the detector trunk {hp}")
         load_state_checked(det.net, payload["state"], d / "trunk.pt")
         if "booster.json" in blobs:
             det.booster = det._make_booster()
@@ -303,6 +340,7 @@ class DetectorModule(DefenceModule):
             sur = load_artifact(d / "surrogate.pt", "detector", data=blobs["surrogate.pt"])
             det.surrogate = BoosterSurrogate.empty(det.feature_dim)
             load_state_checked(det.surrogate, sur["state"], d / "surrogate.pt")
+            # the fit the files claim (defend evaluate re-measures it: measure_surrogate)
             det.surrogate_fit = {k: float(v) for k, v in dict((sur.get("meta") or {}).get("fit") or {}).items()}
         return det.eval()
 
@@ -326,6 +364,9 @@ class DistilledDetector(nn.Module):
 DETECTOR_FORMAT = "idls-defend-detector/1"
 #: the files :meth:`DetectorModule.save` writes next to ``detector.json`` (the only names ``load`` reads)
 DETECTOR_FILES = ("trunk.pt", "booster.json", "surrogate.pt")
+#: the lowest r^2 (booster margins vs the distilled surrogate's log-odds, on maps the tool computes) at which the
+#: surrogate may stand in for the booster in an adaptive attack (:meth:`DetectorModule.measure_surrogate`)
+SURROGATE_R2_FLOOR = 0.5
 #: the differentiable stand-ins of the booster an adaptive attack can use (:meth:`DetectorModule.attack_surrogate`)
 SURROGATES = ("auto", "distilled", "head")
 

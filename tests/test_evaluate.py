@@ -46,7 +46,7 @@ def card_run(tiny_clf, tmp_path_factory):
 def test_card_validates_and_round_trips(card_run):
     raw = json.loads((card_run / "card.json").read_text())
     validate_card(raw)
-    assert load_card(card_run) == raw and raw["schema_version"] == "1.1.0"
+    assert load_card(card_run) == raw and raw["schema_version"] == "1.2.0"
     bad = copy.deepcopy(raw)
     bad["results"]["attacks"][0]["asr"] = 1.5
     del bad["system"]["classifier"]["sha256"]
@@ -200,7 +200,8 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     assert ("adaptive_detector", "adaptive") in rows and ("adv2", "standard") in rows
     assert {r["attack"] for r in card["results"]["attacks"]} >= {"adaptive_detector"}
     aware = [r for r in card["results"]["attacks"] if r["attack"] == "adaptive_detector"]
-    assert aware and {r["budget"]["surrogate"] for r in aware} == {"distilled"}  # the booster's, fitted with it
+    # 12 training maps: the distilled surrogate does not reproduce the booster on fresh maps, so the head stands in
+    assert aware and {r["budget"]["surrogate"] for r in aware} == {"head"}
     fit = card["system"]["detector"]["surrogate"]
     assert fit["surrogate_r2"] <= 1 and 0 <= fit["surrogate_sign_agreement"] <= 1 and fit["surrogate_alpha"] > 0
     for r in det_card["rows"]:

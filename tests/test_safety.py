@@ -559,7 +559,7 @@ def test_weights_that_do_not_fit_name_the_cause(tmp_path, capsys):
     save_classifier(build_classifier("small_cnn", 10, width=4), liar, {"width": 8})
     out = tmp_path / "exp"
     rc, err = run(capsys, ["experiment", "-c", str(_experiment(tmp_path, liar, width=8)), "--out", str(out)])
-    assert_one_line_error(rc, err, "experiment", r"liar\.pt: its weights do not fit the 'small_cnn' classifier its "
-                                                 r"metadata describes \(model_options \{'width': 8\}\): shape: .*"
-                                                 r"re-export it")
+    assert_one_line_error(rc, err, "experiment", r"liar\.pt: its weights do not fit the 'small_cnn' classifier "
+                                                 r"\(model_options \{'width': 8\}\) its metadata describes: shape: "
+                                                 r".*re-export it")
     assert "Error(s) in loading state_dict" not in err and not out.exists()

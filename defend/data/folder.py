@@ -19,6 +19,7 @@ lie in the train or development (``val``) split is refused before anything runs:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,7 +47,19 @@ def _class_dirs(root: Path) -> list[Path]:
         entries = list(root.iterdir())
     except OSError as exc:
         raise ValueError(f"cannot read dataset folder '{root}': {exc.strerror or exc}") from None
-    return sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+    dirs = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+    for d in dirs:
+        _check_utf8_name(d)
+    return dirs
+
+
+def _check_utf8_name(folder: Path) -> None:
+    """A class folder's name is valid UTF-8 (it becomes a class name in checkpoints, cards and figures)."""
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"class folder {os.fsencode(folder)!r}: its name is not valid UTF-8 (it becomes a class "
+                         "name in checkpoints, cards and figures); rename the folder to a UTF-8 name") from None
 
 
 def _mode_problem(mode: str) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["CARD_SCHEMA_VERSION", "CardError", "card_schema", "card_errors", "validate_card", "load_card", "plain_json"]
 
-CARD_SCHEMA_VERSION = "1.1.0"
+CARD_SCHEMA_VERSION = "1.2.0"
 
 
 class CardError(ValueError):

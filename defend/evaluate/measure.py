@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
@@ -15,14 +17,15 @@ from attacks import build_attack, random_targets
 from attacks.state import frozen
 
 from .. import stats
-from ..data.base import require_development
+from ..data.base import image_digests, require_development
 from ..evaluation import AttackMeter, PlanItem, check_adversarial, evaluate_plan
 from ..interpreters import build_interpreter
+from ..progress import track
 from .battery import Battery
 from .system import System
 
 __all__ = ["AttackSet", "interpreters_for", "attack_inputs", "clean_accuracy", "autoattack_rows", "topk_rows",
-           "build_plan", "run_attacks", "detection_rows", "rescore_sets", "engine_budget", "fpr_threshold"]
+           "topk_options", "build_plan", "run_attacks", "detection_rows", "rescore_sets", "engine_budget", "fpr_threshold"]
 
 
 @dataclass
@@ -70,6 +73,7 @@ def clean_accuracy(system: System, battery: Battery) -> dict[str, Any]:
     mean nothing; the card flags them)."""
     from ..experiments.common import take_split
 
+    system.say_notices()  # the first measurement: every pre-flight check has passed
     start = time.perf_counter()
     test = take_split(system.data, "test", None if battery.clean_n is None else int(battery.clean_n))
     x, y = test["image"], test["label"]
@@ -84,7 +88,7 @@ def clean_accuracy(system: System, battery: Battery) -> dict[str, Any]:
 
 
 def autoattack_rows(system: System, battery: Battery) -> list[dict[str, Any]]:
-    """Robust accuracy under AutoAttack (standard, L-inf) at each radius on the first ``autoattack.n`` test inputs,
+    """Robust accuracy under AutoAttack (L-inf; standard, or reduced below 4 classes) at each radius on the first ``autoattack.n`` test inputs,
     RobustBench's way (a clean error counts as a failure: ``robust_accuracy``), and on the correctly classified ones
     among them (``robust_accuracy_on_correct``), each with its Wilson interval."""
     from ..autoattack import autoattack_accuracy
@@ -96,21 +100,31 @@ def autoattack_rows(system: System, battery: Battery) -> list[dict[str, Any]]:
         clean_ok = torch.cat([system.classifier(x[i:i + 256]).argmax(1) == y[i:i + 256]
                               for i in range(0, x.shape[0], 256)])
     rows = []
-    for eps in battery.autoattack.eps:
+    for eps in track(battery.autoattack.eps, "AutoAttack", per=int(y.numel())):
         start = time.perf_counter()
         res = autoattack_accuracy(system.classifier, x, y, float(eps), seed=int(battery.seed),
                                   batch_size=int(battery.batch_size))
         robust = res.robust.cpu()
-        rows.append({"attack": "autoattack-standard", "eps": float(eps),
+        version, attacks = str(res.settings["version"]), list(res.settings["attacks"])
+        rows.append({"attack": f"autoattack-{version}", "eps": float(eps),
                      **stats.proportion(robust).fields("robust_accuracy"), "n": int(y.numel()),
                      **stats.proportion(robust[clean_ok]).fields("robust_accuracy_on_correct"),
                      "n_correct": int(clean_ok.sum()),
-                     "budget": {"eps": float(eps), "norm": "Linf", "attacks": list(res.settings.get("attacks", []))},
+                     "budget": {"eps": float(eps), "norm": "Linf", "version": version, "attacks": attacks},
                      "stages": {k: float(v) for k, v in res.stages.items()}, "flags": list(res.flags),
                      "seed": int(battery.seed), "seconds": time.perf_counter() - start,
-                     "note": "inputs: the first n test inputs; robust_accuracy counts a clean error as a failure "
-                             "(RobustBench), robust_accuracy_on_correct is over the correctly classified ones"})
+                     "note": _autoattack_note(version, attacks, int(system.data.num_classes))})
     return rows
+
+
+def _autoattack_note(version: str, attacks: list[str], num_classes: int) -> str:
+    """The note of an AutoAttack row: its inputs, its convention and, for the reduced version, why and what ran."""
+    note = ("inputs: the first n test inputs; robust_accuracy counts a clean error as a failure (RobustBench), "
+            "robust_accuracy_on_correct is over the correctly classified ones")
+    if version == "standard":
+        return note
+    return (f"{note}; reduced version: with {num_classes} classes the targeted DLR loss of APGD-T is not defined "
+            f"(it needs 4), so {', '.join(a.upper() for a in attacks)} ran instead of the standard version")
 
 
 def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> list[dict[str, Any]]:
@@ -121,9 +135,9 @@ def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> li
     names = list(t.interpreters) + (["rts"] if system.rts is not None and t.with_rts and t.interpreters else [])
     x = inputs["image"][: int(t.n or battery.n_images)]
     rows = []
-    for name, interp in interpreters_for(system, names).items():
+    for name, interp in track(interpreters_for(system, names).items(), "top-k attack", per=int(x.shape[0])):
         start = time.perf_counter()
-        options = {"k": int(t.k), "steps": int(t.steps), "restarts": int(t.restarts)}
+        options = topk_options(battery)
         res = interpretation_robustness(system.classifier, interp, x, float(t.eps), "topk", options=options,
                                         ks=[int(k) for k in t.ks], seed=int(battery.seed),
                                         batch_size=int(battery.batch_size))
@@ -133,6 +147,12 @@ def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> li
                      "ks": [int(k) for k in t.ks], "n": int(res["n"]), "n_kept": int(res["n_kept"]), **figures,
                      "seed": int(battery.seed), "seconds": time.perf_counter() - start})
     return rows
+
+
+def topk_options(battery: Battery) -> dict[str, int]:
+    """The :class:`attacks.TopKAttack` options of the battery (besides ``eps``)."""
+    t = battery.topk
+    return {"k": int(t.k), "steps": int(t.steps), "restarts": int(t.restarts)}
 
 
 def engine_budget(engine: Any) -> dict[str, Any]:
@@ -324,7 +344,7 @@ def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> d
     dev, benign = detector_scores(system, dev_x["image"], bs), detector_scores(system, test_x, bs)
     thresholds = _thresholds(dev, benign, seed)
     rows = []
-    for s in sets:
+    for s in track(sets, "detection", unit="adversarial set"):
         with torch.no_grad():
             hit = torch.cat([system.classifier(s.x_adv[i:i + bs]).argmax(1) for i in range(0, s.x_adv.shape[0], bs)]) == s.target
         rows.append(_detection_row(s, hit, detector_scores(system, s.x_adv[hit], bs), benign, thresholds, seed))
@@ -364,15 +384,77 @@ def rescore_sets(system: System, sets: list[AttackSet], battery: Battery) -> lis
 
 
 def check_set(s: AttackSet, system: System, where: str) -> None:
-    """A saved set fits the system's data: shapes, labels / targets in range, adversarial inputs plausible."""
+    """A saved set is what it claims, checked against the data before anything is measured: its clean images are
+    test inputs of the data (by the sha256 of their bytes), its labels are the data's (they replace the file's),
+    its targets differ from them, and every adversarial image is finite, in [0, 1], on the uint8 grid and inside
+    the L-inf ball its budget records. Raises ``ValueError`` (one line naming the file) otherwise."""
     shape = tuple(system.data.image_shape)
     if s.x.dim() != 4 or tuple(s.x.shape[1:]) != shape or s.x_adv.shape != s.x.shape:
         raise ValueError(f"{where}: images of shape {tuple(s.x.shape)} / {tuple(s.x_adv.shape)} do not fit the data "
                          f"({shape})")
-    k = int(system.data.num_classes)
+    n, k = int(s.x.shape[0]), int(system.data.num_classes)
+    if n < 1:
+        raise ValueError(f"{where}: the set holds no inputs")
     for t, what in ((s.label, "labels"), (s.target, "targets")):
-        if t.shape != (s.x.shape[0],) or int(t.min()) < 0 or int(t.max()) >= k:
+        if t.shape != (n,) or int(t.min()) < 0 or int(t.max()) >= k:
             raise ValueError(f"{where}: {what} do not fit the data's {k} classes")
-    why = check_adversarial(s.x_adv, s.x)
+    why = _clean_images_problem(s.x)
+    if why is not None:
+        raise ValueError(f"{where}: the clean inputs are {why}")
+    s.label = _labels_from_data(s, system.data, where)
+    if bool((s.target == s.label).any()):
+        raise ValueError(f"{where}: {int((s.target == s.label).sum())} target(s) equal the true label (an untouched "
+                         "input would count as a success); the set was not crafted by defend evaluate")
+    eps = s.budget.get("eps")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < float(eps) <= 1:
+        raise ValueError(f"{where}: its budget records no L-inf radius eps in (0, 1] (got {eps!r})")
+    why = check_adversarial(s.x_adv, s.x, SimpleNamespace(threat=SimpleNamespace(eps=float(eps))))
     if why is not None:
         raise ValueError(f"{where}: the adversarial inputs are {why}")
+
+
+def _clean_images_problem(x: Tensor) -> str | None:
+    """Why ``x`` cannot be images read from a data set (finite, in [0, 1], on the uint8 grid), else ``None``."""
+    if not bool(torch.isfinite(x).all()):
+        return "not finite (NaN or Inf values)"
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        return f"outside [0, 1] (range [{float(x.min()):.4g}, {float(x.max()):.4g}])"
+    off = int(((x * 255 - (x * 255).round()).abs() > 1e-3).sum())
+    return f"off the uint8 grid ({off} values)" if off else None
+
+
+#: the test split's index per data module: sha256 of each image's bytes -> its label
+_TEST_INDEX: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def held_out_index(dm: Any) -> dict[str, int]:
+    """The sha256 of every test image of ``dm`` (as the data module gives it to the model) and its label."""
+    if dm not in _TEST_INDEX:
+        ds = dm.test_dataset
+        images, labels = getattr(ds, "images", None), getattr(ds, "labels", None)
+        if isinstance(images, Tensor) and isinstance(labels, Tensor) and getattr(ds, "transform", None) is None:
+            keys, ys = image_digests(images), labels.tolist()
+        else:
+            items = [ds[i] for i in range(len(ds))]
+            keys = image_digests(torch.stack([it["image"] for it in items])) if items else []
+            ys = [int(it["label"]) for it in items]
+        _TEST_INDEX[dm] = {key: int(y) for key, y in zip(keys, ys)}
+    return _TEST_INDEX[dm]
+
+
+def _labels_from_data(s: AttackSet, dm: Any, where: str) -> Tensor:
+    """The data's labels of the set's clean images; refused when an image is not a test input of ``dm`` or the file's
+    label disagrees with the data's."""
+    index = held_out_index(dm)
+    keys = image_digests(s.x)
+    foreign = [i for i, key in enumerate(keys) if key not in index]
+    name = str(getattr(dm, "name", type(dm).__name__))
+    if foreign:
+        raise ValueError(f"{where}: {len(foreign)} of its {len(keys)} clean inputs are not test inputs of the data "
+                         f"({name}; first: input {foreign[0]}): the set was crafted on other data; give that data "
+                         "with --data")
+    labels = torch.tensor([index[key] for key in keys], dtype=torch.long)
+    wrong = int((labels != s.label).sum())
+    if wrong:
+        raise ValueError(f"{where}: {wrong} of its labels differ from the data's labels for the same images ({name})")
+    return labels

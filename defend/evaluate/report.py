@@ -3,15 +3,18 @@ figures (``maps.png``, ``attacks.png``, ``roc.png``) and the adversarial sets (`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import stats
-from ..figures import bar_chart, map_grid, roc_plot
-from ..io import atomic_write_text, load_artifact, save_artifact
+from ..figures import bar_panels, map_grid, roc_plot
+from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
 
 __all__ = ["TABLES", "table_rows", "write_tables", "write_report", "write_figures", "save_sets", "load_sets",
            "SET_KIND"]
@@ -134,7 +137,8 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
     if not card["validity"]["meaningful"]:
         lines += [f"> **Warning: {card['validity']['reason']}.**", ""]
     if r["autoattack"]:
-        lines += ["## Robust accuracy under AutoAttack (standard, L-inf)", "", *_not_meaningful(card, "autoattack"),
+        lines += [f"## Robust accuracy under AutoAttack ({_autoattack_version(r['autoattack'])}, L-inf)", "",
+                  *_not_meaningful(card, "autoattack"),
                   "On the first n test inputs, a clean error counting as a failure (RobustBench's convention); the "
                   "last column is over the correctly classified ones among them.", "",
                   *_md(["eps", "robust accuracy", "on correctly classified inputs", "seconds"],
@@ -152,6 +156,14 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
     figures = card["files"]["figures"]
     lines += [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _autoattack_version(rows: list[dict[str, Any]]) -> str:
+    """``standard``, or the reduced version with the attacks it ran (the class count rules out the targeted DLR)."""
+    b = rows[0]["budget"]
+    if b.get("version", "standard") == "standard":
+        return "standard"
+    return f"{b['version']} version: {', '.join(a.upper() for a in b.get('attacks', []))}; see the rows' note"
 
 
 def _attack_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -235,9 +247,11 @@ def write_figures(out: Path, system: Any, sets: list[Any], benign: dict[str, Any
     if main:
         groups = [f"{a['attack']} / {a['interpreter']}" + (f" ({a['read_by']})" if "+" in a["interpreter"] else "")
                   for a in main]
-        bar_chart(out / "attacks.png", groups, {"success": [a["asr"] for a in main], "map L1": [a["l1"] for a in main],
-                                                "IoU": [a["iou"] for a in main]},
-                  ylabel="share / distance", title="Interpretation attacks (success, map L1 and IoU to benign)")
+        bar_panels(out / "attacks.png", groups, {
+            "success rate\n(higher: stronger attack)": {"success": [a["asr"] for a in main]},
+            "map L1 to benign\n(higher: map moved more)": {"map L1": [a["l1"] for a in main]},
+            "IoU with benign map\n(lower: map moved more)": {"IoU": [a["iou"] for a in main]}},
+            title="Interpretation attacks (success, map L1 and IoU to benign; one measure per panel)")
         files.append("attacks.png")
     det = results.get("detection")
     if det and any(d["roc"] for d in det["rows"]):
@@ -262,18 +276,21 @@ def save_sets(out: Path, sets: list[Any], meta: dict[str, Any]) -> list[str]:
 
 
 def load_sets(directory: str | Path) -> list[Any]:
-    """The adversarial sets saved under ``directory`` (an earlier ``--out`` or its ``adversarial/`` folder)."""
+    """The adversarial sets an earlier ``defend evaluate`` wrote into ``directory`` (its ``--out``, or that folder's
+    ``adversarial/``): only those its ``card.json`` lists (``files.adversarial``) and its output manifest records
+    with the sha256 they still have; any other ``*.pt`` there is ignored with a notice, a listed set that was
+    changed or is not recorded is refused (one line). The sets' content is checked against the data by
+    :func:`~defend.evaluate.measure.check_set`."""
     from .measure import AttackSet
 
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"--inputs: no such directory '{d}'")
-    files = sorted((d / "adversarial").glob("*.pt")) if (d / "adversarial").is_dir() else sorted(d.glob("*.pt"))
-    if not files:
-        raise FileNotFoundError(f"--inputs: no saved adversarial sets (*.pt) in {d} or {d / 'adversarial'}")
+    root = _run_dir(Path(directory))
+    listed = _listed_sets(root)
+    stray = sorted(p.name for p in (root / "adversarial").glob("*.pt") if f"adversarial/{p.name}" not in listed) \
+        if (root / "adversarial").is_dir() else []
     sets = []
-    for f in files:
-        payload = load_artifact(f, SET_KIND)
+    for rel in listed:
+        f = root / rel
+        payload = load_artifact(f, SET_KIND, data=_recorded_bytes(root, rel))
         st, meta = payload["state"], dict(payload["meta"])
         missing = [k for k in ("x", "x_adv", "label", "target") if not isinstance(st.get(k), torch.Tensor)]
         if missing:
@@ -282,4 +299,52 @@ def load_sets(directory: str | Path) -> list[Any]:
         sets.append(AttackSet(str(meta.get("attack", f.stem)), str(meta.get("interpreter", "?")), "rescored",
                               dict(meta.get("budget") or {}), st["x"].float(), st["x_adv"].float(), st["label"].long(),
                               st["target"].long(), meta))
+    if stray:
+        print(f"[evaluate] notice: ignoring {len(stray)} file(s) in {root / 'adversarial'} that the run's card does "
+              f"not list: {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}", file=sys.stderr, flush=True)
     return sets
+
+
+def _run_dir(d: Path) -> Path:
+    """The output directory of the earlier run ``--inputs`` names (``d`` or, for its ``adversarial/``, the parent)."""
+    if not d.is_dir():
+        raise FileNotFoundError(f"--inputs: no such directory '{d}'")
+    for root in (d, d.parent):
+        if (root / "card.json").is_file():
+            return root
+    raise FileNotFoundError(f"--inputs: {d} holds no card.json: give the --out directory of an earlier defend "
+                            "evaluate run")
+
+
+def _listed_sets(root: Path) -> list[str]:
+    """``files.adversarial`` of ``root/card.json`` (the card itself unchanged since the run wrote it)."""
+    import json
+
+    _recorded_bytes(root, "card.json")
+    try:
+        listed = json.loads((root / "card.json").read_text())["files"]["adversarial"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--inputs: {root / 'card.json'} does not list its adversarial sets "
+                         f"({type(exc).__name__}): re-run defend evaluate") from None
+    good = isinstance(listed, list) and all(isinstance(r, str) and re.fullmatch(r"adversarial/[\w.+-]+\.pt", r)
+                                            and ".." not in r for r in listed)
+    if not good or not listed:
+        raise ValueError(f"--inputs: {root / 'card.json'} lists no saved adversarial sets (files.adversarial: "
+                         f"{str(listed)[:80]}); give the --out directory of a defend evaluate run that crafted them")
+    return list(dict.fromkeys(listed))
+
+
+def _recorded_bytes(root: Path, rel: str) -> bytes:
+    """The bytes of ``root/rel`` when the run's output manifest records them with this sha256; refused otherwise."""
+    f, recorded = root / rel, OutputGuard(root).files.get(rel)
+    if recorded is None:
+        raise ValueError(f"--inputs: {f} is not recorded in {root / MANIFEST}: defend did not write it there; "
+                         "re-run defend evaluate to craft the sets")
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"--inputs: cannot read {f} ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise ValueError(f"--inputs: {f} was changed since defend wrote it (its sha256 differs from the one in "
+                         f"{root / MANIFEST}); re-run defend evaluate to craft the sets again")
+    return data

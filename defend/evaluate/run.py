@@ -11,6 +11,7 @@ import yaml
 
 from .. import stats
 from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
+from ..progress import progress_enabled
 from ..provenance import noted_data, provenance
 from .battery import Battery, load_battery, parse_battery
 from .card import CARD_SCHEMA_VERSION, plain_json, validate_card
@@ -24,6 +25,7 @@ from .measure import (
     run_attacks,
     topk_rows,
 )
+from .preflight import check_not_reading_out, preflight
 from .report import TABLES, load_sets, save_sets, write_figures, write_report, write_tables
 from .system import System, load_system
 
@@ -74,32 +76,25 @@ def evaluate_system(classifier: str, out: str | Path, *, rts: str | None = None,
         battery, battery_yaml = parse_battery(yaml.safe_load(_dump(battery)))
     else:
         battery, battery_yaml = load_battery(battery, overrides)
+    out = Path(out)
+    check_not_reading_out(inputs, out)
     system = load_system(classifier, data, battery, rts=rts, detector=detector, data_overrides=data_overrides)
-    check_sizes(system, battery)
     sets = load_sets(inputs) if inputs is not None else None
     for s in sets or []:
         check_set(s, system, s.meta["file"])
-    out = Path(out)
     guard = OutputGuard(out, overwrite=overwrite)
-    guard.refuse(planned_outputs(out, system, battery, sets is not None))
+    planned = planned_outputs(out, system, battery, sets is not None)
+    guard.refuse(planned)
+    preflight(system, battery, out, planned, inputs=inputs, rescore=sets is not None, argv=argv)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(out, exc) from None
     wall = time.time()
     noted_data(reset=True)
-    with guarded_outputs(guard):
+    with guarded_outputs(guard), progress_enabled(progress):
         card = _measure(system, battery, battery_yaml, out, sets, inputs, progress, wall, argv)
     return card
-
-
-def check_sizes(system: System, battery: Battery) -> None:
-    """The battery's counts fit the data's splits, before any work: AutoAttack's first ``autoattack.n`` test inputs
-    exist (a shorter run would be reported as if it had them)."""
-    n_test = len(system.data.test_dataset)
-    if battery.autoattack.eps and int(battery.autoattack.n) > n_test:
-        raise ValueError(f"autoattack.n ({battery.autoattack.n}) exceeds the {n_test} test inputs of the data; lower "
-                         "autoattack.n")
 
 
 def _dump(battery: Battery) -> str:

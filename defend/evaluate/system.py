@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..data import BaseDataModule, CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
@@ -43,6 +45,13 @@ class System:
     detector_interpreters: list[str] = field(default_factory=list)
     detector_product: bool = False
     interpreter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # one-line warnings, printed once every check has passed
+
+    def say_notices(self) -> None:
+        """Print the notices found while loading (stderr, once), so a refusal stays a single line."""
+        for line in self.notices:
+            print(line, file=sys.stderr, flush=True)
+        self.notices = []
 
     def describe(self) -> dict[str, Any]:
         """The card's ``system`` section."""
@@ -102,16 +111,13 @@ def data_spec(data: str | None, input_size: int, overrides: dict[str, Any]) -> d
 
 
 def _yaml_spec(path: str) -> dict[str, Any]:
-    import yaml
+    from ..safe_yaml import load_file
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--data: '{path}' is neither digits, folder:PATH, cifar10:PATH, a directory nor a "
                                 "YAML file")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = load_file(p, "--data") or {}
     raw = raw.get("data", raw) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict) or "class_path" not in raw:
         raise ValueError(f"{p} must hold data: {{class_path: ..., init_args: {{...}}}} (as the experiment configs)")
@@ -122,7 +128,11 @@ def build_data(spec: dict[str, Any]) -> BaseDataModule:
     """The data module ``spec`` describes (jsonargparse, as the experiment configs), set up."""
     from jsonargparse import ArgumentParser
 
+    from ..class_paths import check_class_paths, enforce_in_jsonargparse
+
     _ = (CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule)  # short class names resolve once imported
+    check_class_paths(spec, "--data")  # before jsonargparse imports the module a class_path names
+    enforce_in_jsonargparse()
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--data", type=BaseDataModule)
     try:
@@ -162,23 +172,63 @@ def _detector(path: str, battery: Battery, rts_given: bool) -> tuple[Any, list[s
                          "detector.product in the battery (--set detector.interpreters=[grad,cam,mask])")
     if "rts" in names and not rts_given:
         raise ValueError("--detector reads RTS maps: give the RTS network with --rts")
-    det.attack_surrogate(battery.adaptive.detector_surrogate)  # 'distilled' without one: refused before any work
     return det, names, bool(product)
+
+
+#: how many development inputs the detector's distilled surrogate is re-measured on (each explained for its
+#: prediction and for another class: 2x as many maps)
+SURROGATE_CHECK_N = 32
+
+
+def _measure_surrogate(system: System, seed: int) -> None:
+    """Re-measure the detector's distilled surrogate against its booster on maps computed here (the first
+    :data:`SURROGATE_CHECK_N` development inputs, explained for the prediction and for a seeded other class), so the
+    card shows the measured fit, not the one its files claim."""
+    from ..detection_data import compute_maps, stack_maps
+    from ..experiments.common import take_split
+    from .measure import interpreters_for
+
+    x = take_split(system.data, "dev", SURROGATE_CHECK_N)["image"]
+    interps = interpreters_for(system, system.detector_interpreters)
+    maps, pred = compute_maps(system.classifier, x, interps)
+    k = int(system.data.num_classes)
+    other = (pred + torch.randint(1, k, pred.shape, generator=torch.Generator().manual_seed(seed))) % k
+    off, _ = compute_maps(system.classifier, x, interps, cls=other)
+    names, product = system.detector_interpreters, system.detector_product
+    system.detector.measure_surrogate(torch.cat([stack_maps(maps, names, product), stack_maps(off, names, product)]))
+
+
+def _choose_surrogate(system: System, kind: str, seed: int) -> None:
+    """Re-measure the distilled surrogate (when the detector has one) and refuse it for ``kind`` ``distilled`` when it
+    does not reproduce the booster (one line, before any work); ``auto`` then falls back to the head, with a notice."""
+    det = system.detector
+    if det.surrogate is not None:
+        _measure_surrogate(system, seed)
+    try:
+        det.attack_surrogate(kind)  # 'distilled' without a usable surrogate: refused before any work
+    except ValueError as exc:
+        raise ValueError(f"--detector {system.detector_path}: {exc}") from None
+    if kind == "auto" and det.surrogate is not None and det.surrogate_problem is not None:
+        system.notices.append(f"[evaluate] notice: --detector {system.detector_path}: {det.surrogate_problem}; the "
+                              "trunk's head stands in for the booster in the adaptive attack")
 
 
 def load_system(classifier: str, data: str | None, battery: Battery, rts: str | None = None,
                 detector: str | None = None, data_overrides: dict[str, Any] | None = None) -> System:
     """Load and check every part of the system (module docstring); nothing is written."""
     from ..aid import load_rts
-    from ..classifier import load_classifier
+    from ..classifier import check_class_names, check_hparams, load_classifier
 
     path = _file(classifier, "--classifier")
     meta = load_artifact(path, "classifier")["meta"]
+    check_hparams({"input_size": meta.get("input_size", 32)}, path)  # it sizes the data's images
     spec = data_spec(data, int(meta.get("input_size", 32)), dict(data_overrides or {}))
     dm = build_data(spec)
     model = load_classifier(path, num_classes=dm.num_classes, input_size=dm.image_shape[-1])
+    warning = check_class_names(meta, dm.class_names, path)
     system = System(model, str(path), file_sha256(path), dict(meta), dm, spec,
-                    interpreter_options={k: dict(v) for k, v in battery.interpreter_options.items()})
+                    interpreter_options={k: dict(v) for k, v in battery.interpreter_options.items()},
+                    notices=[warning] if warning else [])
     if rts is not None:
         net = load_rts(_file(rts, "--rts"))
         try:
@@ -193,4 +243,5 @@ def load_system(classifier: str, data: str | None, battery: Battery, rts: str | 
         if int(system.detector.hparams.input_size) != int(dm.image_shape[-1]):
             raise ValueError(f"--detector: {detector} reads {system.detector.hparams.input_size} px maps, the data "
                              f"is {dm.image_shape[-1]} px")
+        _choose_surrogate(system, battery.adaptive.detector_surrogate, int(battery.seed))
     return system

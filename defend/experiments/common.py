@@ -113,7 +113,8 @@ def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = Tru
     target = Path(spec.checkpoint) if spec.checkpoint else out / "classifier.pt"
     if not spec.train:  # e.g. ImageNet weights from a local file, used as they are
         model = build_classifier(spec.arch(), dm.num_classes, **options).eval()
-        save_classifier(model, target, {k: v for k, v in options.items() if k != "pretrained"})
+        save_classifier(model, target, {k: v for k, v in options.items() if k != "pretrained"},
+                        class_names=dm.class_names)
         return model, {"trained": False, "checkpoint": str(target)}
     print(f"[defend] no classifier at {target}: training {spec.arch()} for {int(spec.max_epochs)} epochs first "
           "(saved there and reused by every later run, --quick or not)", flush=True)
@@ -125,7 +126,7 @@ def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = Tru
     seconds = time.perf_counter() - start
     model = module.model.eval()
     if trainer.is_global_zero:  # under DDP every rank holds the same weights; one writes them
-        save_classifier(model, target, options, extra={"train_seconds": seconds})
+        save_classifier(model, target, options, extra={"train_seconds": seconds}, class_names=dm.class_names)
     trainer.strategy.barrier("classifier saved")
     print(f"[defend] classifier trained in {seconds:.0f} s -> {target}", flush=True)
     return model, {"trained": True, "checkpoint": str(target), "train_seconds": seconds}

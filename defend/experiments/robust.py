@@ -286,7 +286,8 @@ def _train(cfg: RobustExperiment, model: RobustModel, dm: BaseDataModule, out: P
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     save_classifier(module.model.eval(), out / f"{model.name}.pt", opts.get("model_options"),
-                    extra={"train_seconds": seconds, "robust_training": module.robust_meta()})
+                    extra={"train_seconds": seconds, "robust_training": module.robust_meta()},
+                    class_names=dm.class_names)
     return {"model": module.model.eval(), "mode": hp.mode, "arch": hp.arch, "epochs": epochs,
             "train_seconds": seconds, "epoch_seconds": sum(timer.seconds) / max(len(timer.seconds), 1),
             "gamma": float(hp.gamma), "ce_attack": hp.ce_attack}
