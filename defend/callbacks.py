@@ -18,9 +18,9 @@ import pytorch_lightning as pl
 import torch
 
 from .data.base import require_development
-from .io import OutputConflictError, OutputGuard, guarded_outputs
+from .io import CheckpointError, OutputConflictError, OutputGuard, guarded_outputs, load_artifact
 
-__all__ = ["EpochSeed", "epoch_seed", "ExportArtifact", "KeepBest"]
+__all__ = ["EpochSeed", "epoch_seed", "ExportArtifact", "KeepBest", "LogCadence", "run_record", "export_problem"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -63,6 +63,67 @@ class EpochSeed(pl.Callback):
         self._reseed(trainer)
 
 
+class LogCadence(pl.Callback):
+    """Log at least once per epoch: ``log_every_n_steps`` is lowered to the optimiser steps of one training epoch
+    when an epoch has fewer (small data would otherwise leave the loss columns of ``metrics.csv`` empty)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = trainer.num_training_batches
+        if not isinstance(n, int) or n <= 0 or not trainer.log_every_n_steps:
+            return
+        steps = max(1, n // max(1, int(trainer.accumulate_grad_batches)))
+        trainer.log_every_n_steps = min(int(trainer.log_every_n_steps), steps)
+
+
+def _limits(trainer: pl.Trainer) -> list[str]:
+    """What shortens a run below whole epochs of the whole training split (a smoke run), as ``key value``."""
+    out = []
+    if trainer.fast_dev_run:
+        out.append(f"fast_dev_run {trainer.fast_dev_run}")
+    if trainer.limit_train_batches not in (None, 1.0):
+        out.append(f"limit_train_batches {trainer.limit_train_batches}")
+    if trainer.max_steps not in (None, -1):
+        out.append(f"max_steps {trainer.max_steps}")
+    return out
+
+
+def run_record(trainer: pl.Trainer, config_max_epochs: int | None, epochs_run: int | None = None) -> dict[str, Any]:
+    """The artifact's ``training_run`` metadata: epochs run and planned, the configured ``max_epochs`` (the config
+    files', before command-line overrides), the limits, and ``full``: whole epochs of the whole split, as many as
+    configured."""
+    limits = _limits(trainer)
+    planned = trainer.max_epochs
+    short = config_max_epochs is not None and planned is not None and planned >= 0 and planned < config_max_epochs
+    return {"epochs_run": epochs_run, "max_epochs": planned, "config_max_epochs": config_max_epochs,
+            "limits": limits, "full": not limits and not short}
+
+
+def _recorded_run(path: Path, kind: str) -> dict[str, Any] | None:
+    """The ``training_run`` of the artifact at ``path``; ``{"full": True}`` (presumed) for one that records none."""
+    try:
+        meta = load_artifact(path, kind).get("meta") or {}
+    except (CheckpointError, OSError):
+        return None  # not an artifact of this kind: the manifest decides
+    rec = meta.get("training_run")
+    return dict(rec) if isinstance(rec, dict) else {"full": True, "max_epochs": None}
+
+
+def export_problem(path: Path) -> str | None:
+    """Why the artifact cannot be written at ``path`` (one line), or ``None``: the target must not be a directory,
+    its nearest existing parent must be a writable directory."""
+    if path.is_dir():
+        return f"the export path {path} is a directory; give a file name (ExportArtifact init_args.path)"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return (f"cannot export to {path}: {parent} is not a directory; choose another ExportArtifact "
+                "init_args.path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot export to {path}: the folder {parent} is not writable; choose another ExportArtifact path"
+    return None
+
+
 class ExportArtifact(pl.Callback):
     """At the end of ``fit``, write the trained defence as the artifact every experiment reads
     (:meth:`DefenceModule.export`: ``load_classifier`` / ``load_rts``), and say where each file went.
@@ -71,24 +132,58 @@ class ExportArtifact(pl.Callback):
         path: the artifact, e.g. ``checkpoints/digits_small_cnn.pt`` (what ``configs/experiments/*`` reuse).
         weights: ``best`` (the weights of the best checkpoint of a monitored ``ModelCheckpoint``; the final weights
             when there is none) or ``last`` (the final weights).
-        overwrite: replace a file at ``path`` that defend did not write (or that changed since); without it the run
-            refuses before training (the manifest ``.defend-manifest.json`` beside the artifact lists defend's files).
+        overwrite: replace a file at ``path`` that defend did not write (or that changed since), and a full run's
+            artifact with a shorter run's; without it the run refuses before training (the manifest
+            ``.defend-manifest.json`` beside the artifact lists defend's files; ``defend fit --overwrite`` sets it).
+
+    The artifact's metadata records ``training_run`` (:func:`run_record`); a run shortened below its config (fewer
+    epochs, ``limit_train_batches``, ``max_steps``, ``fast_dev_run``) never replaces a full run's artifact (or one
+    that records nothing) unless ``overwrite``. ``config_max_epochs`` (the config files' ``trainer.max_epochs``)
+    is set by ``defend fit``.
     """
 
     def __init__(self, path: str, weights: str = "best", overwrite: bool = False) -> None:
         if weights not in ("best", "last"):
             raise ValueError(f"ExportArtifact weights must be 'best' or 'last', got {weights!r}")
         self.path, self.weights, self.overwrite = Path(path), weights, bool(overwrite)
+        self.config_max_epochs: int | None = None
 
     def _guard(self) -> OutputGuard:
         return OutputGuard(self.path.parent, overwrite=self.overwrite)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:  # refuse before any training, not after it
-            if self._guard().conflicts([self.path]):
-                raise OutputConflictError(
-                    f"refusing to overwrite {self.path}: defend did not write it (or it changed since); move it away, "
-                    "export elsewhere (ExportArtifact init_args.path) or set ExportArtifact init_args.overwrite: true")
+            self.check(trainer, pl_module)
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse (one line) an export path that cannot be written, a file defend did not write there and a full
+        run's artifact about to be replaced by a shorter run (``defend fit`` calls it before the Trainer starts)."""
+        problem = export_problem(self.path)
+        if problem:
+            raise ValueError(problem)
+        if self._guard().conflicts([self.path]):
+            raise OutputConflictError(
+                f"refusing to overwrite {self.path}: defend did not write it (or it changed since); move it away, "
+                "export elsewhere (ExportArtifact init_args.path) or pass --overwrite")
+        self._refuse_shorter(trainer, getattr(pl_module, "artifact_kind", "model"))
+
+    def _refuse_shorter(self, trainer: pl.Trainer, kind: str) -> None:
+        """A shorter run than the one that made the existing artifact does not replace it without ``overwrite``."""
+        if self.overwrite or not self.path.is_file():
+            return
+        old, new = _recorded_run(self.path, kind), run_record(trainer, self.config_max_epochs)
+        if old is None or not old.get("full"):
+            return
+        fewer = old.get("max_epochs") is not None and new["max_epochs"] is not None and \
+            0 <= new["max_epochs"] < old["max_epochs"]
+        if new["full"] and not fewer:
+            return
+        why = ", ".join(new["limits"] + [f"max_epochs {new['max_epochs']}" + (
+            f" of the config's {new['config_max_epochs']}" if new["config_max_epochs"] is not None else "")])
+        made = f"a full {old['max_epochs']}-epoch run" if old.get("max_epochs") is not None else "a full run"
+        raise OutputConflictError(
+            f"refusing to replace {self.path}, the artifact of {made}, with a shorter run ({why}); pass --overwrite "
+            "to replace it, or export elsewhere (ExportArtifact init_args.path)")
 
     def _best(self, trainer: pl.Trainer) -> str | None:
         for cb in trainer.checkpoint_callbacks:
@@ -107,8 +202,9 @@ class ExportArtifact(pl.Callback):
 
                 pl_module.load_state_dict(load_checkpoint_file(best)["state_dict"])
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = run_record(trainer, self.config_max_epochs, int(trainer.current_epoch))
             with guarded_outputs(self._guard()):
-                pl_module.export(self.path)
+                pl_module.export(self.path, extra={"training_run": record})
         finally:
             pl_module.load_state_dict(current)
         for folder in dict.fromkeys(str(cb.dirpath) for cb in trainer.checkpoint_callbacks):

@@ -22,11 +22,18 @@ plus dotted ``overrides``), what the row's defence needs (the interpreter swap o
 network, the detector) and ``rows.<row>`` (dotted overrides for that row only). Every figure of the table is read
 from the cards; a figure a card does not hold is "not measured". Trained artifacts are written under
 ``<out>/models/`` unless ``reuse.<artifact>`` names a file (a directory for the detector) that exists.
+
+Resume: a run into the same ``--out`` after an interruption reuses what the earlier run finished, content-checked as
+the attack cache is, and says so (one line per item): a trained model when its record ``models/<name>.settings.json``
+holds the same training-settings digest (:func:`model_settings`) and the sha256 of every file, which still match and
+which the output manifest lists; a row's card when it validates, its battery, data and system (the sha256 of every
+network) are this run's and its files are the manifest's, unedited (:func:`finished_card`).
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +47,7 @@ from .. import stats
 from ..data import BaseDataModule
 from ..evaluate.battery import Battery, load_battery
 from ..figures import bar_chart
-from ..io import atomic_write_text
+from ..io import OutputGuard, Undescribable, atomic_write_text, file_sha256, settings_digest, write_json
 from ..types import Count, Positive, PositiveCount, Radius
 from .aid import AIDExperiment, AIDTrainingPlan
 from .aid import _train as train_rts
@@ -63,7 +70,7 @@ from .robust import check as check_robust
 from .runner import deep_merge
 
 __all__ = ["run", "ScorecardExperiment", "ScorecardBattery", "RobustDefences", "DetectorDefence", "DEFENCES",
-           "row_battery", "scorecard_table", "NOT_MEASURED"]
+           "row_battery", "scorecard_table", "NOT_MEASURED", "model_settings", "finished_card"]
 
 #: the rows of the scorecard, in order
 DEFENCES = ("normal", "pgd_at", "int_adv", "beta_smoothing", "rts", "rts_aid", "detector")
@@ -282,12 +289,103 @@ def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
     files = [out / "scorecard.csv", out / "scorecard.png", out / "data.yaml", *classifier_outputs(cfg, out)]
     for name, path in _artifacts(cfg, out).items():
         if _reused(cfg, name) is None:
-            files += [path / f for f in ("detector.json", "trunk.pt", "booster.json")] if name == "detector" else [path]
+            files += [*_artifact_files(path), _record_path(path)]
     for row in cfg.defences:
         battery, _ = row_battery(cfg, row)
         det = list(cfg.detector.interpreters) if row == "detector" else None
         files += card_files(out / "cards" / row, battery, rts=row in ("rts", "rts_aid"), detector=det)
     return files
+
+
+# --------------------------------------------------------------------------------------------- resume
+def _record_path(path: Path) -> Path:
+    """The record of a trained artifact: ``models/<name>.settings.json`` (beside the file, or the detector folder)."""
+    return path.with_name(f"{path.stem if path.suffix == '.pt' else path.name}.settings.json")
+
+
+def _artifact_files(path: Path) -> list[Path]:
+    return [path / f for f in ("detector.json", "trunk.pt", "booster.json")] if path.suffix != ".pt" else [path]
+
+
+def model_settings(cfg: ScorecardExperiment, name: str, clf_path: str, init: str | None = None) -> str | None:
+    """The digest of everything that decides how artifact ``name`` is trained: its section of the config, the Trainer
+    options, seed, data, the classifier's bytes (and the RTS it starts from); ``None`` when undescribable."""
+    section: Any = {"pgd_at": cfg.robust, "int_adv": cfg.robust, "rts": cfg.aid, "rts_aid": cfg.aid,
+                    "detector": cfg.detector}[name]
+    try:
+        return settings_digest({"artifact": name, "seed": int(cfg.seed), "trainer": cfg.trainer, "section": section,
+                                "data": _data_spec(cfg), "classifier": file_sha256(clf_path),
+                                "init": file_sha256(init) if init else None})
+    except (Undescribable, OSError):
+        return None
+
+
+def _reusable_model(out: Path, path: Path, digest: str | None) -> bool:
+    """Whether the artifact at ``path`` was trained here with settings ``digest`` and is unchanged since."""
+    if digest is None:
+        return False
+    guard = OutputGuard(out)
+    try:
+        rec = json.loads(_record_path(path).read_text())
+        files = {out / k: v for k, v in rec["files"].items()}
+        ok = rec["settings"] == digest and guard.owns(_record_path(path)) and \
+            set(files) == set(_artifact_files(path))
+        return ok and all(guard.owns(f) and file_sha256(f) == sha for f, sha in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _record_model(out: Path, path: Path, digest: str | None) -> None:
+    """Write the record that lets a later run into ``out`` reuse this freshly trained artifact."""
+    if digest is not None:
+        write_json(_record_path(path), {"settings": digest, "files": {f.relative_to(out).as_posix(): file_sha256(f)
+                                                                      for f in _artifact_files(path)}})
+
+
+def _card_files(card: dict[str, Any]) -> list[str]:
+    """The files a card names (``files``: report, tables, figures, adversarial sets), relative to its folder."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            found.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(card.get("files"))
+    return found
+
+
+def _sha(path: str | None, name: str = "") -> str | None:
+    return None if path is None else file_sha256(Path(path) / name if name else path)
+
+
+def finished_card(out: Path, row: str, battery_yaml: str, data: dict[str, Any], clf: str, rts: str | None,
+                  det: str | None) -> dict[str, Any] | None:
+    """The card an earlier run finished for ``row``, when it can stand for this run's: valid, made with this
+    battery, data and system (the sha256 of the classifier, RTS network and detector), and every file of it the
+    output manifest's, unedited; else ``None``."""
+    import yaml
+
+    from ..evaluate.card import validate_card
+
+    folder, guard = out / "cards" / row, OutputGuard(out)
+    try:
+        card = json.loads((folder / "card.json").read_text())
+        validate_card(card)
+        system = card["system"]
+        same = (card["mode"] == "evaluate" and card["battery"] == yaml.safe_load(battery_yaml)
+                and card["data"]["spec"] == data and system["classifier"]["sha256"] == _sha(clf)
+                and (system["rts"] or {}).get("sha256") == _sha(rts)
+                and (system["detector"] or {}).get("sha256") == _sha(det, "detector.json"))
+        files = [folder / f for f in ("card.json", "battery.yaml", *_card_files(card))]
+        return card if same and all(guard.owns(f) for f in files) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -299,29 +397,40 @@ def _train_artifacts(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, c
     for name, path in paths.items():
         if _reused(cfg, name) is not None:
             info[name] = {"path": str(path), "trained": False, "seconds": 0.0}
-    robust = _robust_cfg(cfg)
+    robust, aid_cfg, plan = _robust_cfg(cfg), _aid_cfg(cfg), cfg.aid
+    init = str(paths["rts"]) if "rts" in paths and plan.aid.init == "rts" else None
+
+    def train(name: str, fit: Any) -> None:
+        """Reuse the artifact an interrupted run trained with these settings, else train it and record it."""
+        if name in info or name not in paths:
+            return
+        digest = model_settings(cfg, name, clf_path, init if name == "rts_aid" else None)
+        if _reusable_model(out, paths[name], digest):
+            print(f"[scorecard] reusing {paths[name]}: trained by an earlier run with the same settings "
+                  "(settings digest and sha256 verified)", flush=True)
+            info[name] = {"path": str(paths[name]), "trained": False, "seconds": 0.0, "resumed": True}
+            return
+        info[name] = {"path": str(paths[name]), "trained": True, **fit()}
+        _record_model(out, paths[name], digest)
+
     for m in robust.models:
-        if m.name in info:
-            continue
-        res = train_robust(robust, m, dm, out / "models", progress)
-        info[m.name] = {"path": str(out / "models" / f"{m.name}.pt"), "trained": True,
-                        "seconds": res["train_seconds"], "mode": res["mode"]}
-    aid_cfg, plan = _aid_cfg(cfg), cfg.aid
-    if "rts" in paths and "rts" not in info:
-        if progress:
-            print("[scorecard] training plain RTS", flush=True)
-        res = train_rts(aid_cfg, plan.rts, plan.options("rts"), clf_path, dm, None, paths["rts"], progress)
-        info["rts"] = {"path": str(paths["rts"]), "trained": True, "seconds": res["train_seconds"]}
-    if "rts_aid" in paths and "rts_aid" not in info:
-        if progress:
-            print("[scorecard] training RTS with AID", flush=True)
-        init = str(paths["rts"]) if plan.aid.init == "rts" else None
-        res = train_rts(aid_cfg, plan.aid, plan.options("aid"), clf_path, dm, init, paths["rts_aid"], progress)
-        info["rts_aid"] = {"path": str(paths["rts_aid"]), "trained": True, "seconds": res["train_seconds"],
-                           "aid_steps": res["aid_steps"]}
-    if "detector" in paths and "detector" not in info:
-        info["detector"] = _train_detector(cfg, dm, model, paths["detector"], progress)
+        train(m.name, lambda m=m: _robust_info(train_robust(robust, m, dm, out / "models", progress)))
+    train("rts", lambda: _rts_info(train_rts(aid_cfg, plan.rts, plan.options("rts"), clf_path, dm, None,
+                                             paths["rts"], progress), "plain RTS", progress))
+    train("rts_aid", lambda: _rts_info(train_rts(aid_cfg, plan.aid, plan.options("aid"), clf_path, dm, init,
+                                                 paths["rts_aid"], progress), "RTS with AID", progress))
+    train("detector", lambda: _train_detector(cfg, dm, model, paths["detector"], progress))
     return info
+
+
+def _robust_info(res: dict[str, Any]) -> dict[str, Any]:
+    return {"seconds": res["train_seconds"], "mode": res["mode"]}
+
+
+def _rts_info(res: dict[str, Any], what: str, progress: bool) -> dict[str, Any]:
+    if progress:
+        print(f"[scorecard] trained {what}", flush=True)
+    return {"seconds": res["train_seconds"], **({"aid_steps": res["aid_steps"]} if "aid_steps" in res else {})}
 
 
 def _train_detector(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, path: Path,
@@ -617,16 +726,22 @@ def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict
     cards: dict[str, dict[str, Any]] = {}
     eval_seconds: dict[str, float] = {}
     for row in cfg.defences:
-        battery, overrides = row_battery(cfg, row)
+        _, overrides = row_battery(cfg, row)
         clf = art[row]["path"] if row in ("pgd_at", "int_adv") else clf_path
         rts = art[row]["path"] if row in ("rts", "rts_aid") else None
         det = art["detector"]["path"] if row == "detector" else None
-        if progress:
-            print(f"[scorecard] evaluating {row}", flush=True)
         t = time.perf_counter()
-        cards[row] = evaluate_system(clf, out / "cards" / row, rts=rts, detector=det, data=data,
-                                     battery=cfg.battery.name, overrides=overrides, progress=progress,
-                                     argv=["defend", "experiment", "scorecard", row])
+        done = finished_card(out, row, load_battery(cfg.battery.name, overrides)[1], _data_spec(cfg), clf, rts, det)
+        if done is not None:
+            print(f"[scorecard] reusing {out / 'cards' / row / 'card.json'}: finished by an earlier run with the same "
+                  "battery, data and system (files verified against the manifest)", flush=True)
+            cards[row] = done
+        else:
+            if progress:
+                print(f"[scorecard] evaluating {row}", flush=True)
+            cards[row] = evaluate_system(clf, out / "cards" / row, rts=rts, detector=det, data=data,
+                                         battery=cfg.battery.name, overrides=overrides, progress=progress,
+                                         argv=["defend", "experiment", "scorecard", row])
         eval_seconds[row] = time.perf_counter() - t
     headers, body, metrics, lines = scorecard_table(cards)
     _write_csv(out / "scorecard.csv", headers, body)
@@ -642,12 +757,19 @@ def _data_file(cfg: ScorecardExperiment, out: Path) -> str:
     is measured on exactly the data the defences were trained on."""
     import yaml
 
+    path = out / "data.yaml"
+    atomic_write_text(path, yaml.safe_dump({"data": _data_spec(cfg)}, sort_keys=False))
+    return str(path)
+
+
+def _data_spec(cfg: ScorecardExperiment) -> dict[str, Any]:
+    """The experiment's data module as ``{"class_path", "init_args"}`` (plain YAML values)."""
+    import yaml
+
     dm = default_data(cfg)
     init = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(dm, "hparams", {}) or {}).items()}
     spec = {"class_path": f"{type(dm).__module__}.{type(dm).__name__}", "init_args": init}
-    path = out / "data.yaml"
-    atomic_write_text(path, yaml.safe_dump({"data": spec}, sort_keys=False))
-    return str(path)
+    return yaml.safe_load(yaml.safe_dump(spec))
 
 
 def _write_csv(path: Path, headers: list[str], body: list[list[str]]) -> None:
