@@ -3,6 +3,12 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# TORCH=cpu: torch and torchvision from PyTorch's CPU index (no CUDA libraries: a venv of about 1.5 GB instead of
+# 6.3 GB), as the matching pair that constraints.txt pins (+cpu builds); everything else from the usual index.
+# Use it on a fresh venv: `rm -rf .venv && make test TORCH=cpu`.
+TORCH  ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_PAIR  := $(foreach p,torch torchvision,$(p)==$(shell sed -n 's/^$(p)==//p' constraints.txt)+cpu)
 
 .PHONY: demo test lint venv clean
 
@@ -11,6 +17,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(TORCH),cpu)
+	$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) $(TORCH_CPU_PAIR)
+else ifneq ($(TORCH),)
+	$(error TORCH=$(TORCH) is not known: leave it unset (the default CUDA-enabled wheels) or use TORCH=cpu)
+endif
 	# the exact tested set (constraints.txt): torch and torchvision as the registry's matching pair (install pitfall)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	$(PY) -c "import torch, torchvision; from torchvision.ops import nms; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"

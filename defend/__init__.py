@@ -14,30 +14,42 @@ test of every figure), :mod:`defend.selection` (choices on the development split
 """
 from __future__ import annotations
 
-from . import selection, stats
-from .aid import AIDModule, AIDSchedule, InnerAttack, RTSObjective, load_rts, save_rts
-from .autoattack import autoattack_accuracy
-from .classifier import ClassifierModule, load_classifier, save_classifier
-from .data import BaseDataModule, CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
-from .detector import DetectorModule
-from .evaluate import evaluate_system, load_card, validate_card  # noqa: E402  (model cards: defend evaluate)
-from .figures import bar_chart, line_plot, map_grid, roc_plot
-from .metrics import (
-                      centre_of_mass_shift,
-                      kendall_tau,
-                      map_cosine_similarity,
-                      map_l1,
-                      map_l2,
-                      max_sensitivity,
-                      noise_rate,
-                      spearman_rho,
-                      topk_intersection,
-                      topk_iou,
-)
-from .models import ARCHITECTURES, GapClassifier, build_classifier
-from .module_base import DefenceModule, Optimiser
-from .robust import InnerMaximisation, RobustClassifierModule
-from .robust_eval import interpretation_robustness, pgd_accuracy, sensitivity
+import importlib
+from typing import Any
+
+#: where each public name lives; imported on first use (PEP 562), so ``defend --help`` loads no torch / Lightning
+_WHERE = {
+    **dict.fromkeys(["selection", "stats"], ""),
+    **dict.fromkeys(["AIDModule", "AIDSchedule", "InnerAttack", "RTSObjective", "load_rts", "save_rts"], ".aid"),
+    "autoattack_accuracy": ".autoattack",
+    **dict.fromkeys(["ClassifierModule", "load_classifier", "save_classifier"], ".classifier"),
+    **dict.fromkeys(["BaseDataModule", "CIFAR10DataModule", "DigitsDataModule", "ImageFolderDataModule"], ".data"),
+    "DetectorModule": ".detector",
+    **dict.fromkeys(["evaluate_system", "load_card", "validate_card"], ".evaluate"),
+    **dict.fromkeys(["bar_chart", "line_plot", "map_grid", "roc_plot"], ".figures"),
+    **dict.fromkeys(["centre_of_mass_shift", "kendall_tau", "map_cosine_similarity", "map_l1", "map_l2",
+                     "max_sensitivity", "noise_rate", "spearman_rho", "topk_intersection", "topk_iou"], ".metrics"),
+    **dict.fromkeys(["ARCHITECTURES", "GapClassifier", "build_classifier"], ".models"),
+    **dict.fromkeys(["DefenceModule", "Optimiser"], ".module_base"),
+    **dict.fromkeys(["InnerMaximisation", "RobustClassifierModule"], ".robust"),
+    **dict.fromkeys(["interpretation_robustness", "pgd_accuracy", "sensitivity"], ".robust_eval"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'defend' has no attribute {name!r}")
+    where = _WHERE[name]
+    value = importlib.import_module(f"{__name__}{where or '.' + name}")
+    value = getattr(value, name) if where else value
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __version__ = "0.1.0"
 

@@ -33,6 +33,9 @@ commands:
                                   written for the configured model: nothing in it changes the config)
               --seed_everything N  seed of the run (every epoch is reseeded from it)
               --print_config      print the merged config and exit
+              --import MODULE     let the config name classes of your own module (repeatable; also on experiment
+                                  and evaluate): a config names only defend / attacks / torch(vision) / Lightning
+                                  classes otherwise, and never makes defend import a module
   validate    evaluate a module on the validation split   (same options as fit; --ckpt_path PATH loads weights)
   test        evaluate a module on the test split         (same options as fit)
   predict     run predict_step over the predict split     (same options as fit)

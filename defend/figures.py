@@ -1,5 +1,9 @@
 """Figures people read: map grids with labelled rows and a colour bar, line plots, ROC curves and bar charts
-(matplotlib, Agg backend, written atomically through :func:`defend.io.atomic_path`)."""
+(matplotlib, Agg backend, constrained layout, written atomically through :func:`defend.io.atomic_path`).
+
+Each file is written in the format its name's suffix asks for (``.png``, ``.pdf``, ``.svg``, ...; an unknown suffix is
+refused before anything is plotted); maps use a perceptual colour map (viridis), ROC curves a log-scale FPR axis (the
+low-FPR region is where a detector is used), and every bar axis holds one measure (so one direction). Each writer returns its (closed) Figure."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,13 +13,28 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
-__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart"]
+__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart", "bar_panels", "figure_format"]
 
 _FONT = 9
+#: the colour map of attribution maps: perceptually uniform, readable in grey scale and by colour-blind readers
+MAP_CMAP = "viridis"
+
+
+def figure_format(path: str | Path) -> str:
+    """The matplotlib format of ``path``'s suffix (``maps.pdf`` -> ``pdf``); a one-line error for a suffix
+    matplotlib cannot write (checked before plotting)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"cannot write figure {str(path)!r}: unsupported file suffix {Path(path).suffix or '(none)'!r}; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))} (e.g. .png, .pdf or .svg)")
+    return suffix
 
 
 def _cell(ax, t: Tensor, cmap: str):
@@ -29,11 +48,13 @@ def _cell(ax, t: Tensor, cmap: str):
 
 
 def map_grid(path: str | Path, columns: Sequence[tuple[str, Tensor]], rows: int, row_labels: Sequence[str] | None = None,
-             title: str | None = None, cmap: str = "jet", cbar_label: str = "attribution (normalised)") -> None:
+             title: str | None = None, cmap: str = MAP_CMAP, cbar_label: str = "attribution (normalised)") -> Figure:
     """One column per ``(title, batch)``, a batch being images ``[N, 3, H, W]`` or maps ``[N, 1, H, W]``; one row per
     example (``row_labels``: e.g. ``"3 (three) -> 8 (eight)"``), a colour bar for the maps, readable titles."""
+    fmt = figure_format(path)
     n = len(columns)
-    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 1.2, 1.9 * rows + (0.5 if title else 0.2)), squeeze=False)
+    fig, axes = plt.subplots(rows, n, figsize=(1.9 * n + 1.2, 1.9 * rows + (0.5 if title else 0.2)), squeeze=False,
+                             layout="constrained")
     artist = None
     for j, (head, batch) in enumerate(columns):
         for i in range(rows):
@@ -46,17 +67,18 @@ def map_grid(path: str | Path, columns: Sequence[tuple[str, Tensor]], rows: int,
                 axes[i][j].set_ylabel(row_labels[i], fontsize=_FONT)
     if title:
         fig.suptitle(title, fontsize=_FONT + 2)
-    fig.tight_layout()
     if artist is not None:
-        bar = fig.colorbar(artist, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+        bar = fig.colorbar(artist, ax=axes, fraction=0.05, pad=0.02)  # constrained layout keeps it on the page
         bar.set_label(cbar_label, fontsize=_FONT)
         bar.ax.tick_params(labelsize=_FONT - 1)
-    _save(fig, path, Path(path).suffix.lstrip(".") or "png")
+    return _save(fig, path, fmt)
 
 
 def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
-              title: str = "") -> None:
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+              title: str = "") -> Figure:
+    """One line (with markers) per series over ``x``."""
+    fmt = figure_format(path)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
     for name, ys in series.items():
         ax.plot(list(x), list(ys), marker="o", label=name)
     ax.set_xlabel(xlabel, fontsize=_FONT + 1)
@@ -64,50 +86,70 @@ def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[f
     ax.set_title(title, fontsize=_FONT + 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=_FONT - 1)
-    fig.tight_layout()
-    _save(fig, path, "png")
+    return _save(fig, path, fmt)
 
 
-def roc_plot(path: str | Path, curves: dict[str, tuple[Sequence[float], Sequence[float], float]], title: str = "") -> None:
-    """ROC curves ``{label: (false-positive rates, true-positive rates, AUC)}`` with the 1 % and 5 % FPR marks."""
-    fig, ax = plt.subplots(figsize=(5.0, 4.5))
+def roc_plot(path: str | Path, curves: dict[str, tuple[Sequence[float], Sequence[float], float]], title: str = "") -> Figure:
+    """ROC curves ``{label: (false-positive rates, true-positive rates, AUC)}`` on a log-scale FPR axis (from the
+    smallest non-zero FPR measured; an FPR of 0 is drawn there), with the 1 % and 5 % FPR marks."""
+    fmt = figure_format(path)
+    positive = [float(f) for fpr, _, _ in curves.values() for f in fpr if f > 0]
+    floor = min(positive + [1e-2]) / 2
+    fig, ax = plt.subplots(figsize=(5.0, 4.5), layout="constrained")
     for label, (fpr, tpr, auc) in curves.items():
-        ax.plot(list(fpr), list(tpr), label=f"{label} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        ax.plot([max(float(f), floor) for f in fpr], list(tpr), label=f"{label} (AUC {auc:.3f})", drawstyle="steps-post")
+    chance = [floor * (1 / floor) ** (i / 50) for i in range(51)]
+    ax.plot(chance, chance, color="grey", lw=0.8, ls=":", label="chance")
     for f in (0.01, 0.05):
-        ax.axvline(f, color="grey", lw=0.6, ls="--")
-    ax.set_xlabel("false-positive rate (benign flagged)", fontsize=_FONT + 1)
+        if f > floor:
+            ax.axvline(f, color="grey", lw=0.6, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("false-positive rate (benign flagged, log scale)", fontsize=_FONT + 1)
     ax.set_ylabel("detection rate (adversarial flagged)", fontsize=_FONT + 1)
     ax.set_title(title, fontsize=_FONT + 1)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=_FONT - 1, loc="lower right")
-    fig.tight_layout()
-    _save(fig, path, "png")
+    return _save(fig, path, fmt)
 
 
-def bar_chart(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
-              title: str = "") -> None:
-    """Grouped bars: one group per entry of ``groups`` (e.g. a defence), one bar per series (e.g. an attack)."""
-    width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
-    for k, (name, vals) in enumerate(series.items()):
-        ax.bar([g + k * width for g in range(len(groups))], [float("nan") if v is None else v for v in vals],
-               width=width, label=name)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=_FONT)
-    ax.set_ylabel(ylabel, fontsize=_FONT + 1)
-    ax.set_title(title, fontsize=_FONT + 1)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=_FONT - 1)
-    fig.tight_layout()
-    _save(fig, path, "png")
+def bar_chart(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float | None]], ylabel: str,
+              title: str = "") -> Figure:
+    """Grouped bars on one axis: one group per entry of ``groups`` (e.g. a defence), one bar per series (e.g. an
+    attack). Every series must be the same measure (one direction); use :func:`bar_panels` for several measures."""
+    return bar_panels(path, groups, {ylabel: series}, title)
 
 
-def _save(fig, path: str | Path, fmt: str) -> None:
-    """Write ``fig`` atomically (mode ``0o666 & ~umask``; a full disk is a one-line ``cannot write <file>`` error
-    with no partial file left) and close it whatever happens."""
+def bar_panels(path: str | Path, groups: Sequence[str], panels: dict[str, dict[str, Sequence[float | None]]],
+               title: str = "") -> Figure:
+    """One bar panel per measure ``{axis label: {series: values per group}}``, stacked with a shared x axis, so that
+    a higher-is-better and a lower-is-better measure never share an axis (say the direction in the axis label)."""
+    fmt = figure_format(path)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.1 * len(groups) + 2), 1.0 + 2.6 * len(panels)),
+                             sharex=True, squeeze=False, layout="constrained")
+    for ax, (ylabel, series) in zip(axes[:, 0], panels.items()):
+        width = 0.8 / max(len(series), 1)
+        for k, (name, vals) in enumerate(series.items()):
+            ax.bar([g + k * width for g in range(len(groups))], [float("nan") if v is None else v for v in vals],
+                   width=width, label=name)
+        ax.set_ylabel(ylabel, fontsize=_FONT + 1)
+        ax.grid(alpha=0.3, axis="y")
+        if len(series) > 1:
+            ax.legend(fontsize=_FONT - 1)
+    width = 0.8 / max(max((len(s) for s in panels.values()), default=1), 1)
+    axes[-1, 0].set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    axes[-1, 0].set_xticklabels(groups, rotation=20, ha="right", fontsize=_FONT)
+    fig.suptitle(title, fontsize=_FONT + 1)
+    return _save(fig, path, fmt)
+
+
+def _save(fig: Figure, path: str | Path, fmt: str) -> Figure:
+    """Write ``fig`` atomically in format ``fmt`` (mode ``0o666 & ~umask``; a full disk is a one-line ``cannot write
+    <file>`` error with no partial file left) and close it whatever happens; returns it (closed, for inspection)."""
     try:
         with atomic_path(Path(path)) as tmp:
             fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)
+    return fig

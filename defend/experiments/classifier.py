@@ -18,6 +18,7 @@ from attacks.interpreters import MaskInterpreter, to_input_size
 from .. import stats
 from ..figures import map_grid
 from ..metrics import Localisation
+from ..progress import Progress
 from ..types import PositiveCount
 from .common import (
     ClassifierExperimentConfig,
@@ -121,10 +122,15 @@ def run(cfg: ClassifierExperiment, out: Path, progress: bool = True) -> list[dic
                 rows.append(localisation_row(name, maps[name], data["mask"]))
         n_mask = int(ecfg.n_mask)
         mask = get_interpreter("mask", **ecfg.mask)
-        p0, p_mask, p_rand = deletion_test(model, mask, x[:n_mask], y[:n_mask], gen)
-        maps["mask"] = mask(model, x[:8], y[:8])
-        if "mask" in data:
-            rows.append(localisation_row("mask", mask(model, x[:n_mask], y[:n_mask]), data["mask"][:n_mask]))
+        n_show = int(x[:8].shape[0])
+        with Progress("MASK solves", n_mask * (2 if "mask" in data else 1) + n_show, enabled=progress) as bar:
+            p0, p_mask, p_rand = deletion_test(model, mask, x[:n_mask], y[:n_mask], gen)
+            bar.update(n_mask)
+            maps["mask"] = mask(model, x[:8], y[:8])
+            bar.update(n_show)
+            if "mask" in data:
+                rows.append(localisation_row("mask", mask(model, x[:n_mask], y[:n_mask]), data["mask"][:n_mask]))
+                bar.update(n_mask)
     rows.append({"setting": "mask", "metric": "deletion_prob", **stats.bootstrap_mean(p_mask, seed).fields("value"),
                  **stats.bootstrap_mean(p_rand, seed).fields("random_deletion_prob"),
                  **stats.bootstrap_mean(p0, seed).fields("intact_prob"),
