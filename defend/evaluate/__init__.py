@@ -7,10 +7,29 @@ battery of attacks and write a model card (``card.json``, schema in ``docs/card.
 """
 from __future__ import annotations
 
-from .battery import BATTERIES, Battery, load_battery, parse_battery
-from .card import CARD_SCHEMA_VERSION, CardError, card_errors, card_schema, load_card, validate_card
-from .cli import main
-from .run import evaluate_system
+import importlib
+from typing import Any
+
+#: where each public name lives; imported on first use (PEP 562), so ``defend evaluate --help`` loads no torch
+_WHERE = {
+    **dict.fromkeys(["BATTERIES", "Battery", "load_battery", "parse_battery"], ".battery"),
+    **dict.fromkeys(["CARD_SCHEMA_VERSION", "CardError", "card_errors", "card_schema", "load_card", "validate_card"],
+                    ".card"),
+    "main": ".cli",
+    "evaluate_system": ".run",
+}
 
 __all__ = ["evaluate_system", "validate_card", "card_errors", "card_schema", "load_card", "CardError",
            "CARD_SCHEMA_VERSION", "Battery", "BATTERIES", "load_battery", "parse_battery", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'defend.evaluate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

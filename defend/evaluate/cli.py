@@ -86,8 +86,6 @@ def _overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
     from ..errors import USER_ERRORS, debug_enabled, one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -120,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        from lightning_fabric.utilities.exceptions import MisconfigurationException  # not at start: fast --help
+
         if not isinstance(exc, (*USER_ERRORS, MisconfigurationException)) or debug_enabled():
             raise
         print(f"defend evaluate: error: {one_line(exc)}", file=sys.stderr)
