@@ -249,3 +249,17 @@ def test_three_class_folder_runs_the_reduced_autoattack_and_the_card_says_so(tmp
     assert "with 3 classes the targeted DLR loss of APGD-T is not defined" in row["note"]
     assert not any("DLR loss" in f for f in row["flags"])
     assert "AutoAttack (reduced version: APGD-CE, APGD-DLR, FAB-T, SQUARE" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("version", ["standard", "reduced"])
+def test_robust_report_shows_autoattack_rows_of_either_version(version):
+    """The robust experiment's report reads the AutoAttack rows whatever version ran (a 3-class data set runs the
+    reduced one): the cell shows the row's accuracy and interval, not '-'."""
+    from defend.experiments.robust_report import _grid
+
+    row = {"measure": "accuracy", "attack": f"autoattack-{version}", "eps": 8 / 255, "n": 40, "accuracy": 0.25,
+           "accuracy_ci_low": 0.14, "accuracy_ci_high": 0.40}
+    (line,) = _grid({"m": {"mode": "pgd_at", "rows": [row]}}, [8 / 255], "accuracy", ("autoattack",), "accuracy",
+                    "AutoAttack")
+    assert line[1] == "AutoAttack (indicative, n 40)"
+    assert line[2].startswith("0.250") and "0.14" in line[2] and "0.40" in line[2]

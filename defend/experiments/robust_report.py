@@ -40,8 +40,13 @@ def _eps_label(e: float) -> str:
     return "0" if v == 0 else (f"{round(v)}/255" if abs(v - round(v)) < 1e-6 else f"{v:.4g}/255")
 
 
+def _is_attack(row_attack: str, attack: str) -> bool:
+    """``autoattack`` stands for whichever version ran (``autoattack-standard``, or ``-reduced`` under 4 classes)."""
+    return row_attack == attack or (attack == "autoattack" and str(row_attack).startswith("autoattack-"))
+
+
 def _pick(res: dict[str, Any], measure: str, attack: str, eps: float) -> dict[str, Any] | None:
-    return next((r for r in res["rows"] if r["measure"] == measure and r["attack"] == attack
+    return next((r for r in res["rows"] if r["measure"] == measure and _is_attack(r["attack"], attack)
                  and _same(r["eps"], eps)), None)
 
 
@@ -55,7 +60,7 @@ def _grid(results: dict[str, Any], eps_list: list[float], measure: str, attacks:
         for e in eps_list:
             hit = next((r for a in attacks if (r := _pick(res, measure, a, e)) is not None), None)
             vals.append(_cell(hit, field))
-            if hit is not None and hit.get("attack") == attacks[-1]:
+            if hit is not None and _is_attack(hit.get("attack"), attacks[-1]):
                 ns.append(int(hit.get("n_correct" if field.endswith("_on_correct") else "n_kept"
                                        if measure == "interpretation" else "n", hit.get("n", 0))))
         n = f" ({'indicative, ' if ns and stats.indicative(min(ns)) else ''}n {min(ns)})" if ns else ""
@@ -73,7 +78,7 @@ def _checks(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
                 lines.append(f"- {'PASS' if ok else 'FAIL'}: AutoAttack <= PGD for `{name}` at {_eps_label(r['eps'])} "
                              f"({r['accuracy']:.3f} vs {r['pgd_accuracy_same_inputs']:.3f} on the same {r['n']} inputs)")
     ref = next((r for r in results.values() if r["mode"] == "normal"), None)
-    aa = lambda res: _pick(res, "accuracy", "autoattack-standard", at)  # noqa: E731
+    aa = lambda res: _pick(res, "accuracy", "autoattack", at)  # noqa: E731
     topk = lambda res: _pick(res, "interpretation", "topk", at)  # noqa: E731
     for name, res in results.items():
         if ref is None or res is ref or res["mode"] not in ("int", "int_adv"):
@@ -119,7 +124,7 @@ def versus(results: dict[str, Any], first: str, second: str, at: float = HEADLIN
     if a_res is None or b_res is None:
         return []
     out = []
-    for label, measure, attack, field in (("AutoAttack accuracy", "accuracy", "autoattack-standard", "accuracy"),
+    for label, measure, attack, field in (("AutoAttack accuracy", "accuracy", "autoattack", "accuracy"),
                                           ("PGD accuracy", "accuracy", "pgd-ce", "accuracy"),
                                           ("top-k-attack Kendall tau", "interpretation", "topk", "kendall_tau"),
                                           ("top-k-attack top-k intersection", "interpretation", "topk", "topk_intersection"),
@@ -214,8 +219,8 @@ def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
         *_intro(cfg, results, dm.num_classes),
         "## Accuracy (AdvEdge Table VII, upper part)", "",
         markdown_table(headers, grid("accuracy", ("clean", "pgd-ce"), "accuracy", "PGD-CE")
-                       + grid("accuracy", ("autoattack-standard",), "accuracy", "AutoAttack")
-                       + grid("accuracy", ("autoattack-standard",), "accuracy_on_correct",
+                       + grid("accuracy", ("autoattack",), "accuracy", "AutoAttack")
+                       + grid("accuracy", ("autoattack",), "accuracy_on_correct",
                               "AutoAttack, on correctly classified inputs")), "",
         "## Kendall's tau of benign vs attacked CAM (AdvEdge Table VII, lower part)", "",
         markdown_table(headers, grid("interpretation", ("topk",), "kendall_tau", "top-k attack")
