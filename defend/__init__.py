@@ -29,7 +29,7 @@ _WHERE = {
     **dict.fromkeys(["bar_chart", "line_plot", "map_grid", "roc_plot"], ".figures"),
     **dict.fromkeys(["centre_of_mass_shift", "kendall_tau", "map_cosine_similarity", "map_l1", "map_l2",
                      "max_sensitivity", "noise_rate", "spearman_rho", "topk_intersection", "topk_iou"], ".metrics"),
-    **dict.fromkeys(["ARCHITECTURES", "GapClassifier", "build_classifier"], ".models"),
+    **dict.fromkeys(["ARCHITECTURES", "GapClassifier", "build_classifier", "wrap_classifier"], ".models"),
     **dict.fromkeys(["DefenceModule", "Optimiser"], ".module_base"),
     **dict.fromkeys(["InnerMaximisation", "RobustClassifierModule"], ".robust"),
     **dict.fromkeys(["interpretation_robustness", "pgd_accuracy", "sensitivity"], ".robust_eval"),
@@ -60,7 +60,7 @@ __all__ = [
     "AIDModule", "RTSObjective", "AIDSchedule", "InnerAttack", "DetectorModule",
     # data and models
     "BaseDataModule", "DigitsDataModule", "CIFAR10DataModule", "ImageFolderDataModule",
-    "GapClassifier", "ARCHITECTURES", "build_classifier", "load_classifier", "save_classifier", "load_rts", "save_rts",
+    "GapClassifier", "ARCHITECTURES", "build_classifier", "wrap_classifier", "load_classifier", "save_classifier", "load_rts", "save_rts",
     # measurement
     "map_l1", "map_l2", "topk_iou", "noise_rate", "kendall_tau", "spearman_rho", "topk_intersection",
     "map_cosine_similarity", "centre_of_mass_shift", "max_sensitivity",

@@ -26,6 +26,8 @@ examples:
   defend evaluate --classifier checkpoints/folder_classifier.pt --data folder:data/my_images --out runs/card_folder
   defend evaluate --classifier C.pt --rts R.pt --detector runs/detector/det --out runs/card --set n_images=200
   defend evaluate --classifier other.pt --inputs runs/card --out runs/card_other   # re-score on the same inputs
+  defend evaluate --arch resnet50 --weights resnet50.pth --num-classes 1000 --data folder:data/imagenet_val \\
+      --out runs/card_resnet50                      # a torchvision state dict instead of an artifact
 
 Writes DIR/card.json (schema docs/card.md, defend/card_schema.json), DIR/report.md, one CSV per table, maps.png,
 attacks.png, roc.png (with a detector), battery.yaml and DIR/adversarial/<attack>_<interpreter>.pt. Everything is
@@ -44,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="defend evaluate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                 description="Measure a defended system (classifier [+ RTS] [+ detector]) and write its model card.")
     p.add_argument("--classifier", metavar="PATH", help="classifier artifact (save_classifier / defend fit export)")
+    p.add_argument("--arch", metavar="NAME", help="instead of --classifier: a torchvision architecture of the zoo "
+                                                  "(resnet18/34/50/101, wide_resnet50_2, densenet121/169) ...")
+    p.add_argument("--weights", metavar="PATH", help="... and its local state dict (torchvision or RobustBench-format, "
+                                                     "keys maybe prefixed model. / module.)")
+    p.add_argument("--num-classes", type=int, metavar="K", help="with --arch: the weights' class count (default: "
+                                                                "the data's)")
+    p.add_argument("--input-size", type=int, default=224, metavar="S", help="with --arch: input side in px "
+                                                                             "(default 224)")
+    p.add_argument("--mean", type=float, nargs=3, metavar="M", help="with --arch: the normalisation the weights "
+                                                                    "expect (default: inside the file, else ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, metavar="S", help="with --arch: see --mean")
     p.add_argument("--rts", metavar="PATH", help="RTS interpreter artifact (save_rts / AIDModule export): adds RTS "
                                                  "to the attacked interpreters and the adaptive RTS attack")
     p.add_argument("--detector", metavar="DIR", help="saved detector directory (DetectorModule.save): adds detection "
@@ -85,6 +98,26 @@ def _overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return battery, data
 
 
+def _check_arch_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--classifier or --arch + --weights; the options of --arch only with it."""
+    if args.classifier and args.arch:
+        parser.error("give --classifier (an artifact) or --arch with --weights (a state dict), not both")
+    if bool(args.arch) != bool(args.weights):
+        parser.error("--arch and --weights go together (a torchvision architecture and its local state dict)")
+    extra = [f"--{k.replace('_', '-')}" for k in ("num_classes", "mean", "std") if getattr(args, k) is not None]
+    if not args.arch and (extra or args.input_size != 224):
+        parser.error(f"{', '.join(extra or ['--input-size'])} only go with --arch (an artifact carries its own)")
+
+
+def _classifier(args: argparse.Namespace) -> Any:
+    """The classifier to evaluate: an artifact's path or an ``ArchSpec``."""
+    if not args.arch:
+        return args.classifier
+    from .system import ArchSpec
+
+    return ArchSpec(args.arch, args.weights, args.num_classes, args.input_size, args.mean, args.std)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import USER_ERRORS, debug_enabled, one_line
 
@@ -93,9 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if not args.print_config:
-            missing = [f"--{k}" for k in ("classifier", "out") if not getattr(args, k)]
-            if missing:
-                parser.error(f"the following arguments are required: {', '.join(missing)}")
+            missing = [f"--{k}" for k in ("out",) if not getattr(args, k)]
+            if missing or not (args.classifier or args.arch):
+                parser.error(f"the following arguments are required: {', '.join(missing or ['--classifier'])} "
+                             f"(or --arch NAME --weights PATH for a torchvision state dict)")
+            _check_arch_args(parser, args)
             if not args.out.strip():
                 parser.error("--out must name a directory")
     except SystemExit as exc:
@@ -112,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from .run import evaluate_system
 
-        evaluate_system(args.classifier, out, rts=args.rts, detector=args.detector, data=args.data,
+        evaluate_system(_classifier(args), out, rts=args.rts, detector=args.detector, data=args.data,
                         battery=args.battery, overrides=battery_over, data_overrides=data_over, inputs=args.inputs,
                         overwrite=args.overwrite, progress=not args.no_progress, argv=["defend", "evaluate", *argv])
     except BaseException as exc:

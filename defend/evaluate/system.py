@@ -15,10 +15,13 @@ import torch
 from torch import nn
 
 from ..data import BaseDataModule, CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from ..inputs import take_split
+from ..interpreters import build_interpreter
 from ..io import file_sha256, load_artifact
+from ..typed_config import config_error
 from .battery import Battery
 
-__all__ = ["System", "load_system", "build_data", "data_spec", "DEFAULT_DETECTOR_INTERPRETERS"]
+__all__ = ["System", "ArchSpec", "interpreters_for", "load_system", "build_data", "data_spec", "DEFAULT_DETECTOR_INTERPRETERS"]
 
 #: what a detector reads when neither its ``detector.json`` nor the battery says
 DEFAULT_DETECTOR_INTERPRETERS = ["grad", "cam"]
@@ -87,6 +90,14 @@ def _file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def interpreters_for(system: System, names: list[str]) -> dict[str, Any]:
+    """Interpreters by name, built with the battery's ``interpreter_options.<name>``; ``rts`` is the system's RTS
+    network."""
+    opts = system.interpreter_options
+    return {n: build_interpreter(n, **{**opts.get(n, {}), "network": system.rts}) if n == "rts"
+            else build_interpreter(n, **opts.get(n, {})) for n in names}
+
+
 def data_spec(data: str | None, input_size: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """``--data`` as ``{"class_path", "init_args"}``: ``digits`` (default), ``folder:PATH`` or a bare directory (an
     image folder at the classifier's input size, with the split options of ``configs/finetune``), ``cifar10:PATH``,
@@ -141,8 +152,6 @@ def build_data(spec: dict[str, Any]) -> BaseDataModule:
         text = " ".join(str(exc).split())
         raise type(exc)(f"--data: {text}") from None
     except Exception as exc:  # jsonargparse's report of a bad class path or option
-        from ..experiments.config import config_error
-
         raise ValueError("--data: " + config_error(exc, type(None)).replace('config key "data', 'key "data')) from None
     dm.setup("fit")
     return dm
@@ -185,8 +194,6 @@ def _measure_surrogate(system: System, seed: int) -> None:
     :data:`SURROGATE_CHECK_N` development inputs, explained for the prediction and for a seeded other class), so the
     card shows the measured fit, not the one its files claim."""
     from ..detection_data import compute_maps, stack_maps
-    from ..experiments.common import take_split
-    from .measure import interpreters_for
 
     x = take_split(system.data, "dev", SURROGATE_CHECK_N)["image"]
     interps = interpreters_for(system, system.detector_interpreters)
@@ -213,22 +220,102 @@ def _choose_surrogate(system: System, kind: str, seed: int) -> None:
                               "trunk's head stands in for the booster in the adaptive attack")
 
 
-def load_system(classifier: str, data: str | None, battery: Battery, rts: str | None = None,
+@dataclass
+class ArchSpec:
+    """``--arch NAME --weights PATH``: a registered torchvision architecture and a local state dict (plain
+    torchvision or RobustBench-format), with the class count, input size and normalisation it was trained with."""
+
+    arch: str
+    weights: str
+    num_classes: int | None = None
+    input_size: int = 224
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+def _arch_weights(spec: ArchSpec) -> tuple[Any, list[float], list[float], list[str]]:
+    """Check ``--arch`` and read ``--weights`` (nothing built yet): the weights, the normalisation and notices."""
+    from ..models.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, read_weights
+
+    if spec.arch not in TORCHVISION:
+        raise ValueError(f"--arch {spec.arch!r} is not a torchvision architecture of the zoo; choose one of: "
+                         f"{', '.join(TORCHVISION)} (an artifact of defend fit goes to --classifier)")
+    if not TORCHVISION[spec.arch]:
+        raise ValueError(f"--arch {spec.arch}: the zoo's {spec.arch} is VGG-GAP (CAM needs GAP -> linear), so "
+                         "torchvision's fully connected classifier cannot be evaluated as it is; wrap it in Python "
+                         "with wrap_classifier(net, 'features', head=...) or fine-tune it with defend fit")
+    if not 8 <= spec.input_size <= 4096:
+        raise ValueError(f"--input-size {spec.input_size} is outside [8, 4096]")
+    if (spec.mean is None) != (spec.std is None):
+        raise ValueError("--mean and --std go together: give both (3 values each) or neither")
+    weights = read_weights(_file(spec.weights, "--weights"))
+    given = spec.mean is not None
+    if given and weights.mean is not None and not (torch.allclose(torch.tensor(spec.mean), torch.tensor(weights.mean))
+                                                 and torch.allclose(torch.tensor(spec.std), torch.tensor(weights.std))):
+        raise ValueError(f"--mean/--std {spec.mean}/{spec.std} disagree with the normalisation inside {spec.weights} "
+                         f"({weights.mean}/{weights.std}): leave them out")
+    mean, std = (spec.mean, spec.std) if given else (weights.mean, weights.std)
+    notices = []
+    if mean is None:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        notices.append(f"[evaluate] notice: {spec.weights} carries no normalisation and --mean/--std were not given: "
+                       "ImageNet's statistics are used")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"--mean/--std need 3 values each, std positive (got {mean} / {std})")
+    return weights, mean, std, notices
+
+
+def _arch_classifier(spec: ArchSpec, weights: Any, mean: list[float], std: list[float],
+                     dm: BaseDataModule) -> tuple[nn.Module, dict[str, Any]]:
+    """The torchvision classifier ``spec`` names with ``weights``, checked against the data and, on the ``meta``
+    device, against the weights' names and shapes before it is built at full size."""
+    from ..classifier import state_differences
+    from ..io import CheckpointError
+    from ..models import build_classifier
+    from ..models.imagenet import torchvision_net
+
+    k, stored = spec.num_classes or int(dm.num_classes), weights.num_classes
+    if spec.num_classes is None and stored != k:
+        raise ValueError(f"--weights {spec.weights}: its head has {stored} classes, the data {dm.num_classes} "
+                         "(--num-classes defaults to the data's): give --num-classes to match the weights")
+    if k != int(dm.num_classes):
+        raise ValueError(f"class count mismatch: --num-classes {k}, the data has {dm.num_classes} classes")
+    if int(dm.image_shape[-1]) != spec.input_size:
+        raise ValueError(f"input size mismatch: --input-size {spec.input_size}, the data is {dm.image_shape[-1]} px")
+    with torch.device("meta"):
+        skeleton = torchvision_net(spec.arch, k).state_dict()
+    detail = state_differences(skeleton, weights.state)
+    if detail:
+        raise CheckpointError(f"--weights {spec.weights} does not fit torchvision {spec.arch} with {k} classes: "
+                              f"{detail}; check --arch and --num-classes")
+    model = build_classifier(spec.arch, k, pretrained=spec.weights, input_size=spec.input_size, mean=mean, std=std)
+    return model.eval(), {**model.describe(), "weights_layout": weights.layout, "source": "--arch/--weights"}
+
+
+def load_system(classifier: str | ArchSpec, data: str | None, battery: Battery, rts: str | None = None,
                 detector: str | None = None, data_overrides: dict[str, Any] | None = None) -> System:
-    """Load and check every part of the system (module docstring); nothing is written."""
+    """Load and check every part of the system (module docstring); nothing is written. ``classifier``: an artifact's
+    path, or an :class:`ArchSpec` (``--arch`` / ``--weights``)."""
     from ..aid import load_rts
     from ..classifier import check_class_names, check_hparams, load_classifier
 
-    path = _file(classifier, "--classifier")
-    meta = load_artifact(path, "classifier")["meta"]
-    check_hparams({"input_size": meta.get("input_size", 32)}, path)  # it sizes the data's images
-    spec = data_spec(data, int(meta.get("input_size", 32)), dict(data_overrides or {}))
-    dm = build_data(spec)
-    model = load_classifier(path, num_classes=dm.num_classes, input_size=dm.image_shape[-1])
-    warning = check_class_names(meta, dm.class_names, path)
+    if isinstance(classifier, ArchSpec):
+        weights, mean, std, notes = _arch_weights(classifier)  # before the data is read
+        spec = data_spec(data, classifier.input_size, dict(data_overrides or {}))
+        dm = build_data(spec)
+        model, meta = _arch_classifier(classifier, weights, mean, std, dm)
+        path, warning = Path(classifier.weights), None
+    else:
+        path = _file(classifier, "--classifier")
+        meta = load_artifact(path, "classifier")["meta"]
+        check_hparams({"input_size": meta.get("input_size", 32)}, path)  # it sizes the data's images
+        spec = data_spec(data, int(meta.get("input_size", 32)), dict(data_overrides or {}))
+        dm = build_data(spec)
+        model = load_classifier(path, num_classes=dm.num_classes, input_size=dm.image_shape[-1])
+        warning, notes = check_class_names(meta, dm.class_names, path), []
     system = System(model, str(path), file_sha256(path), dict(meta), dm, spec,
                     interpreter_options={k: dict(v) for k, v in battery.interpreter_options.items()},
-                    notices=[warning] if warning else [])
+                    notices=[warning, *notes] if warning else notes)
     if rts is not None:
         net = load_rts(_file(rts, "--rts"))
         try:
