@@ -40,6 +40,7 @@ from attacks.checks import check_images, check_labels
 from attacks.interpreters import rts_objective
 
 from .classifier import build_from_state, check_hparams, load_classifier
+from .defences import RTS_NETWORK, Defence, register_defence
 from .distributed import mean_over_ranks, rank_world, shard_draw
 from .io import CheckpointError, load_artifact, load_state_checked, save_artifact, strip_prefix
 from .metrics import localisation
@@ -554,3 +555,29 @@ class AIDModule(DefenceModule):
         """Save the RTS network alone as a safe artifact (:func:`save_rts`; what ``load_rts`` and the ``rts``
         paths of the experiments read)."""
         save_rts(self.rts, path, {**self.artifact_meta(), **(extra or {})})
+
+
+# --------------------------------------------------------------------------------------------- the defences
+def _rts_battery(battery: Any, options: Any) -> dict[str, Any]:
+    """The adaptive attack of an RTS row is ``adaptive_rts`` (the ensemble attack on the classifier's own
+    interpreters is the plain classifier's)."""
+    return {"adaptive.ensemble": []}
+
+
+def _aid_note(card: dict[str, Any], art: Any) -> list[str]:
+    return [f"{art['aid_steps']} AID steps trained"] if art and art.get("aid_steps") is not None else []
+
+
+def _rts_defence(name: str, plan: str, description: str, note: Any = None) -> Defence:
+    """The plain classifier explained by an RTS network trained by :class:`AIDModule` (``plan``: the part of the AID
+    training plan, ``rts`` or ``aid``)."""
+    return register_defence(Defence(name, description, trains="aid", module={"plan": plan}, artifact=RTS_NETWORK,
+                                    interpreters=("rts",), adaptive=("adaptive_rts",), battery=_rts_battery, note=note),
+                            __name__)
+
+
+_rts_defence("rts", "rts", "the normal classifier explained by the plain real-time saliency (RTS) interpreter (AIDModule, "
+                           "AID weight 0).")
+_rts_defence("rts_aid", "aid", "the normal classifier explained by RTS trained with adversarial interpretation "
+                               "distillation (ADV2 section 5 Q3; AIDModule, AID weight > 0): its maps of adversarial "
+                               "inputs should differ from the benign ones (low IoU).", _aid_note)

@@ -34,6 +34,7 @@ from attacks import eval_mode
 
 from .booster_surrogate import BoosterSurrogate, fit_booster_surrogate
 from .classifier import build_from_state, check_hparams
+from .defences import ArtifactKind, Defence, register_defence
 from .io import (
     CheckpointError,
     atomic_write_bytes,
@@ -47,7 +48,7 @@ from .models.imagenet import vgg16
 from .module_base import DefenceModule, Optimiser
 
 __all__ = ["DetectorModule", "DistilledDetector", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth",
-           "best_threshold", "xgb_device"]
+           "best_threshold", "xgb_device", "detector_files"]
 
 TRAINABLE = ("input", "all", "head", "none")
 
@@ -286,22 +287,23 @@ class DetectorModule(DefenceModule):
             raise write_error(d, exc) from None
         hp = {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr", "weight_decay", "seed",
                                            "feature_stages")}
-        files = {"trunk.pt": save_artifact(d / "trunk.pt", "detector", self.net.state_dict(),
-                                           {"hparams": hp, "booster": json.dumps(self.booster_options)})}
+        trunk, booster, surrogate = DETECTOR_FILES  # the names detector_files() plans
+        files = {trunk: save_artifact(d / trunk, "detector", self.net.state_dict(),
+                                      {"hparams": hp, "booster": json.dumps(self.booster_options)})}
         if self.booster is not None:
             from xgboost.core import XGBoostError
 
             try:
                 with tempfile.TemporaryDirectory(prefix=".booster-", dir=d) as scratch:
-                    raw = Path(scratch) / "booster.json"  # xgboost picks the format from the suffix
+                    raw = Path(scratch) / booster  # xgboost picks the format from the suffix
                     self.booster.save_model(str(raw))
                     data = raw.read_bytes()
             except (OSError, XGBoostError) as exc:  # e.g. a full disk: one line naming the file
-                raise write_error(d / "booster.json", exc) from None
-            files["booster.json"] = atomic_write_bytes(d / "booster.json", data)
+                raise write_error(d / booster, exc) from None
+            files[booster] = atomic_write_bytes(d / booster, data)
         if self.surrogate is not None:
-            files["surrogate.pt"] = save_artifact(d / "surrogate.pt", "detector", self.surrogate.state_dict(),
-                                                  {"fit": dict(self.surrogate_fit)})
+            files[surrogate] = save_artifact(d / surrogate, "detector", self.surrogate.state_dict(),
+                                             {"fit": dict(self.surrogate_fit)})
         info = {"format": DETECTOR_FORMAT, "hparams": hp, "booster_options": self.booster_options,
                 "has_booster": self.booster is not None, "files": files}
         if interpreters is not None:
@@ -309,7 +311,7 @@ class DetectorModule(DefenceModule):
                 raise ValueError(f"the detector reads {hp['in_channels']} channels, not {len(interpreters)} "
                                  f"interpreters{' + product' if product else ''}")
             info.update({"interpreters": list(interpreters), "product": bool(product)})
-        write_json(d / "detector.json", {**info, "sha256": _json_digest(info)})
+        write_json(d / DETECTOR_INDEX, {**info, "sha256": _json_digest(info)})
 
     @classmethod
     def load(cls, directory: str | Path) -> DetectorModule:
@@ -364,6 +366,14 @@ class DistilledDetector(nn.Module):
 DETECTOR_FORMAT = "idls-defend-detector/1"
 #: the files :meth:`DetectorModule.save` writes next to ``detector.json`` (the only names ``load`` reads)
 DETECTOR_FILES = ("trunk.pt", "booster.json", "surrogate.pt")
+#: the file :meth:`DetectorModule.save` writes last, listing the others (a detector folder is complete when it is there)
+DETECTOR_INDEX = "detector.json"
+
+
+def detector_files(directory: Path) -> list[Path]:
+    """Every file :meth:`DetectorModule.save` may write into ``directory``: ``detector.json`` first, then the others
+    (what an overwrite check must plan)."""
+    return [directory / DETECTOR_INDEX, *(directory / f for f in DETECTOR_FILES)]
 #: the lowest r^2 (booster margins vs the distilled surrogate's log-odds, on maps the tool computes) at which the
 #: surrogate may stand in for the booster in an adaptive attack (:meth:`DetectorModule.measure_surrogate`)
 SURROGATE_R2_FLOOR = 0.5
@@ -528,3 +538,34 @@ class FeatureSqueezer:
         if self.threshold is None:
             raise RuntimeError("fit the threshold first")
         return (self.score(x) > self.threshold).long()
+
+
+# --------------------------------------------------------------------------------------------- the defence
+def _detector_battery(battery: Any, options: Any) -> dict[str, Any]:
+    """The classifier is the plain one: its AutoAttack / top-k figures are in the normal row; the detector reads the
+    interpreters it was trained on."""
+    return {"autoattack.eps": [], "topk.interpreters": [], "adaptive.ensemble": [],
+            "detector.interpreters": list(options["detector_interpreters"]),
+            "detector.product": bool(options["detector_product"])}
+
+
+def _detector_note(card: dict[str, Any], art: Any) -> list[str]:
+    notes = []
+    if card["results"].get("detection"):
+        det = card["results"]["detection"]
+        notes.append(f"reads {'+'.join(det['interpreters'])}{' + product' if det['product'] else ''}; benign false "
+                     f"positives at its own threshold {det['benign_fpr_default']:.2f} (n={det['n_benign']}); AutoAttack "
+                     "is not measured on this row (the classifier is normal's: see that row)")
+        if art and art.get("n_adversarial") is not None:
+            notes.append(f"trained on {art['n_benign']} benign + {art['n_adversarial']} successful adversarial inputs")
+    return notes
+
+
+register_defence(Defence(
+    "detector", "the normal classifier behind the multi-interpreter detector (AdvEdge section VIII: VGG-16 trunk + "
+    "XGBoost on the stacked interpreter maps; DetectorModule), trained on a balanced set of inputs of the data's {split} "
+    "split; scored by the share of successful adversarial test inputs it flags at the thresholds giving 1 % / 5 % false "
+    "positives on benign development inputs (where there are 10 / FPR of them) and by the evasion rate.",
+    trains="detector", artifact=ArtifactKind("detector", folder=True, files_of=detector_files),
+    adaptive=("adaptive_detector",), sections=("clean_accuracy", "attacks", "detection"), battery=_detector_battery,
+    note=_detector_note), __name__)

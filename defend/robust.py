@@ -28,7 +28,9 @@ Options: ``mode``, ``interpretation``, ``gamma`` and ``ce_attack`` next to the c
 ``inner.random_start``) and the optimiser as another (:class:`~defend.module_base.Optimiser`).
 
 Modes (``mode=``): ``"normal"`` (clean CE), ``"pgd_at"`` (Madry PGD adversarial training: CE on untargeted
-PGD examples), ``"int"`` (clean CE + gamma * D_worst) and ``"int_adv"`` (adversarial CE + gamma * D_worst).
+PGD examples), ``"int"`` (clean CE + gamma * D_worst), ``"int_adv"`` (adversarial CE + gamma * D_worst) and
+``"trades"`` (Zhang et al., ICML 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x'))``, ``x'`` the PGD maximiser of the
+KL started at ``x + 0.001 * N(0, 1)``; :func:`trades_kl`, :func:`trades_attack`).
 The inner maximisations run :func:`attacks.frameworks.pgd_maximise` (random start, input gradients only)
 with the model in eval mode (restored afterwards). The outer loss is built from differentiable maps and
 Lightning performs the ONE ordinary backward (DDP syncs once). No SyncBatchNorm (it has no double backward).
@@ -48,15 +50,17 @@ from attacks.frameworks.pgd import pgd_maximise
 from attacks.interpreters import CAMInterpreter, GradInterpreter, minmax
 
 from .classifier import ClassifierModule
+from .defences import CLASSIFIER, Defence, register_defence
 from .models import GapClassifier
 from .module_base import Optimiser, as_options
 
 __all__ = [
     "MODES", "INTERPRETATIONS", "RobustClassifierModule", "InnerMaximisation", "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "normalise_maps",
     "discrepancy", "discrepancy_l1_2class", "interpretation_discrepancy", "worst_case_discrepancy", "pgd_ce_attack",
+    "trades_kl", "trades_attack",
 ]
 
-MODES = ("normal", "pgd_at", "int", "int_adv")
+MODES = ("normal", "pgd_at", "int", "int_adv", "trades")
 INTERPRETATIONS = ("cam", "grad")
 
 
@@ -152,6 +156,23 @@ def pgd_ce_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: flo
                         random_start=random_start, generator=generator)
 
 
+def trades_kl(logits_x: Tensor, logits_adv: Tensor) -> Tensor:
+    """``KL(f(x) || f(x'))`` per example ``[N]``: ``sum_c p_c(x) (log p_c(x) - log p_c(x'))`` of the softmaxes."""
+    log_p = logits_x.log_softmax(1)
+    return (log_p.exp() * (log_p - logits_adv.log_softmax(1))).sum(1)
+
+
+def trades_attack(model: nn.Module, x: Tensor, eps: float, alpha: float, steps: int,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """TRADES' inner maximisation: PGD (``pgd_maximise``) ascent on ``KL(f(x) || f(x'))`` from ``x + 0.001 N(0, 1)``
+    (the benign softmax computed once, detached); returns the detached ``x'``."""
+    with torch.no_grad():
+        logits_x = model(x.detach())
+    noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return pgd_maximise(lambda z: trades_kl(logits_x, model(z)), x, eps, alpha, steps, generator=generator,
+                        start=noise)
+
+
 # --------------------------------------------------------------------------------------------- module
 @dataclass(frozen=True)
 class InnerMaximisation:
@@ -194,12 +215,14 @@ class RobustClassifierModule(ClassifierModule):
         arch: zoo architecture name (e.g. ``small_cnn``, ``wide_resnet``).
         num_classes: number of classes; must match the data module.
         model_options: extra keyword arguments of the architecture (e.g. ``width``, ``batchnorm: false``).
-        mode: ``"normal"``, ``"pgd_at"``, ``"int"`` or ``"int_adv"``.
+        mode: ``"normal"``, ``"pgd_at"``, ``"int"``, ``"int_adv"`` or ``"trades"``.
         interpretation: ``"cam"`` or ``"grad"`` (maps inside D).
         gamma: weight of the worst-case discrepancy D.
         ce_attack: in ``int_adv``, the adversarial CE input: ``"pgd"`` a separate untargeted PGD on the CE
             (default), ``"interp"`` reuse the D-maximising input (half the cost).
-        inner: the inner maximisations (radius, steps, step size, radius ramp, random start).
+        beta: in ``trades``, the weight of the KL term (Zhang et al.: 6; 1 / lambda in their notation).
+        inner: the inner maximisations (radius, steps, step size, radius ramp, random start; ``trades`` always
+            starts at ``x + 0.001 N(0, 1)``).
         optimiser: the optimiser and its learning-rate schedule (default: Adam, lr 0.001, constant).
         label_smoothing: label smoothing of the outer cross-entropy.
         init_from: classifier artifact or Lightning checkpoint to start from (fine-tune a trained classifier to be
@@ -209,7 +232,8 @@ class RobustClassifierModule(ClassifierModule):
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
                  mode: str = "int_adv", interpretation: str = "cam", gamma: float = 0.01, ce_attack: str = "pgd",
-                 inner: InnerMaximisation = InnerMaximisation(), optimiser: Optimiser = ROBUST_OPTIMISER,
+                 beta: float = 6.0, inner: InnerMaximisation = InnerMaximisation(),
+                 optimiser: Optimiser = ROBUST_OPTIMISER,
                  label_smoothing: float = 0.0, init_from: str | None = None, new_head: bool = False) -> None:
         inner = as_options(inner, InnerMaximisation(), "inner")
         if mode not in MODES:
@@ -220,12 +244,15 @@ class RobustClassifierModule(ClassifierModule):
             raise ValueError(f"ce_attack must be 'pgd' or 'interp', got {ce_attack!r}")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0 (the weight of the worst-case discrepancy), got {gamma}")
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0 (the weight of TRADES' KL term), got {beta}")
         if mode != "normal" and (inner.eps <= 0 or inner.steps < 1):
             raise ValueError(f"mode {mode!r} needs inner.eps > 0 and inner.steps >= 1 (or mode: normal)")
         super().__init__(arch=arch, num_classes=num_classes, model_options=model_options, optimiser=optimiser,
                          label_smoothing=label_smoothing, init_from=init_from, new_head=new_head)
         self.inner = inner
-        self.save_options(mode=mode, interpretation=interpretation, gamma=gamma, ce_attack=ce_attack, inner=inner)
+        self.save_options(mode=mode, interpretation=interpretation, gamma=gamma, ce_attack=ce_attack, beta=beta,
+                          inner=inner)
 
     @classmethod
     def default_optimiser(cls) -> Optimiser:
@@ -245,7 +272,8 @@ class RobustClassifierModule(ClassifierModule):
     # ------------------------------------------------------------------ loss
     def _inner_inputs(self, x: Tensor, y: Tensor, eps: float,
                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """``(x_d, x_ce)``: the D-maximising input and the input of the CE (both ``x`` when nothing is attacked);
+        """``(x_d, x_ce)``: the D-maximising (``trades``: KL-maximising) input and the input of the CE (both ``x``
+        when nothing is attacked);
         the model is in eval mode meanwhile (its flags restored afterwards)."""
         hp, inner = self.hparams, self.inner
         x_d = x_ce = x
@@ -253,6 +281,8 @@ class RobustClassifierModule(ClassifierModule):
             return x_d, x_ce
         alpha = float(inner.alpha) * eps / float(inner.eps)
         with eval_mode(self.model):
+            if hp.mode == "trades":
+                x_d = trades_attack(self.model, x, eps, alpha, inner.steps, generator)
             if hp.mode in ("int", "int_adv"):
                 x_d = worst_case_discrepancy(self.model, x, y, eps, alpha, inner.steps, hp.interpretation,
                                              inner.random_start, generator)
@@ -267,8 +297,8 @@ class RobustClassifierModule(ClassifierModule):
         """The outer objective for a batch at radius ``eps`` (default: the full ``inner.eps``):
         ``l_CE(f(x_ce), y) + gamma * D(x, x_d)`` (module docstring; AdvEdge Eqn 21).
 
-        Returns ``loss`` (differentiable in the parameters), ``ce``, ``d`` (mean worst-case D, 0 when unused)
-        and ``logits`` of the CE input (for accuracy).
+        Returns ``loss`` (differentiable in the parameters), ``ce``, ``d`` (mean worst-case D, ``trades``: mean
+        KL; 0 when unused) and ``logits`` of the CE input (for accuracy).
         """
         hp = self.hparams
         eps = float(self.inner.eps) if eps is None else float(eps)
@@ -280,6 +310,11 @@ class RobustClassifierModule(ClassifierModule):
             logits = self.model(x_ce)
             ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
             return {"loss": ce, "ce": ce.detach(), "d": zero, "logits": logits.detach()}
+        if mode == "trades":  # two forwards in the current (train) mode, as the reference implementation
+            logits = self.model(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            kl = trades_kl(logits, self.model(x_d)).mean()
+            return {"loss": ce + float(hp.beta) * kl, "ce": ce.detach(), "d": kl.detach(), "logits": logits.detach()}
         # int / int_adv: one forward over [x; x_d (; x_ce)] in the current (train) mode
         n = x.shape[0]
         separate_ce = mode == "int_adv" and x_ce is not x_d
@@ -309,7 +344,7 @@ class RobustClassifierModule(ClassifierModule):
         bs = x.shape[0]
         self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
         self.log("train/ce", out["ce"], batch_size=bs)
-        self.log("train/d", out["d"], prog_bar=self.hparams.mode in ("int", "int_adv"), batch_size=bs)
+        self.log("train/d", out["d"], prog_bar=self.hparams.mode in ("int", "int_adv", "trades"), batch_size=bs)
         self.log("train/eps", eps, batch_size=bs)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
         return out["loss"]
@@ -319,7 +354,27 @@ class RobustClassifierModule(ClassifierModule):
         hp, inner = self.hparams, self.inner
         return {"mode": hp.mode, "interpretation": hp.interpretation, "gamma": float(hp.gamma),
                 "eps": float(inner.eps), "inner_steps": int(inner.steps), "inner_alpha": float(inner.alpha),
-                "eps_ramp_epochs": float(inner.ramp_epochs), "ce_attack": hp.ce_attack}
+                "eps_ramp_epochs": float(inner.ramp_epochs), "ce_attack": hp.ce_attack,
+                **({"beta": float(hp.beta)} if hp.mode == "trades" else {})}
 
     def artifact_meta(self) -> dict[str, Any]:
         return {**super().artifact_meta(), "robust_training": self.robust_meta()}
+
+
+# --------------------------------------------------------------------------------------------- the defences
+def _robust_defence(name: str, description: str) -> Defence:
+    """A classifier trained by :class:`RobustClassifierModule` in mode ``name``, explained by CAM and GRAD."""
+    return register_defence(Defence(name, description, trains="robust", module={"mode": name}, artifact=CLASSIFIER),
+                            __name__)
+
+
+register_defence(Defence("normal", "the plain classifier (cross-entropy training), explained by CAM and GRAD: the "
+                                   "undefended reference."), __name__)
+_robust_defence("pgd_at", "the classifier adversarially trained with PGD on the cross-entropy (Madry et al.; "
+                          "RobustClassifierModule, mode pgd_at), explained by CAM and GRAD.")
+_robust_defence("int_adv", "the classifier trained for interpretation robustness (Boopathy et al. ICML 2020: CE of a "
+                           "PGD input + gamma x the worst-case CAM discrepancy; RobustClassifierModule, mode int_adv), "
+                           "explained by CAM and GRAD.")
+_robust_defence("trades", "the classifier trained with TRADES (Zhang et al. ICML 2019: CE of the clean input + beta x "
+                          "KL(f(x) || f(x')), x' the PGD maximiser of the KL; RobustClassifierModule, mode trades), "
+                          "explained by CAM and GRAD.")

@@ -61,14 +61,17 @@ class PGD(ThreatModel):
 
 
 def pgd_maximise(loss_fn: Callable[[Tensor], Tensor], x0: Tensor, eps: float, alpha: float, steps: int,
-                 random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+                 random_start: bool = True, generator: torch.Generator | None = None,
+                 start: Tensor | None = None) -> Tensor:
     """Generic L-inf PGD ascent on ``loss_fn(x) -> Tensor[N]`` (e.g. an interpretation discrepancy).
 
     Gradients are taken w.r.t. the input only (``torch.autograd.grad``); returns the detached last iterate.
+    ``start``: the starting perturbation (clipped to the ball and to [0, 1]; e.g. TRADES' ``0.001 * N(0, 1)``),
+    in place of zero / the uniform random start.
     """
     threat = PGD(eps, alpha, random_start)
     x0 = x0.detach()
-    z = threat.init(x0, generator)
+    z = threat.init(x0, generator) if start is None else threat.project(x0, start.detach().clamp(-eps, eps))
     active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
     with torch.enable_grad():
         for _ in range(steps):

@@ -2,11 +2,15 @@
 battery of ``defend evaluate`` (:func:`defend.evaluate.evaluate_system`), in one table: defences as rows, attacks as
 columns, the non-adaptive and the adaptive figure side by side.
 
-Rows (``defences:``, in this order):
+Rows (``defences:``): the registered defences (:data:`defend.defences.DEFENCES`, in
+:func:`~defend.defences.defence_names` order); each row asks its :class:`~defend.defences.Defence` what it trains (the
+config section of its training family: ``robust``, ``aid``, ``detector``), which artifact it loads, what it changes in
+the battery, which lines and cells it reports and how it is described. Today:
 
 * ``normal``: the plain classifier (``classifier:``, reused from its checkpoint) explained by CAM and GRAD;
-* ``pgd_at`` / ``int_adv``: :class:`defend.robust.RobustClassifierModule` (modes ``pgd_at`` / ``int_adv``), trained
-  by the ``robust`` experiment's training function from the entries of ``robust.models`` named so;
+* ``pgd_at`` / ``int_adv`` / ``trades``: :class:`defend.robust.RobustClassifierModule` (modes ``pgd_at`` /
+  ``int_adv`` / ``trades``), trained by the ``robust`` experiment's training function from the entries of
+  ``robust.models`` named so;
 * ``beta_smoothing``: the normal classifier explained by ``grad_softplus`` (Dombrowski et al., NeurIPS 2019: GRAD of
   the network with softplus(beta) in place of ReLU) instead of GRAD (a training-free baseline);
 * ``rts`` / ``rts_aid``: the normal classifier explained by the plain RTS interpreter vs one trained with AID
@@ -44,25 +48,21 @@ import torch
 from attacks import INTERPRETERS, build_attack, random_targets
 
 from .. import stats
+from ..attack_options import AttackOptions, layered_options
 from ..data import BaseDataModule
+from ..defences import DEFENCES, Defence, defence_names, load_defences
 from ..evaluate.battery import Battery, load_battery
 from ..figures import bar_chart
+from ..inputs import select_correct
 from ..io import OutputGuard, Undescribable, atomic_write_text, file_sha256, settings_digest, write_json
+from ..tables import markdown_table
+from ..typed_config import check_names
 from ..types import Count, Positive, PositiveCount, Radius
 from .aid import AIDExperiment, AIDTrainingPlan
 from .aid import _train as train_rts
 from .aid import check as check_aid
-from .common import (
-    ClassifierSpec,
-    classifier_outputs,
-    default_data,
-    get_classifier,
-    markdown_table,
-    select_correct,
-    setup_data,
-    write_outputs,
-)
-from .config import AttackOptions, ExperimentConfig, TrainerOptions, check_names, layered_options, register_experiment
+from .common import ClassifierSpec, classifier_outputs, default_data, get_classifier, setup_data, write_outputs
+from .config import ExperimentConfig, TrainerOptions, register_experiment
 from .detector import DetectorOptions
 from .robust import RobustExperiment, RobustModel, RobustTraining, eps_255, module_options
 from .robust import _train as train_robust
@@ -72,34 +72,19 @@ from .runner import deep_merge
 __all__ = ["run", "ScorecardExperiment", "ScorecardBattery", "RobustDefences", "DetectorDefence", "DEFENCES",
            "row_battery", "scorecard_table", "NOT_MEASURED", "model_settings", "finished_card"]
 
-#: the rows of the scorecard, in order
-DEFENCES = ("normal", "pgd_at", "int_adv", "beta_smoothing", "rts", "rts_aid", "detector")
-#: the trained artifacts that ``reuse:`` may name
-ARTIFACTS = ("pgd_at", "int_adv", "rts", "rts_aid", "detector")
 #: the literal of a cell whose figure the card does not hold
 NOT_MEASURED = "not measured"
+load_defences()  # the rows are the registered defences (defend.defences.DEFENCES), in defence_names() order
 
-DESCRIPTIONS = {
-    "normal": "the plain classifier (cross-entropy training), explained by CAM and GRAD: the undefended reference.",
-    "pgd_at": "the classifier adversarially trained with PGD on the cross-entropy (Madry et al.; "
-              "RobustClassifierModule, mode pgd_at), explained by CAM and GRAD.",
-    "int_adv": "the classifier trained for interpretation robustness (Boopathy et al. ICML 2020: CE of a PGD input + "
-               "gamma x the worst-case CAM discrepancy; RobustClassifierModule, mode int_adv), explained by CAM and "
-               "GRAD.",
-    "beta_smoothing": "the normal classifier explained by GRAD of its softplus-smoothed copy (Dombrowski et al. "
-                      "NeurIPS 2019: ReLU -> softplus(beta z) / beta in the explanation only; interpreter "
-                      "grad_softplus) instead of GRAD: a training-free baseline. Its CAM line would repeat normal's.",
-    "rts": "the normal classifier explained by the plain real-time saliency (RTS) interpreter (AIDModule, AID weight "
-           "0).",
-    "rts_aid": "the normal classifier explained by RTS trained with adversarial interpretation distillation (ADV2 "
-               "section 5 Q3; AIDModule, AID weight > 0): its maps of adversarial inputs should differ from the "
-               "benign ones (low IoU).",
-    "detector": "the normal classifier behind the multi-interpreter detector (AdvEdge section VIII: VGG-16 trunk + "
-                "XGBoost on the stacked interpreter maps; DetectorModule), trained on a balanced set of inputs of the "
-                "data's {split} split; scored by the share of successful adversarial test inputs it flags at the "
-                "thresholds giving 1 % / 5 % false positives on benign development inputs (where there are 10 / FPR "
-                "of them) and by the evasion rate.",
-}
+
+def _defence(row: str) -> Defence:
+    return DEFENCES.build(row)
+
+
+def _artifact_names() -> list[str]:
+    """The defences with a trained artifact (what ``reuse:`` may name)."""
+    return [n for n in defence_names() if _defence(n).artifact is not None]
+
 
 Split = Literal["train", "val", "test"]
 InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
@@ -116,14 +101,16 @@ class ScorecardBattery:
 
 
 def _robust_models() -> list[RobustModel]:
-    return [RobustModel(mode, module={"mode": mode}) for mode in ("pgd_at", "int_adv")]
+    """One entry per defence the ``robust`` family trains, with that defence's module options."""
+    return [RobustModel(n, module=dict(_defence(n).module)) for n in defence_names() if _defence(n).trains == "robust"]
 
 
 @dataclass
 class RobustDefences:
-    """The ``pgd_at`` and ``int_adv`` rows: the entries of ``models`` named so (the ``robust`` experiment's
-    :class:`~defend.experiments.robust.RobustModel`), each a RobustClassifierModule with ``training.module`` under
-    its own ``module``, trained for ``max_epochs`` with ``trainer`` laid over the experiment's Trainer options."""
+    """The rows of the defences trained by the ``robust`` family (a RobustClassifierModule each): the entries of
+    ``models`` named so (the ``robust`` experiment's :class:`~defend.experiments.robust.RobustModel`), each with
+    ``training.module`` under its own ``module``, trained for ``max_epochs`` with ``trainer`` laid over the
+    experiment's Trainer options."""
 
     training: RobustTraining = field(default_factory=RobustTraining)
     models: list[RobustModel] = field(default_factory=_robust_models)
@@ -158,7 +145,7 @@ class ScorecardExperiment(ExperimentConfig):
 
     data: BaseDataModule | None = None
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
-    defences: list[str] = field(default_factory=lambda: list(DEFENCES))
+    defences: list[str] = field(default_factory=defence_names)
     reuse: dict[str, str] = field(default_factory=dict)
     battery: ScorecardBattery = field(default_factory=ScorecardBattery)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -179,29 +166,13 @@ def _dotted(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def _swap(names: list[str], old: str, new: str) -> list[str]:
-    return [new if n == old else n for n in names]
-
-
 def row_battery(cfg: ScorecardExperiment, row: str) -> tuple[Battery, dict[str, Any]]:
     """The battery of one row: ``battery`` (name + overrides), what the row's defence needs, then ``rows.<row>``;
     returns it and the overrides laid over the named battery."""
     over = _dotted("", dict(cfg.battery.overrides)) if cfg.battery.overrides else {}
     base, _ = load_battery(cfg.battery.name, over)
-    need: dict[str, Any] = {}
-    if row == "beta_smoothing":  # grad_softplus wherever GRAD is attacked, measured or ensembled
-        attacked = _swap(list(base.attacks.interpreters), "grad", "grad_softplus")
-        need = {"attacks.interpreters": attacked if "grad_softplus" in attacked else attacked + ["grad_softplus"],
-                "topk.interpreters": _swap(list(base.topk.interpreters), "grad", "grad_softplus"),
-                "adaptive.ensemble_interpreters": _swap(list(base.adaptive.ensemble_interpreters), "grad",
-                                                        "grad_softplus"),
-                "interpreter_options.grad_softplus.beta": float(cfg.beta)}
-    elif row in ("rts", "rts_aid"):  # the adaptive attack of an RTS row is adaptive_rts (the ensemble is normal's)
-        need = {"adaptive.ensemble": []}
-    elif row == "detector":  # the classifier is normal's: its AutoAttack / top-k figures are in the normal row
-        need = {"autoattack.eps": [], "topk.interpreters": [], "adaptive.ensemble": [],
-                "detector.interpreters": list(cfg.detector.interpreters),
-                "detector.product": bool(cfg.detector.product)}
+    need = _defence(row).battery(base, {"beta": cfg.beta, "detector_interpreters": cfg.detector.interpreters,
+                                        "detector_product": cfg.detector.product})
     extra = _dotted("", dict(cfg.rows.get(row) or {})) if cfg.rows.get(row) else {}
     overrides = {**over, **need, **extra}
     battery, _ = load_battery(cfg.battery.name, overrides)
@@ -209,6 +180,11 @@ def row_battery(cfg: ScorecardExperiment, row: str) -> tuple[Battery, dict[str, 
 
 
 # --------------------------------------------------------------------------------------------- checks / outputs
+def _family(cfg: ScorecardExperiment, family: str) -> list[str]:
+    """The rows asked for whose defence the training ``family`` trains."""
+    return [d for d in cfg.defences if _defence(d).trains == family]
+
+
 def _robust_cfg(cfg: ScorecardExperiment) -> RobustExperiment:
     models = [m for m in cfg.robust.models if m.name in cfg.defences]
     return RobustExperiment(seed=cfg.seed, threads=cfg.threads, trainer=deep_merge(cfg.trainer, cfg.robust.trainer),
@@ -226,8 +202,8 @@ def _reused(cfg: ScorecardExperiment, name: str) -> Path | None:
     path = cfg.reuse.get(name)
     if not path:
         return None
-    p = Path(path)
-    return p if (p / "detector.json" if name == "detector" else p).is_file() else None
+    p, kind = Path(path), _defence(name).artifact
+    return p if kind is not None and kind.present(p) else None
 
 
 def check(cfg: ScorecardExperiment) -> None:
@@ -238,7 +214,7 @@ def check(cfg: ScorecardExperiment) -> None:
     if dup:
         raise ValueError(f"defences lists {', '.join(dup)} more than once")
     for key in cfg.reuse:
-        check_names([key], ARTIFACTS, "reuse")
+        check_names([key], _artifact_names(), "reuse")
     for key in cfg.rows:
         check_names([key], DEFENCES, "rows")
     for row in cfg.defences:
@@ -247,17 +223,18 @@ def check(cfg: ScorecardExperiment) -> None:
         except (ValueError, FileNotFoundError) as exc:
             raise type(exc)(f"battery of row {row}: {exc}") from None
     cfg.classifier.check(default_data(cfg))
-    robust = [d for d in cfg.defences if d in ("pgd_at", "int_adv")]
+    robust = _family(cfg, "robust")
     for name in robust:
         model = next((m for m in cfg.robust.models if m.name == name), None)
         if model is None:
             raise ValueError(f"defences lists {name} but robust.models has no entry named {name} "
-                             f"(e.g. {{name: {name}, module: {{mode: {name}}}}})")
+                             "(e.g. {name: " + name + ", module: {" + ", ".join(f"{k}: {v}" for k, v in _defence(name).module.items())
+                             + "}})")
     if any(_reused(cfg, n) is None for n in robust):
         check_robust(_robust_cfg(cfg))
-    if any(d in cfg.defences and _reused(cfg, d) is None for d in ("rts", "rts_aid")):
+    if any(_reused(cfg, d) is None for d in _family(cfg, "aid")):
         check_aid(_aid_cfg(cfg))
-    if "detector" in cfg.defences:
+    if _family(cfg, "detector"):
         d = cfg.detector
         check_names(list(d.interpreters), INTERPRETERS, "detector.interpreters")
         check_names(list(d.target_interpreters), INTERPRETERS, "detector.target_interpreters")
@@ -272,13 +249,21 @@ def check(cfg: ScorecardExperiment) -> None:
 
 def _artifacts(cfg: ScorecardExperiment, out: Path) -> dict[str, Path]:
     """Where each trained artifact of the rows asked for lives (reused or ``<out>/models/``)."""
-    need = set(cfg.defences) & set(ARTIFACTS)
-    if "rts_aid" in need and cfg.aid.aid.init == "rts":
-        need.add("rts")
+    need = {d for d in cfg.defences if _defence(d).artifact is not None}
+    start = _aid_start(cfg)
+    if start is not None and any(_defence(d).module.get("plan") == "aid" for d in need & set(_family(cfg, "aid"))):
+        need.add(start)
     paths = {}
-    for name in sorted(need):
-        paths[name] = _reused(cfg, name) or out / "models" / (name if name == "detector" else f"{name}.pt")
+    for name in (n for n in defence_names() if n in need):  # row order: an artifact after the one it starts from
+        paths[name] = _reused(cfg, name) or _defence(name).artifact.path(out / "models", name)
     return paths
+
+
+def _aid_start(cfg: ScorecardExperiment) -> str | None:
+    """The defence whose RTS network the AID-trained one starts from (``aid.aid.init`` names that part of the AID
+    plan; ``scratch``: none)."""
+    return next((n for n in defence_names() if _defence(n).trains == "aid"
+                 and _defence(n).module.get("plan") == cfg.aid.aid.init), None)
 
 
 def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
@@ -289,11 +274,12 @@ def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
     files = [out / "scorecard.csv", out / "scorecard.png", out / "data.yaml", *classifier_outputs(cfg, out)]
     for name, path in _artifacts(cfg, out).items():
         if _reused(cfg, name) is None:
-            files += [*_artifact_files(path), _record_path(path)]
+            files += [*_artifact_files(name, path), _record_path(path)]
     for row in cfg.defences:
         battery, _ = row_battery(cfg, row)
-        det = list(cfg.detector.interpreters) if row == "detector" else None
-        files += card_files(out / "cards" / row, battery, rts=row in ("rts", "rts_aid"), detector=det)
+        role = _defence(row).role
+        det = list(cfg.detector.interpreters) if role == "detector" else None
+        files += card_files(out / "cards" / row, battery, rts=role == "rts", detector=det)
     return files
 
 
@@ -303,15 +289,16 @@ def _record_path(path: Path) -> Path:
     return path.with_name(f"{path.stem if path.suffix == '.pt' else path.name}.settings.json")
 
 
-def _artifact_files(path: Path) -> list[Path]:
-    return [path / f for f in ("detector.json", "trunk.pt", "booster.json")] if path.suffix != ".pt" else [path]
+def _artifact_files(name: str, path: Path) -> list[Path]:
+    """Every file the save of defence ``name``'s artifact at ``path`` may write (from its artifact kind, which the
+    code that writes them defines)."""
+    return _defence(name).artifact.files(path)
 
 
 def model_settings(cfg: ScorecardExperiment, name: str, clf_path: str, init: str | None = None) -> str | None:
     """The digest of everything that decides how artifact ``name`` is trained: its section of the config, the Trainer
     options, seed, data, the classifier's bytes (and the RTS it starts from); ``None`` when undescribable."""
-    section: Any = {"pgd_at": cfg.robust, "int_adv": cfg.robust, "rts": cfg.aid, "rts_aid": cfg.aid,
-                    "detector": cfg.detector}[name]
+    section: Any = getattr(cfg, str(_defence(name).trains))
     try:
         return settings_digest({"artifact": name, "seed": int(cfg.seed), "trainer": cfg.trainer, "section": section,
                                 "data": _data_spec(cfg), "classifier": file_sha256(clf_path),
@@ -320,8 +307,9 @@ def model_settings(cfg: ScorecardExperiment, name: str, clf_path: str, init: str
         return None
 
 
-def _reusable_model(out: Path, path: Path, digest: str | None) -> bool:
-    """Whether the artifact at ``path`` was trained here with settings ``digest`` and is unchanged since."""
+def _reusable_model(out: Path, name: str, path: Path, digest: str | None) -> bool:
+    """Whether the artifact of ``name`` at ``path`` was trained here with settings ``digest`` and is unchanged since
+    (its record lists every file of it there is)."""
     if digest is None:
         return False
     guard = OutputGuard(out)
@@ -329,17 +317,19 @@ def _reusable_model(out: Path, path: Path, digest: str | None) -> bool:
         rec = json.loads(_record_path(path).read_text())
         files = {out / k: v for k, v in rec["files"].items()}
         ok = rec["settings"] == digest and guard.owns(_record_path(path)) and \
-            set(files) == set(_artifact_files(path))
+            set(files) == {f for f in _artifact_files(name, path) if f.is_file()}
         return ok and all(guard.owns(f) and file_sha256(f) == sha for f, sha in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
-def _record_model(out: Path, path: Path, digest: str | None) -> None:
-    """Write the record that lets a later run into ``out`` reuse this freshly trained artifact."""
+def _record_model(out: Path, name: str, path: Path, digest: str | None) -> None:
+    """Write the record that lets a later run into ``out`` reuse this freshly trained artifact (every file of it the
+    save wrote)."""
     if digest is not None:
         write_json(_record_path(path), {"settings": digest, "files": {f.relative_to(out).as_posix(): file_sha256(f)
-                                                                      for f in _artifact_files(path)}})
+                                                                      for f in _artifact_files(name, path)
+                                                                      if f.is_file()}})
 
 
 def _card_files(card: dict[str, Any]) -> list[str]:
@@ -397,30 +387,43 @@ def _train_artifacts(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, c
     for name, path in paths.items():
         if _reused(cfg, name) is not None:
             info[name] = {"path": str(path), "trained": False, "seconds": 0.0}
-    robust, aid_cfg, plan = _robust_cfg(cfg), _aid_cfg(cfg), cfg.aid
-    init = str(paths["rts"]) if "rts" in paths and plan.aid.init == "rts" else None
-
-    def train(name: str, fit: Any) -> None:
-        """Reuse the artifact an interrupted run trained with these settings, else train it and record it."""
-        if name in info or name not in paths:
-            return
-        digest = model_settings(cfg, name, clf_path, init if name == "rts_aid" else None)
-        if _reusable_model(out, paths[name], digest):
-            print(f"[scorecard] reusing {paths[name]}: trained by an earlier run with the same settings "
+    start = _aid_start(cfg)
+    init = str(paths[start]) if start in paths else None
+    fits = _fits(cfg, dm, model, clf_path, out, paths, init, progress)
+    for name, path in paths.items():  # row order: the RTS an AID-trained one starts from first
+        if name in info:
+            continue
+        d = _defence(name)
+        starts = init if d.module.get("plan") == "aid" else None
+        digest = model_settings(cfg, name, clf_path, starts if d.trains == "aid" else None)
+        if _reusable_model(out, name, path, digest):
+            print(f"[scorecard] reusing {path}: trained by an earlier run with the same settings "
                   "(settings digest and sha256 verified)", flush=True)
-            info[name] = {"path": str(paths[name]), "trained": False, "seconds": 0.0, "resumed": True}
-            return
-        info[name] = {"path": str(paths[name]), "trained": True, **fit()}
-        _record_model(out, paths[name], digest)
-
-    for m in robust.models:
-        train(m.name, lambda m=m: _robust_info(train_robust(robust, m, dm, out / "models", progress)))
-    train("rts", lambda: _rts_info(train_rts(aid_cfg, plan.rts, plan.options("rts"), clf_path, dm, None,
-                                             paths["rts"], progress), "plain RTS", progress))
-    train("rts_aid", lambda: _rts_info(train_rts(aid_cfg, plan.aid, plan.options("aid"), clf_path, dm, init,
-                                                 paths["rts_aid"], progress), "RTS with AID", progress))
-    train("detector", lambda: _train_detector(cfg, dm, model, paths["detector"], progress))
+            info[name] = {"path": str(path), "trained": False, "seconds": 0.0, "resumed": True}
+            continue
+        info[name] = {"path": str(path), "trained": True, **fits[str(d.trains)](name)}
+        _record_model(out, name, path, digest)
     return info
+
+
+def _fits(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, clf_path: str, out: Path,
+          paths: dict[str, Path], init: str | None, progress: bool) -> dict[str, Any]:
+    """``{training family: train(name) -> info}``: how each family of the scorecard's config sections (``robust``,
+    ``aid``, ``detector``) trains the artifact of defence ``name`` into ``paths[name]``."""
+    robust, aid_cfg, plan = _robust_cfg(cfg), _aid_cfg(cfg), cfg.aid
+
+    def fit_robust(name: str) -> dict[str, Any]:
+        m = next(m for m in robust.models if m.name == name)
+        return _robust_info(train_robust(robust, m, dm, out / "models", progress))
+
+    def fit_aid(name: str) -> dict[str, Any]:
+        part = _defence(name).module["plan"]
+        res = train_rts(aid_cfg, getattr(plan, part), plan.options(part), clf_path, dm,
+                        init if part == "aid" else None, paths[name], progress)
+        return _rts_info(res, "RTS with AID" if part == "aid" else "plain RTS", progress)
+
+    return {"robust": fit_robust, "aid": fit_aid,
+            "detector": lambda name: _train_detector(cfg, dm, model, paths[name], progress)}
 
 
 def _robust_info(res: dict[str, Any]) -> dict[str, Any]:
@@ -499,15 +502,12 @@ def _base(attack: str) -> str:
 def _lines(row: str, card: dict[str, Any]) -> list[tuple[str, str]]:
     """``(label, interpreter)`` of each line of one row: the interpreters whose maps the row reports (for the
     detector: the interpreter each non-adaptive set was crafted against)."""
-    attacked = list(card["battery"]["attacks"]["interpreters"])
-    if row == "beta_smoothing":
-        return [(f"{row} · GRAD_SOFTPLUS", "grad_softplus")]
-    if row in ("rts", "rts_aid"):
-        return [(f"{row} · RTS", "rts")]
-    if row == "detector":
+    d = _defence(row)
+    attacked = list(d.interpreters or card["battery"]["attacks"]["interpreters"])
+    if d.detects:
         reads = "+".join(n.upper() for n in card["results"]["detection"]["interpreters"]) \
             if card["results"].get("detection") else "?"
-        return [(f"detector ({reads}) · vs {n.upper()}", n) for n in attacked]
+        return [(f"{row} ({reads}) · vs {n.upper()}", n) for n in attacked]
     return [(f"{row} · {n.upper()}", n) for n in attacked]
 
 
@@ -611,9 +611,10 @@ def scorecard_table(cards: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
                         "value": float(aa["robust_accuracy"]), "value_ci_low": aa.get("robust_accuracy_ci_low"),
                         "value_ci_high": aa.get("robust_accuracy_ci_high"), "n": int(aa["n"]), "budget": aa["budget"]}
                 else:
-                    pick = _detector_cell if row == "detector" else _interp_cell
+                    pick = _detector_cell if _defence(row).detects else _interp_cell
                     cells[col["key"]] = pick(card, col["attack"], interp, col["adaptive"])
-            lines.append({"row": row, "label": label, "interpreter": interp, "cells": cells})
+            lines.append({"row": row, "label": label, "interpreter": interp, "cells": cells,
+                          "detects": _defence(row).detects})
     headers = ["defence · interpreter"]
     for col in cols:
         measured = [ln["cells"][col["key"]] for ln in lines if ln["cells"][col["key"]] is not None]
@@ -623,7 +624,7 @@ def scorecard_table(cards: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
         out = [ln["label"]]
         for col in cols:
             c = ln["cells"][col["key"]]
-            out.append(_cell_text(ln["row"], col, c))
+            out.append(_cell_text(ln["detects"], col, c))
             metrics.append(_metric_row(ln, col, c))
         body.append(out)
     return headers, body, metrics, lines
@@ -635,13 +636,13 @@ def _ci_text(c: dict[str, Any], key: str, field: str | None = None, digits: int 
     return stats.format_value(c.get(key), c.get(f"{field}_ci_low"), c.get(f"{field}_ci_high"), digits=digits)
 
 
-def _cell_text(row: str, col: dict[str, Any], c: dict[str, Any] | None) -> str:
+def _cell_text(detects: bool, col: dict[str, Any], c: dict[str, Any] | None) -> str:
     if c is None:
         return NOT_MEASURED
     if col["kind"] in ("clean", "autoattack"):
         return _ci_text(c, "value", digits=3)
     run = f" ({c['run']})" if col.get("adaptive") else ""
-    if row == "detector":
+    if detects:
         dr = (f"DR@5% {_ci_text(c, 'dr5', 'detection_rate_fpr5')}" if c["dr5"] is not None
               else f"DR@0.5 {_ci_text(c, 'dr_default', 'detection_rate_default')}")
         return f"{dr} · evades {_ci_text(c, 'evasion', 'evasion_rate')}{run}"
@@ -693,7 +694,7 @@ def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]], seed: int = 0) -> s
         a, b = ln["cells"][col["key"]], ln["cells"][f"{col['key']}_adaptive"]
         if a is None or b is None:
             continue
-        if ln["row"] == "detector":
+        if ln["detects"]:
             tests = [("evasion", _paired(a, b, "evasion", seed, True), True)]
             text = (f"{col['attack'].upper()}: evasion {a['evasion']:.2f} -> {b['evasion']:.2f} ({b['run']})")
         else:
@@ -727,9 +728,10 @@ def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict
     eval_seconds: dict[str, float] = {}
     for row in cfg.defences:
         _, overrides = row_battery(cfg, row)
-        clf = art[row]["path"] if row in ("pgd_at", "int_adv") else clf_path
-        rts = art[row]["path"] if row in ("rts", "rts_aid") else None
-        det = art["detector"]["path"] if row == "detector" else None
+        role = _defence(row).role if row in art else "none"  # where the row's own artifact plugs in
+        clf = art[row]["path"] if role == "classifier" else clf_path
+        rts = art[row]["path"] if role == "rts" else None
+        det = art[row]["path"] if role == "detector" else None
         t = time.perf_counter()
         done = finished_card(out, row, load_battery(cfg.battery.name, overrides)[1], _data_spec(cfg), clf, rts, det)
         if done is not None:
@@ -789,7 +791,7 @@ def _chart(path: Path, lines: list[dict[str, Any]], cols: list[dict[str, Any]]) 
         vals = []
         for ln in lines:
             c = ln["cells"][col["key"]]
-            vals.append(None if c is None else c["evasion"] if ln["row"] == "detector" else c["asr"])
+            vals.append(None if c is None else c["evasion"] if ln["detects"] else c["asr"])
         series[col["title"]] = vals
     bar_chart(path, [ln["label"] for ln in lines], series, "attack success (ASR; detector: evasion rate)",
               "Scorecard: success of each attack against each defended system (missing bar: not measured)")
@@ -826,8 +828,8 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
            "interval] (Wilson for rates, bootstrap over inputs for IoU); fewer than 100 inputs: indicative only.", "",
            "## The rows", ""]
     for row in cards:
-        desc = DESCRIPTIONS[row].format(split=cfg.detector.split)
-        if row in ("pgd_at", "int_adv"):
+        desc = _defence(row).description.format(split=cfg.detector.split)
+        if _defence(row).trains == "robust":
             model = next(m for m in cfg.robust.models if m.name == row)
             opts = module_options(_robust_cfg(cfg), model)
             epochs = int(model.max_epochs or cfg.robust.training.max_epochs)
@@ -850,18 +852,7 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
 
 
 def _row_note(row: str, card: dict[str, Any], art: dict[str, Any] | None, seconds: float) -> str:
-    notes = []
-    if row == "beta_smoothing":
-        beta = (card["battery"].get("interpreter_options") or {}).get("grad_softplus", {}).get("beta")
-        notes.append(f"beta = {beta}")
-    if row == "detector" and card["results"].get("detection"):
-        det = card["results"]["detection"]
-        notes.append(f"reads {'+'.join(det['interpreters'])}{' + product' if det['product'] else ''}; benign false "
-                     f"positives at its own threshold {det['benign_fpr_default']:.2f} (n={det['n_benign']}); AutoAttack "
-                     "is not measured on this row (the classifier is normal's: see that row)")
-        if art and art.get("n_adversarial") is not None:
-            notes.append(f"trained on {art['n_benign']} benign + {art['n_adversarial']} successful adversarial inputs")
-    if row == "rts_aid" and art and art.get("aid_steps") is not None:
-        notes.append(f"{art['aid_steps']} AID steps trained")
+    note = _defence(row).note
+    notes = note(card, art) if note is not None else []
     notes.append(f"evaluated in {seconds:.0f} s, card `cards/{row}/card.json`")
     return " (" + "; ".join(notes) + ")"
