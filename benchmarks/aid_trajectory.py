@@ -28,10 +28,12 @@ from defend.aid import AIDModule, aid_attack, load_rts
 from defend.data.base import require_development
 from defend.errors import quiet_lightning
 from defend.experiments import aid as experiment
-from defend.experiments.common import get_classifier, make_trainer, select_correct, setup_data
+from defend.experiments.common import get_classifier, setup_data
 from defend.experiments.config import parse_experiment
 from defend.experiments.runner import load_config, load_experiments
+from defend.inputs import select_correct
 from defend.metrics import map_l1
+from defend.trainer import make_trainer
 
 
 def _adv2(model, net, data, n, ev, seed) -> dict:

@@ -26,14 +26,15 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from .classifier import plain, state_differences, value_differences
+from .classifier import state_differences, value_differences
 from .data.base import BaseDataModule
 from .data.batch import IMAGE, check_batch
 from .io import CheckpointError
 from .models import GapClassifier
+from .module_base import check_milestones
 
-__all__ = ["check_model_data", "check_resume_checkpoint", "load_checkpoint_file", "resolve_ckpt_path",
-           "check_checkpoint_fits", "checkpoint_for_run", "check_schedule", "check_milestones", "CKPT_KEYWORDS",
+__all__ = ["check_model_data", "load_checkpoint_file", "resolve_ckpt_path",
+           "check_checkpoint_fits", "checkpoint_for_run", "check_schedule", "CKPT_KEYWORDS",
            "STAGE_SPLITS", "TRAINING_ONLY"]
 
 STAGE_SPLITS = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}
@@ -282,28 +283,7 @@ def checkpoint_for_run(value: Any, trainer: Any, model: torch.nn.Module, stage: 
     return path
 
 
-def check_resume_checkpoint(path: Any, model: torch.nn.Module, stage: str = "fit") -> None:
-    """Raise :class:`CheckpointError` unless the local file ``path`` loads safely and fits ``model``
-    (:func:`check_checkpoint_fits`); ``None`` passes."""
-    ckpt = load_checkpoint_file(path)
-    if ckpt is not None:
-        check_checkpoint_fits(path, ckpt, model, stage)
-
-
 # --------------------------------------------------------------------------------------------- schedules
-def check_milestones(milestones: Any) -> list[int]:
-    """``lr_milestones`` as epochs (whole numbers >= 1); anything else is a ``ValueError``. A milestone at or after
-    ``max_epochs`` is allowed: the run ends before the decay, as a shortened run of the same schedule would (e.g.
-    ``--quick``, or ``--trainer.max_epochs`` lowered for a smoke test)."""
-    values = plain(milestones)
-    values = values if isinstance(values, list) else [values]
-    bad = [m for m in values if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 1 or int(m) != m]
-    if bad:
-        raise ValueError(f"lr_milestones must be whole epochs >= 1 (the learning rate is multiplied by lr_decay when "
-                         f"that many epochs have ended), got {values}")
-    return [int(m) for m in values]
-
-
 def check_schedule(model: Any, trainer: Any) -> None:
     """Raise ``ValueError`` when the run cannot train as configured, before the Trainer starts: no training batch
     (``limit_train_batches=0``); a one-cycle schedule (``optimiser.schedule: onecycle`` of a

@@ -18,28 +18,14 @@ from attacks.checks import check_images, check_labels
 
 from .io import CheckpointError, load_artifact, load_state_checked, save_artifact, strip_prefix
 from .models import ARCHITECTURES, GapClassifier, build_classifier
-from .module_base import MIN_ONE_CYCLE_STEPS, DefenceModule, Optimiser, as_options
+from .module_base import MIN_ONE_CYCLE_STEPS, DefenceModule, Optimiser, as_options, plain
 
 __all__ = ["ClassifierModule", "classification_step", "load_classifier", "save_classifier", "init_from_checkpoint",
-           "effective_options", "plain", "same_value", "value_differences", "state_differences",
+           "effective_options", "same_value", "value_differences", "state_differences",
            "load_reused_classifier", "MIN_ONE_CYCLE_STEPS", "CLASSIFIER_OPTIMISER"]
 
 
 # --------------------------------------------------------------------------------------------- comparing models
-def plain(value: Any) -> Any:
-    """``value`` as plain YAML-like data (tuples -> lists, mappings -> dicts, paths -> str, 0-d tensors -> numbers),
-    so that hyper-parameters from a config and from a checkpoint compare equal when they mean the same."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    return value
-
-
 def same_value(a: Any, b: Any) -> bool:
     """Equality of plain values, floats to 1e-6 relative (``1`` and ``1.0`` are the same)."""
     a, b = plain(a), plain(b)

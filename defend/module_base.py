@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from .io import project_version
 
 __all__ = ["DefenceModule", "Optimiser", "FrozenModule", "OPTIMISERS", "SCHEDULES", "MIN_ONE_CYCLE_STEPS",
-           "as_options", "options_dict", "build_optimiser", "build_scheduler", "one_cycle_steps"]
+           "as_options", "options_dict", "plain", "check_milestones", "build_optimiser", "build_scheduler",
+           "one_cycle_steps"]
 
 OPTIMISERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "multistep", "constant")
@@ -102,11 +103,9 @@ class Optimiser:
 
 
 def _milestones(values: Any) -> list[int]:
-    """:func:`defend.checks.check_milestones` under this group's name."""
+    """:func:`check_milestones` under this group's name."""
     if values is None or (isinstance(values, (list, tuple)) and not values):
         return []
-    from .checks import check_milestones  # imported here: defend.checks imports the modules
-
     try:
         return check_milestones(list(values) if isinstance(values, (list, tuple)) else values)
     except ValueError:
@@ -141,6 +140,33 @@ def options_dict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(options_dict(v) for v in value)
     return value
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain YAML-like data (tuples -> lists, mappings -> dicts, paths -> str, 0-d tensors -> numbers),
+    so that hyper-parameters from a config and from a checkpoint compare equal when they mean the same."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def check_milestones(milestones: Any) -> list[int]:
+    """``lr_milestones`` as epochs (whole numbers >= 1); anything else is a ``ValueError``. A milestone at or after
+    ``max_epochs`` is allowed: the run ends before the decay, as a shortened run of the same schedule would (e.g.
+    ``--quick``, or ``--trainer.max_epochs`` lowered for a smoke test)."""
+    values = plain(milestones)
+    values = values if isinstance(values, list) else [values]
+    bad = [m for m in values if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 1 or int(m) != m]
+    if bad:
+        raise ValueError(f"lr_milestones must be whole epochs >= 1 (the learning rate is multiplied by lr_decay when "
+                         f"that many epochs have ended), got {values}")
+    return [int(m) for m in values]
 
 
 # --------------------------------------------------------------------------------------------- optimisers

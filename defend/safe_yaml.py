@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 __all__ = ["MAX_BYTES", "MAX_NODES", "MAX_DEPTH", "YAMLLimitError", "SafeLimitedLoader", "loads", "load_file",
-           "check_text", "use_for_jsonargparse"]
+           "read_mapping", "check_text", "use_for_jsonargparse"]
 
 #: largest YAML file or value read (bytes)
 MAX_BYTES = 1 << 20
@@ -145,6 +145,16 @@ def load_file(path: str | Path, what: str = "config file") -> Any:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return loads(text, str(p))
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (:func:`load_file`: plain data, size / alias / depth limits, no duplicated key);
+    a missing file, bad YAML or anything but a mapping at top level is one line."""
+    path = Path(path)
+    data = load_file(path) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping at top level")
+    return data
 
 
 _ORIGINAL_LOADER: Any = None

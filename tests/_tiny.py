@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from defend.data import DigitsDataModule
-from defend.experiments.common import take_split
+from defend.inputs import take_split
 from defend.models.small import small_cnn
 
 __all__ = ["train_tiny_classifier"]

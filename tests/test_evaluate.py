@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from defend import DigitsDataModule, ImageFolderDataModule, load_card, save_classifier, validate_card
 from defend.evaluate import card_errors, main
-from defend.experiments.common import take_split
+from defend.inputs import take_split
 from defend.models.small import small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,7 +20,7 @@ from defend import ImageFolderDataModule, load_card, save_classifier
 from defend.aid import save_rts
 from defend.autoattack import autoattack_accuracy, autoattack_plan
 from defend.evaluate import main
-from defend.experiments.common import take_split
+from defend.inputs import take_split
 from defend.models.small import small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -332,7 +332,7 @@ def _experiment(tmp_path: Path, checkpoint: Path, width: int = 4) -> Path:
 def _typed(path: Path):
     """The attacks experiment config of ``path`` as the typed config the experiments receive (not yet checked)."""
     from defend.experiments.attacks import AttacksExperiment
-    from defend.experiments.config import parse_typed
+    from defend.typed_config import parse_typed
 
     return parse_typed(AttacksExperiment, yaml.safe_load(path.read_text()))[0]
 

@@ -126,7 +126,7 @@ def test_the_sweep_scores_one_split_and_refuses_test_rows():
 
 
 def test_provenance_names_the_splits_a_run_read():
-    from defend.experiments.common import select_correct, take_split
+    from defend.inputs import select_correct, take_split
     from defend.provenance import noted_data, noted_splits
 
     noted_data(reset=True)

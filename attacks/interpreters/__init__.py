@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
 
-from .base import INTERPRETERS, Interpreter, minmax, resolve_target, to_input_size
+from .base import INTERPRETERS, Interpreter, get_interpreter, minmax, resolve_target, to_input_size
 # importing registers: the order of the registry is grad, cam, mask, rts, then the others (ruff keeps this order: per-file-ignores I001)
 from .grad import GradInterpreter, GradTerm
 from .cam import CAMInterpreter, cam_and_logits, raw_cam
@@ -28,12 +27,3 @@ __all__ = [
 
 for _module in pkgutil.iter_modules(__path__):  # a new interpreter module registers itself on import
     importlib.import_module(f"{__name__}.{_module.name}")
-
-
-def get_interpreter(name: str | Interpreter, **kwargs: Any) -> Interpreter:
-    """Build an interpreter by (case-insensitive) name, or pass an instance through; unknown names list the choices."""
-    if isinstance(name, Interpreter):
-        if kwargs:
-            raise ValueError(f"options {sorted(kwargs)} given for an interpreter instance ({name!r}); pass a name")
-        return name
-    return INTERPRETERS.build(str(name).lower(), **kwargs)

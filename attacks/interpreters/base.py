@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from ..checks import check_images, check_labels
 from ..registry import Registry
 from ..terms import InterpretationTerm, MapTerm
 
-__all__ = ["Interpreter", "INTERPRETERS", "minmax", "to_input_size", "resolve_target"]
+__all__ = ["Interpreter", "INTERPRETERS", "get_interpreter", "minmax", "to_input_size", "resolve_target"]
 
 #: every interpreter, registered where it is defined (``@INTERPRETERS.register("name")``)
 INTERPRETERS: Registry = Registry("interpreter")
@@ -127,3 +128,12 @@ class Interpreter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def get_interpreter(name: str | Interpreter, **kwargs: Any) -> Interpreter:
+    """Build an interpreter by (case-insensitive) name, or pass an instance through; unknown names list the choices."""
+    if isinstance(name, Interpreter):
+        if kwargs:
+            raise ValueError(f"options {sorted(kwargs)} given for an interpreter instance ({name!r}); pass a name")
+        return name
+    return INTERPRETERS.build(str(name).lower(), **kwargs)

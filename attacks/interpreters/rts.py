@@ -169,10 +169,6 @@ class RTSInterpreter(Interpreter):
             raise ValueError(f"enc_weight must be >= 0, got {enc_weight}")
         self.network, self.enc_weight = network, float(enc_weight)
 
-    def maps_and_logits(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Masks (input grid) and the encoder's class logits in one pass, differentiable w.r.t. ``x``."""
-        return self.network(model, x, target)
-
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
         with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
             return self.network(model, x, target)[0]

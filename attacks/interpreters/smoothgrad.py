@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import INTERPRETERS, Interpreter
+from .base import INTERPRETERS, Interpreter, get_interpreter
 
 __all__ = ["SmoothGrad"]
 
@@ -37,8 +37,6 @@ class SmoothGrad(Interpreter):
 
     def __init__(self, base: str | Interpreter = "grad", samples: int = 16, sigma: float = 0.1, seed: int = 0,
                  base_options: dict[str, Any] | None = None) -> None:
-        from . import get_interpreter  # the package registry (this module is imported by it)
-
         if samples < 1 or not sigma >= 0:
             raise ValueError(f"SmoothGrad needs samples >= 1 and sigma >= 0, got {samples}, {sigma}")
         self.base = get_interpreter(base, **(base_options or {}))

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..experiments.config import AttackOptions, check_names, layered_options
+from attacks import INTERPRETERS
+
+from ..attack_options import AttackOptions, layered_options
+from ..safe_yaml import read_mapping
+from ..typed_config import check_names, parse_typed
 from ..types import Count, NonNegative, PositiveCount, Radius
 
 __all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "AdaptiveBattery", "DetectorBattery",
@@ -129,8 +133,6 @@ class Battery:
 
 def check_battery(b: Battery) -> None:
     """Cross-field checks (names registered, counts that fit together)."""
-    from attacks import INTERPRETERS
-
     for names, where in ((b.topk.interpreters, "topk.interpreters"), (b.attacks.interpreters, "attacks.interpreters"),
                          (b.adaptive.ensemble_interpreters, "adaptive.ensemble_interpreters"),
                          (list(b.attacks.per_interpreter), "attacks.per_interpreter"),
@@ -175,8 +177,6 @@ def battery_path(spec: str) -> Path:
 
 def parse_battery(raw: dict[str, Any]) -> tuple[Battery, str]:
     """``raw`` as a checked :class:`Battery` and as YAML with every default filled in."""
-    from ..experiments.config import parse_typed
-
     try:
         battery, text = parse_typed(Battery, raw)
     except ValueError as exc:
@@ -187,8 +187,6 @@ def parse_battery(raw: dict[str, Any]) -> tuple[Battery, str]:
 
 def load_battery(spec: str, overrides: dict[str, Any] | None = None) -> tuple[Battery, str]:
     """The battery named by ``spec`` (``quick``, ``standard`` or a YAML file) with dotted ``overrides`` applied."""
-    from ..experiments.runner import read_mapping
-
     path = battery_path(spec)
     raw = read_mapping(path)
     raw.setdefault("name", spec if spec in BATTERIES else path.stem)

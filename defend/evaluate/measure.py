@@ -11,20 +11,25 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
+from sklearn.metrics import roc_curve
 from torch import Tensor
 
 from attacks import build_attack, random_targets
 from attacks.state import frozen
 
 from .. import stats
+from ..autoattack import autoattack_accuracy
 from ..data.base import image_digests, require_development
+from ..detection_data import compute_maps, stack_maps
 from ..evaluation import AttackMeter, PlanItem, check_adversarial, evaluate_plan
-from ..interpreters import build_interpreter
+from ..inputs import select_correct, take_split
 from ..progress import track
+from ..robust_eval import interpretation_robustness
+from ..trainer import make_trainer
 from .battery import Battery
-from .system import System
+from .system import System, interpreters_for
 
-__all__ = ["AttackSet", "interpreters_for", "attack_inputs", "clean_accuracy", "autoattack_rows", "topk_rows",
+__all__ = ["AttackSet", "attack_inputs", "clean_accuracy", "autoattack_rows", "topk_rows",
            "topk_options", "build_plan", "run_attacks", "detection_rows", "rescore_sets", "engine_budget", "fpr_threshold"]
 
 
@@ -47,18 +52,8 @@ class AttackSet:
         return f"{self.attack}_{self.interpreter.replace('+', '-')}"
 
 
-def interpreters_for(system: System, names: list[str]) -> dict[str, Any]:
-    """Interpreters by name, built with the battery's ``interpreter_options.<name>``; ``rts`` is the system's RTS
-    network."""
-    opts = system.interpreter_options
-    return {n: build_interpreter(n, **{**opts.get(n, {}), "network": system.rts}) if n == "rts"
-            else build_interpreter(n, **opts.get(n, {})) for n in names}
-
-
 def attack_inputs(system: System, battery: Battery) -> dict[str, Tensor]:
     """The first ``n_images`` correctly classified test inputs and a seeded random target class each."""
-    from ..experiments.common import select_correct
-
     data = select_correct(system.classifier, system.data, int(battery.n_images), split="test")
     if data["image"].shape[0] == 0:
         raise ValueError("the classifier gets no test input right: nothing to attack")
@@ -71,8 +66,6 @@ def clean_accuracy(system: System, battery: Battery) -> dict[str, Any]:
     """Accuracy on the first ``clean_n`` test inputs (all when unset), in batches, with its Wilson interval, and
     whether the classifier is at chance (:func:`defend.stats.at_chance`: then its robust and interpretation figures
     mean nothing; the card flags them)."""
-    from ..experiments.common import take_split
-
     system.say_notices()  # the first measurement: every pre-flight check has passed
     start = time.perf_counter()
     test = take_split(system.data, "test", None if battery.clean_n is None else int(battery.clean_n))
@@ -91,9 +84,6 @@ def autoattack_rows(system: System, battery: Battery) -> list[dict[str, Any]]:
     """Robust accuracy under AutoAttack (L-inf; standard, or reduced below 4 classes) at each radius on the first ``autoattack.n`` test inputs,
     RobustBench's way (a clean error counts as a failure: ``robust_accuracy``), and on the correctly classified ones
     among them (``robust_accuracy_on_correct``), each with its Wilson interval."""
-    from ..autoattack import autoattack_accuracy
-    from ..experiments.common import take_split
-
     first = take_split(system.data, "test", int(battery.autoattack.n))
     x, y = first["image"], first["label"]
     with torch.no_grad(), frozen(system.classifier):
@@ -129,8 +119,6 @@ def _autoattack_note(version: str, attacks: list[str], num_classes: int) -> str:
 
 def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> list[dict[str, Any]]:
     """Top-k interpretation robustness per interpreter (:func:`defend.robust_eval.interpretation_robustness`)."""
-    from ..robust_eval import interpretation_robustness
-
     t = battery.topk
     names = list(t.interpreters) + (["rts"] if system.rts is not None and t.with_rts and t.interpreters else [])
     x = inputs["image"][: int(t.n or battery.n_images)]
@@ -202,8 +190,6 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
                 progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[AttackSet], Any]:
     """Run the plan (:func:`defend.evaluation.evaluate_plan`, one process); returns the attack rows, the transfer
     rows, the adversarial sets and the benign maps (for the figure)."""
-    from ..experiments.common import make_trainer
-
     names = list(battery.attacks.interpreters) + (["rts"] if system.rts is not None else [])
     interps = interpreters_for(system, names)
     plan = build_plan(system, interps, battery)
@@ -266,8 +252,6 @@ def fpr_threshold(benign: Tensor, fpr: float) -> tuple[float, float]:
 
 def detector_scores(system: System, x: Tensor, batch_size: int) -> Tensor:
     """The detector's probability that each input is adversarial (maps of its interpreters for the prediction)."""
-    from ..detection_data import compute_maps, stack_maps
-
     interps = interpreters_for(system, system.detector_interpreters)
     out = []
     for i in range(0, x.shape[0], batch_size):
@@ -305,8 +289,6 @@ def _detection_row(s: AttackSet, hit: Tensor, adv: Tensor, benign: Tensor, thres
                    seed: int) -> dict[str, Any]:
     """The figures of one adversarial set: detection rates (Wilson) at each supported threshold and at 0.5, the
     end-to-end evasion, AUC (bootstrap) and ROC against the test benign inputs."""
-    from sklearn.metrics import roc_curve
-
     flagged = torch.zeros_like(hit)
     flagged[hit] = adv > 0.5
     evaded = hit & ~flagged
@@ -334,8 +316,6 @@ def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> d
     other than the attacked ones, which also give the AUC and ROC. ``evasion_rate``: share of all inputs that reach
     the target class and are not flagged at the detector's own threshold (the end-to-end success of the attack).
     Every rate carries its Wilson interval, the AUC a bootstrap one."""
-    from ..experiments.common import select_correct
-
     start = time.perf_counter()
     bs, seed = int(battery.batch_size), int(battery.seed)
     n_b, n_att = int(battery.detector.n_benign or battery.n_images), int(battery.n_images)

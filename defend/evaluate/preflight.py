@@ -15,9 +15,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from attacks import TopKAttack
+from attacks.state import frozen
+
+from ..autoattack import autoattack_plan
 from ..io import WriteError
+from ..robust_eval import native_map
 from .battery import Battery
-from .system import System
+from .measure import build_plan, topk_options
+from .system import System, interpreters_for
 
 __all__ = ["preflight", "check_not_reading_out", "check_names_utf8", "check_output_paths", "check_builds",
            "check_sizes", "map_pixels"]
@@ -132,10 +140,6 @@ def _interpreter_names(system: System, battery: Battery, rescore: bool) -> tuple
 def check_builds(system: System, battery: Battery, rescore: bool) -> None:
     """Build every interpreter (with ``interpreter_options``), every attack of the plan (with the attack options)
     and every top-k attack the run will use, without running a model; a bad option is a one-line error."""
-    from attacks import TopKAttack
-
-    from .measure import build_plan, interpreters_for, topk_options
-
     attacked, topk = _interpreter_names(system, battery, rescore)
     extra = list(battery.adaptive.ensemble_interpreters) + list(system.detector_interpreters)
     try:
@@ -163,12 +167,6 @@ def _text(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ sizes
 def map_pixels(system: System, interpreter: Any) -> int:
     """Pixels of ``interpreter``'s map on its own grid (what ``topk.k`` and ``topk.ks`` count), from one test image."""
-    import torch
-
-    from attacks.state import frozen
-
-    from ..robust_eval import native_map
-
     x = system.data.test_dataset[0]["image"].unsqueeze(0)
     with frozen(system.classifier):
         m = native_map(interpreter, system.classifier, x, torch.zeros(1, dtype=torch.long))
@@ -179,9 +177,6 @@ def check_sizes(system: System, battery: Battery, rescore: bool = False) -> None
     """The battery's counts fit the data: ``n_images`` and AutoAttack's ``autoattack.n`` test inputs exist (a shorter
     run would be reported as if it had them), ``topk.n`` <= ``n_images``, ``topk.k`` and every ``topk.ks`` fit each
     top-k interpreter's map, and AutoAttack has a version for the class count."""
-    from ..autoattack import autoattack_plan
-    from .measure import interpreters_for
-
     n_test = len(system.data.test_dataset)
     for key, n in (("n_images", battery.n_images), ("autoattack.n", battery.autoattack.n if battery.autoattack.eps
                                                     and not rescore else None)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,8 +14,12 @@ from typing import Any
 import torch
 
 from .. import stats
+from ..evaluation import interpret
 from ..figures import bar_panels, map_grid, roc_plot
 from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
+from ..tables import markdown_table
+from .measure import AttackSet
+from .system import interpreters_for
 
 __all__ = ["TABLES", "table_rows", "write_tables", "write_report", "write_figures", "save_sets", "load_sets",
            "SET_KIND"]
@@ -78,17 +83,9 @@ def write_tables(out: Path, results: dict[str, Any]) -> list[str]:
     return names
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
 def _md(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return lines + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows] + [""]
+    """A markdown table (:func:`defend.tables.markdown_table`) as report lines, then a blank line."""
+    return [*markdown_table(headers, rows).splitlines(), ""]
 
 
 def _v(row: dict[str, Any], name: str, n: int | None = None) -> str:
@@ -224,9 +221,6 @@ def _label(c: int, names: list[str]) -> str:
 def write_figures(out: Path, system: Any, sets: list[Any], benign: dict[str, Any], results: dict[str, Any],
                   n_show: int) -> list[str]:
     """``maps.png`` (benign and adversarial images and maps), ``attacks.png`` and, with a detector, ``roc.png``."""
-    from ..evaluation import interpret
-    from .measure import interpreters_for
-
     files = []
     std = [s for s in sets if s.kind == "standard"]
     if std and n_show > 0:
@@ -281,8 +275,6 @@ def load_sets(directory: str | Path) -> list[Any]:
     with the sha256 they still have; any other ``*.pt`` there is ignored with a notice, a listed set that was
     changed or is not recorded is refused (one line). The sets' content is checked against the data by
     :func:`~defend.evaluate.measure.check_set`."""
-    from .measure import AttackSet
-
     root = _run_dir(Path(directory))
     listed = _listed_sets(root)
     stray = sorted(p.name for p in (root / "adversarial").glob("*.pt") if f"adversarial/{p.name}" not in listed) \
@@ -318,8 +310,6 @@ def _run_dir(d: Path) -> Path:
 
 def _listed_sets(root: Path) -> list[str]:
     """``files.adversarial`` of ``root/card.json`` (the card itself unchanged since the run wrote it)."""
-    import json
-
     _recorded_bytes(root, "card.json")
     try:
         listed = json.loads((root / "card.json").read_text())["files"]["adversarial"]

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser
 
 from .. import stats
 from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
 from ..progress import progress_enabled
 from ..provenance import noted_data, provenance
+from ..typed_config import plain_dict
 from .battery import Battery, load_battery, parse_battery
 from .card import CARD_SCHEMA_VERSION, plain_json, validate_card
 from .measure import (
@@ -98,18 +100,10 @@ def evaluate_system(classifier: str, out: str | Path, *, rts: str | None = None,
 
 
 def _dump(battery: Battery) -> str:
-    from jsonargparse import ArgumentParser
-
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--cfg", type=Battery)
-    text = parser.dump(parser.parse_object({"cfg": _as_dict(battery)}), skip_none=False)
+    text = parser.dump(parser.parse_object({"cfg": plain_dict(battery)}), skip_none=False)
     return "\n".join(line[2:] for line in text.splitlines()[1:]) + "\n"
-
-
-def _as_dict(obj: Any) -> Any:
-    from ..experiments.config import plain_dict
-
-    return plain_dict(obj)
 
 
 def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, sets: list[Any] | None,

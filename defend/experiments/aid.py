@@ -44,21 +44,22 @@ from ..data import BaseDataModule
 from ..data.base import split_name
 from ..evaluation import interpret, run_attack
 from ..figures import map_grid
+from ..inputs import select_correct
 from ..metrics import DEFAULT_FRACTIONS, localisation, map_l1, topk_iou
 from ..module_base import as_options
+from ..tables import markdown_table
+from ..typed_config import check_class_options
 from ..types import Count, Fraction01, NonNegative, PositiveCount, Radius
 from .common import (
     ClassifierSpec,
     classifier_outputs,
     default_data,
     get_classifier,
-    markdown_table,
-    select_correct,
     setup_data,
     train_rts,
     write_outputs,
 )
-from .config import ExperimentConfig, check_class_options, register_experiment
+from .config import ExperimentConfig, register_experiment
 from .runner import deep_merge
 
 __all__ = ["run", "AIDExperiment", "AIDTrainingPlan", "RTSTraining", "AIDTraining", "AIDSelection", "AIDEvaluation",

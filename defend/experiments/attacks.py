@@ -18,23 +18,25 @@ import torch
 from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
 from .. import stats
+from ..attack_options import AttackSections
 from ..detection_data import code_fingerprint
 from ..evaluation import PlanItem, evaluate_plan, interpret
 from ..figures import map_grid
+from ..inputs import select_correct
 from ..interpreters import build_interpreter
+from ..tables import markdown_table
+from ..trainer import make_trainer
+from ..typed_config import check_names
 from ..types import Count, PositiveCount
 from .common import (
     ClassifierExperimentConfig,
     classifier_outputs,
     default_data,
     get_classifier,
-    make_trainer,
-    markdown_table,
-    select_correct,
     setup_data,
     write_outputs,
 )
-from .config import AttackSections, check_names, register_experiment
+from .config import register_experiment
 
 __all__ = ["run", "AttacksExperiment", "AttacksEvaluation"]
 

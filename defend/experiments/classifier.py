@@ -17,20 +17,21 @@ from attacks.interpreters import MaskInterpreter, to_input_size
 
 from .. import stats
 from ..figures import map_grid
+from ..inputs import take_split
 from ..metrics import Localisation
 from ..progress import Progress
+from ..tables import markdown_table
+from ..typed_config import check_class_options
 from ..types import PositiveCount
 from .common import (
     ClassifierExperimentConfig,
     classifier_outputs,
     default_data,
     get_classifier,
-    markdown_table,
     setup_data,
-    take_split,
     write_outputs,
 )
-from .config import check_class_options, register_experiment
+from .config import register_experiment
 
 __all__ = ["run", "deletion_test", "ClassifierExperiment", "ClassifierEvaluation"]
 

@@ -1,4 +1,4 @@
-"""Pieces every experiment shares: data, the classifier (trained or reused), trainers, reports."""
+"""Pieces every experiment shares: data, the classifier (trained or reused), the RTS interpreter, the outputs."""
 from __future__ import annotations
 
 import time
@@ -9,20 +9,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
 
 from ..classifier import ClassifierModule, load_reused_classifier, save_classifier
 from ..data import BaseDataModule, DigitsDataModule
-from ..data.base import split_name
 from ..io import atomic_write_text, refuse_conflicts, write_json
 from ..models import GapClassifier, build_classifier
-from ..provenance import note_data
+from ..trainer import make_trainer
+from ..typed_config import check_class_options
 from ..types import PositiveCount
-from .config import ExperimentConfig, check_class_options
+from .config import ExperimentConfig
 
 __all__ = ["ClassifierSpec", "ClassifierExperimentConfig", "default_data", "setup_data", "get_classifier",
-           "classifier_outputs", "make_trainer", "train_rts", "take_split", "write_outputs", "markdown_table", "fmt",
-           "select_correct"]
+           "classifier_outputs", "train_rts", "write_outputs"]
 
 
 @dataclass
@@ -89,18 +87,6 @@ def setup_data(cfg: Any) -> BaseDataModule:
     return dm
 
 
-def make_trainer(trainer: dict[str, Any], max_epochs: int, out: Path | None = None, **extra: Any) -> pl.Trainer:
-    """A Trainer from the config's ``trainer:`` options (presets compose in), quiet by default."""
-    opts = {"accelerator": "cpu", "devices": 1, "enable_model_summary": False, "logger": False,
-            "enable_checkpointing": False, "enable_progress_bar": True, "deterministic": False}
-    opts.update(trainer or {})
-    opts.update(extra)
-    opts["max_epochs"] = max_epochs
-    if out is not None and opts.get("logger") is True:
-        opts["logger"] = pl.loggers.CSVLogger(str(out), name="logs")
-    return pl.Trainer(**opts)
-
-
 def get_classifier(cfg: Any, dm: BaseDataModule, out: Path, progress: bool = True) -> tuple[GapClassifier, dict[str, Any]]:
     """Reuse ``cfg.classifier.checkpoint`` if it exists, else train the classifier it describes and save it there."""
     spec: ClassifierSpec = cfg.classifier
@@ -163,30 +149,6 @@ def classifier_outputs(cfg: Any, out: Path) -> list[Path]:
     return [] if spec.reuses() else [Path(spec.checkpoint) if spec.checkpoint else out / "classifier.pt"]
 
 
-def take_split(dm: pl.LightningDataModule, split: str = "test", n: int | None = None) -> dict[str, Tensor]:
-    """The first ``n`` items of a split (``train``, ``dev`` / ``val``, ``test``) as one batch dict (images, labels,
-    masks if any); the split and the inputs' digest are noted for ``provenance.json``."""
-    name = split_name(split)
-    ds = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[name]
-    n = len(ds) if n is None else min(n, len(ds))
-    items = [ds[i] for i in range(n)]
-    out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    note_data(out["image"], out["label"], split=name)
-    return out
-
-
-def fmt(v: Any, digits: int = 3) -> str:
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def write_outputs(out: Path, rows: list[dict[str, Any]], report: str) -> None:
     """``metrics.json`` (a list of flat rows) and ``report.md``, each written atomically (a full disk is a one-line
     ``cannot write <file>`` error that leaves the previous file intact). Under ``defend experiment`` both are checked
@@ -198,22 +160,3 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], report: str) -> None:
     refuse_conflicts(out / "metrics.json", out / "report.md")
     write_json(out / "metrics.json", rows)
     atomic_write_text(out / "report.md", report)
-
-
-def select_correct(model: GapClassifier, dm: pl.LightningDataModule, n: int,
-                   split: str | Sequence[str] = "test") -> dict[str, Tensor]:
-    """The first ``n`` inputs of a split (or of several, concatenated in order: ``["test", "val"]``) that the
-    classifier gets right (attacks start from correct inputs)."""
-    splits = [split] if isinstance(split, str) else list(split)
-    if not splits:
-        raise ValueError("no data split named; choose from train, dev (= val), test")
-    splits = [split_name(s) for s in splits]
-    parts = [take_split(dm, s) for s in splits]
-    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    with torch.no_grad():
-        ok = torch.cat([model(data["image"][i:i + 512]).argmax(1) == data["label"][i:i + 512]
-                        for i in range(0, data["image"].shape[0], 512)])
-    idx = ok.nonzero().flatten()[:n]
-    out = {k: v[idx] for k, v in data.items()}
-    note_data(out["image"], out["label"], split="+".join(splits))
-    return out

@@ -26,33 +26,27 @@ import torch
 from attacks import FRAMEWORKS, INTERPRETERS, build_attack, random_targets
 
 from .. import stats
+from ..attack_options import AttackOptions, AttackSections, layered_options
 from ..data import BaseDataModule
 from ..data.base import DEV, split_name
 from ..detection_data import build_detection_data, select, stack_maps
 from ..detector import DETECTOR_FILES, FeatureSqueezer, train_detector, xgb_device
+from ..inputs import select_correct
 from ..interpreters import build_interpreter
 from ..selection import select_best
+from ..tables import markdown_table
+from ..typed_config import check_class_options, check_names
 from ..types import Count, Positive, PositiveCount
 from .common import (
     ClassifierExperimentConfig,
     classifier_outputs,
     default_data,
     get_classifier,
-    markdown_table,
-    select_correct,
     setup_data,
     train_rts,
     write_outputs,
 )
-from .config import (
-    AttackOptions,
-    AttackSections,
-    TrainerOptions,
-    check_class_options,
-    check_names,
-    layered_options,
-    register_experiment,
-)
+from .config import TrainerOptions, register_experiment
 
 __all__ = ["run", "combinations", "MIN_ADVERSARIAL", "DetectorExperiment", "Detection", "AdaptiveAttack",
            "DetectorOptions", "SqueezeOptions", "PlainRTS", "plain_rts"]

@@ -18,22 +18,24 @@ from attacks import INTERPRETERS, build_attack, random_targets
 from attacks.targets import other_class_maps, random_patch_maps
 
 from .. import stats
+from ..attack_options import AttackSections
 from ..evaluation import interpret, run_attack
 from ..figures import map_grid
+from ..inputs import select_correct
 from ..interpreters import build_interpreter
 from ..metrics import map_l1
+from ..tables import markdown_table
+from ..typed_config import check_names
 from ..types import PositiveCount
 from .common import (
     ClassifierExperimentConfig,
     classifier_outputs,
     default_data,
     get_classifier,
-    markdown_table,
-    select_correct,
     setup_data,
     write_outputs,
 )
-from .config import AttackSections, check_names, register_experiment
+from .config import register_experiment
 
 __all__ = ["run", "GapExperiment", "GapEvaluation"]
 

@@ -40,12 +40,15 @@ from ..classifier import save_classifier
 from ..data import BaseDataModule
 from ..data.base import split_name
 from ..figures import line_plot
+from ..inputs import take_split
 from ..models import GapClassifier
 from ..robust import INTERPRETATIONS, MODES, RobustClassifierModule
 from ..robust_eval import INTERPRETATION_ATTACKS, interpretation_robustness, pgd_accuracy, sensitivity
+from ..trainer import make_trainer
+from ..typed_config import check_class_options, check_names
 from ..types import Count, Positive, PositiveCount, Radius
-from .common import default_data, make_trainer, setup_data, take_split, write_outputs
-from .config import ExperimentConfig, check_class_options, check_names, register_experiment
+from .common import default_data, setup_data, write_outputs
+from .config import ExperimentConfig, register_experiment
 from .robust_report import report
 from .runner import deep_merge
 

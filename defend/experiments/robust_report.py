@@ -6,11 +6,11 @@ from typing import Any
 import torch
 
 from .. import stats
-from .common import markdown_table
+from ..tables import markdown_table
 
 __all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS", "versus"]
 
-LABELS = {"normal": "NT (normal)", "pgd_at": "PGD-AT", "int": "Int", "int_adv": "Int-Adv"}
+LABELS = {"normal": "NT (normal)", "pgd_at": "PGD-AT", "int": "Int", "int_adv": "Int-Adv", "trades": "TRADES"}
 #: the radius (image units) of the report's detailed tables and checks: 8/255
 HEADLINE_EPS = 8 / 255
 

@@ -22,10 +22,10 @@ from ..class_paths import IMPORT_HELP, allow_imports
 from ..distributed import is_global_zero
 from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
 from ..provenance import noted_data, provenance
-from ..safe_yaml import load_file, loads
+from ..safe_yaml import loads, read_mapping
 from .config import EXPERIMENTS, parse_experiment
 
-__all__ = ["main", "load_config", "read_mapping", "deep_merge", "planned_outputs", "load_experiments"]
+__all__ = ["main", "load_config", "deep_merge", "planned_outputs", "load_experiments"]
 
 
 def load_experiments() -> None:
@@ -51,16 +51,6 @@ def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
-
-
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file holding a mapping (:func:`defend.safe_yaml.load_file`: plain data, size / alias / depth limits,
-    no duplicated key); a missing file or bad YAML is one line."""
-    path = Path(path)
-    data = load_file(path) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping at top level")
-    return data
 
 
 def load_config(paths: Sequence[str], overrides: Sequence[str] = (), quick: bool = False) -> dict[str, Any]:
