@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from _tiny import shape_folder
 from torchvision import models as tvm
 
 from attacks import build_attack, get_interpreter
@@ -139,22 +138,9 @@ def test_zoo_keeps_the_local_weights_head_and_matches_torchvision(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- defend evaluate --arch
-def _folder(root: Path, per_class: int = 14, size: int = 64) -> Path:
-    rng = np.random.default_rng(0)
-    for c in ("disc", "square"):
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 100, 3)))
-            r, (cx, cy) = 8, (int(v) for v in rng.integers(9, size - 9, 2))
-            shape = ImageDraw.Draw(img).ellipse if c == "disc" else ImageDraw.Draw(img).rectangle
-            shape([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.integers(150, 256, 3)))
-            img.save(root / c / f"{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return _folder(tmp_path_factory.mktemp("byo") / "images")
+    return shape_folder(tmp_path_factory.mktemp("byo") / "images", per_class=14, size=64)
 
 
 def test_evaluate_arch_weights_writes_a_card_naming_arch_and_sha(folder, tmp_path):

@@ -7,12 +7,9 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from _tiny import train_tiny_classifier
-from PIL import Image, ImageDraw
+from _tiny import card_maps, fit_small_cnn, shape_folder, train_tiny_classifier
 
 from defend import DigitsDataModule, ImageFolderDataModule, load_card, save_classifier, validate_card
 from defend.evaluate import card_errors, main
@@ -126,33 +123,12 @@ def test_refuses_to_overwrite_user_files(tiny_clf, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
 
 
-def _folder(root: Path, per_class: int = 12, size: int = 32) -> Path:
-    rng = np.random.default_rng(0)
-    for c in ("disc", "square"):
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 100, 3)))
-            r, (cx, cy) = 8, (int(v) for v in rng.integers(9, size - 9, 2))
-            shape = ImageDraw.Draw(img).ellipse if c == "disc" else ImageDraw.Draw(img).rectangle
-            shape([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.integers(150, 256, 3)))
-            img.save(root / c / f"{i:02d}.png")
-    return root
-
-
 def test_image_folder_classifier_from_paths_only(tmp_path):
-    root = _folder(tmp_path / "images")
+    root = shape_folder(tmp_path / "images")
     dm = ImageFolderDataModule(str(root), image_size=32, resize=32, val_fraction=0.15, test_fraction=0.15, seed=0)
     dm.setup("fit")
-    train = take_split(dm, "train")
-    torch.manual_seed(0)
-    model = small_cnn(num_classes=2, width=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        loss = F.cross_entropy(model(train["image"]), train["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_classifier(model.eval(), tmp_path / "folder.pt", {"width": 4})
+    model = fit_small_cnn(take_split(dm, "train"), 2, steps=30)
+    save_classifier(model, tmp_path / "folder.pt", {"width": 4})
     out = tmp_path / "card"
     args = ["--classifier", str(tmp_path / "folder.pt"), "--data", f"folder:{root}", "--out", str(out), *FAST,
             "--set", "n_images=2", "--set", "n_figure=1", "--set", "attacks.interpreters=[cam]"]
@@ -166,19 +142,11 @@ def test_image_folder_classifier_from_paths_only(tmp_path):
 
 
 def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, tmp_path, capsys):
-    from attacks import get_interpreter
     from defend.detector import train_detector
 
-    model = tiny_clf[0]
     saved = torch.load(card_run / "adversarial" / "adv2_cam.pt", weights_only=True)["state"]
-
-    def maps(x, cls):
-        return torch.cat([get_interpreter(n)(model, x, cls) for n in ("grad", "cam")], 1)
-
-    with torch.no_grad():
-        pred = model(saved["x_adv"]).argmax(1)
-    data = torch.cat([maps(saved["x"], saved["label"]), maps(saved["x_adv"], pred)])
-    labels = torch.cat([torch.zeros(6), torch.ones(6)]).long()
+    data, labels = card_maps(tiny_clf[0], saved)
+    assert len(labels) == 12
     det, _ = train_detector(data, labels, epochs=0, trainable="none", booster={"n_estimators": 5})
     with pytest.raises(ValueError, match="reads 2 channels, not 3 interpreters"):
         det.save(tmp_path / "bad", ["grad", "cam", "mask"])

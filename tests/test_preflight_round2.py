@@ -8,12 +8,9 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from _tiny import train_tiny_classifier
-from PIL import Image, ImageDraw
+from _tiny import fit_small_cnn, shape_folder, train_tiny_classifier
 
 from attacks import RTSNetwork
 from defend import ImageFolderDataModule, load_card, save_classifier
@@ -21,7 +18,6 @@ from defend.aid import save_rts
 from defend.autoattack import autoattack_accuracy, autoattack_plan
 from defend.evaluate import main
 from defend.inputs import take_split
-from defend.models.small import small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = str(Path(__file__).parent / "data" / "evaluate_tiny.yaml")
@@ -57,24 +53,6 @@ def refused(capsys, *args: str) -> str:
     err = [line for line in err if not line.startswith("[defend] warning")]  # notices of other checks
     assert len(err) == 1 and err[0].startswith("defend evaluate: error: "), err
     return err[0]
-
-
-def _folder(root: Path, names: list[str], per_class: int = 12, size: int = 32) -> Path:
-    """An image folder of one drawn shape per class (disc, square, triangle, ...), ``per_class`` images each."""
-    rng = np.random.default_rng(0)
-    for k, c in enumerate(names):
-        d = Path(os.fsdecode(os.fsencode(root) + b"/" + os.fsencode(c)))
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 100, 3)))
-            r, (cx, cy) = 8, (int(v) for v in rng.integers(9, size - 9, 2))
-            draw, fill = ImageDraw.Draw(img), tuple(int(v) for v in rng.integers(150, 256, 3))
-            if k % 3 == 2:
-                draw.polygon([(cx - r, cy + r), (cx + r, cy + r), (cx, cy - r)], fill=fill)
-            else:
-                (draw.ellipse if k % 3 == 0 else draw.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            img.save(d / f"{i:02d}.png")
-    return root
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -125,7 +103,7 @@ def test_non_utf8_out_name_is_refused_before_any_work(tiny_clf, tmp_path, capsys
 
 
 def test_non_utf8_class_folder_is_refused_before_any_work(tiny_clf, tmp_path, capsys, no_work):
-    root = _folder(tmp_path / "images", ["disc", os.fsdecode(b"caf\xe9-latin1")])
+    root = shape_folder(tmp_path / "images", ["disc", os.fsdecode(b"caf\xe9-latin1")])
     out = tmp_path / "out"
     err = refused(capsys, "--classifier", str(tiny_clf[1]), "--data", f"folder:{root}", "--out", str(out))
     assert "class folder b'" in err and "caf\\xe9-latin1': its name is not valid UTF-8" in err
@@ -221,19 +199,11 @@ def test_autoattack_runs_with_two_and_three_classes(k):
 
 
 def test_three_class_folder_runs_the_reduced_autoattack_and_the_card_says_so(tmp_path):
-    root = _folder(tmp_path / "images", ["disc", "square", "triangle"], per_class=16)
+    root = shape_folder(tmp_path / "images", ["disc", "square", "triangle"], per_class=16)
     dm = ImageFolderDataModule(str(root), image_size=32, resize=32, val_fraction=0.15, test_fraction=0.25, seed=0)
     dm.setup("fit")
-    train = take_split(dm, "train")
-    torch.manual_seed(0)
-    model = small_cnn(num_classes=3, width=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        loss = F.cross_entropy(model(train["image"]), train["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_classifier(model.eval(), tmp_path / "three.pt", {"width": 4})
+    model = fit_small_cnn(take_split(dm, "train"), 3, steps=40)
+    save_classifier(model, tmp_path / "three.pt", {"width": 4})
     out = tmp_path / "card"
     args = ["--classifier", str(tmp_path / "three.pt"), "--data", f"folder:{root}", "--out", str(out),
             "--battery", TINY, "--no-progress", "--set", "data.test_fraction=0.25", "--set", "n_images=2",

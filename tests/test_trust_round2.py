@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny import train_tiny_classifier
+from _tiny import card_maps, train_tiny_classifier
 from PIL import Image
 
 from defend import save_classifier
@@ -122,19 +122,10 @@ def test_only_the_sets_the_run_wrote_are_rescored(card_run, tiny_clf, tmp_path, 
 
 
 def _detector_dir(tiny_clf, card_run, tmp_path, zero: bool) -> Path:
-    from attacks import get_interpreter
     from defend.detector import train_detector
 
-    model = tiny_clf[0]
     saved = torch.load(card_run / "adversarial" / "adv2_cam.pt", weights_only=True)["state"]
-
-    def maps(x, cls):
-        return torch.cat([get_interpreter(n)(model, x, cls) for n in ("grad", "cam")], 1)
-
-    with torch.no_grad():
-        pred = model(saved["x_adv"]).argmax(1)
-    data = torch.cat([maps(saved["x"], saved["label"]), maps(saved["x_adv"], pred)])
-    labels = torch.cat([torch.zeros(len(pred)), torch.ones(len(pred))]).long()
+    data, labels = card_maps(tiny_clf[0], saved)
     det, _ = train_detector(data, labels, epochs=0, trainable="none", booster={"n_estimators": 5})
     if zero:
         det.surrogate.weight.zero_()
