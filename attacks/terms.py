@@ -3,9 +3,10 @@
 Each interpreter builds its own term (:meth:`attacks.interpreters.Interpreter.attack_term`); the engine only reads
 the term's flags and calls its hooks, never its type:
 
-- :class:`MapTerm` (the default: CAM, RTS-free differentiable interpreters, SmoothGrad, Integrated Gradients,
-  Grad-CAM): ``mean((g(x) - m_t)^2)`` on the interpreter's :meth:`attack_map`, sharing the classifier's forward pass
-  when the interpreter's map already computes the logits (CAM);
+- :class:`MapTerm` (the default: CAM, SmoothGrad, Integrated Gradients, Grad-CAM, softplus GRAD and any user's
+  differentiable interpreter): ``mean((g(x) - m_t)^2)`` on the interpreter's :meth:`attack_map`, i.e. its one hook
+  :meth:`~attacks.interpreters.Interpreter.explain` under its ``attack_modifier``, sharing the classifier's forward
+  pass when ``explain`` recorded the logits of ``x`` (CAM, GRAD; ``record_forward``);
 - GRAD's surrogate term, MASK's bilevel term and RTS's encoder term live next to their interpreters;
 - :class:`EnsembleTerm`: the mean of several terms (the adaptive attack on a multi-interpreter defence).
 
@@ -104,8 +105,9 @@ class MapTerm(InterpretationTerm):
             (g,) = torch.autograd.grad(loss.sum(), probe, allow_unused=True)
         if g is None or not bool(g.abs().sum() > 0):
             raise ValueError(f"the attack map of interpreter '{self.name}' has no input gradient on this model, so "
-                             "ADV2 would silently be the plain attack; give the interpreter an attack_map with a "
-                             "useful gradient (GRAD uses the smooth ReLU-derivative surrogate, ADV2 section 3.2)")
+                             "ADV2 would silently be the plain attack; give the interpreter an attack_modifier() "
+                             "that makes it differentiable (gradient maps: attacks.interpreters.relu_surrogate(tau, "
+                             "exact_first_order=True), ADV2 section 3.2)")
         return {}
 
 

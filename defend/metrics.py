@@ -52,8 +52,6 @@ from .stats import RESAMPLES, Estimate, bootstrap_mean, proportion, topk_iou_cha
 
 __all__ = [
     # helpers
-    "resize_map",
-    "minmax_normalise",
     # functionals
     "attack_success",
     "target_confidence",
@@ -105,7 +103,7 @@ def _check_map_pair(a: Tensor, b: Tensor, name_a: str = "map_a", name_b: str = "
     if a.shape[-2:] != b.shape[-2:]:
         raise ValueError(
             f"{name_a} and {name_b} have different spatial sizes: {tuple(a.shape)} vs {tuple(b.shape)}; "
-            "resample both to one grid first (e.g. with resize_map)"
+            "resample both to one grid first (e.g. with attacks.maps.resize_map)"
         )
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: expected {name_b} of shape {tuple(a.shape)}, got {tuple(b.shape)}")
@@ -131,46 +129,6 @@ def _check_target(target: Tensor, n: int) -> None:
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-def resize_map(m: Tensor, size: int | Sequence[int]) -> Tensor:
-    """Bilinearly resample maps ``[N, 1, H, W]`` to ``size`` (int or ``(H', W')``), clamped to ``[0, 1]``.
-
-    Use it to bring maps from interpreters with different resolutions onto one grid
-    before comparing them.
-    """
-    _check_map(m)
-    if isinstance(size, int):
-        out_size = (size, size)
-    else:
-        if len(size) != 2:
-            raise ValueError(f"size must be an int or a pair (H, W), got {tuple(size)}")
-        out_size = (int(size[0]), int(size[1]))
-    if tuple(m.shape[-2:]) == out_size:
-        out = m
-    else:
-        src = m if m.is_floating_point() else m.float()
-        out = F.interpolate(src, size=out_size, mode="bilinear", align_corners=False)
-    return out.clamp(0.0, 1.0)
-
-
-def minmax_normalise(m: Tensor, eps: float = 1e-12) -> Tensor:
-    """Per-example min-max normalisation of ``[N, ...]`` to ``[0, 1]`` (differentiable).
-
-    Examples whose value range is ``<= eps`` (constant maps) become all zeros.
-    """
-    if m.ndim < 1:
-        raise ValueError(f"expected a batched tensor [N, ...], got shape {tuple(m.shape)}")
-    if m.shape[0] == 0:
-        return m
-    flat = m.reshape(m.shape[0], -1)
-    lo = flat.min(dim=1, keepdim=True).values
-    hi = flat.max(dim=1, keepdim=True).values
-    rng = hi - lo
-    ok = rng > eps
-    out = (flat - lo) / torch.where(ok, rng, torch.ones_like(rng))
-    out = torch.where(ok, out, torch.zeros_like(out))
-    return out.reshape(m.shape)
-
-
 # --------------------------------------------------------------------------- #
 # classification metrics
 # --------------------------------------------------------------------------- #

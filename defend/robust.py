@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from attacks import eval_mode
 from attacks.checks import check_images, check_labels
 from attacks.frameworks.pgd import pgd_maximise
-from attacks.interpreters import CAMInterpreter, GradInterpreter, minmax
+from attacks.interpreters import CAMInterpreter, GradInterpreter
+from attacks.maps import minmax
 
 from .classifier import ClassifierModule
 from .defences import CLASSIFIER, Defence, register_defence
@@ -55,7 +56,7 @@ from .models import GapClassifier
 from .module_base import Optimiser, as_options
 
 __all__ = [
-    "MODES", "INTERPRETATIONS", "RobustClassifierModule", "InnerMaximisation", "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "normalise_maps",
+    "MODES", "INTERPRETATIONS", "RobustClassifierModule", "InnerMaximisation", "ROBUST_OPTIMISER", "class_maps", "maps_and_logits",
     "discrepancy", "discrepancy_l1_2class", "interpretation_discrepancy", "worst_case_discrepancy", "pgd_ce_attack",
     "trades_kl", "trades_attack",
 ]
@@ -65,12 +66,6 @@ INTERPRETATIONS = ("cam", "grad")
 
 
 # --------------------------------------------------------------------------------------------- maps
-def normalise_maps(m: Tensor) -> Tensor:
-    """Per-example, per-class min-max of ``[N, C, h, w]`` maps over the ``h x w`` grid (differentiable)."""
-    n, c = m.shape[:2]
-    return minmax(m.reshape(n * c, 1, *m.shape[2:])).view_as(m)
-
-
 #: the interpreters inside D: CAM at the feature grid; GRAD of the logit through the smooth ReLU-derivative
 #: surrogate, so the map has a non-zero input and weight derivative
 INTERPRETERS_IN_D = {"cam": CAMInterpreter, "grad": lambda: GradInterpreter(score="logit", surrogate_tau=1e-4)}
@@ -88,7 +83,7 @@ def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam"
             raw, logits = INTERPRETERS_IN_D["grad"]().explain_classes(model, inp, create_graph=True)
     else:
         raw, logits = INTERPRETERS_IN_D[interpretation]().explain_classes(model, x, create_graph=graph)
-    return normalise_maps(raw), model(x) if logits is None else logits
+    return minmax(raw, start_dim=2), model(x) if logits is None else logits  # per example and class
 
 
 def class_maps(model: GapClassifier, x: Tensor, interpretation: str = "cam") -> Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 
+from attacks.maps import minmax, resize_map
 from defend.metrics import (
     AttackSuccessRate,
     CentreOfMassShift,
@@ -30,9 +31,7 @@ from defend.metrics import (
     map_l2,
     map_lp_distance,
     max_sensitivity,
-    minmax_normalise,
     noise_rate,
-    resize_map,
     spearman_rho,
     ssim,
     target_confidence,
@@ -103,11 +102,11 @@ def test_resize_map_and_minmax():
     assert torch.equal(resize_map(m, (2, 2)), m)
     # bilinear: corner pixel of an upsampled 2x2 equals the corner value
     assert r[0, 0, 0, 0] == pytest.approx(0.0)
-    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
-        resize_map(torch.rand(2, 3, 4, 4), 2)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        resize_map(torch.rand(3, 4, 4), 2)
 
     x = torch.tensor([[[[1.0, 3.0], [2.0, 5.0]]], [[[0.7, 0.7], [0.7, 0.7]]]], requires_grad=True)
-    y = minmax_normalise(x)
+    y = minmax(x)
     assert torch.allclose(y[0], torch.tensor([[[0.0, 0.5], [0.25, 1.0]]]))
     assert torch.equal(y[1], torch.zeros(1, 2, 2))
     y.sum().backward()

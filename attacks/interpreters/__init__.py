@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import INTERPRETERS, Interpreter, get_interpreter, minmax, resolve_target, to_input_size
+from .base import INTERPRETERS, Interpreter, get_interpreter, minmax, record_forward, resize_map, resolve_target
 # importing registers: the order of the registry is grad, cam, mask, rts, then the others (ruff keeps this order: per-file-ignores I001)
 from .grad import GradInterpreter, GradTerm
 from .cam import CAMInterpreter, cam_and_logits, raw_cam
@@ -16,12 +16,13 @@ from .rts_objective import rts_objective
 from .smoothgrad import SmoothGrad
 from .integrated_gradients import IntegratedGradients
 from .gradcam import GradCAM
-from .surrogate import relu_surrogate
+from .surrogate import ReluModifier, relu_as_softplus, relu_surrogate
 
 __all__ = [
     "Interpreter", "GradInterpreter", "CAMInterpreter", "MaskInterpreter", "RTSInterpreter", "RTSNetwork",
-    "SmoothGrad", "IntegratedGradients", "GradCAM", "GradTerm", "MaskTerm", "RTSTerm", "rts_objective", "INTERPRETERS", "get_interpreter", "minmax",
-    "to_input_size", "resolve_target", "raw_cam", "cam_and_logits", "relu_surrogate",
+    "SmoothGrad", "IntegratedGradients", "GradCAM", "GradTerm", "MaskTerm", "RTSTerm", "rts_objective", "INTERPRETERS",
+    "get_interpreter", "minmax", "resize_map", "resolve_target", "record_forward", "raw_cam", "cam_and_logits", "relu_surrogate", "relu_as_softplus",
+    "ReluModifier",
 ]
 
 

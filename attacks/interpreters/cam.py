@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import INTERPRETERS, Interpreter, to_input_size
+from .base import INTERPRETERS, Interpreter, record_forward
 
 __all__ = ["CAMInterpreter", "raw_cam", "cam_and_logits"]
 
@@ -37,7 +37,7 @@ def cam_and_logits(model: nn.Module, x: Tensor, target: Tensor | None = None) ->
 class CAMInterpreter(Interpreter):
     """Class activation map, bilinearly resampled to the input grid and min-max normalised.
 
-    Its ADV2 term is the default map MSE, sharing the classifier's forward pass (:meth:`attack_map_and_logits`).
+    Its ADV2 term is the default map MSE, sharing the classifier's forward pass (:func:`record_forward`).
 
     Example::
 
@@ -49,14 +49,17 @@ class CAMInterpreter(Interpreter):
     attack_defaults = {"c": 20.0, "steps": 80}
 
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
+        """Raw CAM on the feature grid; records the logits of the same pass of the features."""
         with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
-            return raw_cam(model, x, target)
+            cam, logits = cam_and_logits(model, x, target)
+        record_forward(x, logits=logits)
+        return cam
 
-    def explain_classes(self, model: nn.Module, x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    def explain_classes(self, model: nn.Module, x: Tensor, *,
+                        create_graph: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Every class's CAM from one pass (``cam_and_logits``) while :meth:`explain` is CAM's own; a subclass that
+        redefines the map gets the default (one :meth:`explain` per class), so it is trained on its own map."""
+        if type(self).explain is not CAMInterpreter.explain:
+            return super().explain_classes(model, x, create_graph=create_graph)
         with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
             return cam_and_logits(model, x)
-
-    def attack_map_and_logits(self, model: nn.Module, x: Tensor, target: Tensor, *,
-                              native: bool = False) -> tuple[Tensor, Tensor]:
-        raw, logits = cam_and_logits(model, x, target)
-        return self.normalise(raw if native else to_input_size(raw, tuple(x.shape[-2:]))), logits

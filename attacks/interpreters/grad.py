@@ -1,12 +1,14 @@
 """GRAD: vanilla gradient saliency ``m = |d f_c(x) / dx|`` (ADV2 Eqn 5), max over colour channels, and its ADV2 term."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import Tensor, nn
 
 from ..constant_weights import constant_weights
 from ..terms import InterpretationTerm, map_mse
-from .base import INTERPRETERS, Interpreter
+from .base import INTERPRETERS, Interpreter, record_forward
 from .surrogate import relu_surrogate
 
 __all__ = ["GradInterpreter", "GradTerm"]
@@ -21,7 +23,7 @@ class GradInterpreter(Interpreter):
             ``"logit"`` the pre-softmax score (captum's Saliency).
         surrogate_tau: when set, the map is computed with the smooth ReLU-derivative surrogate
             (ADV2 section 3.2) so that it has a non-zero gradient w.r.t. the input. Attacks use
-            the surrogate only inside their interpretation loss (:meth:`attack_map`, :class:`GradTerm`);
+            the surrogate only inside their interpretation loss (:meth:`attack_modifier`, :class:`GradTerm`);
             measurements use ``None``.
 
     Example::
@@ -42,27 +44,22 @@ class GradInterpreter(Interpreter):
     def with_surrogate(self, tau: float = 1e-4) -> GradInterpreter:
         return GradInterpreter(self.score, tau)
 
-    def explain_with_logits(self, model: nn.Module, x: Tensor, target: Tensor, *,
-                            create_graph: bool = False) -> tuple[Tensor, Tensor]:
-        """Raw map ``|grad_x score_c|`` (max over channels) and the logits of the same forward pass."""
-        inp = x if x.requires_grad else x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(inp)
-            scores = logits.softmax(1) if self.score == "prob" else logits
-            (g,) = torch.autograd.grad(scores.gather(1, target.view(-1, 1)).sum(), inp, create_graph=create_graph)
-        return g.abs().amax(1, keepdim=True), logits
-
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
-        if self.surrogate_tau is None:
-            return self.explain_with_logits(model, x, target, create_graph=create_graph)[0]
-        with relu_surrogate(self.surrogate_tau):
-            return self.explain_with_logits(model, x, target, create_graph=create_graph)[0]
+        """Raw map ``|grad_x score_c|`` (max over channels); records the logits of its forward pass of ``x``."""
+        with relu_surrogate(self.surrogate_tau) if self.surrogate_tau is not None else nullcontext():
+            inp = x if x.requires_grad else x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(inp)
+                record_forward(x, logits=logits)
+                scores = logits.softmax(1) if self.score == "prob" else logits
+                (g,) = torch.autograd.grad(scores.gather(1, target.view(-1, 1)).sum(), inp, create_graph=create_graph)
+        return g.abs().amax(1, keepdim=True)
 
-    def attack_explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        """The map through the smooth ReLU-derivative surrogate (section 3.2): a ReLU net's exact GRAD map has a
-        zero input gradient, so an attack on the exact map would not move."""
-        g = self if self.surrogate_tau is not None else self.with_surrogate()
-        return g.explain(model, x, target, create_graph=True)
+    def attack_modifier(self) -> AbstractContextManager:
+        """The smooth ReLU-derivative surrogate (section 3.2; tau ``surrogate_tau`` or 1e-4) with exact first order:
+        the attack differentiates the measured map, through the surrogate's curvature ``h'`` (a ReLU net's exact GRAD
+        map has a zero input gradient, so an attack on it would not move)."""
+        return relu_surrogate(self.surrogate_tau if self.surrogate_tau is not None else 1e-4, exact_first_order=True)
 
     def attack_term(self, tau: float = 1e-4) -> GradTerm:
         return GradTerm(self, tau)
@@ -72,7 +69,8 @@ class GradInterpreter(Interpreter):
 
 
 class GradTerm(InterpretationTerm):
-    """GRAD term (ADV2 section 3.2) with one forward pass.
+    """GRAD term (ADV2 section 3.2) with one forward pass, on the interpreter's :meth:`~Interpreter.explain` (a
+    subclass's own map; the logits come from its forward pass when it goes through GRAD's, else the engine runs one).
 
     Inside ``relu_surrogate(exact_first_order=True)`` the logits and the GRAD map are exact (so the prediction
     loss and the map match the true model) while the map's input gradient flows through the surrogate's
@@ -88,6 +86,5 @@ class GradTerm(InterpretationTerm):
 
     def loss_and_logits(self, model, x, y_t, m_t, state):
         with relu_surrogate(self.tau, exact_first_order=True), constant_weights():
-            raw, logits = self.interpreter.explain_with_logits(model, x, y_t, create_graph=True)
-        state["map"] = self.interpreter.normalise(raw)
-        return map_mse(state["map"], m_t), logits
+            state["map"], recorded = self.interpreter.recorded_map(model, x, y_t)
+        return map_mse(state["map"], m_t), recorded.get("logits")

@@ -7,6 +7,8 @@ ADV2's default term.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,7 @@ class IntegratedGradients(Interpreter):
         steps: points of the midpoint Riemann sum (captum's default: 50).
         baseline: the value of the reference image ``x'`` (0 = black).
         score: ``"prob"`` (as this project's GRAD) or ``"logit"`` (captum on a logit model).
-        surrogate_tau: tau of the smooth ReLU derivative used by :meth:`attack_explain`.
+        surrogate_tau: tau of the smooth ReLU derivative an attack differentiates the map under (:meth:`attack_modifier`).
 
     Completeness: ``sum_pixels (x - x') * mean_k grad f_c(...)`` tends to ``f_c(x) - f_c(x')`` as ``steps`` grows.
     """
@@ -56,9 +58,9 @@ class IntegratedGradients(Interpreter):
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
         return self.attributions(model, x, target, create_graph=create_graph).sum(1, keepdim=True).abs()
 
-    def attack_explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        with relu_surrogate(self.surrogate_tau):
-            return self.explain(model, x, target, create_graph=True)
+    def attack_modifier(self) -> AbstractContextManager:
+        """Exact map and first derivative, the surrogate's curvature as second derivative (as GRAD's)."""
+        return relu_surrogate(self.surrogate_tau, exact_first_order=True)
 
     def __repr__(self) -> str:
         return f"IntegratedGradients(steps={self.steps}, baseline={self.baseline}, score={self.score!r})"

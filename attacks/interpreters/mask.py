@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constant_weights import constant_weights
+from ..maps import resize_map
 from ..optim import BatchAdam
 from ..terms import InterpretationTerm, map_mse
-from .base import INTERPRETERS, Interpreter, to_input_size
+from .base import INTERPRETERS, Interpreter
 
 __all__ = ["MaskInterpreter", "MaskTerm", "gaussian_blur", "total_variation"]
 
@@ -87,7 +88,7 @@ class MaskInterpreter(Interpreter):
     def objective(self, model: nn.Module, x: Tensor, target: Tensor, m: Tensor, blurred: Tensor | None = None) -> Tensor:
         """Per-example ``l_map(m; x)``, differentiable w.r.t. both ``m`` and ``x``."""
         blurred = self.blurred(x) if blurred is None else blurred
-        up = to_input_size(m, tuple(x.shape[-2:]))
+        up = resize_map(m, tuple(x.shape[-2:]))
         probs = model(x * up + blurred * (1 - up)).softmax(1)
         p = probs.gather(1, target.view(-1, 1)).squeeze(1)
         return p + self.l1 * (1 - m).flatten(1).mean(1) + self.tv * total_variation(m, self.tv_beta)
@@ -115,7 +116,12 @@ class MaskInterpreter(Interpreter):
         return m.clamp(0, 1)
 
     def attack_term(self, **options: Any) -> MaskTerm:
-        """ADV2's bilevel MASK term (Algorithm 1); ``options`` are :class:`MaskTerm`'s."""
+        """ADV2's bilevel MASK term (Algorithm 1); ``options`` are :class:`MaskTerm`'s. It models MASK's own solver,
+        so a subclass that redefines :meth:`explain` must bring its own term (else it would be attacked on MASK's
+        map): refused here."""
+        if type(self).explain is not MaskInterpreter.explain:
+            raise ValueError(f"{type(self).__name__} redefines MASK's map (explain) but not its attack term: ADV2's "
+                             "bilevel MASK term attacks MASK's own map; override attack_term() too")
         return MaskTerm(self, **options)
 
     def __repr__(self) -> str:
@@ -174,7 +180,7 @@ class MaskTerm(InterpretationTerm):
         blurred_x = self.interpreter.blurred(x)
         for _ in range(self.lookahead_steps):  # line 4: differentiable lookahead
             look = (look - self.lookahead_lr * self._grad_m(model, x, y_t, look, True, blurred_x)).clamp(0, 1)
-            state["map"] = 1 - to_input_size(look, tuple(x.shape[-2:]))
+            state["map"] = 1 - resize_map(look, tuple(x.shape[-2:]))
             total = total + map_mse(state["map"], m_t)
         total = total / self.lookahead_steps
         if self.target_deletion_weight:
@@ -188,4 +194,4 @@ class MaskTerm(InterpretationTerm):
         if step is None or (self.reset_every and (step + 1) % self.reset_every == 0):
             state["m"] = self.interpreter.solve(model, x.detach(), y_t, iterations=self.reset_iterations)
             state["adam"] = BatchAdam(state["m"], lr=self.interpreter.lr)
-            state["selection_loss"] = map_mse(1 - to_input_size(state["m"], tuple(x.shape[-2:])), m_t)
+            state["selection_loss"] = map_mse(1 - resize_map(state["m"], tuple(x.shape[-2:])), m_t)

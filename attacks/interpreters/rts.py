@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..state import eval_mode
 from ..terms import MapTerm, map_mse
-from .base import INTERPRETERS, Interpreter
+from .base import INTERPRETERS, Interpreter, record_forward
 
 __all__ = ["RTSNetwork", "RTSInterpreter", "RTSTerm"]
 
@@ -170,8 +170,11 @@ class RTSInterpreter(Interpreter):
         self.network, self.enc_weight = network, float(enc_weight)
 
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
+        """The mask; records the encoder's class logits and the classifier's logits of the same encoder pass."""
         with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
-            return self.network(model, x, target)[0]
+            m, enc_logits, logits = self.network.forward_with_logits(model, x, target)
+        record_forward(x, logits=logits, enc_logits=enc_logits)
+        return m
 
     def normalise(self, m: Tensor) -> Tensor:
         return m.clamp(0, 1)  # already a mask in [0, 1]: no min-max stretching
@@ -185,8 +188,9 @@ class RTSInterpreter(Interpreter):
 
 
 class RTSTerm(MapTerm):
-    """ADV2 term against RTS (section 3.4): ``mean((g(x) - m_t)^2) + enc_weight * CE(enc(x), y_t)``; the classifier's
-    logits come from the shared encoder pass (no second forward)."""
+    """ADV2 term against RTS (section 3.4): ``mean((g(x) - m_t)^2) + enc_weight * CE(enc(x), y_t)`` with ``g`` the
+    interpreter's :meth:`~RTSInterpreter.explain` (a subclass's own map); the encoder and classifier logits come from
+    the shared encoder pass (no second forward) when the map goes through RTS's own."""
 
     def __init__(self, interpreter: RTSInterpreter, enc_weight: float = 0.1) -> None:
         super().__init__(interpreter)
@@ -196,7 +200,9 @@ class RTSTerm(MapTerm):
         return [self.interpreter.network]
 
     def loss_and_logits(self, model, x, y_t, m_t, state):
-        m, enc_logits, logits = self.interpreter.network.forward_with_logits(model, x, y_t)
-        state["map"] = m.clamp(0, 1)
+        state["map"], recorded = self.interpreter.recorded_map(model, x, y_t)
+        enc_logits = recorded.get("enc_logits")
+        if enc_logits is None:  # a subclass's explain that does not run RTS's pass on x: one extra encoder pass
+            enc_logits = self.interpreter.network.forward_with_logits(model, x, y_t)[1]
         loss = map_mse(state["map"], m_t) + self.enc_weight * F.cross_entropy(enc_logits, y_t, reduction="none")
-        return loss, logits
+        return loss, recorded.get("logits")

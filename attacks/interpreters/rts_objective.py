@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import to_input_size
+from ..maps import resize_map
 from .mask import gaussian_blur, total_variation
 
 __all__ = ["rts_objective", "blend", "replacement_images"]
@@ -30,7 +30,7 @@ def replacement_images(x: Tensor, kind: str, generator: torch.Generator | None =
 
 def blend(x: Tensor, m: Tensor, r: Tensor) -> Tensor:
     """``phi(x, m) = x * m + r * (1 - m)`` (``m`` is resampled to the input grid if needed)."""
-    m = to_input_size(m, tuple(x.shape[-2:]))
+    m = resize_map(m, tuple(x.shape[-2:]))
     return x * m + r * (1 - m)
 
 

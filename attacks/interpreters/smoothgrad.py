@@ -4,10 +4,11 @@ A modifier over any interpreter, as captum's ``NoiseTunnel`` wraps an attributio
 with ``u_s ~ N(0, (sigma * (max - min of the image range))^2)``, ``samples`` copies evaluated in one batch. The
 noise is drawn from a generator seeded with ``seed`` at every call, so the map is a deterministic function of the
 input (measurements repeat; attacks see a fixed expectation, not a moving target). Attacked through the base
-interpreter's :meth:`attack_explain` (GRAD's surrogate), with ADV2's default term.
+interpreter's :meth:`attack_modifier` (GRAD's surrogate), with ADV2's default term.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -56,9 +57,8 @@ class SmoothGrad(Interpreter):
         xs, ts = self._noisy(x, target)
         return self._mean(self.base.explain(model, xs, ts, create_graph=create_graph), x.shape[0])
 
-    def attack_explain(self, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        xs, ts = self._noisy(x, target)
-        return self._mean(self.base.attack_explain(model, xs, ts), x.shape[0])
+    def attack_modifier(self) -> AbstractContextManager:
+        return self.base.attack_modifier()
 
     def normalise(self, m: Tensor) -> Tensor:
         return self.base.normalise(m)

@@ -36,7 +36,7 @@ class SoftplusGrad(Interpreter):
 
     def explain(self, model: nn.Module, x: Tensor, target: Tensor, *, create_graph: bool = False) -> Tensor:
         with relu_as_softplus(self.beta):
-            return self.grad.explain_with_logits(model, x, target, create_graph=create_graph)[0]
+            return self.grad.explain(model, x, target, create_graph=create_graph)
 
     def __repr__(self) -> str:
         return f"SoftplusGrad(beta={self.beta}, score={self.grad.score!r})"

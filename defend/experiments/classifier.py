@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from attacks import frozen, get_interpreter
-from attacks.interpreters import MaskInterpreter, to_input_size
+from attacks.interpreters import MaskInterpreter
+from attacks.maps import resize_map
 
 from .. import stats
 from ..figures import map_grid
@@ -80,12 +81,12 @@ def deletion_test(model, interp, x, cls, generator: torch.Generator) -> tuple[to
     out."""
     m = interp.solve(model, x, cls)  # 1 = keep
     blurred = interp.blurred(x)
-    up = to_input_size(m, tuple(x.shape[-2:]))
+    up = resize_map(m, tuple(x.shape[-2:]))
     deleted = (1 - up).flatten(1)
     # random mask with the same amount of deletion: a shuffled copy of the same low-resolution mask
     perm = torch.stack([torch.randperm(m[0].numel(), generator=generator) for _ in range(m.shape[0])])
     m_rand = m.flatten(1).gather(1, perm).view_as(m)
-    up_r = to_input_size(m_rand, tuple(x.shape[-2:]))
+    up_r = resize_map(m_rand, tuple(x.shape[-2:]))
     assert torch.allclose(deleted.mean(1), (1 - up_r).flatten(1).mean(1), atol=0.05)
 
     def prob(img):
