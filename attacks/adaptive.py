@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adv2 import ADV2, AttackResult, make_term
+from .base_attack import Attack
 from .factory import ATTACKS, _options
+from .frameworks import threat_options
 from .interpreters import RTSInterpreter
 from .optim import expand_like
 from .terms import InterpretationTerm
@@ -86,10 +88,11 @@ class DetectorAwareTerm(InterpretationTerm):
         state["inner"].pop("selection_loss", None)
 
 
-class Restarts:
+class Restarts(Attack):
     """The best of several runs (``attacks``: the same attack from different starts / seeds): per input the
     successful run with the lowest interpretation loss, else the run with the highest target probability. Same
-    interface as :class:`ADV2` (its other attributes are the first run's)."""
+    interface as :class:`ADV2` (its other attributes are the first run's); its budget is the first run's with the
+    number of runs (the later runs start at random where the threat model has a random start)."""
 
     def __init__(self, attacks: Sequence[ADV2]) -> None:
         if not attacks:
@@ -98,6 +101,12 @@ class Restarts:
 
     def __getattr__(self, name: str) -> Any:  # threat, term, target_maps, seed, ...: the first run's
         return getattr(self.__dict__["attacks"][0], name)
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        out = {**self.attacks[0].budget, "restarts": len(self.attacks)}
+        out.pop("random_start", None)
+        return out
 
     def __call__(self, model: nn.Module, x: Tensor, target: Tensor, target_map: Tensor | None = None) -> AttackResult:
         first = self.attacks[0]
@@ -132,6 +141,9 @@ def adaptive_detector(framework: str = "pgd", interpreter: Any = ("cam", "grad")
     return ADV2(DetectorAwareTerm(inner, detector, detector_weight, product), framework, **opts)
 
 
+adaptive_detector.adaptive = True  # type: ignore[attr-defined]  # knows the defence: not a battery's plain attack
+
+
 @ATTACKS.register("adaptive_rts")
 def adaptive_rts(framework: str = "pgd", interpreter: Any = None, *, restarts: int = 4, enc_weight: float = 0.2,
                  **options: Any) -> Restarts:
@@ -146,7 +158,10 @@ def adaptive_rts(framework: str = "pgd", interpreter: Any = None, *, restarts: i
     runs = []
     for r in range(restarts):
         opts = dict(options, seed=seed + r)
-        if framework == "pgd":
+        if "random_start" in threat_options(framework):
             opts["random_start"] = r > 0
         runs.append(ADV2(g, framework, **_options(framework, g, opts)))
     return Restarts(runs)
+
+
+adaptive_rts.adaptive = True  # type: ignore[attr-defined]

@@ -17,37 +17,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base_attack import Attack, AttackResult
 from .checks import check_images, check_labels, check_positive
 from .edges import edge_weights
 from .frameworks import ThreatModel, get_framework
 from .interpreters import Interpreter, get_interpreter
 from .optim import expand_like
-from .state import frozen
+from .state import flush_denormals, frozen
 from .terms import EnsembleTerm, InterpretationTerm
 
 __all__ = ["ADV2", "AttackResult", "make_term", "random_targets", "AUTOCAST"]
 
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class AttackResult:
-    """Best (uint8-quantised) adversarial inputs and what the classifier says about them."""
-
-    x_adv: Tensor
-    target: Tensor
-    success: Tensor
-    target_prob: Tensor
-    int_loss: Tensor | None
-    seconds: float
-    steps: int
 
 
 def random_targets(labels: Tensor, num_classes: int, generator: torch.Generator | None = None,
@@ -112,7 +99,7 @@ class _Best:
         self.success = self.success | success
 
 
-class ADV2:
+class ADV2(Attack):
     """Targeted attack on an IDLS (classifier + interpreter); ``interpreter=None`` gives the plain attack.
 
     Args:
@@ -195,6 +182,13 @@ class ADV2:
         return [] if self.term is None else self.term.networks()
 
     @property
+    def budget(self) -> dict[str, Any]:
+        """The threat model's budget (framework, eps, ...), the warm-start and joint steps, one run, and the
+        interpretation-loss weight where there is a term."""
+        out = {**self.threat.budget, "warm_steps": int(self.warm_steps), "steps": int(self.steps), "restarts": 1}
+        return out if self.term is None else {**out, "c": float(self.c)}
+
+    @property
     def interpreter(self) -> Interpreter | None:
         return None if self.term is None else self.term.interpreter
 
@@ -224,7 +218,7 @@ class ADV2:
         x0 = x.detach().clone()
         y_t = target.detach().to(x.device).clone()
         gen = torch.Generator().manual_seed(self.seed)
-        with frozen(model, *self._networks()):
+        with frozen(model, *self._networks()), flush_denormals():
             m_t = None
             if self.term is not None:
                 m_t = self.target_maps(model, x0) if target_map is None else target_map.detach().to(x0.device)

@@ -2,8 +2,9 @@
 
 ``build_attack("adv2", "pgd", "cam", eps=8 / 255)`` is the same attack as the ``attacks`` experiment's row: shared
 defaults (:data:`DEFAULTS`), then the interpreter's own tuned values (``Interpreter.attack_defaults``: its ``c``, its
-joint steps, its term options), then the caller's options. ``eps`` / ``alpha`` / ``random_start`` go to a PGD
-framework (C&W and StAdv take ``framework_options``).
+joint steps, its term options), then the caller's options. The options a framework declares
+(:attr:`attacks.ThreatModel.options`: PGD's ``eps`` / ``alpha`` / ``random_start``) may be given at the top level and go
+to it; every other framework option goes in ``framework_options``.
 """
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from .adv2 import ADV2
+from .frameworks import PGD, foreign_options, threat_options
 from .interpreters import INTERPRETERS, Interpreter
 from .registry import Registry
 
-__all__ = ["ATTACKS", "build_attack", "DEFAULTS", "PGD_DEFAULTS"]
+__all__ = ["ATTACKS", "build_attack", "DEFAULTS", "PGD_DEFAULTS", "uses_interpreter", "interpretation_attacks"]
 
 #: every named attack, registered where it is defined
 ATTACKS: Registry = Registry("attack")
 
 #: shared ADV2 options of the embedded default (ADV2 Appendix B scaled to 32 px / CPU; configs/experiments/attacks.yaml)
 DEFAULTS: dict[str, Any] = {"warm_steps": 60, "steps": 80, "confidence": 0.0, "edge_threshold": 0.02}
-PGD_DEFAULTS: dict[str, Any] = {"eps": 0.031, "alpha": 2 / 255}
+#: PGD's top-level defaults (declared by the framework: :attr:`attacks.PGD.options`)
+PGD_DEFAULTS: dict[str, Any] = PGD.options
 _JOINT_ONLY = ("edge", "edge_threshold", "edge_stages", "c", "c_end", "term_options", "steps", "smoothing",
                "mask_search_steps", "mask_alpha_max")
 
@@ -38,17 +41,30 @@ def _interpreter_defaults(interpreter: Any) -> dict[str, Any]:
 
 
 def _options(framework: Any, interpreter: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults, the interpreter's tuned values, then ``options``; PGD's ``eps`` / ``alpha`` / ``random_start``."""
-    fw_keys = ("eps", "alpha", "random_start")
-    given_fw = {k: options.pop(k) for k in fw_keys if k in options}
+    """Defaults, the interpreter's tuned values, then ``options``; the top-level options the framework declares
+    (:attr:`attacks.ThreatModel.options`, with their defaults) go to it, another framework's are refused."""
+    own = threat_options(framework)
+    foreign = foreign_options(framework, options)
+    if foreign:
+        owners = sorted({n.upper() for names in foreign.values() for n in names})
+        raise ValueError(f"{sorted(foreign)} are {'/'.join(owners)} options; framework '{framework}' takes "
+                         "framework_options")
+    given_fw = {k: options.pop(k) for k in own if k in options}
     merged = {**DEFAULTS, **_interpreter_defaults(interpreter), **options}
     fw_opts = dict(merged.pop("framework_options", None) or {})
-    if framework == "pgd":
-        fw_opts = {**PGD_DEFAULTS, **given_fw, **fw_opts}
-    elif given_fw:
-        raise ValueError(f"{sorted(given_fw)} are PGD options; framework '{framework}' takes framework_options")
-    merged["framework_options"] = fw_opts
+    merged["framework_options"] = {**own, **given_fw, **fw_opts}
     return merged
+
+
+def uses_interpreter(name: str) -> bool:
+    """Whether the named attack has an interpretation term (the plain attack has none)."""
+    return bool(getattr(ATTACKS.get(name), "uses_interpreter", True))
+
+
+def interpretation_attacks() -> list[str]:
+    """The registered attacks a battery may run against any interpreter: an interpretation term, and no knowledge of
+    a particular defence (an adaptive attack marks its factory ``adaptive = True``; the battery adds those itself)."""
+    return [n for n in ATTACKS if uses_interpreter(n) and not getattr(ATTACKS.get(n), "adaptive", False)]
 
 
 def build_attack(name: str, framework: str = "pgd", interpreter: str | Interpreter | Sequence | None = "cam",
@@ -64,6 +80,9 @@ def plain(framework: str = "pgd", interpreter: Any = None, **options: Any) -> AD
     opts = _options(framework, None, options)
     opts = {k: v for k, v in opts.items() if k not in _JOINT_ONLY}
     return ADV2(None, framework, **opts, steps=0)
+
+
+plain.uses_interpreter = False  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("adv2")

@@ -13,10 +13,12 @@ classified as ``c`` (the benign input if none is), over ``restarts`` random star
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .base_attack import BALL_ATTACKS, Attack
 from .checks import check_images, check_positive
 from .frameworks import PGD
 from .interpreters import Interpreter, get_interpreter
@@ -48,9 +50,15 @@ class TopKResult:
     mass_benign: Tensor
     mass_adv: Tensor
 
+    @property
+    def success(self) -> Tensor:
+        """The attack's goal per input (:class:`attacks.Attack`, goal ``"reach"``): the explained class was kept."""
+        return self.kept
 
-class TopKAttack:
-    """Top-k attack on an interpreter's map that keeps the prediction (module docstring).
+
+class TopKAttack(Attack):
+    """Top-k attack on an interpreter's map that keeps the prediction (module docstring); registered in
+    :data:`attacks.BALL_ATTACKS` as ``"topk"`` (``y``: the class to keep, default the benign prediction).
 
     Args:
         interpreter: a differentiable interpreter (name or instance; GRAD is attacked through its surrogate).
@@ -80,6 +88,10 @@ class TopKAttack:
         self.threat.check_grid_budget()
         self.k, self.steps, self.restarts, self.random_start = int(k), int(steps), int(restarts), random_start
         self.kappa, self.margin_weight, self.native, self.seed = kappa, margin_weight, native, seed
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        return {**self.threat.budget, "k": self.k, "steps": self.steps, "restarts": self.restarts}
 
     def _loss(self, model: nn.Module, x: Tensor, cls: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, mass_T, logits)`` per example, differentiable w.r.t. ``x``."""
@@ -126,3 +138,12 @@ class TopKAttack:
             with torch.no_grad():
                 kept = model(best_x).argmax(1) == cls
         return TopKResult(best_x, kept, mass0, torch.where(torch.isinf(best_mass), mass0, best_mass))
+
+
+@BALL_ATTACKS.register("topk")
+def topk(eps: float, interpreter: str | Interpreter = "cam", generator: torch.Generator | None = None,
+         **options: Any) -> TopKAttack:
+    """:class:`TopKAttack` in the ``eps`` ball; with ``generator`` its seed is drawn from it (else ``seed``)."""
+    if generator is not None:
+        options["seed"] = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    return TopKAttack(interpreter, eps=eps, **options)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from attacks import ADV2, AttackResult, RTSInterpreter, RTSNetwork, frozen, get_framework, random_targets
 from attacks.checks import check_images, check_labels
+from attacks.frameworks import threat_options
 from attacks.interpreters import rts_objective
 
 from .classifier import build_from_state, check_hparams, load_classifier
@@ -191,9 +192,11 @@ class InnerAttack:
         get_framework(self.framework, **self.framework_kwargs())  # unknown framework / bad radius: fails here
 
     def framework_kwargs(self) -> dict[str, Any]:
-        """Options of the framework: PGD gets ``eps`` and ``alpha`` unless ``framework_options`` sets them."""
-        opts = dict(self.framework_options or {})
-        return {"eps": self.eps, "alpha": self.alpha, **opts} if self.framework == "pgd" else opts
+        """Options of the framework: ``eps`` and ``alpha`` where it declares them (:attr:`attacks.ThreatModel.options`:
+        PGD), unless ``framework_options`` sets them."""
+        declared = threat_options(self.framework)
+        shared = {k: v for k, v in (("eps", self.eps), ("alpha", self.alpha)) if k in declared}
+        return {**shared, **(self.framework_options or {})}
 
 
 #: the default optimiser of :class:`AIDModule`: Adam on the RTS parameters, constant learning rate

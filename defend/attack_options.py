@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from attacks import FRAMEWORKS, INTERPRETERS, get_framework
+from attacks import FRAMEWORKS, INTERPRETERS, get_framework, uses_interpreter
+from attacks.frameworks import foreign_options
 
 from .typed_config import check_names
 from .types import Count, Fraction01, NonNegative, Radius, StepSize
@@ -48,16 +49,17 @@ class AttackOptions:
 
 
 def layered_options(framework: str, *layers: AttackOptions | None) -> dict[str, Any]:
-    """Merge attack-option layers left to right (later layers win; ``framework_options`` merge key by key). The PGD
-    radius / step / random start of shared layers apply to the PGD framework only."""
+    """Merge attack-option layers left to right (later layers win; ``framework_options`` merge key by key). The
+    top-level options a framework declares (:attr:`attacks.ThreatModel.options`: PGD's radius / step / random start)
+    apply to the frameworks that declare them only."""
     out: dict[str, Any] = {}
     fw: dict[str, Any] = {}
     for layer in layers:
         opts = layer.set_options() if layer is not None else {}
         fw.update(opts.pop("framework_options", None) or {})
         out.update(opts)
-    if framework != "pgd":
-        out = {k: v for k, v in out.items() if k not in ("eps", "alpha", "random_start")}
+    foreign = foreign_options(framework, out)
+    out = {k: v for k, v in out.items() if k not in foreign}
     if fw:
         out["framework_options"] = fw
     return out
@@ -79,7 +81,7 @@ class AttackSections:
     def attack_options(self, attack: str, framework: str, interpreter: str | None) -> dict[str, Any]:
         """The :func:`attacks.build_attack` keywords of one attack x framework x target interpreter."""
         layers = [self.attack, self.per_framework.get(framework)]
-        if attack != "pgd" and interpreter is not None:
+        if uses_interpreter(attack) and interpreter is not None:
             layers += [self.per_interpreter.get(interpreter),
                        self.per_interpreter_framework.get(f"{interpreter}_{framework}")]
         return {**layered_options(framework, *layers), "interpreter_options": self.interpreter_options}

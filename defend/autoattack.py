@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
+from attacks.base_attack import BALL_ATTACKS, Attack, AttackResult, prob_of
 from attacks.checks import check_images, check_labels
+from attacks.frameworks import PGD
 from attacks.state import frozen
 
-__all__ = ["AutoAttackResult", "autoattack_accuracy", "autoattack_plan", "AUTOATTACK_VERSION"]
+__all__ = ["AutoAttackResult", "autoattack_accuracy", "autoattack_plan", "AUTOATTACK_VERSION", "AutoAttackAttack"]
 
 AUTOATTACK_VERSION = "standard"
 #: the attacks of the standard version, and of the reduced one by class count (the DLR losses need K >= 4 / K >= 3)
@@ -122,3 +126,31 @@ def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, s
                 "n": int(x.shape[0])}
     flags = [f for f in handler.flags if not _CLASS_COUNT.search(f)]
     return AutoAttackResult(y_adv.to(y.device) == y, x_adv.detach(), handler.stages, flags, settings)
+
+
+@BALL_ATTACKS.register("autoattack")
+class AutoAttackAttack(Attack):
+    """:func:`autoattack_accuracy` under the attack contract (goal ``"leave"``: ``y`` is the label). Its images are
+    brought to the uint8 grid inside the ball (AutoAttack's own are not on it) and ``success`` is read on them, so it
+    can differ from ``not robust`` by the rounding; the card's AutoAttack rows keep AutoAttack's own figure."""
+
+    goal = "leave"
+
+    def __init__(self, eps: float, interpreter: Any = None, seed: int = 0, batch_size: int = 256) -> None:
+        self.threat = PGD(eps, eps, random_start=False)
+        self.threat.check_grid_budget()
+        self.seed, self.batch_size = int(seed), int(batch_size)
+        self.settings: dict[str, object] = {}
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        return {"framework": "autoattack", "eps": float(self.threat.eps), "norm": "Linf", "seed": self.seed,
+                **{k: self.settings[k] for k in ("version", "attacks") if k in self.settings}}
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        start = time.perf_counter()
+        res = autoattack_accuracy(model, x, y, float(self.threat.eps), seed=self.seed, batch_size=self.batch_size)
+        self.settings = res.settings
+        x_adv = self.threat.quantise(x.detach(), res.x_adv.to(x))
+        logits, p = prob_of(model, x_adv, y)
+        return AttackResult(x_adv, y, logits.argmax(1) != y, p, None, time.perf_counter() - start, 0)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,18 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks.base_attack import BALL_ATTACKS, Attack, AttackResult, prob_of
 from attacks.frameworks import PGD, pgd_maximise
 from attacks.interpreters import Interpreter
 from attacks.state import frozen
-from attacks.topk import TopKAttack
 
 from .metrics import CentreOfMassShift, KendallTau, MapCosineSimilarity, MaxSensitivity, SpearmanRho, TopKIntersection
 from .robust import discrepancy, maps_and_logits
 from .stats import Estimate
 
-__all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "craft_interpretation_attack",
+__all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "DiscrepancyAttack", "craft_interpretation_attack",
            "interpretation_robustness", "sensitivity", "INTERPRETATION_ATTACKS", "native_map"]
 
+#: the interpretation attacks (registered in :data:`attacks.BALL_ATTACKS`, goal: keep the class), in the order the
+#: robust experiment reports them
 INTERPRETATION_ATTACKS = ("topk", "discrepancy", "noise")
 
 
@@ -114,22 +117,37 @@ def discrepancy_attack(model: nn.Module, x: Tensor, cls: Tensor, eps: float, alp
     return best_x, best_d >= 0
 
 
+@BALL_ATTACKS.register("discrepancy")
+class DiscrepancyAttack(Attack):
+    """:func:`discrepancy_attack` under the attack contract (``y``: the class kept; step ``step_ratio * eps``). It
+    lives in ``defend`` because the discrepancy ``D`` is the robust training objective's (:mod:`defend.robust`)."""
+
+    def __init__(self, eps: float, interpreter: Any = None, steps: int = 20, step_ratio: float = 0.25,
+                 generator: torch.Generator | None = None, seed: int = 0) -> None:
+        self.threat = PGD(eps, eps * float(step_ratio), random_start=True)
+        self.steps = int(steps)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        return {**self.threat.budget, "steps": self.steps, "restarts": 1}
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        start = time.perf_counter()
+        x_adv, kept = discrepancy_attack(model, x, y, float(self.threat.eps), float(self.threat.alpha), self.steps,
+                                         self.generator)
+        p = prob_of(model, x_adv, y)[1]
+        return AttackResult(x_adv, y, kept, p, None, time.perf_counter() - start, self.steps)
+
+
 def craft_interpretation_attack(model: nn.Module, interp: Interpreter, x: Tensor, cls: Tensor, eps: float,
                                 attack: str, options: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``(x_attacked, kept)`` for one of :data:`INTERPRETATION_ATTACKS` (``kept``: the prediction is still ``cls``)."""
-    if attack == "topk":
-        res = TopKAttack(interp, eps=eps, seed=int(torch.randint(0, 2**31 - 1, (), generator=generator)),
-                         **options)(model, x, cls)
-        return res.x_adv, res.kept
-    if attack == "discrepancy":
-        steps = int(options.get("steps", 20))
-        return discrepancy_attack(model, x, cls, eps, eps * float(options.get("step_ratio", 0.25)), steps, generator)
-    if attack == "noise":
-        u = (2 * torch.rand(x.shape, generator=generator) - 1).to(x) * eps
-        xn = torch.round((x + u).clamp(0, 1) * 255) / 255
-        with torch.no_grad():
-            return xn, model(xn).argmax(1) == cls
-    raise ValueError(f"unknown interpretation attack {attack!r}; choose one of {', '.join(INTERPRETATION_ATTACKS)}")
+    """``(x_attacked, kept)`` for one of :data:`INTERPRETATION_ATTACKS`, built from :data:`attacks.BALL_ATTACKS`
+    (``kept``: the prediction is still ``cls``)."""
+    if attack not in INTERPRETATION_ATTACKS:
+        raise ValueError(f"unknown interpretation attack {attack!r}; choose one of {', '.join(INTERPRETATION_ATTACKS)}")
+    res = BALL_ATTACKS.get(attack)(eps=eps, interpreter=interp, generator=generator, **options)(model, x, cls)
+    return res.x_adv, res.success
 
 
 def interpretation_robustness(model: nn.Module, interp: Interpreter, x: Tensor, eps: float, attack: str, *,

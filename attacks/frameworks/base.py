@@ -6,10 +6,12 @@ without a host sync. ``weight`` is the AdvEdge edge map (``None`` for ADV2).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..base_attack import unit_box
 from ..registry import Registry
 
 __all__ = ["ThreatModel", "FRAMEWORKS", "quantise", "quantise_linf", "grid_levels", "clip01"]
@@ -65,6 +67,21 @@ class ThreatModel(ABC):
 
     name: str = "threat"
     supports_step_search: bool = False
+    #: the options a named attack takes at its top level for this threat model, with the attack core's defaults
+    #: there (``build_attack("adv2", "pgd", eps=...)``); every other option goes in ``framework_options``
+    options: ClassVar[dict[str, Any]] = {}
+    #: the constructor settings :attr:`budget` records
+    settings: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """``{"framework": name, setting: value, ...}``: the threat model as a card records it."""
+        values = {k: getattr(self, k) for k in self.settings}
+        return {"framework": self.name, **{k: float(v) if isinstance(v, float) else v for k, v in values.items()}}
+
+    def within(self, x0: Tensor, x: Tensor) -> Tensor:
+        """Per input, whether ``x`` satisfies the constraint (default: inside [0, 1]; no pixel ball)."""
+        return unit_box(x)
 
     @abstractmethod
     def init(self, x0: Tensor, generator: torch.Generator | None, weight: Tensor | None = None) -> Tensor:

@@ -20,6 +20,7 @@ class CW(ThreatModel):
     """
 
     name = "cw"
+    settings = ("lr", "l2_weight")
 
     def __init__(self, lr: float = 0.01, l2_weight: float = 0.05) -> None:
         check_positive(lr, "lr")

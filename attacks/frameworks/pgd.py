@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..base_attack import linf_within
 from ..checks import check_positive
 from ..optim import expand_like
 from .base import FRAMEWORKS, ThreatModel, clip01, grid_levels, quantise_linf
@@ -19,6 +20,8 @@ class PGD(ThreatModel):
 
     name = "pgd"
     supports_step_search = True
+    options = {"eps": 0.031, "alpha": 2 / 255, "random_start": False}
+    settings = ("eps", "alpha", "random_start")
 
     def __init__(self, eps: float = 0.031, alpha: float = 1 / 255, random_start: bool = False) -> None:
         check_positive(eps, "eps")
@@ -50,6 +53,10 @@ class PGD(ThreatModel):
         if grid_levels(self.eps) == 0:
             raise ValueError(f"eps {self.eps:g} is below one uint8 level (1/255 = 0.00392): an 8-bit image cannot "
                              "move inside this ball; use eps >= 1/255")
+
+    def within(self, x0: Tensor, x: Tensor) -> Tensor:
+        """Per input: inside the L-inf ball of radius ``eps`` around ``x0`` and [0, 1]."""
+        return linf_within(x0, x, self.eps)
 
     def project(self, x0: Tensor, z: Tensor) -> Tensor:
         """Keep ``x0 + z`` inside [0, 1]."""

@@ -41,7 +41,11 @@ def flow_loss(flow: Tensor) -> Tensor:
 
 @FRAMEWORKS.register("stadv")
 class StAdv(ThreatModel):
+    """A flow ``z`` warps the benign image; its smoothness is penalised (weight ``tau``) and, with ``max_flow``, each
+    component is clamped. No pixel ball: the constraint is [0, 1] (:meth:`ThreatModel.within`)."""
+
     name = "stadv"
+    settings = ("lr", "tau", "max_flow")
 
     def __init__(self, lr: float = 0.01, tau: float = 5e-4, max_flow: float | None = None) -> None:
         check_positive(lr, "lr")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from attacks import INTERPRETERS
+from attacks import FRAMEWORKS, INTERPRETERS, interpretation_attacks
 
 from ..attack_options import AttackOptions, layered_options
 from ..safe_yaml import read_mapping
@@ -19,13 +19,12 @@ from ..typed_config import check_names, parse_typed
 from ..types import Count, NonNegative, PositiveCount, Radius
 
 __all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "AdaptiveBattery", "DetectorBattery",
-           "BATTERIES", "battery_path", "parse_battery", "load_battery"]
+           "BATTERIES", "battery_path", "battery_mapping", "parse_battery", "load_battery"]
 
 #: named batteries: ``configs/evaluate/<name>.yaml`` of the source tree
 BATTERIES = ("quick", "standard")
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "evaluate"
 
-InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
 
 
 @dataclass
@@ -58,20 +57,22 @@ class TopKBattery:
 @dataclass
 class AttackBattery:
     """The interpretation attacks: each of ``attacks`` against each of ``interpreters`` (+ ``rts`` when an RTS is
-    evaluated) on ``framework``; every adversarial set is also read by the other interpreters (the transfer matrix).
-    ``options``: shared attack options, ``per_interpreter.<name>``: overrides for one target interpreter (unset keys
-    fall through to the attack core's tuned defaults)."""
+    evaluated) on each of ``frameworks`` (registered threat models: ``pgd``, ``cw``, ``stadv``, ...); every
+    adversarial set is also read by the other interpreters (the transfer matrix). ``options``: shared attack options
+    (the top-level options a framework declares, PGD's ``eps`` / ``alpha`` / ``random_start``, go to the frameworks
+    that declare them; the others take ``framework_options``), ``per_interpreter.<name>``: overrides for one target
+    interpreter (unset keys fall through to the attack core's tuned defaults)."""
 
-    attacks: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge", "advedge_plus"])
+    attacks: list[str] = field(default_factory=lambda: ["adv2", "advedge", "advedge_plus"])
     interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
-    framework: Literal["pgd"] = "pgd"
+    frameworks: list[str] = field(default_factory=lambda: ["pgd"])
     options: AttackOptions = field(default_factory=lambda: AttackOptions(eps=Radius("8/255")))
     per_interpreter: dict[str, AttackOptions] = field(default_factory=dict)
 
-    def options_for(self, target: str | None, extra: AttackOptions | None = None) -> dict[str, Any]:
-        """The :func:`attacks.build_attack` keywords against ``target`` (``extra`` last)."""
+    def options_for(self, framework: str, target: str | None, extra: AttackOptions | None = None) -> dict[str, Any]:
+        """The :func:`attacks.build_attack` keywords on ``framework`` against ``target`` (``extra`` last)."""
         layers = [self.options, self.per_interpreter.get(target) if target else None, extra]
-        return layered_options(self.framework, *layers)
+        return layered_options(framework, *layers)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class AdaptiveBattery:
     (``rts_restarts`` runs, encoder weight ``rts_enc_weight``). ``options`` override the attack options of
     :class:`AttackBattery` for these attacks."""
 
-    ensemble: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge"])
+    ensemble: list[str] = field(default_factory=lambda: ["adv2", "advedge"])
     ensemble_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     detector_weight: NonNegative = NonNegative(1.0)
     detector_surrogate: Literal["auto", "distilled", "head"] = "auto"
@@ -148,8 +149,10 @@ def check_battery(b: Battery) -> None:
                 raise ValueError(f"interpreter_options.{name}: {exc}") from None
     if "rts" in b.attacks.interpreters or "rts" in b.topk.interpreters:
         raise ValueError("do not list 'rts' in attacks.interpreters / topk.interpreters: it is added when --rts is given")
-    if not b.attacks.attacks:
-        raise ValueError("attacks.attacks is empty; give at least one of adv2, advedge, advedge_plus")
+    check_names(list(b.attacks.frameworks), FRAMEWORKS, "attacks.frameworks")
+    check_names(list(b.attacks.attacks), interpretation_attacks(), "attacks.attacks", "interpretation attack")
+    if b.adaptive.ensemble:
+        check_names(list(b.adaptive.ensemble), interpretation_attacks(), "adaptive.ensemble", "interpretation attack")
     if not b.attacks.interpreters:
         raise ValueError("attacks.interpreters is empty; give at least one interpreter, e.g. [cam, grad]")
     if b.adaptive.ensemble and len(set(b.adaptive.ensemble_interpreters)) < 2:
@@ -186,13 +189,20 @@ def parse_battery(raw: dict[str, Any]) -> tuple[Battery, str]:
 
 
 def load_battery(spec: str, overrides: dict[str, Any] | None = None) -> tuple[Battery, str]:
-    """The battery named by ``spec`` (``quick``, ``standard`` or a YAML file) with dotted ``overrides`` applied."""
-    path = battery_path(spec)
-    raw = read_mapping(path)
-    raw.setdefault("name", spec if spec in BATTERIES else path.stem)
+    """The battery named by ``spec`` (``quick``, ``standard`` or a YAML file) with dotted ``overrides`` applied (a
+    scorecard row's; the command line's ``--battery.KEY=VALUE`` are merged by :mod:`defend.frontend`)."""
+    raw = battery_mapping(spec)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return parse_battery(raw)
+
+
+def battery_mapping(spec: str) -> dict[str, Any]:
+    """The YAML mapping of the battery ``spec`` names, its ``name`` defaulting to ``spec`` (or the file's stem)."""
+    path = battery_path(spec)
+    raw = read_mapping(path)
+    raw.setdefault("name", spec if spec in BATTERIES else path.stem)
+    return raw
 
 
 def set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, random_targets
+from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, random_targets, uses_interpreter
 
 from .. import stats
 from ..attack_options import AttackSections
@@ -86,7 +86,7 @@ def _plan(cfg: AttacksExperiment, interps: dict[str, Any]) -> list[PlanItem]:
     ev, plan = cfg.evaluation, []
     for fw in ev.frameworks:
         for attack in ev.attacks:
-            for target in (ev.interpreters if attack != "pgd" else [None]):
+            for target in (ev.interpreters if uses_interpreter(attack) else [None]):
                 opts = cfg.attack_options(attack, fw, target)
                 engine = build_attack(attack, fw, interps[target] if target else "cam", seed=int(cfg.seed), **opts)
                 readers = ev.interpreters if (target is None or fw == ev.transfer_framework) else [target]
