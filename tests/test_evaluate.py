@@ -18,7 +18,7 @@ from defend.models.small import small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = str(Path(__file__).parent / "data" / "evaluate_tiny.yaml")
-FAST = ["--set", "autoattack.eps=[]", "--set", "topk.interpreters=[]"]
+FAST = ["--battery.autoattack.eps=[]", "--battery.topk.interpreters=[]"]
 
 
 def run(*args: str) -> int:
@@ -43,7 +43,7 @@ def card_run(tiny_clf, tmp_path_factory):
 def test_card_validates_and_round_trips(card_run):
     raw = json.loads((card_run / "card.json").read_text())
     validate_card(raw)
-    assert load_card(card_run) == raw and raw["schema_version"] == "1.2.0"
+    assert load_card(card_run) == raw and raw["schema_version"] == "1.3.0"
     bad = copy.deepcopy(raw)
     bad["results"]["attacks"][0]["asr"] = 1.5
     del bad["system"]["classifier"]["sha256"]
@@ -99,11 +99,11 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_pa
         clf = str(tmp_path / "five.pt")
         save_classifier(small_cnn(num_classes=5, width=4), clf, {"width": 4})
     args = {"missing": ["--classifier", str(tmp_path / "nope.pt")], "classes": ["--classifier", clf],
-            "battery": ["--classifier", clf, "--set", "attacks.interpreters=[cma]"],
+            "battery": ["--classifier", clf, "--battery.attacks.interpreters=[cma]"],
             "data": ["--classifier", clf, "--data", "folder:" + str(tmp_path / "no_such_folder")],
             "detector": ["--classifier", clf, "--detector", str(tmp_path)],
             "rts": ["--classifier", clf, "--rts", str(tiny_clf[1])],
-            "autoattack_n": ["--classifier", clf, "--set", "autoattack.n=999"]}[case]
+            "autoattack_n": ["--classifier", clf, "--battery.autoattack.n=999"]}[case]
     assert run(*args, "--out", str(out)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("defend evaluate: error: ") and "\n" not in err, err
@@ -131,7 +131,7 @@ def test_image_folder_classifier_from_paths_only(tmp_path):
     save_classifier(model, tmp_path / "folder.pt", {"width": 4})
     out = tmp_path / "card"
     args = ["--classifier", str(tmp_path / "folder.pt"), "--data", f"folder:{root}", "--out", str(out), *FAST,
-            "--set", "n_images=2", "--set", "n_figure=1", "--set", "attacks.interpreters=[cam]"]
+            "--battery.n_images=2", "--battery.n_figure=1", "--battery.attacks.interpreters=[cam]"]
     assert run(*args) == 0
     card = load_card(out)
     assert card["data"]["spec"]["class_path"] == "ImageFolderDataModule" and card["data"]["class_names"] == ["disc", "square"]
@@ -154,10 +154,10 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     det.surrogate = None  # as saved before the distilled surrogate existed: asking for it is refused up front
     det.save(tmp_path / "old", ["grad", "cam"])
     assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "old"), "--out", str(tmp_path / "y"),
-               "--set", "adaptive.detector_surrogate=distilled", *FAST) == 2
+               "--battery.adaptive.detector_surrogate=distilled", *FAST) == 2
     assert "has no distilled surrogate" in capsys.readouterr().err and not (tmp_path / "y").exists()
     assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "det"), "--out", str(tmp_path / "x"),
-               "--set", "detector.interpreters=[cam,grad]", *FAST) == 2  # the channels swapped: refused
+               "--battery.detector.interpreters=[cam,grad]", *FAST) == 2  # the channels swapped: refused
     assert "was trained on the maps of ['grad', 'cam'] (in that order), not ['cam', 'grad']" in capsys.readouterr().err
     out = tmp_path / "card"
     assert run("--classifier", str(tiny_clf[1]), "--detector", str(tmp_path / "det"), "--out", str(out), *FAST) == 0
@@ -188,7 +188,7 @@ def test_help_lists_evaluate_and_explains_every_option(capsys):
     assert "\n  evaluate " in capsys.readouterr().out
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for option in ("--classifier", "--rts", "--detector", "--data", "--battery", "--out", "--inputs", "--set",
+    for option in ("--classifier", "--rts", "--detector", "--data", "--battery", "--out", "--inputs",
                    "--overwrite", "--no-progress", "--print_config"):
         assert option in text, option
     assert "folder:PATH" in text and "card.json" in text
@@ -215,7 +215,7 @@ def test_a_card_of_a_classifier_at_chance_says_its_figures_mean_nothing(tmp_path
     clf = tmp_path / "constant.pt"
     save_classifier(_constant_classifier(first), clf, {"width": 4})
     out = tmp_path / "card"
-    assert run("--classifier", str(clf), "--out", str(out), "--set", "topk.interpreters=[cam]") == 0
+    assert run("--classifier", str(clf), "--out", str(out), "--battery.topk.interpreters=[cam]") == 0
     card = load_card(out)
     c = card["results"]["clean_accuracy"]
     assert c["at_chance"] is True and c["value_ci_low"] <= 0.2 and c["chance_level"] == 0.1
@@ -251,3 +251,33 @@ def test_robust_accuracy_counts_a_clean_error_as_a_failure(tmp_path):
 
     ci = binomtest(right, 16).proportion_ci(method="wilson")
     assert (lo, hi) == pytest.approx((ci.low, ci.high))
+
+
+def test_cw_and_stadv_enter_the_card_with_the_battery_key_alone(tiny_clf, tmp_path):
+    """``attacks.frameworks: [pgd, cw, stadv]`` gives a valid card with one row per framework, each set saved on the
+    grid; an L-inf eps is recorded for PGD only (C&W and StAdv are not L-inf balls)."""
+    out = tmp_path / "card"
+    assert run("--classifier", str(tiny_clf[1]), "--out", str(out), "--battery", TINY, *FAST,
+               "--battery.attacks.frameworks=[pgd, cw, stadv]", "--battery.attacks.interpreters=[cam]") == 0
+    card = load_card(out)
+    standard = [r for r in card["results"]["attacks"] if r["kind"] == "standard"]
+    assert sorted(r["framework"] for r in standard) == ["cw", "pgd", "stadv"]
+    for r in standard:
+        assert r["budget"]["framework"] == r["framework"] and ("eps" in r["budget"]) == (r["framework"] == "pgd")
+        saved = torch.load(out / r["file"], weights_only=True)["state"]
+        assert torch.equal(saved["x_adv"], torch.round(saved["x_adv"] * 255) / 255)
+
+
+def test_results_that_break_the_schema_leave_no_half_written_card(tiny_clf, tmp_path, monkeypatch, capsys):
+    """The measured results are checked against the card schema before any table, figure or set is written."""
+    import defend.evaluate.card as card_module
+    schema = card_module.card_schema()
+    strict = copy.deepcopy(schema)
+    strict["$defs"]["budget"]["required"] = ["a_key_no_budget_has"]
+    monkeypatch.setattr(card_module, "card_schema", lambda: strict)
+    out = tmp_path / "card"
+    assert run("--classifier", str(tiny_clf[1]), "--out", str(out), *FAST) != 0
+    assert "a_key_no_budget_has" in capsys.readouterr().err
+    written = [p.name for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not [n for n in written if n.endswith((".csv", ".md", ".png", ".pt", ".json", ".yaml"))
+                and not n.startswith(".")], written

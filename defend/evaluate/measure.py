@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import roc_curve
 from torch import Tensor
 
-from attacks import build_attack, random_targets
+from attacks import PGD, build_attack, random_targets
 from attacks.state import frozen
 
 from .. import stats
@@ -25,12 +25,24 @@ from ..evaluation import AttackMeter, PlanItem, check_adversarial, evaluate_plan
 from ..inputs import select_correct, take_split
 from ..progress import track
 from ..robust_eval import interpretation_robustness
+from ..rows import (
+    AttackRow,
+    AutoAttackRow,
+    CleanAccuracyRow,
+    DetectionRow,
+    DetectionSummary,
+    DetectionThreshold,
+    Fig,
+    TopKRow,
+    TransferRow,
+    figure_names,
+)
 from ..trainer import make_trainer
 from .battery import Battery
 from .system import System, interpreters_for
 
-__all__ = ["AttackSet", "attack_inputs", "clean_accuracy", "autoattack_rows", "topk_rows",
-           "topk_options", "build_plan", "run_attacks", "detection_rows", "rescore_sets", "engine_budget", "fpr_threshold"]
+__all__ = ["AttackSet", "attack_inputs", "clean_accuracy", "autoattack_rows", "autoattack_row", "topk_rows",
+           "topk_options", "build_plan", "run_attacks", "detection_rows", "rescore_sets", "fpr_threshold"]
 
 
 @dataclass
@@ -46,10 +58,18 @@ class AttackSet:
     label: Tensor
     target: Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    #: set by a battery of several frameworks: the framework, appended to the file name
+    tag: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.attack}_{self.interpreter.replace('+', '-')}"
+        return f"{self.attack}_{self.interpreter.replace('+', '-')}" + (f"_{self.tag}" if self.tag else "")
+
+    @property
+    def framework(self) -> str:
+        """The threat model that crafted the set, as its budget records it (sets saved before budgets named it were
+        crafted on PGD, the battery's only framework then)."""
+        return str(self.budget.get("framework", PGD.name))
 
 
 def attack_inputs(system: System, battery: Battery) -> dict[str, Tensor]:
@@ -75,9 +95,9 @@ def clean_accuracy(system: System, battery: Battery) -> dict[str, Any]:
     correct = pred == y
     est = stats.proportion(correct)
     k = int(system.data.num_classes)
-    return {"metric": "clean_accuracy", **est.fields("value"), "n": int(y.numel()), "split": "test", "attack": None,
-            "budget": None, "seed": int(battery.seed), "seconds": time.perf_counter() - start,
-            "chance_level": stats.chance_level(k), "at_chance": stats.at_chance(int(correct.sum()), int(y.numel()), k)}
+    return CleanAccuracyRow(value=Fig.of(est), n=int(y.numel()), split="test", seed=int(battery.seed),
+                            seconds=time.perf_counter() - start, chance_level=stats.chance_level(k),
+                            at_chance=stats.at_chance(int(correct.sum()), int(y.numel()), k)).to_dict()
 
 
 def autoattack_rows(system: System, battery: Battery) -> list[dict[str, Any]]:
@@ -89,22 +109,26 @@ def autoattack_rows(system: System, battery: Battery) -> list[dict[str, Any]]:
     with torch.no_grad(), frozen(system.classifier):
         clean_ok = torch.cat([system.classifier(x[i:i + 256]).argmax(1) == y[i:i + 256]
                               for i in range(0, x.shape[0], 256)])
-    rows = []
-    for eps in track(battery.autoattack.eps, "AutoAttack", per=int(y.numel())):
-        start = time.perf_counter()
-        res = autoattack_accuracy(system.classifier, x, y, float(eps), seed=int(battery.seed),
-                                  batch_size=int(battery.batch_size))
-        robust = res.robust.cpu()
-        version, attacks = str(res.settings["version"]), list(res.settings["attacks"])
-        rows.append({"attack": f"autoattack-{version}", "eps": float(eps),
-                     **stats.proportion(robust).fields("robust_accuracy"), "n": int(y.numel()),
-                     **stats.proportion(robust[clean_ok]).fields("robust_accuracy_on_correct"),
-                     "n_correct": int(clean_ok.sum()),
-                     "budget": {"eps": float(eps), "norm": "Linf", "version": version, "attacks": attacks},
-                     "stages": {k: float(v) for k, v in res.stages.items()}, "flags": list(res.flags),
-                     "seed": int(battery.seed), "seconds": time.perf_counter() - start,
-                     "note": _autoattack_note(version, attacks, int(system.data.num_classes))})
-    return rows
+    return [autoattack_row(system.classifier, x, y, clean_ok, float(eps), int(battery.seed), int(battery.batch_size),
+                           int(system.data.num_classes))[0].to_dict()
+            for eps in track(battery.autoattack.eps, "AutoAttack", per=int(y.numel()))]
+
+
+def autoattack_row(classifier: Any, x: Tensor, y: Tensor, clean_ok: Tensor, eps: float, seed: int, batch_size: int,
+                   num_classes: int) -> tuple[AutoAttackRow, Any]:
+    """AutoAttack at radius ``eps`` on ``(x, y)`` as a card row (robust accuracy over all inputs and over those
+    ``clean_ok`` marks correctly classified, each with its Wilson interval), and AutoAttack's result (per-input
+    robustness, settings). The robust experiment's AutoAttack rows are a view of the same row."""
+    start = time.perf_counter()
+    res = autoattack_accuracy(classifier, x, y, eps, seed=seed, batch_size=batch_size)
+    robust = res.robust.cpu()
+    version, attacks = str(res.settings["version"]), list(res.settings["attacks"])
+    return AutoAttackRow(
+        attack=f"autoattack-{version}", eps=eps, robust_accuracy=Fig.of(stats.proportion(robust)), n=int(y.numel()),
+        robust_accuracy_on_correct=Fig.of(stats.proportion(robust[clean_ok])), n_correct=int(clean_ok.sum()),
+        budget={"eps": eps, "norm": "Linf", "version": version, "attacks": attacks},
+        stages={k: float(v) for k, v in res.stages.items()}, flags=list(res.flags), seed=seed,
+        seconds=time.perf_counter() - start, note=_autoattack_note(version, attacks, num_classes)), res
 
 
 def _autoattack_note(version: str, attacks: list[str], num_classes: int) -> str:
@@ -129,11 +153,10 @@ def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> li
         res = interpretation_robustness(system.classifier, interp, x, float(t.eps), "topk", options=options,
                                         ks=[int(k) for k in t.ks], seed=int(battery.seed),
                                         batch_size=int(battery.batch_size))
-        figures = {f"{k}{suffix}": res.get(f"{k}{suffix}") for k in ("kendall_tau", "spearman", "topk_intersection")
-                   for suffix in ("", "_ci_low", "_ci_high")}
-        rows.append({"interpreter": name, "attack": "topk", "budget": {"eps": float(t.eps), **options},
-                     "ks": [int(k) for k in t.ks], "n": int(res["n"]), "n_kept": int(res["n_kept"]), **figures,
-                     "seed": int(battery.seed), "seconds": time.perf_counter() - start})
+        rows.append(TopKRow(interpreter=name, budget={"eps": float(t.eps), **options}, ks=[int(k) for k in t.ks],
+                            n=int(res["n"]), n_kept=int(res["n_kept"]), kendall_tau=Fig.get(res, "kendall_tau"),
+                            spearman=Fig.get(res, "spearman"), topk_intersection=Fig.get(res, "topk_intersection"),
+                            seed=int(battery.seed), seconds=time.perf_counter() - start).to_dict())
     return rows
 
 
@@ -143,43 +166,46 @@ def topk_options(battery: Battery) -> dict[str, int]:
     return {"k": int(t.k), "steps": int(t.steps), "restarts": int(t.restarts)}
 
 
-def engine_budget(engine: Any) -> dict[str, Any]:
-    """The budget of an attack engine: L-inf radius, step, warm-start and joint steps (and restarts)."""
-    threat = engine.threat
-    out = {"eps": float(threat.eps), "alpha": float(threat.alpha), "warm_steps": int(engine.warm_steps),
-           "steps": int(engine.steps), "restarts": len(getattr(engine, "attacks", [engine]))}
-    return out
-
-
 def build_plan(system: System, interps: dict[str, Any], battery: Battery) -> list[tuple[PlanItem, dict[str, Any]]]:
-    """Every attack x target interpreter, the ensemble attacks, and the adaptive attacks the system calls for."""
+    """Every framework of ``attacks.frameworks`` x (attack x target interpreter, the ensemble attacks, the adaptive
+    attacks the system calls for). With several frameworks each item's ``tag`` is its framework (set file names)."""
+    fws = list(battery.attacks.frameworks)
+    plan = []
+    for fw in fws:
+        for item, info in _framework_plan(system, interps, battery, fw):
+            plan.append((item, {**info, "tag": fw if len(fws) > 1 else ""}))
+    return plan
+
+
+def _framework_plan(system: System, interps: dict[str, Any], battery: Battery,
+                    fw: str) -> list[tuple[PlanItem, dict[str, Any]]]:
+    """The plan items of one framework (:func:`build_plan`)."""
     a, ad, seed = battery.attacks, battery.adaptive, int(battery.seed)
     readers = list(interps)
     plan = []
     for attack in a.attacks:
         for target in readers:
-            engine = build_attack(attack, a.framework, interps[target], seed=seed, **a.options_for(target))
-            plan.append((PlanItem(attack, a.framework, target, engine, readers),
-                         {"kind": "standard", "interpreter": target}))
+            engine = build_attack(attack, fw, interps[target], seed=seed, **a.options_for(fw, target))
+            plan.append((PlanItem(attack, fw, target, engine, readers), {"kind": "standard", "interpreter": target}))
     ens = list(ad.ensemble_interpreters)
     ens_interps = [interps.get(n) or interpreters_for(system, [n])[n] for n in ens]
     for attack in ad.ensemble:
-        engine = build_attack(attack, a.framework, ens_interps, seed=seed, **a.options_for(None, ad.options))
-        plan.append((PlanItem(f"{attack}_ensemble", a.framework, None, engine, [r for r in readers if r in ens] or readers),
+        engine = build_attack(attack, fw, ens_interps, seed=seed, **a.options_for(fw, None, ad.options))
+        plan.append((PlanItem(f"{attack}_ensemble", fw, None, engine, [r for r in readers if r in ens] or readers),
                      {"kind": "adaptive", "interpreter": "+".join(ens), "base_attack": attack}))
     if system.rts is not None:
-        engine = build_attack("adaptive_rts", a.framework, interps["rts"], seed=seed, restarts=int(ad.rts_restarts),
-                              enc_weight=float(ad.rts_enc_weight), **a.options_for("rts", ad.options))
-        plan.append((PlanItem("adaptive_rts", a.framework, "rts", engine, readers),
+        engine = build_attack("adaptive_rts", fw, interps["rts"], seed=seed, restarts=int(ad.rts_restarts),
+                              enc_weight=float(ad.rts_enc_weight), **a.options_for(fw, "rts", ad.options))
+        plan.append((PlanItem("adaptive_rts", fw, "rts", engine, readers),
                      {"kind": "adaptive", "interpreter": "rts", "base_attack": "adv2"}))
     if system.detector is not None:
         names = system.detector_interpreters
         det_interps = [interps.get(n) or interpreters_for(system, [n])[n] for n in names]
-        engine = build_attack("adaptive_detector", a.framework, det_interps,
+        engine = build_attack("adaptive_detector", fw, det_interps,
                               detector=system.detector.attack_surrogate(ad.detector_surrogate),
                               detector_weight=float(ad.detector_weight), product=system.detector_product, seed=seed,
-                              **a.options_for(None, ad.options))
-        plan.append((PlanItem("adaptive_detector", a.framework, None, engine, [r for r in readers if r in names] or readers),
+                              **a.options_for(fw, None, ad.options))
+        plan.append((PlanItem("adaptive_detector", fw, None, engine, [r for r in readers if r in names] or readers),
                      {"kind": "adaptive", "interpreter": "+".join(names), "base_attack": "adv2",
                       "detector_weight": float(ad.detector_weight),
                       "surrogate": system.detector.surrogate_kind(ad.detector_surrogate)}))
@@ -202,40 +228,39 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
     system.classifier.cpu().eval()
     rows, transfer, sets = [], [], []
     for item, info in plan:
-        budget = {**engine_budget(item.engine), **{k: info[k] for k in ("detector_weight", "surrogate") if k in info}}
+        budget = {**item.engine.budget, **{k: info[k] for k in ("detector_weight", "surrogate") if k in info}}
+        crafted = AttackSet(item.attack, info["interpreter"], info["kind"], budget, inputs["image"],
+                            ev.examples[item.key], inputs["label"], inputs["target"], tag=info["tag"])
         main = [r for r in item.readers if r in info["interpreter"].split("+")] or item.readers[:1]
         for reader in item.readers:
             res = ev.results[(item.key, reader)]
-            base = {"attack": item.attack, "framework": item.framework, "interpreter": info["interpreter"],
-                    "kind": info["kind"], "read_by": reader}
             if reader in main:
                 per = ev.per_input[(item.key, reader)]
-                rows.append({**base, **_figures(res), "budget": budget, "seed": int(battery.seed),
-                             "seconds": float(res["seconds_per_input"]) * res["n"],
-                             "file": f"adversarial/{item.attack}_{info['interpreter'].replace('+', '-')}.pt",
-                             "per_input": {k: [float(v) for v in per[k]] for k in PER_INPUT if k in per}})
+                rows.append(attack_row(res, attack=item.attack, framework=item.framework,
+                                       interpreter=info["interpreter"], kind=info["kind"], read_by=reader,
+                                       budget=budget, seed=int(battery.seed),
+                                       seconds=float(res["seconds_per_input"]) * res["n"],
+                                       file=f"adversarial/{crafted.name}.pt",
+                                       per_input={k: [float(v) for v in per[k]] for k in PER_INPUT if k in per}))
             if info["kind"] == "standard":
-                transfer.append({"attack": item.attack, "source": info["interpreter"], "read_by": reader,
-                                 **_figures(res, ("l1", "iou", "asr")), "n": res["n"], "budget": budget,
-                                 "seed": int(battery.seed)})
-        sets.append(AttackSet(item.attack, info["interpreter"], info["kind"], budget, inputs["image"],
-                              ev.examples[item.key], inputs["label"], inputs["target"]))
+                transfer.append(TransferRow(attack=item.attack, source=info["interpreter"], read_by=reader,
+                                            **{k: Fig.get(res, k) for k in ("l1", "iou", "asr")}, n=res["n"],
+                                            budget=budget, seed=int(battery.seed)).to_dict())
+        sets.append(crafted)
     return rows, transfer, sets, ev.benign
 
 
 #: the per-input values an attack row keeps (in input order: paired tests between the rows of one card)
 PER_INPUT = ("asr", "l1", "iou")
 #: the figures of an attack row that carry a 95 % interval (``<figure>_ci_low`` / ``_ci_high``)
-INTERVAL_FIGURES = ("asr", "confidence", "l1", "l2", "iou", "noise_rate")
+INTERVAL_FIGURES = figure_names(AttackRow)
 
 
-def _figures(res: dict[str, Any], keys: tuple[str, ...] = INTERVAL_FIGURES) -> dict[str, Any]:
-    """The figures of an :class:`~defend.evaluation.AttackMeter` result with their intervals; attack rows add
-    seconds per input, L-inf, n and the IoU's chance level."""
-    out = {f"{k}{suffix}": res.get(f"{k}{suffix}") for k in keys for suffix in ("", "_ci_low", "_ci_high")}
-    if keys == INTERVAL_FIGURES:
-        out.update({k: res.get(k) for k in ("seconds_per_input", "linf", "n", "iou_chance")})
-    return out
+def attack_row(res: dict[str, Any], **info: Any) -> dict[str, Any]:
+    """The :class:`~defend.rows.AttackRow` of an :class:`~defend.evaluation.AttackMeter` result (its figures with
+    their intervals, seconds per input, L-inf, n and the IoU's chance level) and ``info`` (the row's other fields)."""
+    return AttackRow(**{k: Fig.get(res, k) for k in INTERVAL_FIGURES},
+                     **{k: res.get(k) for k in ("seconds_per_input", "linf", "n", "iou_chance")}, **info).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -261,7 +286,8 @@ def detector_scores(system: System, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0)
 
 
-#: the false-positive rates the card sets detection thresholds at, and their keys
+#: the false-positive rates the card sets detection thresholds at, and their keys (the ``detection_rate_<key>``
+#: fields of :class:`defend.rows.DetectionRow`)
 FPRS = {"fpr1": 0.01, "fpr5": 0.05}
 
 
@@ -271,18 +297,20 @@ def _thresholds(dev: Tensor, test: Tensor, seed: int) -> dict[str, Any]:
     out = {}
     for key, f in FPRS.items():
         if not stats.fpr_supported(dev.numel(), f):
-            out[key] = {"threshold": None, "benign_fpr": None, **stats.interval_fields("test_fpr", None),
-                        "supported": False, "note": f"not enough benign inputs for {100 * f:g} % FPR "
-                        f"({dev.numel()} on the development split, {stats.min_benign_for_fpr(f)} needed)"}
+            out[key] = DetectionThreshold(
+                threshold=None, benign_fpr=None, test_fpr=Fig(None), supported=False,
+                note=f"not enough benign inputs for {100 * f:g} % FPR ({dev.numel()} on the development split, "
+                     f"{stats.min_benign_for_fpr(f)} needed)").to_dict()
             continue
         t, rate = fpr_threshold(dev, f)
-        out[key] = {"threshold": t, "benign_fpr": rate, **stats.proportion(test > t).fields("test_fpr"),
-                    "supported": True, "note": f"set on {dev.numel()} development benign inputs"}
+        out[key] = DetectionThreshold(threshold=t, benign_fpr=rate, test_fpr=Fig.of(stats.proportion(test > t)),
+                                      supported=True, note=f"set on {dev.numel()} development benign inputs").to_dict()
     return out
 
 
-def _rate(flags: Tensor) -> dict[str, Any]:
-    return stats.proportion(flags).fields("v") if flags.numel() else stats.interval_fields("v", None)
+def _rate(flags: Tensor) -> Fig:
+    """The share of true ``flags`` with its Wilson interval (empty without flags)."""
+    return Fig.of(stats.proportion(flags)) if flags.numel() else Fig(None)
 
 
 def _detection_row(s: AttackSet, hit: Tensor, adv: Tensor, benign: Tensor, thresholds: dict[str, Any],
@@ -292,21 +320,20 @@ def _detection_row(s: AttackSet, hit: Tensor, adv: Tensor, benign: Tensor, thres
     flagged = torch.zeros_like(hit)
     flagged[hit] = adv > 0.5
     evaded = hit & ~flagged
-    row = {"attack": s.attack, "interpreter": s.interpreter, "kind": s.kind, "n": int(hit.numel()),
-           "n_adversarial": int(hit.sum()), "budget": s.budget, "seed": seed,
-           **stats.proportion(evaded).fields("evasion_rate"), "auc": None, "roc": None,
-           "per_input": {"evasion": [float(v) for v in evaded.double()]}}
-    for key, rate in (("default", _rate(adv > 0.5)),
-                      *((k, _rate(adv > t["threshold"]) if t["supported"] else stats.interval_fields("v", None))
-                        for k, t in thresholds.items())):
-        row.update({f"detection_rate_{key}{suffix}": rate[f"v{suffix}"] for suffix in ("", "_ci_low", "_ci_high")})
+    rates = {k: _rate(adv > t["threshold"]) if t["supported"] else Fig(None) for k, t in thresholds.items()}
+    auc, roc = Fig(None), None
     if adv.numel() and benign.numel():
         labels = torch.cat([torch.zeros(benign.numel()), torch.ones(adv.numel())])
         scores = torch.cat([benign, adv])
         fpr, tpr, _ = roc_curve(labels.numpy(), scores.numpy())
-        row.update(stats.bootstrap_auc(labels, scores, seed).fields("auc"))
-        row["roc"] = {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
-    return row
+        auc = Fig.of(stats.bootstrap_auc(labels, scores, seed))
+        roc = {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+    return DetectionRow(attack=s.attack, interpreter=s.interpreter, kind=s.kind, n=int(hit.numel()),
+                        n_adversarial=int(hit.sum()), budget=s.budget, seed=seed,
+                        evasion_rate=Fig.of(stats.proportion(evaded)), auc=auc, roc=roc,
+                        per_input={"evasion": [float(v) for v in evaded.double()]},
+                        detection_rate_default=_rate(adv > 0.5), detection_rate_fpr1=rates["fpr1"],
+                        detection_rate_fpr5=rates["fpr5"]).to_dict()
 
 
 def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> dict[str, Any]:
@@ -328,10 +355,10 @@ def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> d
         with torch.no_grad():
             hit = torch.cat([system.classifier(s.x_adv[i:i + bs]).argmax(1) for i in range(0, s.x_adv.shape[0], bs)]) == s.target
         rows.append(_detection_row(s, hit, detector_scores(system, s.x_adv[hit], bs), benign, thresholds, seed))
-    return {"interpreters": list(system.detector_interpreters), "product": bool(system.detector_product),
-            "n_benign": int(benign.numel()), "n_benign_dev": int(dev.numel()), "default_threshold": 0.5,
-            "thresholds": thresholds, **stats.proportion(benign > 0.5).fields("benign_fpr_default"), "rows": rows,
-            "seconds": time.perf_counter() - start}
+    return DetectionSummary(interpreters=list(system.detector_interpreters), product=bool(system.detector_product),
+                            n_benign=int(benign.numel()), n_benign_dev=int(dev.numel()), default_threshold=0.5,
+                            thresholds=thresholds, benign_fpr_default=Fig.of(stats.proportion(benign > 0.5)),
+                            rows=rows, seconds=time.perf_counter() - start).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ re-scoring
@@ -357,9 +384,9 @@ def rescore_sets(system: System, sets: list[AttackSet], battery: Battery) -> lis
                                      g.map(system.classifier, xa, yt).detach(), 0.0)
         for n, m in meters.items():
             res = m.compute(int(battery.seed))
-            rows.append({"attack": s.attack, "framework": "pgd", "interpreter": s.interpreter, "kind": "rescored",
-                         "read_by": n, **_figures(res), "budget": s.budget, "seed": int(s.meta.get("seed", 0)),
-                         "seconds": 0.0, "file": s.meta.get("file")})
+            rows.append(attack_row(res, attack=s.attack, framework=s.framework, interpreter=s.interpreter,
+                                   kind="rescored", read_by=n, budget=s.budget, seed=int(s.meta.get("seed", 0)),
+                                   seconds=0.0, file=s.meta.get("file")))
     return rows
 
 

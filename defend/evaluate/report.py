@@ -17,6 +17,8 @@ from .. import stats
 from ..evaluation import interpret
 from ..figures import bar_panels, map_grid, roc_plot
 from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
+from ..rows import TABLES as ROW_TABLES
+from ..rows import Row, csv_columns, markdown_cells, markdown_headers
 from ..tables import markdown_table
 from .measure import AttackSet
 from .system import interpreters_for
@@ -27,29 +29,9 @@ __all__ = ["TABLES", "table_rows", "write_tables", "write_report", "write_figure
 #: artifact kind of a saved adversarial set
 SET_KIND = "adversarial-set"
 
-def _ci(*names: str) -> list[str]:
-    """Each figure followed by its interval columns."""
-    return [c for n in names for c in (n, f"{n}_ci_low", f"{n}_ci_high")]
-
-
-#: the CSV tables: file -> (results key, columns); every figure with its 95 % interval columns
-TABLES = {
-    "clean.csv": ("clean_accuracy", ["metric", *_ci("value"), "n", "split", "chance_level", "at_chance", "seed",
-                                     "seconds"]),
-    "autoattack.csv": ("autoattack", ["attack", "eps", *_ci("robust_accuracy"), "n",
-                                      *_ci("robust_accuracy_on_correct"), "n_correct", "seed", "seconds"]),
-    "interpretation.csv": ("interpretation_robustness", ["interpreter", "attack", "eps", "steps", "k", "n", "n_kept",
-                                                         *_ci("kendall_tau", "spearman", "topk_intersection"), "seed",
-                                                         "seconds"]),
-    "attacks.csv": ("attacks", ["attack", "framework", "interpreter", "kind", "read_by",
-                                *_ci("asr", "confidence", "l1", "l2", "iou"), "iou_chance", *_ci("noise_rate"),
-                                "seconds_per_input", "linf", "eps", "steps", "n", "seed", "seconds", "file"]),
-    "transfer.csv": ("transfer", ["attack", "source", "read_by", *_ci("l1", "iou", "asr"), "n", "eps", "steps",
-                                  "seed"]),
-    "detection.csv": ("detection", ["attack", "interpreter", "kind", "n", "n_adversarial",
-                                    *_ci("detection_rate_fpr1", "detection_rate_fpr5", "detection_rate_default",
-                                         "auc", "evasion_rate"), "eps", "steps", "seed"]),
-}
+#: the CSV tables: file -> (results key, columns); every figure with its 95 % interval columns (from
+#: :data:`defend.rows.TABLES`: the row types are the one source of the columns)
+TABLES = {name: (key, csv_columns(cls)) for name, (key, cls) in ROW_TABLES.items()}
 
 
 def table_rows(results: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -69,8 +51,8 @@ def table_rows(results: dict[str, Any], key: str) -> list[dict[str, Any]]:
 def write_tables(out: Path, results: dict[str, Any]) -> list[str]:
     """One CSV per table with rows; returns the file names."""
     names = []
-    for name, (key, columns) in TABLES.items():
-        rows = table_rows(results, key)
+    for name, (key, cls) in ROW_TABLES.items():
+        rows, columns = table_rows(results, key), csv_columns(cls)
         if not rows:
             continue
         buf = io.StringIO()
@@ -93,14 +75,11 @@ def _v(row: dict[str, Any], name: str, n: int | None = None) -> str:
     return stats.format_value(row.get(name), row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"), n)
 
 
-def _budget(b: dict[str, Any] | None) -> str:
-    if not b:
-        return "-"
-    parts = [f"eps {b['eps'] * 255:.0f}/255" if "eps" in b else None,
-             f"{b['warm_steps']}+{b['steps']} steps" if "warm_steps" in b else
-             (f"{b['steps']} steps" if "steps" in b else None),
-             f"{b['restarts']} restarts" if b.get("restarts", 1) > 1 else None]
-    return ", ".join(p for p in parts if p)
+def _table(key: str, rows: list[dict[str, Any]], section: Any = None) -> list[str]:
+    """The report.md table of the rows of results ``key``: the columns its row type declares
+    (:func:`defend.rows.markdown_headers`)."""
+    cls: type[Row] = next(c for k, c in ROW_TABLES.values() if k == key)
+    return _md(markdown_headers(cls), [markdown_cells(cls, r, section) for r in rows])
 
 
 def _not_meaningful(card: dict[str, Any], section: str) -> list[str]:
@@ -129,8 +108,7 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
              "- every figure: value [95 % interval] (Wilson for rates and accuracies, a percentile bootstrap over "
              f"inputs for means, seed {card['battery']['seed']}); fewer than 100 inputs: indicative only", ""]
     c = r["clean_accuracy"]
-    lines += ["## Clean accuracy", "", *_md(["accuracy", "split", "chance"], [[_v(c, "value", c["n"]), c["split"],
-                                                                               c["chance_level"]]])]
+    lines += ["## Clean accuracy", "", *_table("clean_accuracy", [c])]
     if not card["validity"]["meaningful"]:
         lines += [f"> **Warning: {card['validity']['reason']}.**", ""]
     if r["autoattack"]:
@@ -138,16 +116,11 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
                   *_not_meaningful(card, "autoattack"),
                   "On the first n test inputs, a clean error counting as a failure (RobustBench's convention); the "
                   "last column is over the correctly classified ones among them.", "",
-                  *_md(["eps", "robust accuracy", "on correctly classified inputs", "seconds"],
-                       [[f"{a['eps'] * 255:.0f}/255", _v(a, "robust_accuracy", a["n"]),
-                         _v(a, "robust_accuracy_on_correct", a["n_correct"]), a["seconds"]] for a in r["autoattack"]])]
+                  *_table("autoattack", r["autoattack"])]
     if r["interpretation_robustness"]:
         lines += ["## Interpretation robustness under the top-k attack (benign vs attacked maps, prediction kept)", "",
                   *_not_meaningful(card, "interpretation_robustness"),
-                  *_md(["interpreter", "budget", "k", "Kendall tau", "Spearman", "top-k intersection", "n kept / n", "s"],
-                       [[t["interpreter"], _budget(t["budget"]), t["budget"].get("k"), _v(t, "kendall_tau", t["n_kept"]),
-                         _v(t, "spearman"), _v(t, "topk_intersection"), f"{t['n_kept']}/{t['n']}", t["seconds"]]
-                        for t in r["interpretation_robustness"]])]
+                  *_table("interpretation_robustness", r["interpretation_robustness"])]
     lines += (_attack_section(card, r["attacks"]) + _transfer_section(card, r["transfer"])
               + _detection_section(card, r["detection"]))
     figures = card["files"]["figures"]
@@ -166,15 +139,11 @@ def _autoattack_version(rows: list[dict[str, Any]]) -> str:
 def _attack_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    body = [[a["attack"], a["interpreter"], a["kind"], a["read_by"], _v(a, "asr", a["n"]), _v(a, "confidence"),
-             _v(a, "l1"), _v(a, "iou"), a.get("iou_chance"), _v(a, "noise_rate"), a["seconds_per_input"],
-             _budget(a["budget"])] for a in rows]
     return ["## Interpretation attacks (success = target class reached; maps compared to the benign map)", "",
             *_not_meaningful(card, "attacks"),
             "IoU: top-k IoU averaged over k = 5, 10, 20, 30, 50 % of the pixels; `IoU by chance` is what two "
             "unrelated maps score.", "",
-            *_md(["attack", "against", "kind", "read by", "success", "confidence", "map L1", "IoU", "IoU by chance",
-                  "noise rate", "s / input", "budget"], body)]
+            *_table("attacks", rows)]
 
 
 def _transfer_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -202,16 +171,12 @@ def _detection_section(card: dict[str, Any], det: dict[str, Any] | None) -> list
     if not det:
         return []
     th = det["thresholds"]
-    body = [[d["attack"], d["interpreter"], d["kind"], d["n_adversarial"],
-             *[_v(d, f"detection_rate_{k}") if th[k]["supported"] else "not enough benign inputs" for k in th],
-             _v(d, "detection_rate_default"), _v(d, "auc"), _v(d, "evasion_rate", d["n"])] for d in det["rows"]]
     return [f"## Detection ({'+'.join(det['interpreters'])}{' +product' if det['product'] else ''})", "",
             *_not_meaningful(card, "detection"),
             *[f"- {_threshold_text(k, t)}" for k, t in th.items()],
             f"- benign false-positive rate at 0.5 on {det['n_benign']} test inputs: {_v(det, 'benign_fpr_default')}",
             "",
-            *_md(["attack", "against", "kind", "successful inputs", *[f"detected @{k[3:]}% FPR" for k in th],
-                  "detected @0.5", "AUC", "evasion (target & unflagged @0.5)"], body)]
+            *_table("detection", det["rows"], det)]
 
 
 def _label(c: int, names: list[str]) -> str:

@@ -16,7 +16,7 @@ from ..progress import progress_enabled
 from ..provenance import noted_data, provenance
 from ..typed_config import plain_dict
 from .battery import Battery, load_battery, parse_battery
-from .card import CARD_SCHEMA_VERSION, plain_json, validate_card
+from .card import CARD_SCHEMA_VERSION, plain_json, validate_card, validate_results
 from .measure import (
     attack_inputs,
     autoattack_rows,
@@ -135,6 +135,7 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
         results["detection"] = detection_rows(system, sets, battery)
         say("[evaluate] detection done")
     digest = noted_data()
+    validate_results(plain_json(results))
     if inputs is None:
         files = save_sets(out, sets, {"seed": int(battery.seed), "classifier_sha256": system.classifier_sha256,
                                       "data_digest": digest})

@@ -35,15 +35,16 @@ from attacks.interpreters import get_interpreter
 from attacks.topk import TopKAttack
 
 from .. import stats
-from ..autoattack import autoattack_accuracy
 from ..classifier import save_classifier
 from ..data import BaseDataModule
 from ..data.base import split_name
+from ..evaluate.measure import autoattack_row
 from ..figures import line_plot
 from ..inputs import take_split
 from ..models import GapClassifier
 from ..robust import INTERPRETATIONS, MODES, RobustClassifierModule
 from ..robust_eval import INTERPRETATION_ATTACKS, interpretation_robustness, pgd_accuracy, sensitivity
+from ..rows import AutoAttackRow
 from ..trainer import make_trainer
 from ..typed_config import check_class_options, check_names
 from ..types import Count, Positive, PositiveCount, Radius
@@ -315,23 +316,27 @@ def _accuracy_rows(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, eps: 
     if eps > 0 and any(same_eps(eps, v) for v in ev.autoattack.eps):
         n = min(int(ev.autoattack.n_images), x.shape[0])
         bar.set_postfix_str(f"eps {eps_255(eps)}/255 AutoAttack")
-        start = time.perf_counter()
-        aa = autoattack_accuracy(model, x[:n], y[:n], eps, seed=seed, batch_size=bs)
-        bar.update()
         with torch.no_grad():
-            clean_ok = torch.cat([model(x[i:min(i + bs, n)]).argmax(1) == y[i:min(i + bs, n)]
-                                  for i in range(0, n, bs)]).cpu()
-        robust = aa.robust.cpu()
-        rows.append({**base, "attack": "autoattack-" + str(aa.settings["version"]),
-                     "steps": "apgd 100 / fab 100 / square 5000 queries", "restarts": 1, "n": n,
-                     **stats.proportion(robust).fields("accuracy"),
-                     **stats.proportion(robust[clean_ok]).fields("accuracy_on_correct"), "n_correct": int(clean_ok.sum()),
-                     **stats.proportion(correct[:n]).fields("pgd_accuracy_same_inputs"),
-                     "attacks": "+".join(aa.settings["attacks"]), "target_classes": aa.settings["target_classes"],
-                     **{f"accuracy_after_{k}": v for k, v in aa.stages.items()},
-                     "autoattack_flags": " | ".join(aa.flags) or "-", "seconds": time.perf_counter() - start,
-                     "_correct": robust})
+            logits = torch.cat([model(x[i:min(i + bs, n)]) for i in range(0, n, bs)])
+        clean_ok = (logits.argmax(1) == y[:n]).cpu()
+        row, aa = autoattack_row(model, x[:n], y[:n], clean_ok, float(eps), seed, bs, int(logits.shape[1]))
+        bar.update()
+        rows.append(_autoattack_view(row, aa, base, correct[:n]))
     return rows
+
+
+def _autoattack_view(row: AutoAttackRow, aa: Any, base: dict[str, Any], pgd_correct: torch.Tensor) -> dict[str, Any]:
+    """The experiment's AutoAttack row (its metrics.json keys): a view of the card's
+    :class:`~defend.rows.AutoAttackRow` (``accuracy`` is its ``robust_accuracy``, ``accuracy_on_correct`` its
+    ``robust_accuracy_on_correct``, ``accuracy_after_<stage>`` its ``stages``), with PGD's accuracy on the same
+    inputs beside it and the per-input robustness under ``_correct`` (for paired tests; not written)."""
+    return {**base, "attack": row.attack, "steps": "apgd 100 / fab 100 / square 5000 queries", "restarts": 1,
+            "n": row.n, **row.robust_accuracy.fields("accuracy"),
+            **row.robust_accuracy_on_correct.fields("accuracy_on_correct"), "n_correct": row.n_correct,
+            **stats.proportion(pgd_correct).fields("pgd_accuracy_same_inputs"),
+            "attacks": "+".join(row.budget["attacks"]), "target_classes": aa.settings["target_classes"],
+            **{f"accuracy_after_{k}": v for k, v in row.stages.items()},
+            "autoattack_flags": " | ".join(row.flags) or "-", "seconds": row.seconds, "_correct": aa.robust.cpu()}
 
 
 def _attack_options(ie: InterpretationEvaluation, attack: str) -> dict[str, Any]:
