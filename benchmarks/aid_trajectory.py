@@ -1,10 +1,10 @@
 """Per-epoch trajectory of AID fine-tuning: how the ADV2 ratio and the localisation move epoch by epoch.
 
     python benchmarks/aid_trajectory.py --rts runs/aid_seed1/rts.pt --seed 1 --epochs 4 --out runs/traj_s1 \
-        [--set training.aid.module.aid.anchor_weight=100 ...]
+        [--training.aid.module.aid.anchor_weight=100 ...]
 
 Fine-tunes the plain RTS ``--rts`` (the ``rts.pt`` of an ``aid`` experiment run with the same seed) with the AID
-settings of ``configs/experiments/aid.yaml`` (``--set`` overrides them, dotted keys as in ``defend experiment``),
+settings of ``configs/experiments/aid.yaml`` (``--KEY.PATH=VALUE`` overrides them, as in ``defend experiment``),
 and after every epoch measures, as the experiment does but on the **development split** only: ADV2 with the
 evaluation budget against the current RTS on the first 64 correctly classified development inputs (L1 benign vs ADV2
 with its bootstrap interval and its ratio to the plain RTS's, localisation and its relative drop), and the inner
@@ -30,7 +30,7 @@ from defend.errors import quiet_lightning
 from defend.experiments import aid as experiment
 from defend.experiments.common import get_classifier, setup_data
 from defend.experiments.config import parse_experiment
-from defend.experiments.runner import load_config, load_experiments
+from defend.experiments.runner import load_experiments, resolve_config
 from defend.inputs import select_correct
 from defend.metrics import map_l1
 from defend.trainer import make_trainer
@@ -72,16 +72,15 @@ class Probe(pl.Callback):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--rts", required=True, help="the plain RTS to fine-tune (rts.pt of an aid run, same seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--out", required=True)
     p.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (a smoke run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--split", default="dev", help="the split every epoch is measured on: the development split "
                    "(dev); the test split is refused (this run tunes a recipe)")
-    args = p.parse_args()
+    args, overrides = p.parse_known_args()  # --KEY.PATH=VALUE: overrides of aid.yaml, as in defend experiment
     try:
         split = require_development(args.split, "the AID trajectory benchmark")
     except ValueError as exc:
@@ -89,7 +88,7 @@ def main() -> None:
     quiet_lightning()
     torch.set_num_threads(1)
     load_experiments()
-    _, cfg, _ = parse_experiment(load_config(["configs/experiments/aid.yaml"], [f"seed={args.seed}", *args.set]))
+    _, cfg, _ = parse_experiment(resolve_config(["configs/experiments/aid.yaml"], [f"--seed={args.seed}", *overrides]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dm = setup_data(cfg)

@@ -1,7 +1,7 @@
 """The same attack evaluation on 1 process and on N DDP processes: same figures, wall-time ratio.
 
     python benchmarks/ddp_eval.py --out runs/bench/ddp_eval [--config configs/experiments/attacks.yaml]
-        [--preset configs/trainer/ddp_cpu.yaml] [--quick] [--set KEY=VALUE ...]
+        [--preset configs/trainer/ddp_cpu.yaml] [--quick] [--KEY.PATH=VALUE ...]
 
 Runs ``defend experiment`` twice (the resume cache off, so both runs attack every input), then compares every
 numeric field of the rows (``asr``, ``l1``, ``iou``, ...) and writes ``OUT/metrics.json``: one row per compared
@@ -27,7 +27,7 @@ FIELDS = ("asr", "confidence", "l1", "l2", "iou", "noise_rate", "linf", "transfe
 
 def run(config: str, extra: list[str], out: Path, quick: bool, sets: list[str]) -> tuple[list[dict], float]:
     cmd = [sys.executable, "-m", "defend.cli", "experiment", "-c", config, *extra, "--out", str(out), "--no-progress",
-           "--set", "evaluation.cache_dir=null", *[a for s in sets for a in ("--set", s)]]
+           "--evaluation.cache_dir=null", *sets]
     if quick:
         cmd.append("--quick")
     start = time.perf_counter()
@@ -39,16 +39,15 @@ def run(config: str, extra: list[str], out: Path, quick: bool, sets: list[str]) 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="configs/experiments/attacks.yaml")
     p.add_argument("--preset", default="configs/trainer/ddp_cpu.yaml", help="the multi-process trainer preset")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args, sets = p.parse_known_args(argv)  # --KEY.PATH=VALUE: defend experiment's overrides, passed on
     out = Path(args.out)
-    one, t1 = run(args.config, [], out / "one", args.quick, args.set)
-    many, tn = run(args.config, ["-c", args.preset], out / "many", args.quick, args.set)
+    one, t1 = run(args.config, [], out / "one", args.quick, sets)
+    many, tn = run(args.config, ["-c", args.preset], out / "many", args.quick, sets)
     if len(one) != len(many):
         raise SystemExit(f"row counts differ: {len(one)} vs {len(many)}")
     procs = max(r.get("processes", 1) for r in many)

@@ -2,12 +2,12 @@
 
     python benchmarks/sweep.py -c configs/experiments/robust.yaml --out runs/sweep_gamma \
         --grid training.module.gamma=0.5,1,2 \
-        --set 'models=[{name: int_adv, module: {mode: int_adv, ce_attack: pgd}}]' \
+        '--models=[{name: int_adv, module: {mode: int_adv, ce_attack: pgd}}]' \
         --score 'accuracy@measure=accuracy,attack=pgd-ce,eps_255=8' \
         --score 'kendall_tau@measure=interpretation,attack=topk,eps_255=8'
 
-Every configuration of the grid (the cartesian product of the ``--grid`` values, over the config and ``--set``) is
-run as ``defend experiment ... --set evaluation.split=dev --out OUT/<i>``; its score is the sum of the ``--score``
+Every configuration of the grid (the cartesian product of the ``--grid`` values, over the config and the other
+``--KEY.PATH=VALUE`` overrides, passed on as given) is run as ``defend experiment ... --evaluation.split=dev --out OUT/<i>``; its score is the sum of the ``--score``
 fields (``FIELD@KEY=VALUE,...``: the field of the one ``metrics.json`` row whose keys match) on the development split.
 The choice is :func:`defend.selection.select_best`, which refuses rows of any other split (each row records its own
 split), so a sweep can never select on the test split. ``OUT/sweep.json`` lists every configuration tried, its score,
@@ -62,23 +62,22 @@ def score(rows: list[dict[str, Any]], specs: list[str]) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("-c", "--config", action="append", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--score", action="append", required=True, metavar="FIELD@KEY=VALUE,...")
     p.add_argument("--split", default="dev", help="the split the configurations are measured on (dev; test is "
                                                    "refused by the selection)")
     p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)  # --KEY.PATH=VALUE: defend experiment's overrides
     out = Path(args.out)
     tried = []
     for i, values in enumerate(_grid(args.grid)):
         run = out / f"{i:02d}"
-        sets = [*args.set, f"evaluation.split={args.split}", *(f"{k}={json.dumps(v)}" for k, v in values.items())]
+        sets = [*overrides, f"--evaluation.split={args.split}", *(f"--{k}={json.dumps(v)}" for k, v in values.items())]
         argv_i = [a for c in args.config for a in ("-c", c)] + ["--out", str(run), "--no-progress"]
-        argv_i += [a for s in sets for a in ("--set", s)] + (["--quick"] if args.quick else [])
+        argv_i += sets + (["--quick"] if args.quick else [])
         if experiment(argv_i) != 0:
             return 2
         rows = json.loads((run / "metrics.json").read_text())
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(t["split"] != best["split"] for t in tried):
         raise SystemExit("sweep: the configurations were measured on different splits")
-    report = {"configurations_tried": len(tried), "score": args.score, "grid": args.grid, "set": args.set,
+    report = {"configurations_tried": len(tried), "score": args.score, "grid": args.grid, "overrides": overrides,
               "tried": tried, "chosen": best}
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     print(f"[sweep] chose {best['values']} (score {best['score']:.4f} on the {best['split']} split) of "

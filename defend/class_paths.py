@@ -1,6 +1,6 @@
 """Which classes a config may name: nothing read from disk imports a module the user did not ask for.
 
-A ``class_path`` (in a YAML config, a battery, ``--data FILE.yaml``, ``--set``, ``--model`` / ``--data`` on the
+A ``class_path`` (in a YAML config, a battery, ``--data FILE.yaml``, a ``--KEY.PATH=VALUE`` override, ``--model`` / ``--data`` on the
 command line) is resolved by jsonargparse, which imports the module it names, and importing runs that module's code.
 So a class path may only be a registered short name (``DigitsDataModule``: resolved among the classes already
 imported) or a dotted path into :data:`ALLOWED_PACKAGES`; a user's own module needs ``--import MODULE`` on the

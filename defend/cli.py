@@ -23,7 +23,7 @@ Defence training for interpretable deep learning systems (IDLS = classifier + in
 commands:
   fit         train a LightningModule (classifier, RTS / AID, robust classifier) from YAML (LightningCLI):
                 defend fit -c configs/classifier/digits.yaml [--trainer.max_epochs=5] [--print_config]
-              -c FILE             YAML config (repeatable; later files and --key=value options win)
+              -c FILE             YAML config (repeatable; later files and --KEY.PATH=VALUE overrides win)
               --model.*           the module: class_path + init_args (e.g. --model.init_args.lr=0.001)
               --data.*            the data module: class_path + init_args (e.g. --data.init_args.root=DIR)
               --trainer.*         pytorch_lightning.Trainer arguments (max_epochs, accelerator, devices, ...)
@@ -44,17 +44,21 @@ commands:
               -c FILE             experiment YAML (repeatable: e.g. an experiment, then configs/trainer/cpu.yaml)
               --out DIR           output directory; nothing is written there when the config is invalid
               --quick             apply the config's `quick:` section (small, fast run)
-              --set KEY=VALUE     override a config value by dotted path (repeatable), e.g. --set attack.eps=0.02
+              --KEY.PATH=VALUE    override a config key by its dotted path, e.g. --attack.eps=0.02
               --no-progress       hide progress bars
   evaluate    measure a defended system and write its model card (card.json, report.md, CSV tables, figures,
               the adversarial sets it crafted):
                 defend evaluate --classifier checkpoints/digits_small_cnn.pt --battery quick --out runs/card
               --classifier PATH   the classifier artifact          --rts PATH       an RTS interpreter artifact
               --detector DIR      a saved detector directory       --data SPEC      digits | folder:PATH | FILE.yaml
-              --battery NAME|FILE quick, standard or a YAML file   --set KEY=VALUE  override a battery value
+              --battery NAME|FILE quick, standard or a YAML file
+              --battery.KEY=VALUE  override a battery key by its dotted path, e.g. --battery.n_images=8
+              --data.KEY=VALUE    set an argument of the data module (e.g. --data.resize=256)
               --inputs DIR        re-score on the adversarial sets of an earlier --out (no attack is run)
               --out DIR           output directory; nothing is written when an input is invalid (--overwrite)
 
+Overrides, one rule for fit, experiment and evaluate: --KEY.PATH=VALUE after the config files sets the config
+key KEY.PATH (its dotted path in the YAML); VALUE is YAML. See README.md, section Overrides.
 Errors print one line (`defend <command>: error: ...`) and exit with status 2; DEFEND_DEBUG=1 shows tracebacks.
 Run `defend <command> --help` for every option of a command.
 """

@@ -6,6 +6,7 @@ Each experiment trains what it needs (the classifier once, shared through ``chec
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,10 +16,22 @@ from .experiments.config import EXPERIMENTS
 from .experiments.runner import load_experiments
 from .experiments.runner import main as run_experiment
 
-__all__ = ["main", "DEMO_EXPERIMENTS"]
+__all__ = ["main", "DEMO_EXPERIMENTS", "demo_commands"]
 
 #: embedded experiments in the order they build on each other
 DEMO_EXPERIMENTS = ["classifier", "attacks", "gap", "aid", "robust", "detector", "scorecard"]
+
+
+def demo_commands(root: str | Path) -> dict[str, list[str]]:
+    """``{experiment: the defend experiment arguments it runs with}`` (configs present and registered only); the
+    demo prints each as it runs it."""
+    load_experiments()
+    commands = {}
+    for name in DEMO_EXPERIMENTS:
+        cfg = Path("configs/experiments") / f"{name}.yaml"
+        if name in EXPERIMENTS and cfg.is_file():
+            commands[name] = ["-c", str(cfg), "--out", str(Path(root) / name), "--quick", "--no-progress"]
+    return commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,17 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_lightning()
     start = time.perf_counter()
-    load_experiments()
-    for name in DEMO_EXPERIMENTS:
-        cfg = Path("configs/experiments") / f"{name}.yaml"
-        if name not in EXPERIMENTS or not cfg.is_file():
-            continue
-        out = Path(args.out) / name
-        print(f"\n=== {name}: defend experiment -c {cfg} --out {out} --quick", flush=True)
-        code = run_experiment(["-c", str(cfg), "--out", str(out), "--quick", "--no-progress"])
+    for name, command in demo_commands(args.out).items():
+        print(f"\n=== {name}: {shlex.join(['defend', 'experiment', *command])}", flush=True)
+        code = run_experiment(command)
         if code:
             return code
-        print((out / "report.md").read_text())
+        print((Path(args.out) / name / "report.md").read_text())
     print(f"[defend] demo finished in {time.perf_counter() - start:.0f}s; reports under {args.out}/")
     return 0
 

@@ -47,7 +47,8 @@ FIT_EPILOG = """examples:
                                                                     checkpoint of its ModelCheckpoint dirpath
   defend fit -c configs/classifier/digits.yaml --print_config       show the merged config and exit
 
-Every option above can be given in the YAML (-c) or on the command line (--section.key=value; later wins).
+Every option above can be given in the YAML (-c) or on the command line (--section.key=value after the -c
+files; later wins; the same rule as experiment and evaluate: README.md, section Overrides).
 --model / --data take a class_path and its init_args; `--model.help CLASS` (e.g. --model.help
 defend.classifier.ClassifierModule) and `--data.help CLASS` explain every argument of a class;
 --trainer.* are pytorch_lightning.Trainer arguments. A class_path may name registered classes and classes of defend,
@@ -282,7 +283,7 @@ def run_lightning_cli(argv: Sequence[str]) -> DefendCLI:
     enforce_in_jsonargparse()  # before any config is read: YAML limits, import paths denied outside the allowed
     allow_imports(modules)
     check_argv(argv)  # the class paths of -c files and of --model / --data values, before jsonargparse imports any
-    strict = {"exit_on_error": False}
+    strict = {"exit_on_error": False, "allow_abbrev": False}  # a misspelt key is an error, never a guessed one
     parser_kwargs = {**strict, "formatter_class": _HelpFormatter, **{cmd: dict(strict) for cmd in SUBCOMMANDS}}
     parser_kwargs["fit"]["epilog"] = FIT_EPILOG  # subcommands inherit the main parser's formatter
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""The one YAML reader for what a user gives defend (configs, batteries, ``--data FILE.yaml``, ``--set`` values).
+"""The one YAML reader for what a user gives defend (configs, batteries, ``--data FILE.yaml``, override values).
 
 PyYAML's ``SafeLoader`` (plain data only: no tag builds an object) with limits, checked while the document is
 composed, before anything is built from it: the file's size (:data:`MAX_BYTES`), the number of nodes the document
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 __all__ = ["MAX_BYTES", "MAX_NODES", "MAX_DEPTH", "YAMLLimitError", "SafeLimitedLoader", "loads", "load_file",
-           "read_mapping", "check_text", "use_for_jsonargparse"]
+           "read_mapping", "check_text", "use_for_jsonargparse", "RefusedYAMLError"]
 
 #: largest YAML file or value read (bytes)
 MAX_BYTES = 1 << 20
@@ -160,14 +160,25 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
 _ORIGINAL_LOADER: Any = None
 
 
+class RefusedYAMLError(ValueError):
+    """YAML that defend refuses (over a limit, a tag that would build an object): not a ``yaml.YAMLError``, so that
+    jsonargparse reports it on the option instead of taking a command-line value's text as a plain string."""
+
+
 def _jsonargparse_yaml(text: str) -> Any:
-    """jsonargparse's own YAML reading (its float / timestamp rules), after the limits are checked (invalid YAML is
-    left to jsonargparse, which may take such a command-line value as a plain string)."""
+    """jsonargparse's own YAML reading (its float / timestamp rules) of what :func:`loads` accepts: over a limit or
+    with a tag that builds an object is refused (:class:`RefusedYAMLError`); invalid YAML is left to jsonargparse,
+    which may take such a command-line value as a plain string."""
+    source = "YAML config" if "\n" in text.strip() else f"YAML value {text[:40]!r}"
     try:
-        check_text(text, "YAML config" if "\n" in text.strip() else "YAML value")
-    except YAMLLimitError:
-        raise
-    except ValueError:
+        _size_check(text, source)
+        yaml.load(text, Loader=SafeLimitedLoader)  # noqa: S506 - a SafeLoader subclass
+    except YAMLLimitError as exc:
+        raise RefusedYAMLError(str(exc) if str(exc).startswith(source) else f"{source}: {exc}") from None
+    except yaml.constructor.ConstructorError as exc:
+        raise RefusedYAMLError(f"{source}: {exc.problem}; defend reads plain YAML data only (no tag builds an "
+                               "object): write the value as a plain string, number, list or mapping") from None
+    except (yaml.YAMLError, RecursionError):
         pass
     return _ORIGINAL_LOADER(text)
 

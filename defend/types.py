@@ -9,6 +9,8 @@ from typing import Any
 
 from jsonargparse.typing import register_type
 
+from .safe_yaml import loads
+
 __all__ = ["Radius", "StepSize", "Positive", "NonNegative", "Fraction01", "Count", "PositiveCount"]
 
 
@@ -93,8 +95,23 @@ class PositiveCount(Count):
         return out
 
 
+def _from_yaml(t: type) -> Any:
+    """``t`` of a value as jsonargparse hands it over: a command-line override's text is read as YAML first (by
+    :func:`defend.safe_yaml.loads`, as a config file's value is: ``.nan`` is NaN, ``2.5`` a float; ``8/255`` stays
+    text, a fraction)."""
+    def build(v: Any) -> Any:
+        if isinstance(v, str):
+
+            try:
+                v = loads(v, "value")
+            except ValueError:
+                pass  # not YAML: the type names the problem
+        return t(v)
+    return build
+
+
 for _t in (Radius, StepSize, Positive, NonNegative, Fraction01):
-    register_type(_t, serializer=float, deserializer=_t)
+    register_type(_t, serializer=float, deserializer=_from_yaml(_t))
 for _t in (Count, PositiveCount):
-    register_type(_t, serializer=int, deserializer=_t)
+    register_type(_t, serializer=int, deserializer=_from_yaml(_t))
 

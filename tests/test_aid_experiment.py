@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from defend.experiments.config import parse_experiment
-from defend.experiments.runner import load_config, load_experiments, planned_outputs
+from defend.experiments.runner import load_experiments, planned_outputs, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "experiments" / "aid.yaml")
@@ -21,7 +21,7 @@ def _elsewhere(tmp_path, monkeypatch):
 
 
 def parse(*sets: str, quick: bool = True):
-    return parse_experiment(load_config([CONFIG], sets, quick=quick))
+    return parse_experiment(resolve_config([CONFIG], [f"--{s}" for s in sets], quick=quick))
 
 
 def test_quick_config_resolves_to_the_module_arguments_of_both_runs():

@@ -19,8 +19,8 @@ from defend.models.imagenet import TORCHVISION
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-FAST = ["--battery", "quick", "--no-progress", "--set", "n_images=4", "--set", "n_figure=1", "--set",
-        "autoattack.eps=[]", "--set", "topk.interpreters=[]", "--set", "attacks.interpreters=[cam]"]
+FAST = ["--battery", "quick", "--no-progress", "--battery.n_images=4", "--battery.n_figure=1",
+        "--battery.autoattack.eps=[]", "--battery.topk.interpreters=[]", "--battery.attacks.interpreters=[cam]"]
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -46,7 +46,8 @@ def test_top_level_help_lists_commands_and_their_options(capsys):
     for command in ("fit", "validate", "test", "predict", "experiment"):
         assert re.search(rf"^  {command} ", text, re.M), command
     for option in ("-c FILE", "--model.*", "--data.*", "--trainer.*", "--ckpt_path last", "--seed_everything N",
-                   "--print_config", "--out DIR", "--quick", "--set KEY=VALUE", "--no-progress"):
+                   "--print_config", "--out DIR", "--quick", "--KEY.PATH=VALUE", "--no-progress", "--battery.KEY=VALUE",
+                   "--data.KEY=VALUE"):
         lines = [m.group(1) for m in re.finditer(rf"^\s+{re.escape(option)}\s{{2,}}(\S.*)$", text, re.M)]
         assert lines and all(_explained(words) for words in lines), (option, lines)
     assert "DEFEND_DEBUG" in text
@@ -56,12 +57,12 @@ def test_top_level_help_lists_commands_and_their_options(capsys):
 def test_experiment_help_explains_every_option(capsys):
     text = _help(capsys, ["experiment", "--help"])
     opts = _options(text)
-    assert {"--config", "--out", "--quick", "--set", "--no-progress", "--help"} <= set(opts), opts
+    assert {"--config", "--out", "--quick", "--no-progress", "--help"} <= set(opts), opts
     for name, words in opts.items():
         assert _explained(words), (name, words)
     assert "-c FILE, --config FILE" in text
     assert re.search(r"--quick\s+apply the config's `quick:` section", text)
-    assert re.search(r"--set KEY=VALUE\s+override a config value by dotted path", text)
+    assert "--KEY.PATH=VALUE sets the config key KEY.PATH" in " ".join(text.split())
     assert re.search(r"--out DIR\s+output directory", text)
     from defend.experiments.config import EXPERIMENTS
 

@@ -1,6 +1,6 @@
 """A YAML file runs no code (issue 25): a class_path outside defend / attacks / torch / torchvision / Lightning is
 refused on one line without importing its module unless ``--import`` names it on the command line (``evaluate
---data``, ``experiment --set data=...``, ``fit -c``); an anchor bomb is refused at once; a duplicated key is an
+--data``, ``experiment --data=...``, ``fit -c``); an anchor bomb is refused at once; a duplicated key is an
 error naming the key."""
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_evaluate_data_yaml_with_import_builds_the_users_data_module(tmp_path, m
 def test_experiment_set_data_class_path_is_refused_unless_imported(tmp_path, monkeypatch, capsys):
     marker = _user_module(tmp_path, monkeypatch, "cfg_r2_evil_exp")
     args = ["-c", str(ROOT / "configs/experiments/classifier.yaml"), "--print_config",
-            "--set", "data={class_path: cfg_r2_evil_exp.MyDigits, init_args: {renders_per_digit: [1, 1, 1]}}"]
+            "--data={class_path: cfg_r2_evil_exp.MyDigits, init_args: {renders_per_digit: [1, 1, 1]}}"]
     assert experiment_main(args) == 2
     err = _one_line(capsys, "experiment")
     assert "data: class_path 'cfg_r2_evil_exp.MyDigits' is not importable" in err, err

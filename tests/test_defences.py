@@ -119,8 +119,8 @@ def _scorecard_cfg(defences: list[str], tmp: Path):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        raw = runner.load_config([str(ROOT / "tests" / "data" / "scorecard_tiny.yaml")],
-                                 [f"defences=[{', '.join(defences)}]", f"classifier.checkpoint={tmp / 'tiny.pt'}"])
+        raw = runner.resolve_config([str(ROOT / "tests" / "data" / "scorecard_tiny.yaml")],
+                                    [f"--defences=[{', '.join(defences)}]", f"--classifier.checkpoint={tmp / 'tiny.pt'}"])
         return runner.parse_experiment(raw)[1]
     finally:
         os.chdir(cwd)

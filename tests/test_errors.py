@@ -246,7 +246,7 @@ def experiment_config(tmp_path: Path, **over) -> Path:
 def test_experiment_unknown_names_write_nothing(override, pattern, tmp_path, capsys):
     out = tmp_path / "runs" / "x"
     rc, err = run(capsys, ["experiment", "-c", str(experiment_config(tmp_path)), "--out", str(out),
-                           "--set", override])
+                           "--" + override])
     assert_one_line_error(rc, err, "experiment", pattern)
     assert not out.exists() and not (tmp_path / "runs").exists()
 
@@ -267,7 +267,7 @@ def test_experiment_unknown_names_write_nothing(override, pattern, tmp_path, cap
 def test_experiment_inconsistent_values_write_nothing(override, pattern, tmp_path, capsys):
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(experiment_config(tmp_path)), "--out", str(out),
-                           "--set", override])
+                           "--" + override])
     assert_one_line_error(rc, err, "experiment", pattern)
     assert not out.exists()
 
@@ -277,8 +277,7 @@ def test_experiment_bad_model_option_is_one_line(tmp_path, capsys):
     cfg = experiment_config(tmp_path)
     (tmp_path / "clf.pt").unlink()
     out = tmp_path / "out"
-    rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out), "--set",
-                           "classifier.module.model_options.widht=4"])
+    rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", str(out), "--classifier.module.model_options.widht=4"])
     assert_one_line_error(rc, err, "experiment",
                           r"classifier\.module\.model_options: .*unexpected keyword argument 'widht'")
     assert not out.exists() and not (tmp_path / "clf.pt").exists()
@@ -403,7 +402,7 @@ def test_experiment_rejects_bad_classifier_checkpoint(kind, pattern, tmp_path, c
     bad = _bad_checkpoint(tmp_path, kind)
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(experiment_config(tmp_path)), "--out", str(out),
-                           "--set", f"classifier.checkpoint={bad}"])
+                           f"--classifier.checkpoint={bad}"])
     assert_one_line_error(rc, err, "experiment", pattern)
     assert not out.exists()
     assert not (tmp_path / "pwned").exists(), "loading the checkpoint ran code"
@@ -450,7 +449,7 @@ def test_class_count_mismatch(tmp_path, capsys):
     # defend experiment: a reused 7-class checkpoint
     out = tmp_path / "exp"
     rc, err = run(capsys, ["experiment", "-c", str(experiment_config(tmp_path)), "--out", str(out),
-                           "--set", f"classifier.checkpoint={tmp_path / 'clf7.pt'}"])
+                           f"--classifier.checkpoint={tmp_path / 'clf7.pt'}"])
     assert_one_line_error(rc, err, "experiment", r"class count mismatch: .*clf7\.pt has 7 classes, the data has 10")
     assert not out.exists()
 

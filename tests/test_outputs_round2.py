@@ -190,7 +190,7 @@ def test_scorecard_resumes_models_and_cards(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "evaluate_system",
                         lambda c, o, **k: calls["evaluate"].append(Path(o).name) or real_eval(c, o, **k))
     args = ["-c", str(ROOT / "tests" / "data" / "scorecard_tiny.yaml"), "--out", str(out), "--no-progress",
-            "--set", f"classifier.checkpoint={clf}", "--set", "defences=[normal, pgd_at]"]
+            f"--classifier.checkpoint={clf}", "--defences=[normal, pgd_at]"]
     monkeypatch.chdir(ROOT)  # the tiny config names tests/data/evaluate_tiny.yaml relative to the repository
     load_experiments()
     assert experiment(args) == 0

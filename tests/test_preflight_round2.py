@@ -115,7 +115,7 @@ def test_non_utf8_class_folder_is_refused_before_any_work(tiny_clf, tmp_path, ca
 @pytest.mark.parametrize("key,value", [("topk.k", "65"), ("topk.ks", "[4, 65]")])
 def test_topk_k_larger_than_the_map_is_refused_before_any_work(key, value, tiny_clf, tmp_path, capsys, no_work):
     out = tmp_path / "out"
-    err = refused(capsys, "--classifier", str(tiny_clf[1]), "--out", str(out), "--set", f"{key}={value}")
+    err = refused(capsys, "--classifier", str(tiny_clf[1]), "--out", str(out), f"--battery.{key}={value}")
     assert "topk: k / ks [65] exceed the 64 pixels of the 'cam' map (its own grid)" in err  # 8x8 CAM of 32 px
     assert not out.exists()
 
@@ -126,7 +126,7 @@ def test_unknown_rts_interpreter_option_is_refused_before_any_work(tiny_clf, tmp
     save_rts(RTSNetwork(tiny_clf[0].stage_channels, 10, width=4), rts)
     out = tmp_path / "out"
     err = refused(capsys, "--classifier", str(tiny_clf[1]), "--rts", str(rts), "--out", str(out),
-                  "--set", "interpreter_options={rts: {enc_wieght: 0.3}}")
+                  "--battery.interpreter_options={rts: {enc_wieght: 0.3}}")
     assert "battery: interpreter_options:" in err and "unexpected keyword argument 'enc_wieght'" in err
     assert not out.exists()
 
@@ -153,7 +153,7 @@ LATE = {
 def test_every_option_that_failed_late_is_refused_before_any_work(case, tiny_clf, tmp_path, capsys, no_work):
     sets, want = LATE[case]
     out = tmp_path / "out"
-    err = refused(capsys, "--classifier", str(tiny_clf[1]), "--out", str(out), *[a for s in sets for a in ("--set", s)])
+    err = refused(capsys, "--classifier", str(tiny_clf[1]), "--out", str(out), *[f"--battery.{s}" if not s.startswith("data.") else f"--{s}" for s in sets])
     assert want in err, err
     assert not out.exists()
 
@@ -206,9 +206,9 @@ def test_three_class_folder_runs_the_reduced_autoattack_and_the_card_says_so(tmp
     save_classifier(model, tmp_path / "three.pt", {"width": 4})
     out = tmp_path / "card"
     args = ["--classifier", str(tmp_path / "three.pt"), "--data", f"folder:{root}", "--out", str(out),
-            "--battery", TINY, "--no-progress", "--set", "data.test_fraction=0.25", "--set", "n_images=2",
-            "--set", "n_figure=1", "--set", "topk.interpreters=[]", "--set", "attacks.interpreters=[cam]",
-            "--set", "adaptive.ensemble=[]", "--set", "autoattack.n=4"]
+            "--battery", TINY, "--no-progress", "--data.test_fraction=0.25", "--battery.n_images=2",
+            "--battery.n_figure=1", "--battery.topk.interpreters=[]", "--battery.attacks.interpreters=[cam]",
+            "--battery.adaptive.ensemble=[]", "--battery.autoattack.n=4"]
     assert main(args) == 0
     card = load_card(out)
     assert card["data"]["num_classes"] == 3

@@ -19,23 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--data.init_args.renders_per_digit=[1,1,1]"]
 TRAIN = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
          "--trainer.enable_progress_bar=false", *DATA]
-EXPERIMENT = ["--no-progress", "--set", "classifier.module.model_options.width=4",
-              "--set", "data.init_args.renders_per_digit=[1,1,1]"]
-EVALUATE = ["--no-progress", "--set", "n_images=4", "--set", "batch_size=4", "--set", "clean_n=32",
-            "--set", "autoattack.eps=[]", "--set", "topk.steps=2", "--set", "attacks.options.warm_steps=2",
-            "--set", "attacks.options.steps=2", "--set", "attacks.attacks=[adv2]", "--set", "adaptive.rts_restarts=1",
-            "--set", "data.renders_per_digit=[1,1,1]"]
+EXPERIMENT = ["--no-progress", "--classifier.module.model_options.width=4", *DATA]
+EVALUATE = ["--no-progress", "--battery.n_images=4", "--battery.batch_size=4", "--battery.clean_n=32",
+            "--battery.autoattack.eps=[]", "--battery.topk.steps=2", "--battery.attacks.options.warm_steps=2",
+            "--battery.attacks.options.steps=2", "--battery.attacks.attacks=[adv2]",
+            "--battery.adaptive.rts_restarts=1", "--data.renders_per_digit=[1,1,1]"]
 #: what shrinks each README command (keyed by its config or subcommand) and the file it must leave
 TINY = {
     "configs/classifier/digits.yaml": (TRAIN + ["--model.init_args.model_options.width=4"],
                                        "checkpoints/digits_small_cnn.pt"),
-    "configs/experiments/classifier.yaml": (EXPERIMENT + ["--set", "evaluation.n_images=8", "--set", "evaluation.n_mask=4",
-                                                          "--set", "evaluation.mask.iterations=3"], "runs/classifier/report.md"),
-    "configs/experiments/attacks.yaml": (EXPERIMENT + ["--set", "evaluation.n_images=4", "--set", "evaluation.batch_size=4",
-                                                       "--set", "attack.warm_steps=2", "--set", "attack.steps=2",
-                                                       "--set", "per_interpreter.grad.steps=2",
-                                                       "--set", "per_interpreter.cam.steps=2",
-                                                       "--set", "evaluation.attacks=[pgd,adv2]"], "runs/attacks/report.md"),
+    "configs/experiments/classifier.yaml": (EXPERIMENT + ["--evaluation.n_images=8", "--evaluation.n_mask=4",
+                                                          "--evaluation.mask.iterations=3"], "runs/classifier/report.md"),
+    "configs/experiments/attacks.yaml": (EXPERIMENT + ["--evaluation.n_images=4", "--evaluation.batch_size=4",
+                                                       "--attack.warm_steps=2", "--attack.steps=2",
+                                                       "--per_interpreter.grad.steps=2", "--per_interpreter.cam.steps=2",
+                                                       "--evaluation.attacks=[pgd,adv2]"], "runs/attacks/report.md"),
     "configs/aid/digits_rts.yaml": (TRAIN + ["--model.init_args.width=4"], "checkpoints/digits_rts.pt"),
     "configs/aid/digits_aid.yaml": (TRAIN + ["--trainer.limit_train_batches=4", "--model.init_args.attack.warm_steps=1",
                                              "--model.init_args.attack.steps=1", "--model.init_args.aid.batch_size=4",

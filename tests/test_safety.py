@@ -179,12 +179,12 @@ def test_cifar_payload_does_not_run_in_fit(tmp_path, capsys):
 
 
 def test_cifar_payload_does_not_run_in_experiment_checks(tmp_path, capsys):
-    """The shipped GPU config pointed at a crafted folder with --set data.init_args.root=...: refused by the config checks."""
+    """The shipped GPU config pointed at a crafted folder with --data.init_args.root=...: refused by the config checks."""
     marker = tmp_path / "pwned"
     write_cifar(tmp_path / "cifar", protocol="py2", evil=marker)
     out = tmp_path / "out"
     rc, err = run(capsys, ["experiment", "-c", str(REPO / "configs/experiments/robust_cifar10.yaml"), "--quick",
-                           "--out", str(out), "--set", f"data.init_args.root={tmp_path / 'cifar'}"])
+                           "--out", str(out), f"--data.init_args.root={tmp_path / 'cifar'}"])
     assert_one_line_error(rc, err, "experiment", NOT_A_BATCH)
     assert not marker.exists(), "the experiment's config checks ran the payload"
     assert not out.exists()
@@ -365,7 +365,7 @@ def test_experiment_reuse_fills_in_architecture_defaults(tmp_path):
 
 def test_a_trained_classifier_does_not_follow_the_experiment_seed(tmp_path):
     """The classifier an experiment trains is shared by every later run: the experiment's seed must not change it
-    (a fresh clone running ``--set seed=1`` first got another classifier than one running seed 0 first)."""
+    (a fresh clone running ``--seed=1`` first got another classifier than one running seed 0 first)."""
     dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=32)
 
     def trained(name: str, experiment_seed: int, **spec) -> dict[str, torch.Tensor]:

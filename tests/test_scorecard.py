@@ -36,7 +36,7 @@ def scorecard(tmp_path_factory, one_thread):
     os.chdir(ROOT)  # the tiny config names tests/data/evaluate_tiny.yaml relative to the repository
     try:
         load_experiments()
-        args = ["-c", TINY, "--out", str(out), "--no-progress", "--set", f"classifier.checkpoint={clf}"]
+        args = ["-c", TINY, "--out", str(out), "--no-progress", f"--classifier.checkpoint={clf}"]
         assert experiment(args) == 0
     finally:
         os.chdir(cwd)

@@ -22,8 +22,8 @@ from defend.models.small import small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = str(Path(__file__).parent / "data" / "evaluate_tiny.yaml")
-FAST = ["--set", "autoattack.eps=[]", "--set", "topk.interpreters=[]", "--set", "adaptive.ensemble=[]",
-        "--set", "attacks.interpreters=[cam]", "--set", "n_figure=0"]
+FAST = ["--battery.autoattack.eps=[]", "--battery.topk.interpreters=[]", "--battery.adaptive.ensemble=[]",
+        "--battery.attacks.interpreters=[cam]", "--battery.n_figure=0"]
 DIGITS = [str(i) for i in range(10)]
 
 
@@ -141,7 +141,7 @@ def test_a_zeroed_surrogate_is_not_reported_as_distilled(card_run, tiny_clf, tmp
     d = _detector_dir(tiny_clf, card_run, tmp_path, zero=True)
     out = tmp_path / "card"
     assert run("--classifier", str(tiny_clf[1]), "--detector", str(d), "--out", str(out), *FAST,
-               "--set", "adaptive.detector_surrogate=distilled") == 2
+               "--battery.adaptive.detector_surrogate=distilled") == 2
     err = capsys.readouterr().err.strip()
     assert "its distilled surrogate is constant" in err and len(err.splitlines()) == 1 and not out.exists()
     battery, _ = load_battery(TINY)

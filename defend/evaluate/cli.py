@@ -1,21 +1,21 @@
 """``defend evaluate``: one command that measures a defended system and writes its model card."""
 from __future__ import annotations
 
-import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..class_paths import IMPORT_HELP, allow_imports
+from ..class_paths import IMPORT_HELP, allow_imports, split_imports
 
-__all__ = ["main", "EPILOG"]
+__all__ = ["main", "EPILOG", "evaluate_command"]
 
 EPILOG = """data (--data):
   digits (default)      the embedded digits, DigitsDataModule(seed=0)
   folder:PATH | PATH    an image folder root/<class>/<images> at the classifier's input size, split as
                         configs/finetune/*.yaml do (val/test fraction 0.15, seed 0); change an option with
-                        --set data.KEY=VALUE (e.g. --set data.resize=256)
+                        --data.KEY=VALUE (e.g. --data.resize=256)
   cifar10:PATH          CIFAR-10 in its on-disk format
   FILE.yaml             data: {class_path: ImageFolderDataModule, init_args: {root: ...}} as the experiment configs;
                         a class_path may name registered classes and classes of defend, attacks, torch,
@@ -24,10 +24,14 @@ EPILOG = """data (--data):
 examples:
   defend evaluate --classifier checkpoints/digits_small_cnn.pt --battery quick --out runs/card_quick
   defend evaluate --classifier checkpoints/folder_classifier.pt --data folder:data/my_images --out runs/card_folder
-  defend evaluate --classifier C.pt --rts R.pt --detector runs/detector/det --out runs/card --set n_images=200
+  defend evaluate --classifier C.pt --rts R.pt --detector runs/detector/det --out runs/card --battery.n_images=200
   defend evaluate --classifier other.pt --inputs runs/card --out runs/card_other   # re-score on the same inputs
   defend evaluate --arch resnet50 --weights resnet50.pth --num-classes 1000 --data folder:data/imagenet_val \\
       --out runs/card_resnet50                      # a torchvision state dict instead of an artifact
+
+{overrides}
+Here the battery's keys are under battery. (--battery.n_images=8, --battery.autoattack.eps=[4/255]) and the data
+module's arguments under data. (--data.resize=256).
 
 Writes DIR/card.json (schema docs/card.md, defend/card_schema.json), DIR/report.md, one CSV per table, maps.png,
 attacks.png, roc.png (with a detector), battery.yaml and DIR/adversarial/<attack>_<interpreter>.pt. Everything is
@@ -37,14 +41,21 @@ write are never replaced unless --overwrite is given. DEFEND_DEBUG=1 shows trace
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+def evaluate_command(classifier: str | Path, out: str | Path, *, rts: str | Path | None = None,
+                     detector: str | Path | None = None, data: str | None = None) -> str:
+    """The ``defend evaluate`` command a run prints as its next step, shell-quoted, complete (``--out`` included)."""
+    args = ["defend", "evaluate", "--classifier", str(classifier)]
+    for flag, value in (("--rts", rts), ("--detector", detector), ("--data", data)):
+        if value is not None:
+            args += [flag, str(value)]
+    return shlex.join([*args, "--out", str(out)])
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="defend evaluate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                description="Measure a defended system (classifier [+ RTS] [+ detector]) and write its model card.")
+def _parser() -> Any:
+    from ..frontend import OVERRIDES_HELP, command_parser
+
+    p = command_parser("defend evaluate", "Measure a defended system (classifier [+ RTS] [+ detector]) and write its "
+                       "model card.", EPILOG.replace("{overrides}", OVERRIDES_HELP))
     p.add_argument("--classifier", metavar="PATH", help="classifier artifact (save_classifier / defend fit export)")
     p.add_argument("--arch", metavar="NAME", help="instead of --classifier: a torchvision architecture of the zoo "
                                                   "(resnet18/34/50/101, wide_resnet50_2, densenet121/169) ...")
@@ -67,9 +78,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (created)")
     p.add_argument("--inputs", metavar="DIR", help="re-score the system on the adversarial sets saved in an earlier "
                                                    "--out (DIR/adversarial/*.pt) instead of attacking")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a battery value by dotted path (YAML value, e.g. --set n_images=8 --set "
-                        "autoattack.eps=[4/255]); data.KEY=VALUE sets a data module argument; repeatable")
     p.add_argument("--overwrite", action="store_true", help="allow replacing files in --out that defend did not write")
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.add_argument("--print_config", action="store_true", help="print the resolved battery and exit")
@@ -77,39 +85,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ..safe_yaml import YAMLLimitError, loads
+def _battery(spec: str, args: list[str]) -> tuple[Any, str, dict[str, Any]]:
+    """The battery ``spec`` names with the ``--battery.KEY=VALUE`` overrides merged in, checked, as YAML, and the
+    ``--data.KEY=VALUE`` data module arguments (merged by :func:`defend.frontend.apply_overrides`)."""
+    from ..frontend import apply_overrides, override_parser
+    from ..typed_config import check_known_keys
+    from .battery import Battery, battery_mapping, load_battery, parse_battery
 
-    battery, data = {}, {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            parsed = loads(value, f"--set {key}")
-        except YAMLLimitError:
-            raise
-        except ValueError:
-            raise ValueError(f"--set {key}: {value!r} is not a YAML value") from None
-        if key.startswith("data."):
-            data[key[5:]] = parsed
-        else:
-            battery[key] = parsed
-    return battery, data
+    if not args:
+        return (*load_battery(spec), {})
+    raw = battery_mapping(spec)
+    check_known_keys(Battery, raw)
+    parser = override_parser(Battery, "battery", {"data": dict[str, Any]})
+    try:
+        merged = apply_overrides(parser, {"battery": raw}, args, Battery, "battery")
+    except ValueError as exc:  # a value's problem worded as parse_battery words the battery file's
+        if "config key" in str(exc):
+            exc.args = (f"battery: {str(exc).replace('config key', 'key')}",)
+        raise
+    return (*parse_battery(merged["battery"]), merged["data"])
 
 
-def _check_arch_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--classifier or --arch + --weights; the options of --arch only with it."""
+def _new_key(key: str) -> str:
+    """Where an old ``--set KEY=VALUE`` goes now: ``data.KEY`` stays, a battery key is under ``battery.``."""
+    return key if key.startswith("data.") else f"battery.{key}"
+
+
+def _check_args(args: Any) -> None:
+    """--out and --classifier (or --arch + --weights; the options of --arch only with it), one line each."""
+    if args.print_config:
+        return
+    if not args.out or not (args.classifier or args.arch):
+        missing = ["--out"] if not args.out else ["--classifier"]
+        raise ValueError(f"the following arguments are required: {', '.join(missing)} (or --arch NAME --weights PATH "
+                         "for a torchvision state dict)")
     if args.classifier and args.arch:
-        parser.error("give --classifier (an artifact) or --arch with --weights (a state dict), not both")
+        raise ValueError("give --classifier (an artifact) or --arch with --weights (a state dict), not both")
     if bool(args.arch) != bool(args.weights):
-        parser.error("--arch and --weights go together (a torchvision architecture and its local state dict)")
+        raise ValueError("--arch and --weights go together (a torchvision architecture and its local state dict)")
     extra = [f"--{k.replace('_', '-')}" for k in ("num_classes", "mean", "std") if getattr(args, k) is not None]
     if not args.arch and (extra or args.input_size != 224):
-        parser.error(f"{', '.join(extra or ['--input-size'])} only go with --arch (an artifact carries its own)")
+        raise ValueError(f"{', '.join(extra or ['--input-size'])} only go with --arch (an artifact carries its own)")
+    if not args.out.strip():
+        raise ValueError("--out must name a directory")
 
 
-def _classifier(args: argparse.Namespace) -> Any:
+def _classifier(args: Any) -> Any:
     """The classifier to evaluate: an artifact's path or an ``ArchSpec``."""
     if not args.arch:
         return args.classifier
@@ -120,38 +141,30 @@ def _classifier(args: argparse.Namespace) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import USER_ERRORS, debug_enabled, one_line
+    from ..frontend import parse_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    out, created = None, False
     try:
-        args = parser.parse_args(argv)
-        if not args.print_config:
-            missing = [f"--{k}" for k in ("out",) if not getattr(args, k)]
-            if missing or not (args.classifier or args.arch):
-                parser.error(f"the following arguments are required: {', '.join(missing or ['--classifier'])} "
-                             f"(or --arch NAME --weights PATH for a torchvision state dict)")
-            _check_arch_args(parser, args)
-            if not args.out.strip():
-                parser.error("--out must name a directory")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    out = Path(args.out) if args.out else None
-    created = out is not None and not out.exists()
-    try:
-        allow_imports(args.imports)
-        battery_over, data_over = _overrides(args.set)
+        argv_own, modules = split_imports(argv)
+        args, over = parse_command(_parser(), argv_own, _new_key)
+        _check_args(args)
+        out = Path(args.out) if args.out else None
+        created = out is not None and not out.exists()
+        allow_imports(modules)
+        battery, battery_yaml, data_over = _battery(args.battery, over)
         if args.print_config:
-            from .battery import load_battery
-
-            print(load_battery(args.battery, battery_over)[1], end="")
+            print(battery_yaml, end="")
             return 0
         from .run import evaluate_system
 
         evaluate_system(_classifier(args), out, rts=args.rts, detector=args.detector, data=args.data,
-                        battery=args.battery, overrides=battery_over, data_overrides=data_over, inputs=args.inputs,
+                        battery=battery, data_overrides=data_over, inputs=args.inputs,
                         overwrite=args.overwrite, progress=not args.no_progress, argv=["defend", "evaluate", *argv])
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     except BaseException as exc:
-        if created and out.is_dir() and not any(out.iterdir()):
+        if created and out is not None and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         from lightning_fabric.utilities.exceptions import MisconfigurationException  # not at start: fast --help
 

@@ -5,7 +5,7 @@ An experiment is one module that registers its run function with its config clas
     @register_experiment("attacks", AttacksConfig, outputs=planned_outputs)
     def run(cfg: AttacksConfig, out: Path, progress: bool = True) -> list[dict]: ...
 
-:func:`parse_experiment` turns the merged YAML (plus ``--quick`` and ``--set``) into that dataclass: unknown or misspelt
+:func:`parse_experiment` turns the merged YAML (plus ``--quick`` and the ``--KEY.PATH=VALUE`` overrides) into that dataclass: unknown or misspelt
 keys anywhere, wrong types, NaN / Inf / negative radii and step sizes, zero counts are one-line errors with the valid
 choices (:mod:`defend.typed_config`). Sections that hold a LightningModule's or a data module's arguments are checked
 against that class's own signature (:func:`defend.typed_config.check_class_options`), so no config copies a module's
@@ -24,6 +24,7 @@ from ..typed_config import parse_typed
 from ..types import Count, PositiveCount
 
 __all__ = ["ExperimentConfig", "EXPERIMENTS", "ExperimentSpec", "register_experiment", "parse_experiment",
+           "experiment_spec",
            "TrainerOptions"]
 
 
@@ -66,14 +67,19 @@ def register_experiment(name: str, config: type, outputs: Callable | None = None
     return add
 
 
+def experiment_spec(raw: dict[str, Any]) -> ExperimentSpec:
+    """The registered experiment ``raw['experiment']`` names (an unknown name is one line with the choices)."""
+    name = raw.get("experiment")
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS.get(name)
+
+
 def parse_experiment(raw: dict[str, Any], instantiate: bool = True) -> tuple[ExperimentSpec, Any, str]:
     """The registered experiment named in ``raw['experiment']``, ``raw`` as its typed and checked config, and that
     config resolved as YAML (every default filled in: ``--print_config`` and ``DIR/config.yaml``).
     ``instantiate=False``: keys and types only (the config is then ``None``; nothing is built or checked further)."""
-    name = raw.get("experiment")
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
-    spec: ExperimentSpec = EXPERIMENTS.get(name)
+    spec = experiment_spec(raw)
     cfg, yaml_text = parse_typed(spec.config, raw, instantiate)
     if instantiate and spec.check is not None:
         spec.check(cfg)

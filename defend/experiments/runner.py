@@ -8,7 +8,6 @@ is given, and every write into ``DIR`` is checked against the manifest again whe
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import sys
@@ -18,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..class_paths import IMPORT_HELP, allow_imports
+from ..class_paths import IMPORT_HELP, allow_imports, split_imports
 from ..distributed import is_global_zero
 from ..io import OutputGuard, atomic_write_text, guarded_outputs, write_error, write_json
 from ..provenance import noted_data, provenance
-from ..safe_yaml import loads, read_mapping
-from .config import EXPERIMENTS, parse_experiment
+from ..safe_yaml import read_mapping
+from .config import EXPERIMENTS, experiment_spec, parse_experiment
 
-__all__ = ["main", "load_config", "deep_merge", "planned_outputs", "load_experiments"]
+__all__ = ["main", "load_config", "resolve_config", "deep_merge", "planned_outputs", "load_experiments"]
 
 
 def load_experiments() -> None:
@@ -45,26 +44,14 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    node = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
-def load_config(paths: Sequence[str], overrides: Sequence[str] = (), quick: bool = False) -> dict[str, Any]:
-    """Merge config files left to right, then ``quick:`` overrides (if asked), then ``--set key=value``."""
+def load_config(paths: Sequence[str], quick: bool = False) -> dict[str, Any]:
+    """Merge config files left to right, then the ``quick:`` section (if asked); the command line's overrides come
+    after (:func:`defend.frontend.apply_overrides`)."""
     cfg: dict[str, Any] = {}
     for p in paths:
         cfg = deep_merge(cfg, read_mapping(p))
     if quick:
         cfg = deep_merge(cfg, cfg.get("quick", {}) or {})
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        _set_path(cfg, key, loads(value, f"--set {key}"))
     cfg.pop("quick", None)
     return cfg
 
@@ -74,7 +61,9 @@ EPILOG = """experiments: {names}
 examples:
   defend experiment -c configs/experiments/classifier.yaml --out runs/classifier
   defend experiment -c configs/experiments/attacks.yaml -c configs/trainer/cpu.yaml --out runs/attacks --quick
-  defend experiment -c configs/experiments/attacks.yaml --out runs/a --set attack.eps=0.02 --set evaluation.n_images=8
+  defend experiment -c configs/experiments/attacks.yaml --out runs/a --attack.eps=0.02 --evaluation.n_images=8
+
+{overrides}
 
 The config is checked before anything runs (names of attacks / frameworks / interpreters / models, radii, step
 counts, the data and a reused classifier checkpoint): an invalid config exits with status 2 and one error line,
@@ -87,22 +76,16 @@ Set DEFEND_DEBUG=1 to see full tracebacks.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors on one line (``defend experiment: error: ...``), exit status 2."""
+def _parser() -> Any:
+    from ..frontend import OVERRIDES_HELP, command_parser
 
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="defend experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run an experiment config end to end and write DIR/metrics.json, DIR/report.md and figures.",
-        epilog=EPILOG.format(names=", ".join(EXPERIMENTS) or "(none loaded)"))
+    parser = command_parser(
+        "defend experiment", "Run an experiment config end to end and write DIR/metrics.json, DIR/report.md and "
+        "figures.", EPILOG.format(names=", ".join(EXPERIMENTS) or "(none loaded)", overrides=OVERRIDES_HELP))
     parser.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                         help="experiment YAML; repeat to compose, later files win (e.g. an experiment, then a trainer "
                              "preset from configs/trainer/)")
-    parser.add_argument("--out", metavar="DIR", type=_out_dir,
+    parser.add_argument("--out", metavar="DIR", type=str,
                         help="output directory for metrics.json, report.md and figures (created; files are replaced "
                              "atomically; nothing is written when the config is invalid). The files a run writes "
                              "are listed in DIR/.defend-manifest.json; a later run replaces only those (unchanged "
@@ -112,15 +95,26 @@ def _parser() -> argparse.ArgumentParser:
                              "since it wrote them (e.g. your own report.md); without it the run refuses up front")
     parser.add_argument("--quick", action="store_true",
                         help="apply the config's `quick:` section: fewer inputs, steps and epochs (a fast smoke run)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by dotted path, after the files and --quick; the value is read "
-                             "as YAML (e.g. --set attack.eps=0.02 --set evaluation.interpreters=[cam,grad]); "
-                             "repeatable")
-    parser.add_argument("--print_config", action="store_true",
-                        help="print the resolved, checked config (every default filled in) and exit")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved, checked config (every default filled in) and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--import", action="append", default=[], metavar="MODULE", dest="imports", help=IMPORT_HELP)
     return parser
+
+
+def resolve_config(paths: Sequence[str], overrides: Sequence[str] = (), quick: bool = False,
+                   out: str | None = None) -> dict[str, Any]:
+    """The config files (+ ``quick:``) with the command line's ``--KEY.PATH=VALUE`` ``overrides`` merged in by
+    jsonargparse against the experiment's config class (:func:`defend.frontend.apply_overrides`)."""
+    from ..frontend import apply_overrides, override_parser
+    from ..typed_config import check_known_keys
+
+    raw = load_config(paths, quick)
+    raw["output_dir"] = str(Path(out or "."))  # where rank 0 publishes (other ranks: a scratch directory)
+    if not overrides:
+        return raw
+    spec = experiment_spec(raw)
+    check_known_keys(spec.config, raw)
+    return apply_overrides(override_parser(spec.config), raw, overrides, spec.config)
 
 
 #: what every run writes beside the experiment's own outputs
@@ -135,11 +129,14 @@ def planned_outputs(spec: Any, cfg: Any, out: Path) -> list[Path]:
     return [out / f for f in RUN_FILES] + [Path(p) for p in (spec.outputs(cfg, out) if spec.outputs else [])]
 
 
-def _out_dir(value: str) -> str:
-    if not value.strip():
-        raise argparse.ArgumentTypeError(f"--out must name a directory, got {value!r} (an empty --out would write "
-                                         "into the working directory); pass e.g. --out runs/NAME")
-    return value
+def _out_dir(value: str | None, print_config: bool) -> Path:
+    """``--out`` (required unless ``--print_config``; an empty one would write into the working directory)."""
+    if value is None and not print_config:
+        raise ValueError("the following arguments are required: --out (see `defend experiment --help`)")
+    if value is not None and not value.strip():
+        raise ValueError(f"--out must name a directory, got {value!r} (an empty --out would write into the working "
+                         "directory); pass e.g. --out runs/NAME")
+    return Path(value or ".")
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -154,7 +151,7 @@ def _threads(cfg: Any) -> None:
         torch.set_num_threads(int(cfg.threads))
 
 
-def _publish(spec: Any, cfg: Any, resolved: str, out: Path, args: argparse.Namespace, argv: list[str]) -> None:
+def _publish(spec: Any, cfg: Any, resolved: str, out: Path, args: Any, argv: list[str]) -> None:
     """Rank 0: refuse to overwrite what the user made, run, then write the resolved config and the provenance."""
     guard = OutputGuard(out, overwrite=args.overwrite)
     guard.refuse(planned_outputs(spec, cfg, out))  # before anything trains or is written
@@ -175,22 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     from ..errors import USER_ERRORS, debug_enabled, one_line
+    from ..frontend import parse_command
 
     load_experiments()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    out, created = None, False
     try:
-        args = parser.parse_args(argv)
-        if args.out is None and not args.print_config:
-            parser.error("the following arguments are required: --out")
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else 2
-    out = Path(args.out or ".")
-    created = args.out is not None and not out.exists()
-    try:
-        allow_imports(args.imports)
-        raw = load_config(args.config, args.set, args.quick)
-        raw["output_dir"] = str(out)  # where rank 0 publishes (other ranks run in a scratch directory)
+        argv_own, modules = split_imports(argv)
+        args, overrides = parse_command(_parser(), argv_own)
+        out = _out_dir(args.out, args.print_config)
+        created = args.out is not None and not out.exists()
+        allow_imports(modules)
+        raw = resolve_config(args.config, overrides, args.quick, args.out)
         if args.print_config:  # resolved and type-checked; the data and checkpoints it names need not exist here
             print(parse_experiment(raw, instantiate=False)[2], end="")
             return 0
@@ -201,8 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # DDP: the other ranks train / attack their shards; only rank 0 publishes into --out
             with tempfile.TemporaryDirectory(prefix="defend-rank-") as scratch:
                 spec.run(cfg, Path(scratch), progress=False)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     except BaseException as exc:
-        if created and _is_empty_dir(out):  # a run that failed before writing anything leaves no directory
+        if created and out is not None and _is_empty_dir(out):  # a run that failed before writing leaves no directory
             out.rmdir()
         if not isinstance(exc, (*USER_ERRORS, MisconfigurationException)) or debug_enabled():
             raise
