@@ -2,14 +2,36 @@
 
     python benchmarks/attack_speed.py --out runs/bench/attack_speed [--device cpu|cuda] [--arch small_cnn]
         [--image-size 32] [--width W] [--num-classes 10] [--batch-sizes 8 32 128] [--repeats 3] [--bf16] [--channels-last]
-        [--peak-tflops 989] [--tf32 default|on|off] [--max-seconds S] [--checkpoint PATH]
+        [--peak-tflops 989] [--tf32 default|on|off] [--max-seconds S] [--checkpoint PATH] [--clock auto|cpu|wall]
+        [--no-memory]
 
 For one model and batch, every variant is run as ``ADV2(...)`` with ``warm_steps=0, steps=S`` (the joint
 stage only; the plain ``pgd`` baseline with ``warm_steps=S, steps=0``) for two step counts ``S_lo < S_hi``.
 The per-step time is ``(t(S_hi) - t(S_lo)) / (S_hi - S_lo)`` with ``t`` the fastest of ``--repeats`` runs,
 so setup costs (target maps, the initial MASK solve, edge maps, the final forward) cancel. CUDA is
 synchronised around every timed call. Weights do not change the timing, so the model is untrained unless
-``--checkpoint`` is given.
+``--checkpoint`` is given. The repeats are interleaved (r1: v1 v2 ... r2: v1 v2 ...) so load hits every variant alike.
+
+The papers' architectures at their size: ``--arch resnet50 --image-size 224 --num-classes 1000`` (also
+densenet121, vgg16) builds the torchvision model through the zoo (``defend.models``; untrained, seeded, nothing is
+downloaded) and, for ``adv2_rts``, an untrained RTS network on its encoder stages.
+
+Clock (``--clock``): on CPU the default is the process's CPU time (``time.process_time``), not wall time. On a
+shared machine wall time also counts the time the process waited for a core, which is what made the slope of two
+close step counts swing by 2-3x between runs; the CPU time of a one-thread run does not (with several threads it
+counts core-seconds, spin-waits included: pass ``--clock wall`` there). CUDA always uses synchronised wall time.
+
+Work per step: a forward hook on the classifier's first module (``normalize`` of the zoo / wrapped classifiers,
+else the model) counts its forward passes, and a hook on that module's output the gradient passes back through it;
+``(count(S_hi) - count(S_lo)) / (S_hi - S_lo)`` are the ``forwards`` / ``backwards`` per step beside the time, so a
+variant that skips or repeats the classifier shows it (counted on the first repeat).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``. On CPU every variant runs once more (``S_LO`` steps) in a
+fresh subprocess, which reads the kernel's peak resident set ``VmHWM`` from ``/proc/self/status``, reset (``5`` to
+``/proc/self/clear_refs``) once the model and the batch are built; the row's ``peak_rss_mib`` is that peak minus the
+resident set at the reset (the attack's own memory). Why not in-process: tracemalloc does not see torch's C++
+allocations, ``ru_maxrss`` cannot be reset, and freed heap that the allocator keeps from an earlier variant would
+hide a later variant's growth; sampling RSS from a thread misses short peaks. ``--no-memory`` skips it.
 
 ``--bf16`` runs the attacks with the engine's bfloat16 autocast (``ADV2(autocast="bf16")``: the perturbation and
 the losses stay float32). ``--channels-last`` puts the model (and the RTS network) and the inputs in channels_last
@@ -23,10 +45,15 @@ measured) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import re
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="classifier artifact (defend.classifier.load_classifier)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: leave the default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
+                   help="auto: process CPU time on CPU, synchronised wall time on CUDA (see the module docstring)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs on CPU")
+    p.add_argument("--memory-of", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)  # the subprocess
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     lo, hi = args.steps
     if not 1 <= lo < hi:
         p.error(f"--steps needs 1 <= S_LO < S_HI, got {lo} {hi}")
@@ -170,15 +202,58 @@ def pgd_step_flops(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor
     return int(counter.get_total_flops())
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall seconds of ``fn()``, CUDA synchronised before and after."""
+def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    """Seconds of ``fn()``: wall time (CUDA synchronised before and after) or, with ``clock="cpu"``, the process's
+    CPU time."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return now() - start
+
+
+def clock_of(args: argparse.Namespace, device: torch.device) -> str:
+    """``--clock`` resolved: ``cpu`` time on a CPU device (``auto``), wall time on CUDA."""
+    return "wall" if device.type == "cuda" or args.clock == "wall" else "cpu"
+
+
+@dataclass
+class Passes:
+    """Forward and backward passes counted through one module."""
+
+    forwards: int = 0
+    backwards: int = 0
+
+
+@contextmanager
+def count_passes(module: torch.nn.Module) -> Iterator[Passes]:
+    """Count the forward calls of ``module`` and the gradient passes back through its output while the block runs
+    (a double backward that differentiates through the output again counts again); the hooks are removed on exit."""
+    passes = Passes()
+
+    def on_grad(grad: torch.Tensor) -> None:
+        passes.backwards += 1
+
+    def on_forward(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        passes.forwards += 1
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(on_grad)
+
+    handle = module.register_forward_hook(on_forward)
+    try:
+        yield passes
+    finally:
+        handle.remove()
+
+
+def first_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module every classifier pass goes through first: ``normalize`` of the zoo and wrapped classifiers (which
+    ``forward``, ``forward_features`` and ``forward_stages`` all run), else the model itself."""
+    module = getattr(model, "normalize", None)
+    return module if isinstance(module, torch.nn.Module) else model
 
 
 def _prepare(model, x, target, variants: list[str], args: argparse.Namespace, device: torch.device,
@@ -210,32 +285,91 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def step_seconds(model, x, target, variants: list[str], args: argparse.Namespace,
-                 device: torch.device) -> tuple[dict[str, float | Exception], dict[str, float]]:
-    """Seconds per step of every variant (or the exception it raised) on one batch, and peak CUDA memory (GiB).
+def step_seconds(model, x, target, variants: list[str], args: argparse.Namespace, device: torch.device,
+                 passes: dict[str, dict[int, Passes]] | None = None, per_repeat: dict[str, list[float]] | None = None
+                 ) -> tuple[dict[str, float | Exception], dict[str, float]]:
+    """Seconds per step of every variant (or the exception it raised) on one batch, and peak CUDA memory (GiB);
+    ``passes[variant][steps]`` receives the classifier passes counted on the first repeat, ``per_repeat[variant]``
+    the per-step seconds of each repeat on its own (its spread; the returned figure uses the fastest run of each
+    step count).
 
     The repeats are interleaved across variants (r1: v1 v2 ... r2: v1 v2 ...) so that a burst of load on
     a shared machine spreads over all variants instead of skewing one ratio.
     """
     lo, hi = args.steps
+    clock = clock_of(args, device)
     result: dict[str, float | Exception] = {}
     memory: dict[str, float] = {}
     prepared = _prepare(model, x, target, variants, args, device, result, memory)
     best = {v: {lo: float("inf"), hi: float("inf")} for v in prepared}
-    for _ in range(args.repeats):
+    times: dict[str, dict[int, list[float]]] = {v: {lo: [], hi: []} for v in prepared}
+    for r in range(args.repeats):
         for variant in list(prepared):
             try:
                 for s in (lo, hi):
-                    best[variant][s] = min(best[variant][s], timed(lambda: prepared[variant][s](model, x, target), device))
+                    with count_passes(first_module(model)) as counted:
+                        t = timed(lambda: prepared[variant][s](model, x, target), device, clock)
+                    best[variant][s] = min(best[variant][s], t)
+                    times[variant][s].append(t)
+                    if r == 0 and passes is not None:
+                        passes.setdefault(variant, {})[s] = counted
             except Exception as exc:
                 result[variant] = exc
                 del prepared[variant], best[variant]
                 _release(device)
     for variant, t in best.items():
         result[variant] = max(t[hi] - t[lo], 1e-9) / (hi - lo)
+        if per_repeat is not None:
+            per_repeat[variant] = [(b - a) / (hi - lo) for a, b in zip(times[variant][lo], times[variant][hi])]
     prepared.clear()
     _release(device)
     return result, memory
+
+
+def per_step(counts: dict[int, Passes], steps: tuple[int, int]) -> tuple[float, float]:
+    """Forward and backward passes per step from the counts of the two step counts."""
+    lo, hi = steps
+    return ((counts[hi].forwards - counts[lo].forwards) / (hi - lo),
+            (counts[hi].backwards - counts[lo].backwards) / (hi - lo))
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (peak memory needs Linux; pass --no-memory)")
+    return int(match.group(1))
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, float]:
+    """The ``--memory-of`` subprocess: run that variant once (``S_LO`` steps: a step's graph is freed before the next,
+    so more steps add no memory) on the first batch size and return the peak resident set of the attack (MiB over
+    the resident set once model and batch are built)."""
+    device = torch.device(args.device)
+    model = load_model(args, device)
+    size = int(getattr(model, "input_size", args.image_size)) if args.checkpoint else args.image_size
+    x, target = make_batch(args.batch_sizes[0], int(getattr(model, "in_channels", 3)), size,
+                           int(getattr(model, "num_classes", args.num_classes)), args.seed, device, args.channels_last)
+    attack = make_attack(args.memory_of, args.steps[0], args.mask_inner_steps, model, args.mask_search_steps,
+                         "bf16" if args.bf16 else None, args.channels_last)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _status_kib("VmRSS")
+    attack(model, x, target)
+    return {"peak_rss_mib": (_status_kib("VmHWM") - base) / 1024, "rss_before_mib": base / 1024}
+
+
+def peak_rss(variant: str, batch_size: int, args: argparse.Namespace) -> float | None:
+    """Peak resident memory (MiB) of ``variant`` on ``batch_size`` inputs, measured in a fresh subprocess (see
+    :func:`measure_memory`); ``None`` (and a line on stderr) when that run fails."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--memory-of", variant,
+           "--batch-sizes", str(batch_size)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        print(f"[attack_speed] memory of {variant} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}",
+              file=sys.stderr)
+        return None
+    return float(json.loads(lines[-1])["peak_rss_mib"])
 
 
 def device_name(device: torch.device) -> str:
@@ -268,7 +402,8 @@ def base_row(variant: str, batch_size: int, info: dict[str, Any], args: argparse
         "dtype": "bf16-autocast" if args.bf16 else "fp32", "channels_last": bool(args.channels_last),
         "steps": list(args.steps), "repeats": args.repeats,
         "pgd_step_flops": None, "achieved_tflops": None, "peak_tflops": args.peak_tflops, "mfu": None,
-        "peak_memory_gib": None,
+        "peak_memory_gib": None, "peak_rss_mib": None, "forwards_per_step": None, "backwards_per_step": None,
+        "clock": clock_of(args, torch.device(args.device)), "repeat_step_seconds": None, "repeat_cost_vs_pgd": None,
     }
 
 
@@ -278,13 +413,22 @@ def batch_rows(model, batch_size: int, variants: list[str], info: dict[str, Any]
     x, target = make_batch(batch_size, info["in_channels"], info["image_size"], info["num_classes"], args.seed,
                            device, args.channels_last)
     flops = pgd_step_flops(model, x, target, "bf16" if args.bf16 else None)
-    timings, memory = step_seconds(model, x, target, variants, args, device)
+    passes: dict[str, dict[int, Passes]] = {}
+    per_repeat: dict[str, list[float]] = {}
+    timings, memory = step_seconds(model, x, target, variants, args, device, passes, per_repeat)
     base = timings.get("pgd") if isinstance(timings.get("pgd"), float) else None
     rows = []
     for variant in variants:
         row = base_row(variant, batch_size, info, args)
         row["pgd_step_flops"] = flops
         row["peak_memory_gib"] = memory.get(variant)
+        if variant in per_repeat:  # repeats are interleaved: repeat r of a variant is paired with repeat r of pgd
+            row["repeat_step_seconds"] = per_repeat[variant]
+            row["repeat_cost_vs_pgd"] = [v / b for v, b in zip(per_repeat[variant], per_repeat.get("pgd", []))]
+        if variant in passes:
+            row["forwards_per_step"], row["backwards_per_step"] = per_step(passes[variant], tuple(args.steps))
+        if device.type == "cpu" and not args.no_memory and variant in passes:
+            row["peak_rss_mib"] = peak_rss(variant, batch_size, args)
         sec = timings[variant]
         if isinstance(sec, Exception):
             row["error"] = f"{type(sec).__name__}: {sec}".splitlines()[0][:200]
@@ -309,18 +453,21 @@ def over_budget(max_seconds: float | None, elapsed: float, last: tuple[int, floa
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
-    lines = ["| variant | dtype | batch | step ms | cost vs pgd | inputs/s | TFLOP/s | MFU | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | dtype | batch | step ms | cost vs pgd | fwd/bwd per step | inputs/s | TFLOP/s | MFU | peak MiB "
+             "| note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['variant']} | {r['dtype']} | {r['batch_size']} | - | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['variant']} | {r['dtype']} | {r['batch_size']} | - | - | - | - | - | - | - | {r['error']} |")
             continue
         note = f"k={r['mask_inner_steps']}, search {r['mask_search_steps']}" if r["mask_inner_steps"] is not None else ""
         ratio = "-" if r["step_cost_vs_pgd"] is None else f"{r['step_cost_vs_pgd']:.2f}"
         tflops = "-" if r.get("achieved_tflops") is None else f"{r['achieved_tflops']:.3g}"
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        work = "-" if r.get("forwards_per_step") is None else f"{r['forwards_per_step']:g} / {r['backwards_per_step']:g}"
+        mem = r.get("peak_rss_mib") or (None if r.get("peak_memory_gib") is None else 1024 * r["peak_memory_gib"])
         lines.append(f"| {r['variant']} | {r['dtype']} | {r['batch_size']} | {1e3 * r['step_seconds']:.2f} | {ratio} | "
-                     f"{r['inputs_per_second']:.0f} | {tflops} | {mfu} | {note} |")
+                     f"{work} | {r['inputs_per_second']:.0f} | {tflops} | {mfu} | {'-' if mem is None else f'{mem:.0f}'} "
+                     f"| {note} |")
     return "\n".join(lines)
 
 
@@ -330,6 +477,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_of:  # the peak-memory subprocess (peak_rss): one JSON line, nothing written
+        print(json.dumps(measure_memory(args)))
+        return []
     device = torch.device(args.device)
     tf32 = set_tf32(args.tf32) if device.type == "cuda" else None
     model = load_model(args, device)

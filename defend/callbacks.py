@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from .checks import load_checkpoint_file
 from .data.base import require_development
 from .io import CheckpointError, OutputConflictError, OutputGuard, guarded_outputs, load_artifact
 
@@ -198,7 +199,6 @@ class ExportArtifact(pl.Callback):
         current = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         try:
             if best:
-                from .checks import load_checkpoint_file
 
                 pl_module.load_state_dict(load_checkpoint_file(best)["state_dict"])
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import attacks
 from attacks.interpreters import Interpreter
 from attacks.state import frozen
 
@@ -56,7 +57,6 @@ def cache_key(spec: Mapping[str, Any]) -> str:
 
 def code_fingerprint() -> str:
     """Hash of the attack / interpreter sources (``attacks/**.py``): a code change invalidates cached maps."""
-    import attacks
 
     root = Path(attacks.__file__).parent
     h = hashlib.sha256()

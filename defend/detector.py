@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -287,7 +287,7 @@ class DetectorModule(DefenceModule):
             raise write_error(d, exc) from None
         hp = {k: self.hparams[k] for k in ("in_channels", "input_size", "trainable", "lr", "weight_decay", "seed",
                                            "feature_stages")}
-        trunk, booster, surrogate = DETECTOR_FILES  # the names detector_files() plans
+        trunk, booster, surrogate = DETECTOR_FILES  # the names detector_files() plans and load reads
         files = {trunk: save_artifact(d / trunk, "detector", self.net.state_dict(),
                                       {"hparams": hp, "booster": json.dumps(self.booster_options)})}
         if self.booster is not None:
@@ -320,28 +320,29 @@ class DetectorModule(DefenceModule):
         Every file is checked against the sha256 that ``detector.json`` lists for it (and ``detector.json``
         against its own checksum) before it is used; a missing, tampered or truncated file is a one-line
         :class:`~defend.io.CheckpointError` naming it."""
-        d = Path(directory)
-        info = _read_detector_json(d / "detector.json")
-        blobs = {name: _verified_bytes(d, name, digest, d / "detector.json") for name, digest in info["files"].items()}
-        payload = load_artifact(d / "trunk.pt", "detector", data=blobs["trunk.pt"])
+        d, names = Path(directory), DETECTOR_FILES
+        info = _read_detector_json(d / DETECTOR_INDEX)
+        blobs = {name: _verified_bytes(d, name, digest, d / DETECTOR_INDEX) for name, digest in info["files"].items()}
+        trunk = d / names.trunk
+        payload = load_artifact(trunk, "detector", data=blobs[names.trunk])
         hp = dict(payload["meta"]["hparams"])
         booster = json.loads(payload["meta"].get("booster") or "{}")
-        check_hparams(hp, d / "trunk.pt")
+        check_hparams(hp, trunk)
         det = build_from_state(lambda: cls(booster=booster, **hp),
-                               {f"net.{k}": v for k, v in payload["state"].items()}, d / "trunk.pt",
+                               {f"net.{k}": v for k, v in payload["state"].items()}, trunk,
                                f"the detector trunk {hp}")
-        load_state_checked(det.net, payload["state"], d / "trunk.pt")
-        if "booster.json" in blobs:
+        load_state_checked(det.net, payload["state"], trunk)
+        if names.booster in blobs:
             det.booster = det._make_booster()
             try:
-                det.booster.load_model(bytearray(blobs["booster.json"]))
+                det.booster.load_model(bytearray(blobs[names.booster]))
             except Exception as exc:  # xgboost rejects it although the checksum matched: not an XGBoost model
                 text = " ".join(str(exc).split())[:200]
-                raise CheckpointError(f"{d / 'booster.json'} is not a valid XGBoost model: {text}") from None
-        if "surrogate.pt" in blobs:
-            sur = load_artifact(d / "surrogate.pt", "detector", data=blobs["surrogate.pt"])
+                raise CheckpointError(f"{d / names.booster} is not a valid XGBoost model: {text}") from None
+        if names.surrogate in blobs:
+            sur = load_artifact(d / names.surrogate, "detector", data=blobs[names.surrogate])
             det.surrogate = BoosterSurrogate.empty(det.feature_dim)
-            load_state_checked(det.surrogate, sur["state"], d / "surrogate.pt")
+            load_state_checked(det.surrogate, sur["state"], d / names.surrogate)
             # the fit the files claim (defend evaluate re-measures it: measure_surrogate)
             det.surrogate_fit = {k: float(v) for k, v in dict((sur.get("meta") or {}).get("fit") or {}).items()}
         return det.eval()
@@ -364,8 +365,17 @@ class DistilledDetector(nn.Module):
 
 #: ``format`` of ``detector.json``
 DETECTOR_FORMAT = "idls-defend-detector/1"
+class DetectorFileNames(NamedTuple):
+    """The names of the files :meth:`DetectorModule.save` writes next to ``detector.json`` (a tuple: iterate it for
+    all of them; ``save``, ``load`` and the index check name each by its field)."""
+
+    trunk: str
+    booster: str
+    surrogate: str
+
+
 #: the files :meth:`DetectorModule.save` writes next to ``detector.json`` (the only names ``load`` reads)
-DETECTOR_FILES = ("trunk.pt", "booster.json", "surrogate.pt")
+DETECTOR_FILES = DetectorFileNames("trunk.pt", "booster.json", "surrogate.pt")
 #: the file :meth:`DetectorModule.save` writes last, listing the others (a detector folder is complete when it is there)
 DETECTOR_INDEX = "detector.json"
 
@@ -408,7 +418,7 @@ def _read_detector_json(path: Path) -> dict[str, Any]:
                               "re-save the detector")
     files = info["files"]
     unknown = sorted(set(files) - set(DETECTOR_FILES))
-    if unknown or "trunk.pt" not in files or ("booster.json" in files) != bool(info.get("has_booster")):
+    if unknown or DETECTOR_FILES.trunk not in files or (DETECTOR_FILES.booster in files) != bool(info.get("has_booster")):
         raise CheckpointError(f"{path} lists unexpected files {sorted(files)}: re-save the detector")
     return info
 

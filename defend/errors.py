@@ -16,6 +16,8 @@ import sys
 import warnings
 from collections.abc import Iterable
 
+from .class_paths import import_denied
+
 __all__ = ["USER_ERRORS", "one_line", "did_you_mean", "debug_enabled", "quiet_lightning"]
 
 # ValueError covers CheckpointError, jsonargparse's instantiation errors and the input checks of the attack core;
@@ -113,7 +115,6 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}"
     text = _worker_error(text) or text
-    from .class_paths import import_denied
 
     text = import_denied(text) or text
     if "\n" in text.strip():

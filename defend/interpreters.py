@@ -11,6 +11,7 @@ from typing import Any
 
 from attacks.interpreters import Interpreter, get_interpreter
 
+from .aid import load_rts
 from .defences import Defence, register_defence
 
 __all__ = ["build_interpreter"]
@@ -19,7 +20,6 @@ __all__ = ["build_interpreter"]
 def build_interpreter(name: str | Interpreter, **options: Any) -> Interpreter:
     """``get_interpreter(name, **options)``, with ``network`` given as a checkpoint path loaded for ``rts``."""
     if name == "rts" and isinstance(options.get("network"), (str, os.PathLike)):
-        from .aid import load_rts
 
         path = Path(options["network"])
         if not path.is_file():

@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from .io import project_version
+from .typed_config import plain_dict as plain
 
 __all__ = ["DefenceModule", "Optimiser", "FrozenModule", "OPTIMISERS", "SCHEDULES", "MIN_ONE_CYCLE_STEPS",
-           "as_options", "options_dict", "plain", "check_milestones", "build_optimiser", "build_scheduler",
+           "as_options", "plain", "check_milestones", "build_optimiser", "build_scheduler",
            "one_cycle_steps"]
 
 OPTIMISERS = ("sgd", "adam", "adamw")
@@ -129,31 +130,6 @@ def as_options(value: Any, default: T, name: str | None = None) -> T:
     if unknown:
         raise ValueError(f"{label}: unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
     return dataclasses.replace(default, **dict(value))
-
-
-def options_dict(value: Any) -> Any:
-    """``value`` with every dataclass turned into a plain dict (what the hyper-parameters store)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: options_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: options_dict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(options_dict(v) for v in value)
-    return value
-
-
-def plain(value: Any) -> Any:
-    """``value`` as plain YAML-like data (tuples -> lists, mappings -> dicts, paths -> str, 0-d tensors -> numbers),
-    so that hyper-parameters from a config and from a checkpoint compare equal when they mean the same."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    return value
 
 
 def check_milestones(milestones: Any) -> list[int]:
@@ -255,7 +231,7 @@ class DefenceModule(pl.LightningModule):
         the module's ``_class_path``: what checkpoints carry and what resuming compares."""
         cls = type(self)
         hp = {"_class_path": f"{cls.__module__}.{cls.__qualname__}",
-              **{k: options_dict(v) for k, v in values.items()}}
+              **{k: plain(v) for k, v in values.items()}}
         self.save_hyperparameters(hp)
 
     # ------------------------------------------------------------------ data checks

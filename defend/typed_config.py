@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -135,13 +137,20 @@ def check_known_keys(cls: Any, raw: Any, where: str = "the top level") -> None:
 
 
 def plain_dict(obj: Any) -> Any:
-    """A (nested) dataclass as plain dicts and lists."""
-    if is_dataclass(obj):
+    """``obj`` as plain YAML-like data: dataclass instances and mappings -> dicts (keys as ``str``), tuples -> lists,
+    paths -> ``str``, 0-d tensors / arrays -> numbers. The one converter: what module hyper-parameters store (so
+    checkpoints load with ``weights_only``), what battery dumps read and what options from a config and from a
+    checkpoint are compared as (they compare equal when they mean the same)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: plain_dict(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, dict):
-        return {k: plain_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return {str(k): plain_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain_dict(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()
     return obj
 
 
@@ -164,9 +173,10 @@ def check_class_options(cls: type, options: dict[str, Any], where: str, skip: tu
     return {k: v for k, v in plain_dict(ns.as_dict()["init"]).items()}
 
 
-def check_names(values: list[str], known: Any, where: str) -> None:
-    """Every name of ``values`` is registered in ``known`` (a registry: its kind names the thing); at least one."""
-    kind = getattr(known, "kind", "name")
+def check_names(values: list[str], known: Any, where: str, kind: str | None = None) -> None:
+    """Every name of ``values`` is registered in ``known`` (a registry: its kind names the thing, else ``kind``); at
+    least one."""
+    kind = kind or getattr(known, "kind", "name")
     if not values:
         raise ValueError(f"{where} is empty; give at least one {kind}: {', '.join(known)}")
     for name in values:

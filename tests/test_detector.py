@@ -211,7 +211,7 @@ def _tiny_detector_run(tmp_path, *extra: str):
             f"detection.cache_dir={tmp_path / 'cache'}", "detector.epochs=0", "detector.booster.n_estimators=5",
             *extra]
     argv = ["-c", str(root / "configs/experiments/detector.yaml"), "--quick", "--out", str(out), "--no-progress"]
-    return main([*argv, *[a for s in sets for a in ("--set", s)]]), out
+    return main([*argv, *[f"--{s}" for s in sets]]), out
 
 
 def test_detector_experiment_saves_the_detector_it_chose_on_the_development_split(tmp_path):

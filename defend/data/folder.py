@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .base import BaseDataModule
+from .base import BaseDataModule, split_name
 from .batch import IMAGE, INDEX, LABEL, quantize
 
 __all__ = ["ImageFolderDataModule", "FolderDataset", "IMAGE_EXTENSIONS", "scan_image_folder", "find_unreadable",
@@ -300,7 +300,6 @@ class ImageFolderDataModule(BaseDataModule):
 
     def split_keys(self, split: str) -> list[str]:
         """The sha256 of every file of ``split`` (byte-identical copies share it)."""
-        from .base import split_name
 
         return [file_digest(p) for p in self._splits[split_name(split)][0]]
 

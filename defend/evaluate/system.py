@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 from torch import nn
 
+from ..aid import load_rts
+from ..class_paths import check_class_paths, enforce_in_jsonargparse
+from ..classifier import check_class_names, check_hparams, load_classifier, state_differences
 from ..data import BaseDataModule, CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from ..detection_data import compute_maps, stack_maps
+from ..detector import DETECTOR_INDEX, DetectorModule
 from ..inputs import take_split
 from ..interpreters import build_interpreter
-from ..io import file_sha256, load_artifact
+from ..io import CheckpointError, file_sha256, load_artifact
+from ..models import build_classifier
+from ..models.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, read_weights, torchvision_net
+from ..safe_yaml import load_file
 from ..typed_config import config_error
 from .battery import Battery
 
@@ -60,8 +69,8 @@ class System:
         """The card's ``system`` section."""
         det = None
         if self.detector is not None:
-            info = json.loads((Path(self.detector_path) / "detector.json").read_text())
-            det = {"path": self.detector_path, "sha256": file_sha256(Path(self.detector_path) / "detector.json"),
+            info = json.loads((Path(self.detector_path) / DETECTOR_INDEX).read_text())
+            det = {"path": self.detector_path, "sha256": file_sha256(Path(self.detector_path) / DETECTOR_INDEX),
                    "interpreters": list(self.detector_interpreters), "product": bool(self.detector_product),
                    "hparams": info.get("hparams", {}),
                    "surrogate": dict(self.detector.surrogate_fit) if self.detector.surrogate is not None else None}
@@ -101,8 +110,8 @@ def interpreters_for(system: System, names: list[str]) -> dict[str, Any]:
 def data_spec(data: str | None, input_size: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """``--data`` as ``{"class_path", "init_args"}``: ``digits`` (default), ``folder:PATH`` or a bare directory (an
     image folder at the classifier's input size, with the split options of ``configs/finetune``), ``cifar10:PATH``,
-    or a YAML file holding ``data: {class_path, init_args}`` (or that mapping itself); ``overrides`` (``--set
-    data.KEY=VALUE``) are added to ``init_args``."""
+    or a YAML file holding ``data: {class_path, init_args}`` (or that mapping itself); ``overrides``
+    (``--data.KEY=VALUE``) are added to ``init_args``."""
     if data is None or data == "digits":
         spec = {"class_path": "DigitsDataModule", "init_args": {"seed": 0}}
     elif data.startswith("folder:") or (Path(data).is_dir() and not data.startswith("cifar10:")):
@@ -122,8 +131,6 @@ def data_spec(data: str | None, input_size: int, overrides: dict[str, Any]) -> d
 
 
 def _yaml_spec(path: str) -> dict[str, Any]:
-    from ..safe_yaml import load_file
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--data: '{path}' is neither digits, folder:PATH, cifar10:PATH, a directory nor a "
@@ -137,10 +144,6 @@ def _yaml_spec(path: str) -> dict[str, Any]:
 
 def build_data(spec: dict[str, Any]) -> BaseDataModule:
     """The data module ``spec`` describes (jsonargparse, as the experiment configs), set up."""
-    from jsonargparse import ArgumentParser
-
-    from ..class_paths import check_class_paths, enforce_in_jsonargparse
-
     _ = (CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule)  # short class names resolve once imported
     check_class_paths(spec, "--data")  # before jsonargparse imports the module a class_path names
     enforce_in_jsonargparse()
@@ -158,15 +161,13 @@ def build_data(spec: dict[str, Any]) -> BaseDataModule:
 
 
 def _detector(path: str, battery: Battery, rts_given: bool) -> tuple[Any, list[str], bool]:
-    from ..detector import DetectorModule
-
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"--detector: no such directory '{d}' (a directory written by DetectorModule.save)")
     det = DetectorModule.load(d)
     if det.booster is None:
         raise ValueError(f"--detector: {d} has no fitted booster (train it with train_detector before saving)")
-    info = json.loads((d / "detector.json").read_text())
+    info = json.loads((d / DETECTOR_INDEX).read_text())
     names = list(battery.detector.interpreters or info.get("interpreters") or DEFAULT_DETECTOR_INTERPRETERS)
     product = battery.detector.product if battery.detector.product is not None else bool(info.get("product", False))
     if "interpreters" in info and (names != info["interpreters"] or product != bool(info.get("product"))):
@@ -178,7 +179,7 @@ def _detector(path: str, battery: Battery, rts_given: bool) -> tuple[Any, list[s
     if int(det.hparams.in_channels) != chans:
         raise ValueError(f"--detector: {d} reads {det.hparams.in_channels} channels, but interpreters {names}"
                          f"{' + product' if product else ''} give {chans}; set detector.interpreters / "
-                         "detector.product in the battery (--set detector.interpreters=[grad,cam,mask])")
+                         "detector.product in the battery (--battery.detector.interpreters=[grad,cam,mask])")
     if "rts" in names and not rts_given:
         raise ValueError("--detector reads RTS maps: give the RTS network with --rts")
     return det, names, bool(product)
@@ -193,8 +194,6 @@ def _measure_surrogate(system: System, seed: int) -> None:
     """Re-measure the detector's distilled surrogate against its booster on maps computed here (the first
     :data:`SURROGATE_CHECK_N` development inputs, explained for the prediction and for a seeded other class), so the
     card shows the measured fit, not the one its files claim."""
-    from ..detection_data import compute_maps, stack_maps
-
     x = take_split(system.data, "dev", SURROGATE_CHECK_N)["image"]
     interps = interpreters_for(system, system.detector_interpreters)
     maps, pred = compute_maps(system.classifier, x, interps)
@@ -235,8 +234,6 @@ class ArchSpec:
 
 def _arch_weights(spec: ArchSpec) -> tuple[Any, list[float], list[float], list[str]]:
     """Check ``--arch`` and read ``--weights`` (nothing built yet): the weights, the normalisation and notices."""
-    from ..models.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, read_weights
-
     if spec.arch not in TORCHVISION:
         raise ValueError(f"--arch {spec.arch!r} is not a torchvision architecture of the zoo; choose one of: "
                          f"{', '.join(TORCHVISION)} (an artifact of defend fit goes to --classifier)")
@@ -269,11 +266,6 @@ def _arch_classifier(spec: ArchSpec, weights: Any, mean: list[float], std: list[
                      dm: BaseDataModule) -> tuple[nn.Module, dict[str, Any]]:
     """The torchvision classifier ``spec`` names with ``weights``, checked against the data and, on the ``meta``
     device, against the weights' names and shapes before it is built at full size."""
-    from ..classifier import state_differences
-    from ..io import CheckpointError
-    from ..models import build_classifier
-    from ..models.imagenet import torchvision_net
-
     k, stored = spec.num_classes or int(dm.num_classes), weights.num_classes
     if spec.num_classes is None and stored != k:
         raise ValueError(f"--weights {spec.weights}: its head has {stored} classes, the data {dm.num_classes} "
@@ -296,9 +288,6 @@ def load_system(classifier: str | ArchSpec, data: str | None, battery: Battery, 
                 detector: str | None = None, data_overrides: dict[str, Any] | None = None) -> System:
     """Load and check every part of the system (module docstring); nothing is written. ``classifier``: an artifact's
     path, or an :class:`ArchSpec` (``--arch`` / ``--weights``)."""
-    from ..aid import load_rts
-    from ..classifier import check_class_names, check_hparams, load_classifier
-
     if isinstance(classifier, ArchSpec):
         weights, mean, std, notes = _arch_weights(classifier)  # before the data is read
         spec = data_spec(data, classifier.input_size, dict(data_overrides or {}))

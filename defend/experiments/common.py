@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ..aid import AIDModule
 from ..classifier import ClassifierModule, load_reused_classifier, save_classifier
 from ..data import BaseDataModule, DigitsDataModule
 from ..io import atomic_write_text, refuse_conflicts, write_json
@@ -32,7 +33,7 @@ class ClassifierSpec:
     against its signature; ``num_classes`` comes from the data) is trained for ``max_epochs`` and saved there.
     ``train: false`` uses the architecture as built (e.g. local pretrained ImageNet weights in ``model_options``).
     ``seed`` seeds that training: its own, not the experiment's, since the checkpoint is shared by every later run
-    that names it and must not depend on which experiment (or ``--set seed=``) happened to run first.
+    that names it and must not depend on which experiment (or ``--seed=``) happened to run first.
     """
 
     checkpoint: str | None = None
@@ -125,8 +126,6 @@ def train_rts(cfg: Any, dm: BaseDataModule, clf_path: str, options: dict[str, An
     frozen classifier at ``clf_path`` with the config's Trainer options, export it to ``target`` (a safe RTS
     artifact with its training seconds); return the trained module and those seconds. ``val_batches``: validation
     batches after each epoch (0: no validation, ``None``: the whole split)."""
-    from ..aid import AIDModule  # the RTS side of defend, loaded only by the experiments that train one
-
     seed = int(cfg.seed)
     pl.seed_everything(seed, workers=True)
     module = AIDModule(classifier=clf_path, num_classes=dm.num_classes, init_from=init_from, seed=seed, **options)

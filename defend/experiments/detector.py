@@ -23,16 +23,20 @@ from typing import Any, Literal
 
 import torch
 
-from attacks import FRAMEWORKS, INTERPRETERS, build_attack, random_targets
+from attacks import FRAMEWORKS, INTERPRETERS, build_attack, interpretation_attacks, random_targets
 
 from .. import stats
+from ..aid import AID_OPTIMISER, AIDModule, load_rts
 from ..attack_options import AttackOptions, AttackSections, layered_options
+from ..classifier import load_classifier
 from ..data import BaseDataModule
 from ..data.base import DEV, split_name
 from ..detection_data import build_detection_data, select, stack_maps
-from ..detector import DETECTOR_FILES, FeatureSqueezer, train_detector, xgb_device
+from ..detector import FeatureSqueezer, detector_files, train_detector, xgb_device
+from ..evaluate.cli import evaluate_command
 from ..inputs import select_correct
 from ..interpreters import build_interpreter
+from ..module_base import as_options
 from ..selection import select_best
 from ..tables import markdown_table
 from ..typed_config import check_class_options, check_names
@@ -55,7 +59,6 @@ __all__ = ["run", "combinations", "MIN_ADVERSARIAL", "DetectorExperiment", "Dete
 MIN_ADVERSARIAL = 10
 
 #: the attacks with an interpretation term (what the detector is meant to catch)
-InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
 
 
 @dataclass
@@ -63,7 +66,7 @@ class AdaptiveAttack(AttackOptions):
     """The adaptive attack on the best detector: ``attack`` against the ensemble of the interpreters that detector
     reads; these options override the detection attack's layered ones (shared, per framework, per target)."""
 
-    attack: InterpretationAttack = "adv2"
+    attack: str = "adv2"
 
     def set_options(self) -> dict[str, Any]:
         """The attack options this layer sets (the attack's name is not one)."""
@@ -91,7 +94,7 @@ class Detection:
     n_test: PositiveCount = PositiveCount(200)
     n_adaptive: Count = Count(40)
     fit_split: Literal["train", "dev", "val"] = "train"
-    attack: InterpretationAttack = "advedge"
+    attack: str = "advedge"
     framework: str = "pgd"
     target_interpreters: list[str] = field(default_factory=lambda: ["cam"])
     interpreters: list[str] = field(default_factory=lambda: ["grad", "cam", "mask"])
@@ -181,8 +184,6 @@ def _check_files(cfg: DetectorExperiment) -> None:
 def _check_plain_rts(cfg: DetectorExperiment) -> None:
     """The ``rts:`` module options fit AIDModule (a plain RTS: no ``aid`` group, a constant-rate optimiser); a
     checkpoint that will be reused loads safely and fits the classifier (when that is reused too)."""
-    from ..aid import AID_OPTIMISER, AIDModule, load_rts
-    from ..module_base import as_options
 
     module = cfg.rts.module
     if "aid" in module:
@@ -200,7 +201,6 @@ def _check_plain_rts(cfg: DetectorExperiment) -> None:
     try:
         net = load_rts(path)
         if cfg.classifier.reuses():
-            from ..classifier import load_classifier
 
             net.check_model(load_classifier(cfg.classifier.checkpoint))
     except (OSError, ValueError) as exc:  # a foreign / corrupt file, an RTS of another classifier
@@ -214,6 +214,8 @@ def check(cfg: DetectorExperiment) -> None:
     check_names(d.interpreters, INTERPRETERS, "detection.interpreters")
     check_names(d.target_interpreters, INTERPRETERS, "detection.target_interpreters")
     check_names([d.framework], FRAMEWORKS, "detection.framework")
+    for name, where in ((d.attack, "detection.attack"), (d.adaptive.attack, "detection.adaptive.attack")):
+        check_names([name], interpretation_attacks(), where, "interpretation attack")
     if len(d.interpreters) < 2 or len(set(d.interpreters)) < len(d.interpreters):
         raise ValueError(f"detection.interpreters needs at least two different interpreters to stack (each once), "
                          f"got {d.interpreters}")
@@ -232,8 +234,7 @@ def outputs(cfg: DetectorExperiment, out: Path) -> list[Path]:
     """The checkpoints the run trains and saves: the classifier and the plain RTS (each unless reused), and the
     detector of each target interpreter that was attacked adaptively (``detectors/<target>/``)."""
     rts = [cfg.rts.path(out)] if _trains_rts(cfg) and not cfg.rts.reuses(out) else []
-    detectors = [out / "detectors" / t / f for t in cfg.detection.target_interpreters
-                 for f in ("detector.json", *DETECTOR_FILES)]
+    detectors = [f for t in cfg.detection.target_interpreters for f in detector_files(out / "detectors" / t)]
     return [*classifier_outputs(cfg, out), *rts, *detectors]
 
 
@@ -250,8 +251,6 @@ def plain_rts(cfg: DetectorExperiment, dm: BaseDataModule, clf_path: str, out: P
               progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Reuse ``rts.checkpoint`` if it exists (it must fit the classifier), else train the plain RTS ``rts:``
     describes on the classifier and save it there (a safe RTS artifact, :func:`defend.aid.load_rts`)."""
-    from ..aid import load_rts
-    from ..classifier import load_classifier
 
     spec, ckpt = cfg.rts, cfg.rts.path(out)
     if spec.reuses(out):
@@ -391,7 +390,7 @@ def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[
         adaptive_rows += [adaptive] if adaptive is not None else []
     rows.extend(adaptive_rows)
     notes += [f"The {r['target_interpreter'].upper()}-target detector ({r['interpreters']}) is saved to "
-              f"{r['saved_to']}: `defend evaluate --classifier {info['checkpoint']} --detector {r['saved_to']}` "
+              f"{r['saved_to']}: `{_evaluate_command(info['checkpoint'], r, out)}` "
               "scores it, detector-aware attack included." for r in rows if "saved_to" in r]
     total = time.perf_counter() - t_start
     for r in rows:
@@ -458,6 +457,12 @@ def _versus_squeeze(best: dict[str, Any], squeeze: dict[str, Any], seed: int) ->
     """McNemar's test of the chosen map detector against feature squeezing on the same test inputs."""
     test = stats.mcnemar(best["_correct"], squeeze["_correct"], seed)
     return {"versus": best["interpreters"], **test.fields("accuracy_vs_best")}
+
+
+def _evaluate_command(classifier: str, row: dict[str, Any], out: Path) -> str:
+    """The ``defend evaluate`` command that scores the detector ``row`` saved (its card to ``out/card_<target>``)."""
+
+    return evaluate_command(classifier, out / f"card_{row['target_interpreter']}", detector=row["saved_to"])
 
 
 def _save_detector(ctx: _Run, target: str, row: dict[str, Any], det: Any) -> None:

@@ -44,16 +44,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
-from attacks import INTERPRETERS, build_attack, random_targets
+from attacks import INTERPRETERS, build_attack, interpretation_attacks, random_targets
 
-from .. import stats
+from .. import evaluate, stats
 from ..attack_options import AttackOptions, layered_options
 from ..data import BaseDataModule
 from ..defences import DEFENCES, Defence, defence_names, load_defences
+from ..detection_data import build_detection_data, select, stack_maps
+from ..detector import DETECTOR_INDEX, train_detector
 from ..evaluate.battery import Battery, load_battery
+from ..evaluate.card import validate_card
+from ..evaluate.run import card_files
 from ..figures import bar_chart
 from ..inputs import select_correct
+from ..interpreters import build_interpreter
 from ..io import OutputGuard, Undescribable, atomic_write_text, file_sha256, settings_digest, write_json
 from ..tables import markdown_table
 from ..typed_config import check_names
@@ -87,14 +93,13 @@ def _artifact_names() -> list[str]:
 
 
 Split = Literal["train", "val", "test"]
-InterpretationAttack = Literal["adv2", "advedge", "advedge_plus"]
 
 
 # --------------------------------------------------------------------------------------------- config
 @dataclass
 class ScorecardBattery:
     """The battery every row is scored with: ``name`` (``quick``, ``standard`` or a YAML file of
-    ``configs/evaluate/``'s form) and dotted ``overrides`` (as ``defend evaluate --set``)."""
+    ``configs/evaluate/``'s form) and dotted ``overrides`` (as ``defend evaluate --battery.KEY=VALUE``)."""
 
     name: str = "standard"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +136,7 @@ class DetectorDefence:
     n_benign: PositiveCount = PositiveCount(200)
     n_adversarial: PositiveCount = PositiveCount(100)
     split: Split | list[Split] = "train"
-    attacks: list[InterpretationAttack] = field(default_factory=lambda: ["adv2", "advedge"])
+    attacks: list[str] = field(default_factory=lambda: ["adv2", "advedge"])
     target_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     batch_size: PositiveCount = PositiveCount(50)
     attack: AttackOptions = field(default_factory=lambda: AttackOptions(eps=Radius("8/255")))
@@ -210,6 +215,7 @@ def check(cfg: ScorecardExperiment) -> None:
     """Before anything trains: the rows, the reused artifacts' names, every row's battery, and the training sections
     of the rows asked for (with the robust and aid experiments' own checks)."""
     check_names(list(cfg.defences), DEFENCES, "defences")
+    check_names(list(cfg.detector.attacks), interpretation_attacks(), "detector.attacks", "interpretation attack")
     dup = sorted({d for d in cfg.defences if cfg.defences.count(d) > 1})
     if dup:
         raise ValueError(f"defences lists {', '.join(dup)} more than once")
@@ -269,8 +275,6 @@ def _aid_start(cfg: ScorecardExperiment) -> str | None:
 def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
     """The table's CSV and chart, every trained artifact not reused, the classifier (when trained) and every file
     each row's evaluation may write under ``cards/<row>/``."""
-    from ..evaluate.run import card_files
-
     files = [out / "scorecard.csv", out / "scorecard.png", out / "data.yaml", *classifier_outputs(cfg, out)]
     for name, path in _artifacts(cfg, out).items():
         if _reused(cfg, name) is None:
@@ -359,10 +363,6 @@ def finished_card(out: Path, row: str, battery_yaml: str, data: dict[str, Any], 
     """The card an earlier run finished for ``row``, when it can stand for this run's: valid, made with this
     battery, data and system (the sha256 of the classifier, RTS network and detector), and every file of it the
     output manifest's, unedited; else ``None``."""
-    import yaml
-
-    from ..evaluate.card import validate_card
-
     folder, guard = out / "cards" / row, OutputGuard(out)
     try:
         card = json.loads((folder / "card.json").read_text())
@@ -371,7 +371,7 @@ def finished_card(out: Path, row: str, battery_yaml: str, data: dict[str, Any], 
         same = (card["mode"] == "evaluate" and card["battery"] == yaml.safe_load(battery_yaml)
                 and card["data"]["spec"] == data and system["classifier"]["sha256"] == _sha(clf)
                 and (system["rts"] or {}).get("sha256") == _sha(rts)
-                and (system["detector"] or {}).get("sha256") == _sha(det, "detector.json"))
+                and (system["detector"] or {}).get("sha256") == _sha(det, DETECTOR_INDEX))
         files = [folder / f for f in ("card.json", "battery.yaml", *_card_files(card))]
         return card if same and all(guard.owns(f) for f in files) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -439,10 +439,6 @@ def _rts_info(res: dict[str, Any], what: str, progress: bool) -> dict[str, Any]:
 def _train_detector(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, path: Path,
                     progress: bool) -> dict[str, Any]:
     """Benign and adversarial maps of inputs of ``detector.split``, one DetectorModule on them, saved at ``path``."""
-    from ..detection_data import build_detection_data, select, stack_maps
-    from ..detector import train_detector
-    from ..interpreters import build_interpreter
-
     d, seed = cfg.detector, int(cfg.seed)
     start = time.perf_counter()
     n_sets = len(d.attacks) * len(d.target_interpreters)
@@ -716,8 +712,6 @@ def _verdict(ln: dict[str, Any], cols: list[dict[str, Any]], seed: int = 0) -> s
 # --------------------------------------------------------------------------------------------- run
 @register_experiment("scorecard", ScorecardExperiment, outputs=outputs, check=check)
 def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict[str, Any]]:
-    from ..evaluate import evaluate_system
-
     start = time.perf_counter()
     dm = setup_data(cfg)
     model, info = get_classifier(cfg, dm, out, progress)
@@ -741,9 +735,9 @@ def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict
         else:
             if progress:
                 print(f"[scorecard] evaluating {row}", flush=True)
-            cards[row] = evaluate_system(clf, out / "cards" / row, rts=rts, detector=det, data=data,
-                                         battery=cfg.battery.name, overrides=overrides, progress=progress,
-                                         argv=["defend", "experiment", "scorecard", row])
+            cards[row] = evaluate.evaluate_system(clf, out / "cards" / row, rts=rts, detector=det, data=data,
+                                                  battery=cfg.battery.name, overrides=overrides, progress=progress,
+                                                  argv=["defend", "experiment", "scorecard", row])
         eval_seconds[row] = time.perf_counter() - t
     headers, body, metrics, lines = scorecard_table(cards)
     _write_csv(out / "scorecard.csv", headers, body)
@@ -757,8 +751,6 @@ def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict
 def _data_file(cfg: ScorecardExperiment, out: Path) -> str:
     """The experiment's data module as a ``--data`` file of ``defend evaluate`` (``<out>/data.yaml``), so every row
     is measured on exactly the data the defences were trained on."""
-    import yaml
-
     path = out / "data.yaml"
     atomic_write_text(path, yaml.safe_dump({"data": _data_spec(cfg)}, sort_keys=False))
     return str(path)
@@ -766,8 +758,6 @@ def _data_file(cfg: ScorecardExperiment, out: Path) -> str:
 
 def _data_spec(cfg: ScorecardExperiment) -> dict[str, Any]:
     """The experiment's data module as ``{"class_path", "init_args"}`` (plain YAML values)."""
-    import yaml
-
     dm = default_data(cfg)
     init = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(dm, "hparams", {}) or {}).items()}
     spec = {"class_path": f"{type(dm).__module__}.{type(dm).__name__}", "init_args": init}

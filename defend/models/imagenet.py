@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
+from ..io import CheckpointError
 from .base import ARCHITECTURES, GapClassifier
 
 __all__ = ["resnet50", "densenet169", "vgg16", "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION", "Weights",
@@ -62,7 +63,6 @@ def read_weights(path: str | Path) -> Weights:
     """A local weights file as torchvision names: a plain state dict, one under ``state_dict`` / ``model``, or a
     RobustBench-format one (names prefixed ``model.`` / ``module.`` / ``0.``, normalisation as ``mu`` / ``sigma`` or a
     Normalize layer's ``mean`` / ``std``). Nothing in it runs: ``torch.load(weights_only=True)``."""
-    from ..io import CheckpointError
 
     path = Path(path)
     if not path.is_file():
