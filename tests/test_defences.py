@@ -3,8 +3,8 @@
 The registry walk: every defence says what it trains, which artifact it loads (and that artifact saves and loads
 back), which card sections it fills and its description; the scorecard's rows and ``reuse:`` names come from it; the
 scorecard's planned outputs hold every file a detector save writes (surrogate.pt included). TRADES: its loss is
-CE + beta * KL computed by hand, its inner maximisation raises the KL inside the ball. (A tiny TRADES run is not
-asserted to beat normal training on PGD accuracy: measured 0.117 vs 0.070 at 4/255 on 128 inputs, no 2x margin.)
+CE + beta * KL computed by hand, its inner maximisation raises the KL inside the ball, and a tiny TRADES run beats
+the same run trained normally on PGD accuracy (300 steps, 8/255: 0.25 vs 0.00 of 128 test inputs when measured).
 """
 from __future__ import annotations
 
@@ -172,3 +172,34 @@ def test_trades_attack_raises_the_kl_inside_the_ball():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="beta must be >= 0"):
         _tiny_module("trades", beta=-1.0)
+
+
+def test_trades_beats_normal_training_on_pgd_accuracy():
+    """The same small CNN, seed, data and 300 Adam steps, trained normally and with TRADES (beta 6, eps 8/255, 3 inner
+    steps): under a 10-step PGD at 8/255 (random start, its own seed) the normal model keeps almost nothing and TRADES
+    keeps a clear share of 128 test inputs (measured here: 0.00 vs 0.25; asserted with a wide margin)."""
+    from defend import DigitsDataModule
+    from defend.inputs import take_split
+    from defend.robust_eval import pgd_accuracy
+
+    dm = DigitsDataModule(seed=0, renders_per_digit=(1, 1, 1), batch_size=64)
+    dm.setup("fit")
+    train, test = take_split(dm, "train"), take_split(dm, "test", 128)
+    eps, robust = 8 / 255, {}
+    for mode in ("normal", "trades"):
+        torch.manual_seed(0)
+        module = RobustClassifierModule(arch="small_cnn", num_classes=10, model_options={"width": 8}, mode=mode,
+                                        inner=InnerMaximisation(eps=eps, steps=3, alpha=eps / 2),
+                                        **({"beta": 6.0} if mode == "trades" else {}))
+        module.train()
+        opt, gen = torch.optim.Adam(module.model.parameters(), lr=5e-3), torch.Generator().manual_seed(0)
+        for _ in range(300):
+            idx = torch.randint(0, train["image"].shape[0], (64,), generator=gen)
+            loss = module.compute_loss(train["image"][idx], train["label"][idx], generator=gen)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        module.eval()
+        robust[mode] = pgd_accuracy(module.model, test["image"], test["label"], eps, 10, eps / 4,
+                                    torch.Generator().manual_seed(1))
+    assert float(robust["trades"].float().mean()) >= float(robust["normal"].float().mean()) + 0.08, robust
