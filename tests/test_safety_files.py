@@ -485,7 +485,7 @@ def test_empty_out_is_a_one_line_error(value, tmp_path, monkeypatch, capsys):
     work.mkdir()
     monkeypatch.chdir(work)
     rc, err = run(capsys, ["experiment", "-c", str(cfg), "--out", value])
-    assert_one_line_error(rc, err, "experiment", r"argument --out: --out must name a directory, got '\s*' .*"
+    assert_one_line_error(rc, err, "experiment", r"--out must name a directory, got '\s*' .*"
                                                  r"pass e\.g\. --out runs/NAME")
     assert ran == []
     assert_nothing_written(work)
