@@ -110,6 +110,17 @@ def test_unknown_key_evaluate(capsys, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("arg", "message"), [
+    ("--n_images=8", "--n_images is a battery key: write --battery.n_images=8"),
+    ("--foo.bar=8", "unknown option --foo.bar; battery keys are --battery.KEY=VALUE, data module arguments "
+                    "--data.KEY=VALUE"),
+])
+def test_evaluate_override_outside_its_sections_names_the_rule(capsys, tmp_path, arg, message):
+    out = tmp_path / "out"
+    refused(capsys, ["evaluate", "--classifier", "x.pt", "--out", str(out), arg], message)
+    assert not out.exists()
+
+
 def test_unknown_section_experiment(capsys, tmp_path):
     refused(capsys, [*EXPERIMENT, "--out", str(tmp_path / "o"), "--evaluaton.n_images=8"],
             "unknown key 'evaluaton' in the top level; did you mean 'evaluation'?")
