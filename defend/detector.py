@@ -47,7 +47,7 @@ from .io import (
 from .models.imagenet import vgg16
 from .module_base import DefenceModule, Optimiser
 
-__all__ = ["DetectorModule", "DistilledDetector", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth",
+__all__ = ["DetectorModule", "trunk_description", "DistilledDetector", "train_detector", "FeatureSqueezer", "bit_depth", "median_smooth",
            "best_threshold", "xgb_device", "detector_files"]
 
 TRAINABLE = ("input", "all", "head", "none")
@@ -55,6 +55,14 @@ TRAINABLE = ("input", "all", "head", "none")
 
 def xgb_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def trunk_description(pretrained: str | None) -> str:
+    """What the detector's VGG-16 trunk started from, for every report: the paper (AdvEdge section VIII) uses
+    ImageNet weights, which this project cannot download; a local state dict is named by its file name."""
+    if pretrained:
+        return f"VGG-16 trunk initialised from the local weights `{Path(str(pretrained)).name}`"
+    return "VGG-16 trunk randomly initialised (no pre-trained weights available; the paper uses ImageNet weights)"
 
 
 class DetectorModule(DefenceModule):

@@ -239,6 +239,7 @@ def test_detector_experiment_saves_the_detector_it_chose_on_the_development_spli
     assert det.booster is not None and int(det.hparams.in_channels) == 2
     report = (out / "report.md").read_text()
     assert f"--detector {out / 'detectors' / 'cam'}" in report and "chosen** on the select set" in report
+    assert "VGG-16 trunk randomly initialised (no pre-trained weights available; the paper uses ImageNet weights)" in report
 
 
 def test_detector_experiment_refuses_a_detector_on_too_few_adversarial_inputs(tmp_path):

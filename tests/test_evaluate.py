@@ -179,6 +179,7 @@ def test_detector_adds_adaptive_rows_judged_by_the_booster(card_run, tiny_clf, t
     assert "not enough benign inputs for 5 % FPR (8 on the development split, 200 needed)" == fpr5["note"]
     assert all(r["detection_rate_fpr5"] is None for r in det_card["rows"])
     assert "not enough benign inputs for 5 % FPR" in (out / "report.md").read_text()
+    assert "VGG-16 trunk randomly initialised (no pre-trained weights available; the paper uses ImageNet weights)" in (out / "report.md").read_text()  # no pretrained weights: said, not hidden
 
 
 def test_help_lists_evaluate_and_explains_every_option(capsys):

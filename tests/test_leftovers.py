@@ -97,3 +97,12 @@ def test_a_path_option_is_stored_as_text_so_the_checkpoint_loads_weights_only(tm
     assert module.hparams["classifier"] == str(clf) and type(module.hparams["classifier"]) is str
     torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / "hp.ckpt")
     assert torch.load(tmp_path / "hp.ckpt", weights_only=True)["hyper_parameters"] == dict(module.hparams)
+
+
+def test_trunk_description_names_the_local_weights_or_says_there_are_none():
+    from defend.detector import trunk_description
+
+    assert trunk_description(None) == ("VGG-16 trunk randomly initialised (no pre-trained weights available; the "
+                                       "paper uses ImageNet weights)")
+    assert trunk_description("/data/weights/vgg16-397923af.pth") == (
+        "VGG-16 trunk initialised from the local weights `vgg16-397923af.pth`")

@@ -64,6 +64,7 @@ def test_every_defence_row_has_every_column(scorecard):
     assert any(h.startswith("ADV2 (eps 8/255") and "n=" in h for h in headers), headers
     report = (out / "report.md").read_text()
     assert headers[0] in report and all(f"**{d}**" in report for d in DEFENCES)
+    assert "VGG-16 trunk randomly initialised (no pre-trained weights available; the paper uses ImageNet weights)" in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert {m["defence"] for m in metrics} == set(DEFENCES)
     for m in metrics:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import stats
+from ..detector import trunk_description
 from ..evaluation import interpret
 from ..figures import bar_panels, map_grid, roc_plot
 from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
@@ -65,6 +66,14 @@ def write_tables(out: Path, results: dict[str, Any]) -> list[str]:
     return names
 
 
+def _detector_line(det: dict[str, Any] | None) -> str:
+    """The detector's path, the interpreters it reads and what its trunk started from."""
+    if not det:
+        return "none"
+    return (f"`{det['path']}` reading {'+'.join(det['interpreters'])}; "
+            f"{trunk_description(det.get('hparams', {}).get('pretrained'))}")
+
+
 def _md(headers: list[str], rows: list[list[Any]]) -> list[str]:
     """A markdown table (:func:`defend.tables.markdown_table`) as report lines, then a blank line."""
     return [*markdown_table(headers, rows).splitlines(), ""]
@@ -103,7 +112,7 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
              "correctly classified test inputs attacked, random target classes.", "",
              f"- classifier sha256 `{s['classifier']['sha256'][:16]}`, arch `{s['classifier']['meta'].get('arch')}`",
              f"- RTS: {'`' + s['rts']['path'] + '`' if s['rts'] else 'none'}",
-             f"- detector: {'`' + s['detector']['path'] + '` reading ' + '+'.join(s['detector']['interpreters']) if s['detector'] else 'none'}",
+             f"- detector: {_detector_line(s['detector'])}",
              f"- wall time {card['provenance']['seconds']:.0f} s; command `{card['provenance']['command']}`",
              "- every figure: value [95 % interval] (Wilson for rates and accuracies, a percentile bootstrap over "
              f"inputs for means, seed {card['battery']['seed']}); fewer than 100 inputs: indicative only", ""]

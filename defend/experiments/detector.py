@@ -32,7 +32,7 @@ from ..classifier import load_classifier
 from ..data import BaseDataModule
 from ..data.base import DEV, split_name
 from ..detection_data import build_detection_data, select, stack_maps
-from ..detector import FeatureSqueezer, detector_files, train_detector, xgb_device
+from ..detector import FeatureSqueezer, detector_files, train_detector, trunk_description, xgb_device
 from ..evaluate.cli import evaluate_command
 from ..inputs import select_correct
 from ..interpreters import build_interpreter
@@ -550,8 +550,8 @@ def _report(cfg: DetectorExperiment, info: dict[str, Any], rows: list[dict[str, 
     sets = d.sets()
     lines = ["# Multi-interpreter adversarial detector (AdvEdge section VIII, Tables V-VI)", "",
              f"Classifier `{info['checkpoint']}`; attack `{d.attack}` / `{d.framework}`; "
-             f"interpreters {', '.join(n.upper() for n in names)}; booster device `{xgb_device()}`; trunk layers "
-             f"trained: `{cfg.detector.trainable}`.", "",
+             f"interpreters {', '.join(n.upper() for n in names)}; booster device `{xgb_device()}`; "
+             f"{trunk_description(cfg.detector.pretrained)}, layers trained: `{cfg.detector.trainable}`.", "",
              f"Three disjoint sets of correctly classified inputs, each balanced (as many benign as successful "
              f"adversarial inputs, so accuracy is balanced accuracy and the majority baseline 0.5): every detector is "
              f"**trained** on the fit set ({sets['fit'][1]} benign + {sets['fit'][1]} attacked inputs of the "

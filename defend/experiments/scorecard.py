@@ -53,7 +53,7 @@ from ..attack_options import AttackOptions, layered_options
 from ..data import BaseDataModule
 from ..defences import DEFENCES, Defence, defence_names, load_defences
 from ..detection_data import build_detection_data, select, stack_maps
-from ..detector import DETECTOR_INDEX, train_detector
+from ..detector import DETECTOR_INDEX, train_detector, trunk_description
 from ..evaluate.battery import Battery, load_battery
 from ..evaluate.card import validate_card
 from ..evaluate.run import card_files
@@ -827,6 +827,8 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
                 + f" for {epochs} epoch(s)" + (f" of at most {lim} batches" if (lim := _robust_cfg(cfg).trainer.get(
                     "limit_train_batches")) else "") + (" (a reused checkpoint)."
                                                         if not art.get(row, {}).get("trained", True) else ".")
+        if _defence(row).trains == "detector":
+            desc += f" {trunk_description(cfg.detector.detector.pretrained)}."
         out.append(f"- **{row}**: {desc}" + _row_note(row, cards[row], art.get(row), eval_seconds[row]))
         for ln in (x for x in lines if x["row"] == row):
             out.append(f"  - {ln['label']}: {_verdict(ln, cols, int(b['seed']))}")
