@@ -77,19 +77,27 @@ def test_stack_channels_matches_the_detector_layout():
         term.last_map({"inner": {0: {}, 1: {}}})
 
 
-def test_adaptive_rts_reaches_at_least_the_plain_success_with_closer_maps(tiny):
+def test_adaptive_rts_is_never_weaker_than_plain_adv2_on_the_defenders_figure(tiny):
+    """Per input: adaptive_rts succeeds wherever plain ADV2 does, and where plain ADV2 succeeds its RTS map is at
+    least as close (L1, as measured) to the benign target map; the kept run is chosen by that L1, not by each run's
+    own loss (which weighs the encoder term differently)."""
     model, x, y, y_t = tiny
     torch.manual_seed(0)
     rts = RTSInterpreter(RTSNetwork(model.stage_channels, model.num_classes, width=8).eval())
     plain = build_attack("adv2", "pgd", rts, **OPTS)(model, x, y_t)
     adaptive_attack = build_attack("adaptive_rts", "pgd", rts, restarts=3, **OPTS)
-    assert isinstance(adaptive_attack, Restarts) and len(adaptive_attack.attacks) == 3
-    assert [a.threat.random_start for a in adaptive_attack.attacks] == [False, True, True]
+    assert isinstance(adaptive_attack, Restarts) and len(adaptive_attack.attacks) == 4  # plain ADV2 + 3 runs
+    assert [a.threat.random_start for a in adaptive_attack.attacks] == [False, False, True, True]
+    assert adaptive_attack.budget["restarts"] == 4
     adaptive = adaptive_attack(model, x, y_t)
-    # at least 90 % of the plain success: both measured 24 of 24 (OMP 1 and 2, 2026-12-06); a bare >= between two rates at
-    # the ceiling would have no room at all (the per-input ordering against the first run is exact, below)
-    assert adaptive.success.float().mean() >= 0.9 * plain.success.float().mean()
     assert float((adaptive.x_adv - x).abs().max()) <= 16 / 255 + 1e-7
-    first = adaptive_attack.attacks[0](model, x, y_t)  # the kept run is never worse than the first, per input
-    ok = first.success & adaptive.success
-    assert bool((adaptive.int_loss[ok] <= first.int_loss[ok] + 1e-7).all()) and bool((adaptive.success >= first.success).all())
+    target_map = adaptive_attack.attacks[0].target_maps(model, x)
+
+    def map_l1(x_adv):
+        with torch.no_grad():
+            return (rts.map(model, x_adv, y_t) - target_map).abs().flatten(1).mean(1)
+
+    assert bool((adaptive.success >= plain.success).all())
+    ok = plain.success
+    assert bool((map_l1(adaptive.x_adv)[ok] <= map_l1(plain.x_adv)[ok] + 1e-6).all())
+    assert torch.allclose(adaptive.int_loss, map_l1(adaptive.x_adv), atol=1e-6)  # what the selection read

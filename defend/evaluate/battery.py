@@ -84,7 +84,8 @@ class AdaptiveBattery:
     ``detector_surrogate``: ``distilled`` (the booster's log-odds distilled into a ridge regression on the trunk's
     features, fitted with the booster), ``head`` (the trunk's cross-entropy head) or ``auto`` (distilled when the
     saved detector has it, else the head; the card's budget records which); with an RTS, ``adaptive_rts``
-    (``rts_restarts`` runs, encoder weight ``rts_enc_weight``). ``options`` override the attack options of
+    (plain ADV2, then ``rts_restarts`` runs with encoder weight ``rts_enc_weight``; per input the successful run whose
+    map is closest to the benign map). ``options`` override the attack options of
     :class:`AttackBattery` for these attacks."""
 
     ensemble: list[str] = field(default_factory=lambda: ["adv2", "advedge"])
