@@ -15,7 +15,7 @@ import copy
 import json
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -99,15 +99,28 @@ def override_parser(cls: type, nested_key: str | None = None, extra: dict[str, A
     return parser
 
 
-def _check_keys(args: Sequence[str], cls: type, nested_key: str | None) -> None:
-    """Every override names a key of ``cls`` (under ``nested_key``): one line worded as for a config file's key,
-    with a did-you-mean and the valid keys (:func:`defend.typed_config.check_known_keys`)."""
+def _check_section(arg: str, option: str, head: str, cls: type, nested_key: str, sections: set[str]) -> None:
+    """An override outside the parser's sections (``nested_key`` and its extras, e.g. ``battery`` and ``data``): a
+    bare key of ``cls`` gets its ``--nested_key.`` spelling, anything else the rule (one line)."""
+    if head in sections:
+        return
+    if head in {f.name for f in fields(cls)}:
+        raise ValueError(f"--{option} is a {nested_key} key: write --{nested_key}.{arg[2:]}")
+    raise ValueError(f"unknown option --{option}; the overrides are " + ", ".join(
+        f"--{s}.KEY=VALUE" for s in sorted(sections)))
+
+
+def _check_keys(args: Sequence[str], cls: type, nested_key: str | None, sections: set[str]) -> None:
+    """Every override names a key of ``cls`` (under ``nested_key``, or another of the parser's ``sections``): one
+    line worded as for a config file's key, with a did-you-mean and the valid keys
+    (:func:`defend.typed_config.check_known_keys`)."""
     for arg in args:
         if not arg.startswith("--"):
             continue
         option = arg[2:].partition("=")[0].rstrip("+")
         path = option.split(".")
         if nested_key is not None:
+            _check_section(arg, option, path[0], cls, nested_key, sections)
             if path[0] != nested_key:
                 continue
             path = path[1:]
@@ -182,7 +195,7 @@ def apply_overrides(parser: ArgumentParser, defaults: dict[str, Any], args: Sequ
     dataclass ``cls`` under ``nested_key``); a key that does not exist (with a did-you-mean), a value of the wrong
     type, refused YAML or a class path outside the allowlist is one line, worded as for the config files."""
     enforce_in_jsonargparse()  # values read by defend.safe_yaml; import paths outside the allowlist denied
-    _check_keys(args, cls, nested_key)
+    _check_keys(args, cls, nested_key, {k.split(".")[0] for k in parser.get_defaults().keys()})
     check_argv(args)  # class paths given on the command line, before jsonargparse imports anything
     check_class_paths(defaults, "")
     try:

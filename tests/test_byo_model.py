@@ -124,6 +124,11 @@ def test_every_torchvision_family_builds_small_and_its_cam_layer_gives_a_map(arc
     assert raw.shape[-2:] == feats.shape[-2:] and float(raw.abs().sum()) > 0
 
 
+def _reference(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The torchvision network's logits on ``x`` normalised by hand with MEAN / STD."""
+    return net((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
+
+
 def test_zoo_keeps_the_local_weights_head_and_matches_torchvision(tmp_path):
     net = _resnet18(6)
     torch.save(net.state_dict(), tmp_path / "r18.pt")
@@ -131,8 +136,7 @@ def test_zoo_keeps_the_local_weights_head_and_matches_torchvision(tmp_path):
                              std=STD).eval()
     x = _images(2, 32)
     with torch.no_grad():
-        ref = net((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
-        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), _reference(net, x), rtol=1e-5, atol=1e-5)
     fresh = build_classifier("resnet18", 3, pretrained=str(tmp_path / "r18.pt"), input_size=32)
     assert torch.equal(fresh.features[0][0].weight, net.conv1.weight)  # trunk loaded, head fresh for 3 classes
 
@@ -171,8 +175,7 @@ def test_robustbench_format_loads_with_its_normalisation(tmp_path):
                              std=std).eval()
     x = _images(2, 32)
     with torch.no_grad():
-        ref = net((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
-        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), _reference(net, x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="disagree with the normalisation inside"):
         _arch_weights(ArchSpec("resnet18", str(tmp_path / "rb.pt"), input_size=32, mean=[0.0] * 3, std=[1.0] * 3))
 

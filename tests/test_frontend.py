@@ -112,8 +112,7 @@ def test_unknown_key_evaluate(capsys, tmp_path):
 
 @pytest.mark.parametrize(("arg", "message"), [
     ("--n_images=8", "--n_images is a battery key: write --battery.n_images=8"),
-    ("--foo.bar=8", "unknown option --foo.bar; battery keys are --battery.KEY=VALUE, data module arguments "
-                    "--data.KEY=VALUE"),
+    ("--foo.bar=8", "unknown option --foo.bar; the overrides are --battery.KEY=VALUE, --data.KEY=VALUE"),
 ])
 def test_evaluate_override_outside_its_sections_names_the_rule(capsys, tmp_path, arg, message):
     out = tmp_path / "out"

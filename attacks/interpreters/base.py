@@ -75,8 +75,8 @@ class Interpreter(ABC):
 
     Optional hooks: :meth:`normalise`; :meth:`attack_modifier` (a context around :meth:`explain` when an attack
     differentiates the map: gradient interpreters return :func:`~attacks.interpreters.surrogate.relu_surrogate` with
-    exact first order, since a ReLU network's exact gradient map has a zero input gradient); :meth:`attack_term` only for an interpreter whose
-    attack needs a dedicated term (MASK's bilevel term, RTS's encoder term). An :meth:`explain` that runs the
+    exact first order, since a ReLU network's exact gradient map has a zero input gradient); :meth:`attack_term`
+    only for an interpreter whose attack needs a dedicated term (MASK's bilevel term, RTS's encoder term). An :meth:`explain` that runs the
     classifier on ``x`` may :func:`record_forward` the logits so the attack shares that forward pass. Register with
     ``@INTERPRETERS.register("name")``.
     """

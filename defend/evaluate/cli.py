@@ -4,7 +4,6 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,6 @@ def _battery(spec: str, args: list[str]) -> tuple[Any, str, dict[str, Any]]:
 
     if not args:
         return (*load_battery(spec), {})
-    _check_sections(args, {f.name for f in fields(Battery)})
     raw = battery_mapping(spec)
     check_known_keys(Battery, raw)
     parser = override_parser(Battery, "battery", {"data": dict[str, Any]})
@@ -106,20 +104,6 @@ def _battery(spec: str, args: list[str]) -> tuple[Any, str, dict[str, Any]]:
             exc.args = (f"battery: {str(exc).replace('config key', 'key')}",)
         raise
     return (*parse_battery(merged["battery"]), merged["data"])
-
-
-def _check_sections(args: list[str], battery_keys: set[str]) -> None:
-    """Every override is under ``battery.`` or ``data.``: a bare battery key gets its full spelling, anything else
-    the rule (one line)."""
-    for arg in args:
-        option = arg[2:].partition("=")[0] if arg.startswith("--") else ""
-        head = option.split(".")[0]
-        if not option or head in ("battery", "data"):
-            continue
-        if head in battery_keys:
-            raise ValueError(f"--{option} is a battery key: write --battery.{arg[2:]}")
-        raise ValueError(f"unknown option --{option}; battery keys are --battery.KEY=VALUE, data module arguments "
-                         "--data.KEY=VALUE (see defend evaluate --help)")
 
 
 def _new_key(key: str) -> str:
