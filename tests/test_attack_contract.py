@@ -54,6 +54,9 @@ def _extras(name: str, model: nn.Module) -> dict:
     if name == "adaptive_rts":
         return {"interpreter": RTSInterpreter(RTSNetwork(model.stage_channels, model.num_classes, width=8).eval()),
                 "restarts": 2}
+    if name == "transfer_rts":
+        return {"interpreter": RTSInterpreter(RTSNetwork(model.stage_channels, model.num_classes, width=8).eval()),
+                "source": RTSInterpreter(RTSNetwork(model.stage_channels, model.num_classes, width=8).eval())}
     return {"interpreter": "cam"}
 
 

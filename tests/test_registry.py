@@ -111,6 +111,8 @@ def _attack_arguments(name: str, model) -> dict:
                                                                           nn.Flatten())}
     if name == "adaptive_rts":
         return {"interpreter": build("rts", model), "restarts": 2}
+    if name == "transfer_rts":
+        return {"interpreter": build("rts", model), "source": build("rts", model)}
     return {"interpreter": "cam"}
 
 
