@@ -184,9 +184,17 @@ class ADV2(Attack):
     @property
     def budget(self) -> dict[str, Any]:
         """The threat model's budget (framework, eps, ...), the warm-start and joint steps, one run, and the
-        interpretation-loss weight where there is a term."""
+        interpretation-loss weight where there is a term (``c``, and ``c_end`` when it is ramped)."""
         out = {**self.threat.budget, "warm_steps": int(self.warm_steps), "steps": int(self.steps), "restarts": 1}
-        return out if self.term is None else {**out, "c": float(self.c)}
+        if self.term is None:
+            return out
+        ramp = {"c_end": float(self.c_end)} if self.c_end != self.c else {}
+        return {**out, "c": float(self.c), **ramp}
+
+    def c_at(self, frac: float) -> float:
+        """The interpretation-loss weight at fraction ``frac`` of the joint stage (0: its first step, 1: its last):
+        ``c`` ramped linearly to ``c_end`` (the official ADV2 scripts ramp 5 -> 10)."""
+        return self.c + frac * (self.c_end - self.c)
 
     @property
     def interpreter(self) -> Interpreter | None:
@@ -254,7 +262,7 @@ class ADV2(Attack):
             l_prd = F.cross_entropy(logits, y_t, reduction="none")
         loss = l_prd + self.threat.penalty(x0, x, z)
         if l_int is not None:
-            loss = loss + (self.c + frac * (self.c_end - self.c)) * l_int
+            loss = loss + self.c_at(frac) * l_int
         return loss, logits, l_int
 
     def _success(self, logits: Tensor, y_t: Tensor) -> tuple[Tensor, Tensor]:

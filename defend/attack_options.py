@@ -79,12 +79,18 @@ class AttackSections:
     per_interpreter_framework: dict[str, AttackOptions] = field(default_factory=dict)
 
     def attack_options(self, attack: str, framework: str, interpreter: str | None) -> dict[str, Any]:
-        """The :func:`attacks.build_attack` keywords of one attack x framework x target interpreter."""
-        layers = [self.attack, self.per_framework.get(framework)]
+        """The :func:`attacks.build_attack` keywords of one attack x framework x target interpreter (over the
+        experiment's budget preset, :meth:`preset_layer`, where it names one)."""
+        layers = [self.preset_layer(interpreter), self.attack, self.per_framework.get(framework)]
         if uses_interpreter(attack) and interpreter is not None:
             layers += [self.per_interpreter.get(interpreter),
                        self.per_interpreter_framework.get(f"{interpreter}_{framework}")]
         return {**layered_options(framework, *layers), "interpreter_options": self.interpreter_options}
+
+    def preset_layer(self, interpreter: str | None) -> AttackOptions | None:
+        """The budget preset under these sections for attacks on ``interpreter`` (none here; an experiment with an
+        ``attack_preset`` key returns :func:`defend.presets.preset_options`' layer)."""
+        return None
 
     def check_attack_sections(self) -> None:
         """Every name in the sections exists (interpreters, frameworks) and every option builds."""

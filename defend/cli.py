@@ -51,7 +51,7 @@ commands:
                 defend evaluate --classifier checkpoints/digits_small_cnn.pt --battery quick --out runs/card
               --classifier PATH   the classifier artifact          --rts PATH       an RTS interpreter artifact
               --detector DIR      a saved detector directory       --data SPEC      digits | folder:PATH | FILE.yaml
-              --battery NAME|FILE quick, standard or a YAML file
+              --battery NAME|FILE quick, standard, paper or a YAML file
               --battery.KEY=VALUE  override a battery key by its dotted path, e.g. --battery.n_images=8
               --data.KEY=VALUE    set an argument of the data module (e.g. --data.resize=256)
               --inputs DIR        re-score on the adversarial sets of an earlier --out (no attack is run)

@@ -43,7 +43,7 @@ def card_run(tiny_clf, tmp_path_factory):
 def test_card_validates_and_round_trips(card_run):
     raw = json.loads((card_run / "card.json").read_text())
     validate_card(raw)
-    assert load_card(card_run) == raw and raw["schema_version"] == "1.3.0"
+    assert load_card(card_run) == raw and raw["schema_version"] == "1.4.0"
     bad = copy.deepcopy(raw)
     bad["results"]["attacks"][0]["asr"] = 1.5
     del bad["system"]["classifier"]["sha256"]

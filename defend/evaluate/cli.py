@@ -74,7 +74,8 @@ def _parser() -> Any:
                                                      "rates at 1 %% / 5 %% FPR and the detector-aware attack")
     p.add_argument("--data", metavar="SPEC", help="digits (default), folder:PATH, cifar10:PATH or a YAML file")
     p.add_argument("--battery", default="standard", metavar="NAME|FILE",
-                   help="quick (CPU smoke run, ~1-2 min on the digits), standard (default) or a YAML file")
+                   help="quick (CPU smoke run, ~1-2 min on the digits), standard (default), paper (the official ADV2 "
+                        "budgets, GPU) or a YAML file")
     p.add_argument("--out", metavar="DIR", help="output directory (created)")
     p.add_argument("--inputs", metavar="DIR", help="re-score the system on the adversarial sets saved in an earlier "
                                                    "--out (DIR/adversarial/*.pt) instead of attacking")

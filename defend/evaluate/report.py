@@ -152,7 +152,16 @@ def _attack_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
             *_not_meaningful(card, "attacks"),
             "IoU: top-k IoU averaged over k = 5, 10, 20, 30, 50 % of the pixels; `IoU by chance` is what two "
             "unrelated maps score.", "",
+            f"Budget: eps, warm-start + joint steps and which ADV2 budget the row ran (battery `attacks.attack_preset`"
+            f" {_preset_name(card)}): `paper` = the official ADV2 scripts' (step 1/255, CAM 400 + 1,200 steps with c "
+            "ramped 5 -> 10, ...), `cpu` = our scaled-down CPU budget, `custom` = neither (docs/card.md).", "",
             *_table("attacks", rows)]
+
+
+def _preset_name(card: dict[str, Any]) -> str:
+    """The battery's attack preset as report.md names it (``null`` when the battery set none)."""
+    preset = (card["battery"].get("attacks") or {}).get("attack_preset")
+    return f"`{preset}`" if preset else "`null`"
 
 
 def _transfer_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

@@ -11,19 +11,20 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from attacks import ATTACKS, FRAMEWORKS, INTERPRETERS, build_attack, random_targets, uses_interpreter
 
 from .. import stats
-from ..attack_options import AttackSections
+from ..attack_options import AttackOptions, AttackSections
 from ..detection_data import code_fingerprint
 from ..evaluation import PlanItem, evaluate_plan, interpret
 from ..figures import map_grid
 from ..inputs import select_correct
 from ..interpreters import build_interpreter
+from ..presets import preset_of, preset_options
 from ..tables import markdown_table
 from ..trainer import make_trainer
 from ..typed_config import check_names
@@ -60,9 +61,20 @@ class AttacksEvaluation:
 
 @dataclass
 class AttacksExperiment(ClassifierExperimentConfig, AttackSections):
-    """ADV2 / AdvEdge / AdvEdge+ and plain attacks on PGD, C&W and StAdv against the configured interpreters."""
+    """ADV2 / AdvEdge / AdvEdge+ and plain attacks on PGD, C&W and StAdv against the configured interpreters.
+    ``attack_preset``: ``paper`` (ADV2's official budgets) or ``cpu`` (our CPU budgets) sets eps / alpha /
+    warm_steps / steps / c / c_end per target interpreter (:data:`defend.presets.ATTACK_PRESETS`; the plain attack
+    takes CAM's) under the attack sections, which still override it; ``null``: the sections and the core's tuned
+    values only. Every row says which budget it ran (``budget_preset``)."""
 
     evaluation: AttacksEvaluation = field(default_factory=AttacksEvaluation)
+    attack_preset: Literal["paper", "cpu"] | None = None
+
+    def preset_layer(self, interpreter: str | None) -> AttackOptions | None:
+        """The preset's budget for attacks on ``interpreter`` (``None`` without a preset)."""
+        if self.attack_preset is None:
+            return None
+        return AttackOptions(**preset_options(self.attack_preset, interpreter or "cam"))
 
 
 def check(cfg: AttacksExperiment) -> None:
@@ -123,14 +135,19 @@ def run(cfg: AttacksExperiment, out: Path, progress: bool = True) -> list[dict[s
     rows: list[dict[str, Any]] = []
     transfer: list[dict[str, Any]] = []
     for item in plan:
+        budget = item.engine.budget
+        preset = preset_of(item.interpreter or "cam", budget)
+        flat = {f"budget_{k}": v for k, v in budget.items() if not isinstance(v, (dict, list))}
         for reader in item.readers:
             res = ev.results[(item.key, reader)]
             if item.interpreter is None or reader == item.interpreter:
                 rows.append({"attack": item.attack, "framework": item.framework, "interpreter": reader, **res,
+                             **flat, "budget_preset": preset,
                              "split": "test", "bootstrap_seed": seed, "processes": trainer.world_size,
                              "evaluation_wall_seconds": wall})
             if item.interpreter is not None and item.framework == transfer_fw:
                 transfer.append({"attack": item.attack, "source": item.interpreter, "target": reader,
+                                 "seconds_per_input": res.get("seconds_per_input"), "budget_preset": preset,
                                  **{f"transfer_{k}{c}": res.get(f"{k}{c}") for k in ("l1", "iou")
                                     for c in ("", "_ci_low", "_ci_high")}})
     for t in transfer:
@@ -190,6 +207,10 @@ def _report(cfg, info, ecfg, rows, n, processes: int = 1, wall: float = float("n
     interps = ecfg.interpreters
     lines = [f"# Attack evaluation ({n} correctly classified test inputs, random target classes)", "",
              f"Classifier checkpoint: `{info['checkpoint']}`. Attack options: `{cfg.attack.set_options()}`.", "",
+             f"Budget preset: `{cfg.attack_preset}`; the rows ran "
+             f"{', '.join(sorted({str(r.get('budget_preset')) for r in main}))} budgets (`budget_preset` in "
+             "metrics.json: `paper` = ADV2's official scripts, `cpu` = our scaled-down CPU budget, `custom` = "
+             "neither).", "",
              f"Every figure: value [95 % interval] over the {n} inputs (Wilson for the success rate, a percentile "
              f"bootstrap over inputs otherwise, seed {cfg.seed})"
              + ("; fewer than 100 inputs: indicative only." if stats.indicative(n) else ".")

@@ -61,6 +61,7 @@ from ..figures import bar_chart
 from ..inputs import select_correct
 from ..interpreters import build_interpreter
 from ..io import OutputGuard, Undescribable, atomic_write_text, file_sha256, settings_digest, write_json
+from ..presets import preset_of
 from ..tables import markdown_table
 from ..typed_config import check_names
 from ..types import Count, Positive, PositiveCount, Radius
@@ -519,7 +520,7 @@ def _interp_cell(card: dict[str, Any], attack: str, interp: str, adaptive: bool)
         return None
     r = hit[0]
     return {"asr": float(r["asr"]), "iou": float(r["iou"]), "l1": r.get("l1"), "run": r["attack"],
-            "n": int(r["n"]), "budget": r["budget"], **{k: r.get(k) for k in _CI},
+            "n": int(r["n"]), "budget": r["budget"], "budget_preset": _preset(r), **{k: r.get(k) for k in _CI},
             "per_input": r.get("per_input") or {}}
 
 
@@ -545,7 +546,13 @@ def _detector_cell(card: dict[str, Any], attack: str, interp: str, adaptive: boo
     return {"dr1": num(r["detection_rate_fpr1"]), "dr5": num(r["detection_rate_fpr5"]),
             "dr_default": num(r["detection_rate_default"]), "evasion": float(r["evasion_rate"]), "run": r["attack"],
             "n": int(r["n"]), "n_adversarial": int(r["n_adversarial"]), "budget": r["budget"],
-            **{k: r.get(k) for k in _CI}, "per_input": r.get("per_input") or {}}
+            "budget_preset": _preset(r), **{k: r.get(k) for k in _CI}, "per_input": r.get("per_input") or {}}
+
+
+def _preset(r: dict[str, Any]) -> str:
+    """The ADV2 budget preset a card row ran (its ``budget_preset``; a detection row has none: read from its
+    interpreter and budget by :func:`defend.presets.preset_of`)."""
+    return r.get("budget_preset") or preset_of(r["interpreter"], r["budget"])
 
 
 def _frac(v: float) -> str:
@@ -580,6 +587,8 @@ def _budget_text(cells: list[dict[str, Any]]) -> str:
             t += f", {int(b.get('warm_steps') or 0)}+{int(b['steps'])} steps"
         if (b.get("restarts") or 1) > 1:
             t += f" x {int(b['restarts'])} restarts"
+        if c.get("budget_preset"):
+            t += f", {c['budget_preset']} budget"
         t = f"{t}, n={c['n']}" if t else f"n={c['n']}"
         if t not in texts:
             texts.append(t)
@@ -654,7 +663,8 @@ def _metric_row(ln: dict[str, Any], col: dict[str, Any], c: dict[str, Any] | Non
         return row
     b = c.get("budget") or {}
     row.update({"n": c["n"], "eps": b.get("eps"), "warm_steps": b.get("warm_steps"), "steps": b.get("steps"),
-                "restarts": b.get("restarts"), "run": c.get("run", col.get("attack", col["kind"]))})
+                "restarts": b.get("restarts"), "budget_preset": c.get("budget_preset"),
+                "run": c.get("run", col.get("attack", col["kind"]))})
     for k in ("value", "asr", "iou", "l1", "dr1", "dr5", "dr_default", "evasion", "n_adversarial", "value_ci_low",
               "value_ci_high", *_CI):
         if k in c:
@@ -799,7 +809,8 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
            f"`{cfg.battery.name}`" + (f" with overrides {dict(cfg.battery.overrides)}" if cfg.battery.overrides else "")
            + f", seed {b['seed']}. Every figure is read from the row's model card `cards/<row>/card.json` "
            "(`defend evaluate`); the column headers give each attack's budget (L-inf eps in image units, warm-start + "
-           "joint steps) and n.", "",
+           "joint steps), which ADV2 budget it ran (`paper`: the official ADV2 scripts' budgets, `cpu`: our "
+           "scaled-down CPU budget, `custom`: neither; `budget_preset` in metrics.json) and n.", "",
            markdown_table(headers, body), "",
            "How to read a cell: **ASR** = share of the attacked inputs classified as the target class; **IoU** = "
            "top-k IoU of the interpreter's map of the adversarial input with its benign map (high: the map still "
