@@ -22,21 +22,46 @@ Maps ``g_c``:
 
 ``||.||_1`` is the mean absolute difference over the map's pixels, so each term lies in [0, 1] and D in [0, 2].
 
-Options: ``mode``, ``interpretation``, ``gamma`` and ``ce_attack`` next to the classifier's options
-(:class:`~defend.classifier.ClassifierModule`, which this module extends), the inner maximisations as one group
-(:class:`InnerMaximisation`: ``inner.eps``, ``inner.steps``, ``inner.alpha``, ``inner.ramp_epochs``,
-``inner.random_start``) and the optimiser as another (:class:`~defend.module_base.Optimiser`).
+``discrepancy=`` picks D: ``"normalised"`` (default) is the above; ``"reference"`` is Boopathy et al.'s D
+(their ``train.py``): the RAW maps (no min-max), ``||.||_1`` the SUM of absolute differences over the map's pixels,
+times the 1/2 of AdvEdge Eqn 20 (``D_ref = 1/2 (l1_y + sum_{j != y} w_j l1_j)``). ``gamma`` weighs D on that
+scale: under ``"normalised"`` D lies in [0, 2] whatever the network; under ``"reference"`` D grows with the CAM's
+magnitude and pixel count, and the reference's ``lam = 0.01`` on summed raw CAMs WITHOUT the 1/2 is ``gamma = 0.02``.
 
-Modes (``mode=``): ``"normal"`` (clean CE), ``"pgd_at"`` (Madry PGD adversarial training: CE on untargeted
-PGD examples), ``"int"`` (clean CE + gamma * D_worst), ``"int_adv"`` (adversarial CE + gamma * D_worst) and
-``"trades"`` (Zhang et al., ICML 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x'))``, ``x'`` the PGD maximiser of the
-KL started at ``x + 0.001 * N(0, 1)``; :func:`trades_kl`, :func:`trades_attack`).
+Modes (``mode=``) -- what each trains on (``x_d`` the D input, ``x_ce`` the CE input):
+
+* ``"normal"``: ``CE(f(x), y)``.
+* ``"pgd_at"``: Madry PGD adversarial training, ``CE(f(x_ce), y)``, ``x_ce`` the untargeted PGD maximiser of the CE.
+* ``"int"``: ``CE(f(x), y) + gamma * D(x, x_d)``, ``x_d`` the PGD maximiser of D (Boopathy et al.'s Int).
+* ``"int_adv"``: the TWO-input variant, ``CE(f(x_ce), y) + gamma * D(x, x_d)`` with ``x_d`` the D-maximiser and
+  ``x_ce`` a separate CE-maximiser (``ce_attack: pgd``) or ``x_d`` itself (``ce_attack: interp``; that maximiser
+  ignores the CE, so it is not the reference's either).
+* ``"int_adv_single"``: the reference's Int-Adv (Boopathy et al.'s ``train_int`` with ``adv=True``): ONE input
+  ``x'``, the PGD maximiser of ``CE(f(x'), y) + gamma * D(x, x')`` (:func:`ce_discrepancy_attack`), trained on
+  ``CE(f(x'), y) + gamma * D(x, x')``.
+* ``"trades"``: Zhang et al., ICML 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x'))``, ``x'`` the PGD maximiser of the
+  KL started at ``x + 0.001 * N(0, 1)`` (:func:`trades_kl`, :func:`trades_attack`).
+
+``batchnorm=`` says which forwards BatchNorm learns from: ``"joint"`` (default) is one forward in train mode over
+every input of the loss (``[x; x_d (; x_ce)]`` for the Int modes, ``x`` and ``x'`` for TRADES), while PGD-AT's sees
+``x_ce`` only; ``"ce"`` gives every mode PGD-AT's treatment: the CE input's forward alone runs in train mode (batch
+statistics, running-stat update) and the other forwards (D's ``x`` and ``x_d``, TRADES' ``x'``) run with BatchNorm
+in eval mode (:func:`batchnorm_eval`). A BatchNorm-free model (``model_options: {batchnorm: false}``, as the
+reference's WResNet) needs neither.
+
+Options: ``mode``, ``interpretation``, ``gamma``, ``ce_attack``, ``discrepancy`` and ``batchnorm`` next to the
+classifier's options (:class:`~defend.classifier.ClassifierModule`, which this module extends), the inner
+maximisations as one group (:class:`InnerMaximisation`: ``inner.eps``, ``inner.steps``, ``inner.alpha``,
+``inner.ramp_epochs``, ``inner.random_start``) and the optimiser as another (:class:`~defend.module_base.Optimiser`).
+
 The inner maximisations run :func:`attacks.frameworks.pgd_maximise` (random start, input gradients only)
 with the model in eval mode (restored afterwards). The outer loss is built from differentiable maps and
 Lightning performs the ONE ordinary backward (DDP syncs once). No SyncBatchNorm (it has no double backward).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +81,18 @@ from .models import GapClassifier
 from .module_base import Optimiser, as_options
 
 __all__ = [
-    "MODES", "INTERPRETATIONS", "RobustClassifierModule", "InnerMaximisation", "ROBUST_OPTIMISER", "class_maps", "maps_and_logits",
-    "discrepancy", "discrepancy_l1_2class", "interpretation_discrepancy", "worst_case_discrepancy", "pgd_ce_attack",
-    "trades_kl", "trades_attack",
+    "MODES", "INTERPRETATIONS", "DISCREPANCIES", "BATCHNORMS", "RobustClassifierModule", "InnerMaximisation",
+    "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "discrepancy", "discrepancy_l1_2class",
+    "interpretation_discrepancy", "worst_case_discrepancy", "ce_discrepancy_attack", "pgd_ce_attack", "trades_kl",
+    "trades_attack", "batchnorm_eval",
 ]
 
-MODES = ("normal", "pgd_at", "int", "int_adv", "trades")
+MODES = ("normal", "pgd_at", "int", "int_adv", "int_adv_single", "trades")
 INTERPRETATIONS = ("cam", "grad")
+#: the discrepancy D: ours (min-max maps, mean over pixels) or Boopathy et al.'s (raw maps, sum, Eqn 20's 1/2)
+DISCREPANCIES = ("normalised", "reference")
+#: which forwards BatchNorm learns from: all inputs of the loss in one batch, or the CE input's alone
+BATCHNORMS = ("joint", "ce")
 
 
 # --------------------------------------------------------------------------------------------- maps
@@ -71,11 +101,19 @@ INTERPRETATIONS = ("cam", "grad")
 INTERPRETERS_IN_D = {"cam": CAMInterpreter, "grad": lambda: GradInterpreter(score="logit", surrogate_tau=1e-4)}
 
 
-def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam") -> tuple[Tensor, Tensor]:
-    """Normalised maps of every class ``[N, C, h, w]`` (the interpreter's :meth:`explain_classes`) and the logits
-    ``[N, C]``; both differentiable in ``x`` (when it requires grad) and in the model's parameters."""
+def _check_kind(kind: str) -> None:
+    if kind not in DISCREPANCIES:
+        raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {kind!r}")
+
+
+def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam",
+                    kind: str = "normalised") -> tuple[Tensor, Tensor]:
+    """Maps of every class ``[N, C, h, w]`` (the interpreter's :meth:`explain_classes`; min-max normalised per
+    example and class when ``kind`` is ``"normalised"``, raw when ``"reference"``) and the logits ``[N, C]``; both
+    differentiable in ``x`` (when it requires grad) and in the model's parameters."""
     if interpretation not in INTERPRETERS_IN_D:
         raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
+    _check_kind(kind)
     graph = torch.is_grad_enabled()  # under no_grad (benign reference maps) no graph is recorded
     if interpretation == "grad":  # a gradient map needs autograd even for a reference map
         inp = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -83,65 +121,96 @@ def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam"
             raw, logits = INTERPRETERS_IN_D["grad"]().explain_classes(model, inp, create_graph=True)
     else:
         raw, logits = INTERPRETERS_IN_D[interpretation]().explain_classes(model, x, create_graph=graph)
-    return minmax(raw, start_dim=2), model(x) if logits is None else logits  # per example and class
+    maps = minmax(raw, start_dim=2) if kind == "normalised" else raw  # per example and class
+    return maps, model(x) if logits is None else logits
 
 
-def class_maps(model: GapClassifier, x: Tensor, interpretation: str = "cam") -> Tensor:
-    """Normalised maps of every class ``[N, C, h, w]`` (see :func:`maps_and_logits`)."""
-    return maps_and_logits(model, x, interpretation)[0]
+def class_maps(model: GapClassifier, x: Tensor, interpretation: str = "cam", kind: str = "normalised") -> Tensor:
+    """Maps of every class ``[N, C, h, w]`` (see :func:`maps_and_logits`)."""
+    return maps_and_logits(model, x, interpretation, kind)[0]
 
 
-def discrepancy(maps_x: Tensor, maps_adv: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
+def _class_l1(maps_x: Tensor, maps_adv: Tensor, kind: str) -> Tensor:
+    """``||g_c(x) - g_c(x')||_1`` per example and class ``[N, C]``: the mean over pixels (``"normalised"``) or the
+    sum (``"reference"``)."""
+    diff = (maps_x - maps_adv).abs().flatten(2)
+    return diff.mean(2) if kind == "normalised" else diff.sum(2)
+
+
+def discrepancy(maps_x: Tensor, maps_adv: Tensor, logits_adv: Tensor, y: Tensor, kind: str = "normalised") -> Tensor:
     """``D`` per example ``[N]`` from all-class maps ``[N, C, h, w]`` of x and x' and the logits of x'.
 
     ``D = l1_y + sum_{j != y} w_j l1_j``, ``l1_c = mean_pixels |g_c(x) - g_c(x')|``,
-    ``w_j = p_j / sum_{k != y} p_k`` with ``p = softmax(f(x'))`` (differentiable).
+    ``w_j = p_j / sum_{k != y} p_k`` with ``p = softmax(f(x'))`` (differentiable). ``kind="reference"`` (the maps
+    then raw): ``l1_c`` sums over the pixels and D carries Eqn 20's 1/2 (module docstring).
     """
-    l1 = (maps_x - maps_adv).abs().flatten(2).mean(2)  # [N, C]
+    _check_kind(kind)
+    l1 = _class_l1(maps_x, maps_adv, kind)  # [N, C]
     p = logits_adv.softmax(1)
     true = F.one_hot(y, p.shape[1]).bool()
     p_other = p.masked_fill(true, 0.0)
     w = p_other / p_other.sum(1, keepdim=True).clamp_min(1e-12)
-    return l1.gather(1, y.view(-1, 1)).squeeze(1) + (w * l1).sum(1)
+    d = l1.gather(1, y.view(-1, 1)).squeeze(1) + (w * l1).sum(1)
+    return d if kind == "normalised" else 0.5 * d
 
 
 def interpretation_discrepancy(model: GapClassifier, x: Tensor, x_adv: Tensor, y: Tensor,
-                               interpretation: str = "cam") -> Tensor:
+                               interpretation: str = "cam", kind: str = "normalised") -> Tensor:
     """``D(x, x_adv)`` per example for labels ``y`` (differentiable in ``x_adv`` and the model)."""
-    maps_x, _ = maps_and_logits(model, x, interpretation)
-    maps_a, logits_a = maps_and_logits(model, x_adv, interpretation)
-    return discrepancy(maps_x, maps_a, logits_a, y)
+    maps_x, _ = maps_and_logits(model, x, interpretation, kind)
+    maps_a, logits_a = maps_and_logits(model, x_adv, interpretation, kind)
+    return discrepancy(maps_x, maps_a, logits_a, y, kind)
 
 
 def discrepancy_l1_2class(model: GapClassifier, x: Tensor, x_adv: Tensor, y: Tensor, y_t: Tensor,
-                          interpretation: str = "cam") -> Tensor:
+                          interpretation: str = "cam", kind: str = "normalised") -> Tensor:
     """AdvEdge Eqn 20: ``1/2 (||g_y(x) - g_y(x')||_1 + ||g_yt(x) - g_yt(x')||_1)`` per example ``[N]``.
 
-    Same maps and per-pixel-mean L1 as :func:`discrepancy`; ``y_t`` is the attacker's target (or any second class).
+    Same maps and L1 as :func:`discrepancy` of the same ``kind``; ``y_t`` is the attacker's target (or any second
+    class).
     """
-    maps_x, _ = maps_and_logits(model, x, interpretation)
-    maps_a, _ = maps_and_logits(model, x_adv, interpretation)
-    l1 = (maps_x - maps_a).abs().flatten(2).mean(2)
+    maps_x, _ = maps_and_logits(model, x, interpretation, kind)
+    maps_a, _ = maps_and_logits(model, x_adv, interpretation, kind)
+    l1 = _class_l1(maps_x, maps_a, kind)
     return 0.5 * (l1.gather(1, y.view(-1, 1)).squeeze(1) + l1.gather(1, y_t.view(-1, 1)).squeeze(1))
 
 
 # --------------------------------------------------------------------------------------------- inner attacks
+def _discrepancy_ascent(model: GapClassifier, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
+                        interpretation: str, kind: str, ce_weight: float | None, random_start: bool,
+                        generator: torch.Generator | None) -> Tensor:
+    """PGD (``pgd_maximise``) ascent on ``D(x, x')`` (``ce_weight`` None) or on ``CE(f(x'), y) + ce_weight *
+    D(x, x')``; the benign maps are computed once. Returns the detached ``x'``."""
+    with torch.no_grad() if interpretation == "cam" else torch.enable_grad():
+        maps_x = class_maps(model, x.detach(), interpretation, kind).detach()
+
+    def loss_fn(z: Tensor) -> Tensor:
+        maps_z, logits_z = maps_and_logits(model, z, interpretation, kind)
+        d = discrepancy(maps_x, maps_z, logits_z, y, kind)
+        return d if ce_weight is None else F.cross_entropy(logits_z, y, reduction="none") + ce_weight * d
+
+    return pgd_maximise(loss_fn, x, eps, alpha, steps, random_start=random_start, generator=generator)
+
+
 def worst_case_discrepancy(model: GapClassifier, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
                            interpretation: str = "cam", random_start: bool = True,
-                           generator: torch.Generator | None = None) -> Tensor:
+                           generator: torch.Generator | None = None, kind: str = "normalised") -> Tensor:
     """PGD (``pgd_maximise``) ascent on ``D(x, x')`` in the L-inf ball; returns the detached ``x'``.
 
     The model's train/eval flags are left as they are (callers put it in eval mode); only input
     gradients are taken, so nothing lands in the parameters' ``.grad``. The benign maps are computed once.
     """
-    with torch.no_grad() if interpretation == "cam" else torch.enable_grad():
-        maps_x = class_maps(model, x.detach(), interpretation).detach()
+    return _discrepancy_ascent(model, x, y, eps, alpha, steps, interpretation, kind, None, random_start, generator)
 
-    def loss_fn(z: Tensor) -> Tensor:
-        maps_z, logits_z = maps_and_logits(model, z, interpretation)
-        return discrepancy(maps_x, maps_z, logits_z, y)
 
-    return pgd_maximise(loss_fn, x, eps, alpha, steps, random_start=random_start, generator=generator)
+def ce_discrepancy_attack(model: GapClassifier, x: Tensor, y: Tensor, gamma: float, eps: float, alpha: float,
+                          steps: int, interpretation: str = "cam", random_start: bool = True,
+                          generator: torch.Generator | None = None, kind: str = "normalised") -> Tensor:
+    """The reference's Int-Adv inner maximisation (Boopathy et al.'s ``train_int``, ``adv=True``): PGD ascent on
+    ``CE(f(x'), y) + gamma * D(x, x')`` per example in the L-inf ball; returns the detached ``x'`` (flags and
+    gradients as :func:`worst_case_discrepancy`)."""
+    return _discrepancy_ascent(model, x, y, eps, alpha, steps, interpretation, kind, float(gamma), random_start,
+                               generator)
 
 
 def pgd_ce_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
@@ -166,6 +235,21 @@ def trades_attack(model: nn.Module, x: Tensor, eps: float, alpha: float, steps: 
     noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return pgd_maximise(lambda z: trades_kl(logits_x, model(z)), x, eps, alpha, steps, generator=generator,
                         start=noise)
+
+
+@contextmanager
+def batchnorm_eval(model: nn.Module) -> Iterator[None]:
+    """``model``'s BatchNorm layers in eval mode meanwhile (running statistics used, not updated; every other
+    layer, e.g. dropout, keeps its mode); their flags restored afterwards."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    flags = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.eval()
+        yield
+    finally:
+        for m, flag in zip(norms, flags):
+            m.train(flag)
 
 
 # --------------------------------------------------------------------------------------------- module
@@ -210,12 +294,18 @@ class RobustClassifierModule(ClassifierModule):
         arch: zoo architecture name (e.g. ``small_cnn``, ``wide_resnet``).
         num_classes: number of classes; must match the data module.
         model_options: extra keyword arguments of the architecture (e.g. ``width``, ``batchnorm: false``).
-        mode: ``"normal"``, ``"pgd_at"``, ``"int"``, ``"int_adv"`` or ``"trades"``.
+        mode: ``"normal"``, ``"pgd_at"``, ``"int"``, ``"int_adv"`` (two adversarial inputs), ``"int_adv_single"``
+            (one, the reference's ``train_int``) or ``"trades"`` (module docstring).
         interpretation: ``"cam"`` or ``"grad"`` (maps inside D).
-        gamma: weight of the worst-case discrepancy D.
+        gamma: weight of the worst-case discrepancy D, on D's scale (``discrepancy``; the reference's 0.01 on summed
+            raw CAMs is 0.02 with ``discrepancy: reference``).
         ce_attack: in ``int_adv``, the adversarial CE input: ``"pgd"`` a separate untargeted PGD on the CE
             (default), ``"interp"`` reuse the D-maximising input (half the cost).
         beta: in ``trades``, the weight of the KL term (Zhang et al.: 6; 1 / lambda in their notation).
+        discrepancy: ``"normalised"`` (min-max maps, mean over pixels) or ``"reference"`` (Boopathy et al.: raw
+            maps, summed, with Eqn 20's 1/2), in training and in the inner maximisations.
+        batchnorm: ``"joint"`` (one train-mode forward over every input of the loss) or ``"ce"`` (the CE input's
+            forward alone trains BatchNorm, as in ``pgd_at``; the other forwards use its running statistics).
         inner: the inner maximisations (radius, steps, step size, radius ramp, random start; ``trades`` always
             starts at ``x + 0.001 N(0, 1)``).
         optimiser: the optimiser and its learning-rate schedule (default: Adam, lr 0.001, constant).
@@ -227,7 +317,8 @@ class RobustClassifierModule(ClassifierModule):
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
                  mode: str = "int_adv", interpretation: str = "cam", gamma: float = 0.01, ce_attack: str = "pgd",
-                 beta: float = 6.0, inner: InnerMaximisation = InnerMaximisation(),
+                 beta: float = 6.0, discrepancy: str = "normalised", batchnorm: str = "joint",
+                 inner: InnerMaximisation = InnerMaximisation(),
                  optimiser: Optimiser = ROBUST_OPTIMISER,
                  label_smoothing: float = 0.0, init_from: str | None = None, new_head: bool = False) -> None:
         inner = as_options(inner, InnerMaximisation(), "inner")
@@ -237,6 +328,10 @@ class RobustClassifierModule(ClassifierModule):
             raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
         if ce_attack not in ("pgd", "interp"):
             raise ValueError(f"ce_attack must be 'pgd' or 'interp', got {ce_attack!r}")
+        _check_kind(discrepancy)
+        if batchnorm not in BATCHNORMS:
+            raise ValueError(f"batchnorm must be one of {BATCHNORMS} (which forwards train BatchNorm), got "
+                             f"{batchnorm!r}")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0 (the weight of the worst-case discrepancy), got {gamma}")
         if not beta >= 0:
@@ -247,7 +342,7 @@ class RobustClassifierModule(ClassifierModule):
                          label_smoothing=label_smoothing, init_from=init_from, new_head=new_head)
         self.inner = inner
         self.save_options(mode=mode, interpretation=interpretation, gamma=gamma, ce_attack=ce_attack, beta=beta,
-                          inner=inner)
+                          discrepancy=discrepancy, batchnorm=batchnorm, inner=inner)
 
     @classmethod
     def default_optimiser(cls) -> Optimiser:
@@ -280,7 +375,10 @@ class RobustClassifierModule(ClassifierModule):
                 x_d = trades_attack(self.model, x, eps, alpha, inner.steps, generator)
             if hp.mode in ("int", "int_adv"):
                 x_d = worst_case_discrepancy(self.model, x, y, eps, alpha, inner.steps, hp.interpretation,
-                                             inner.random_start, generator)
+                                             inner.random_start, generator, hp.discrepancy)
+            if hp.mode == "int_adv_single":
+                x_d = x_ce = ce_discrepancy_attack(self.model, x, y, float(hp.gamma), eps, alpha, inner.steps,
+                                                   hp.interpretation, inner.random_start, generator, hp.discrepancy)
             if hp.mode == "pgd_at" or (hp.mode == "int_adv" and hp.ce_attack == "pgd"):
                 x_ce = pgd_ce_attack(self.model, x, y, eps, alpha, inner.steps, inner.random_start, generator)
             elif hp.mode == "int_adv":
@@ -297,35 +395,62 @@ class RobustClassifierModule(ClassifierModule):
         """
         hp = self.hparams
         eps = float(self.inner.eps) if eps is None else float(eps)
-        mode, interp, smoothing = hp.mode, hp.interpretation, float(hp.label_smoothing)
         x = x.detach()
         x_d, x_ce = self._inner_inputs(x, y, eps, generator)
-        zero = x.new_zeros(())
-        if mode in ("normal", "pgd_at"):
+        if hp.mode in ("normal", "pgd_at"):
             logits = self.model(x_ce)
-            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
-            return {"loss": ce, "ce": ce.detach(), "d": zero, "logits": logits.detach()}
-        if mode == "trades":  # two forwards in the current (train) mode, as the reference implementation
-            logits = self.model(x)
-            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
-            kl = trades_kl(logits, self.model(x_d)).mean()
-            return {"loss": ce + float(hp.beta) * kl, "ce": ce.detach(), "d": kl.detach(), "logits": logits.detach()}
-        # int / int_adv: one forward over [x; x_d (; x_ce)] in the current (train) mode
-        n = x.shape[0]
-        separate_ce = mode == "int_adv" and x_ce is not x_d
-        batch = torch.cat([x, x_d, x_ce] if separate_ce else [x, x_d])
-        if interp == "cam":
-            maps, logits_all = maps_and_logits(self.model, batch, "cam")
-            maps_x, maps_d = maps[:n], maps[n:2 * n]
+            ce = F.cross_entropy(logits, y, label_smoothing=float(hp.label_smoothing))
+            return {"loss": ce, "ce": ce.detach(), "d": x.new_zeros(()), "logits": logits.detach()}
+        if hp.mode == "trades":
+            return self._trades_loss(x, x_d, y)
+        return self._discrepancy_loss(x, x_d, x_ce, y)
+
+    def _other_forwards(self) -> AbstractContextManager[None]:
+        """The context of the forwards that are not the CE input's: BatchNorm in eval mode under ``batchnorm: ce``
+        (running statistics, no update); under ``joint`` nothing changes (the current mode)."""
+        return batchnorm_eval(self.model) if self.hparams.batchnorm == "ce" else nullcontext()
+
+    def _trades_loss(self, x: Tensor, x_d: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``CE(f(x), y) + beta * KL(f(x) || f(x_d))``: two forwards, ``x_d``'s under :meth:`_other_forwards` (with
+        ``joint`` both in the current (train) mode, as the reference implementation)."""
+        hp = self.hparams
+        logits = self.model(x)
+        ce = F.cross_entropy(logits, y, label_smoothing=float(hp.label_smoothing))
+        with self._other_forwards():
+            logits_d = self.model(x_d)
+        kl = trades_kl(logits, logits_d).mean()
+        return {"loss": ce + float(hp.beta) * kl, "ce": ce.detach(), "d": kl.detach(), "logits": logits.detach()}
+
+    def _discrepancy_loss(self, x: Tensor, x_d: Tensor, x_ce: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``int`` / ``int_adv`` / ``int_adv_single``: ``CE(f(x_ce), y) + gamma * D(x, x_d)``. ``batchnorm: joint``:
+        one forward over ``[x; x_d (; x_ce)]`` in the current (train) mode; ``ce``: the CE forward of ``x_ce`` alone,
+        then D's forward of ``[x; x_d]`` with BatchNorm in eval mode -- D is then measured on the network that is
+        explained and attacked, and BatchNorm learns from the CE input only, as in ``pgd_at``."""
+        hp, n = self.hparams, x.shape[0]
+        if hp.batchnorm == "ce":
+            logits_ce = self.model(x_ce)
+            with self._other_forwards():
+                maps_x, maps_d, logits_all = self._maps_of(x, x_d, None)
         else:
-            logits_all = self.model(batch)
-            maps_x = class_maps(self.model, x, "grad")
-            maps_d = class_maps(self.model, x_d, "grad")
-        d = discrepancy(maps_x, maps_d, logits_all[n:2 * n], y).mean()
-        logits_ce = logits_all[:n] if mode == "int" else (logits_all[2 * n:] if separate_ce else logits_all[n:2 * n])
-        ce = F.cross_entropy(logits_ce, y, label_smoothing=smoothing)
+            separate_ce = hp.mode == "int_adv" and x_ce is not x_d
+            maps_x, maps_d, logits_all = self._maps_of(x, x_d, x_ce if separate_ce else None)
+            logits_ce = logits_all[:n] if hp.mode == "int" else (logits_all[2 * n:] if separate_ce
+                                                                 else logits_all[n:2 * n])
+        d = discrepancy(maps_x, maps_d, logits_all[n:2 * n], y, hp.discrepancy).mean()
+        ce = F.cross_entropy(logits_ce, y, label_smoothing=float(hp.label_smoothing))
         loss = ce + float(hp.gamma) * d
         return {"loss": loss, "ce": ce.detach(), "d": d.detach(), "logits": logits_ce.detach()}
+
+    def _maps_of(self, x: Tensor, x_d: Tensor, x_ce: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """All-class maps of ``x`` and ``x_d`` (D's ``kind``) and the logits of one forward over ``[x; x_d (; x_ce)]``
+        (GRAD maps take their own passes)."""
+        n, kind = x.shape[0], self.hparams.discrepancy
+        batch = torch.cat([x, x_d] if x_ce is None else [x, x_d, x_ce])
+        if self.hparams.interpretation == "cam":
+            maps, logits_all = maps_and_logits(self.model, batch, "cam", kind)
+            return maps[:n], maps[n:2 * n], logits_all
+        logits_all = self.model(batch)
+        return class_maps(self.model, x, "grad", kind), class_maps(self.model, x_d, "grad", kind), logits_all
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -339,7 +464,7 @@ class RobustClassifierModule(ClassifierModule):
         bs = x.shape[0]
         self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
         self.log("train/ce", out["ce"], batch_size=bs)
-        self.log("train/d", out["d"], prog_bar=self.hparams.mode in ("int", "int_adv", "trades"), batch_size=bs)
+        self.log("train/d", out["d"], prog_bar=self.hparams.mode not in ("normal", "pgd_at"), batch_size=bs)
         self.log("train/eps", eps, batch_size=bs)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
         return out["loss"]
@@ -350,6 +475,7 @@ class RobustClassifierModule(ClassifierModule):
         return {"mode": hp.mode, "interpretation": hp.interpretation, "gamma": float(hp.gamma),
                 "eps": float(inner.eps), "inner_steps": int(inner.steps), "inner_alpha": float(inner.alpha),
                 "eps_ramp_epochs": float(inner.ramp_epochs), "ce_attack": hp.ce_attack,
+                "discrepancy": hp.discrepancy, "batchnorm": hp.batchnorm,
                 **({"beta": float(hp.beta)} if hp.mode == "trades" else {})}
 
     def artifact_meta(self) -> dict[str, Any]:
@@ -367,9 +493,13 @@ register_defence(Defence("normal", "the plain classifier (cross-entropy training
                                    "undefended reference."), __name__)
 _robust_defence("pgd_at", "the classifier adversarially trained with PGD on the cross-entropy (Madry et al.; "
                           "RobustClassifierModule, mode pgd_at), explained by CAM and GRAD.")
-_robust_defence("int_adv", "the classifier trained for interpretation robustness (Boopathy et al. ICML 2020: CE of a "
-                           "PGD input + gamma x the worst-case CAM discrepancy; RobustClassifierModule, mode int_adv), "
-                           "explained by CAM and GRAD.")
+_robust_defence("int_adv", "the classifier trained for interpretation robustness with TWO adversarial inputs (after "
+                           "Boopathy et al. ICML 2020: CE of a PGD input + gamma x the worst-case CAM discrepancy of "
+                           "another; RobustClassifierModule, mode int_adv), explained by CAM and GRAD.")
+_robust_defence("int_adv_single", "the classifier trained for interpretation robustness as Boopathy et al. ICML 2020 "
+                                  "define Int-Adv (their train_int: CE + gamma x D on ONE adversarial input, the "
+                                  "maximiser of that same sum; RobustClassifierModule, mode int_adv_single), "
+                                  "explained by CAM and GRAD.")
 _robust_defence("trades", "the classifier trained with TRADES (Zhang et al. ICML 2019: CE of the clean input + beta x "
                           "KL(f(x) || f(x')), x' the PGD maximiser of the KL; RobustClassifierModule, mode trades), "
                           "explained by CAM and GRAD.")

@@ -209,7 +209,8 @@ def test_checkpoint_metadata(clf_path):
     assert metas["robust"]["kind"] == "classifier" and metas["robust"]["arch"] == "small_cnn"
     assert metas["robust"]["robust_training"] == {"mode": "int_adv", "interpretation": "cam", "gamma": 0.01,
                                                   "eps": 4 / 255, "inner_steps": 2, "inner_alpha": 2 / 255,
-                                                  "eps_ramp_epochs": 0.0, "ce_attack": "pgd"}
+                                                  "eps_ramp_epochs": 0.0, "ce_attack": "pgd",
+                                                  "discrepancy": "normalised", "batchnorm": "joint"}
     assert metas["aid"]["kind"] == "rts" and metas["aid"]["aid_every"] == 3 and metas["aid"]["aid_weight"] == 1.0
     assert metas["aid"]["network"] == aid.rts.config() and "class_weight" not in metas["aid"]["objective"]
     assert metas["det"] == {"kind": "detector", "version": version,
