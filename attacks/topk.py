@@ -1,6 +1,6 @@
-"""The top-k interpretation attack (Ghorbani et al., AAAI 2019; the evaluation of Boopathy et al., ICML 2020).
+"""The top-k interpretation attacks: our variant (Ghorbani et al., AAAI 2019) and Boopathy et al.'s reference protocol.
 
-It moves the explanation away from where it was while the classifier keeps its decision: PGD in the L-inf ball on
+**Our variant** (:class:`TopKAttack`, ``"topk"``, protocol ``ghorbani``) moves the explanation away from where it was while the classifier keeps its decision: PGD in the L-inf ball on
 
     l(x') = mass_T(g(x')) + margin_weight * max(max_{j != c} z_j(x') - z_c(x') + kappa, 0)
 
@@ -9,6 +9,11 @@ the 8x8 CAM grid of a 32 px model, Boopathy's ``k = 8``), ``mass_T(m) = sum_{i i
 normalised map's mass on them, ``z`` the logits and ``c`` the class explained (the benign prediction). The hinge keeps
 the prediction; per input the attack returns the uint8-grid iterate with the lowest ``mass_T`` among those still
 classified as ``c`` (the benign input if none is), over ``restarts`` random starts.
+
+**The reference** (:class:`ReferenceTopKAttack`, ``"aai_topk"``, protocol ``boopathy``) is Boopathy et al.'s
+``eval.py`` ``aai_topk`` (ICML 2020): loss = minus the *raw* map of the true label summed over the benign top-k pixels
+(no logit hinge; their ``kappa`` is unused), a uniform random start in the ball, signed steps of 0.01 (image units),
+200 steps, the final iterate kept; inputs whose prediction flipped are reported (``kept``) for the caller to drop.
 """
 from __future__ import annotations
 
@@ -21,10 +26,11 @@ from torch import Tensor, nn
 from .base_attack import BALL_ATTACKS, Attack
 from .checks import check_images, check_positive
 from .frameworks import PGD
+from .frameworks.base import quantise_linf
 from .interpreters import Interpreter, get_interpreter
 from .state import frozen
 
-__all__ = ["TopKAttack", "TopKResult", "topk_mass", "topk_indices"]
+__all__ = ["TopKAttack", "TopKResult", "ReferenceTopKAttack", "ReferenceTopKResult", "topk_mass", "topk_indices"]
 
 
 def topk_indices(m: Tensor, k: int) -> Tensor:
@@ -59,6 +65,10 @@ class TopKResult:
 class TopKAttack(Attack):
     """Top-k attack on an interpreter's map that keeps the prediction (module docstring); registered in
     :data:`attacks.BALL_ATTACKS` as ``"topk"`` (``y``: the class to keep, default the benign prediction).
+
+    This is **our variant** (protocol ``ghorbani``), not Boopathy et al.'s: the *normalised* top-k mass plus a
+    ``kappa`` logit hinge, a benign start, the *best* iterate that keeps the class. The reference protocol is
+    :class:`ReferenceTopKAttack` (``"aai_topk"``).
 
     Args:
         interpreter: a differentiable interpreter (name or instance; GRAD is attacked through its surrogate).
@@ -147,3 +157,87 @@ def topk(eps: float, interpreter: str | Interpreter = "cam", generator: torch.Ge
     if generator is not None:
         options["seed"] = int(torch.randint(0, 2**31 - 1, (), generator=generator))
     return TopKAttack(interpreter, eps=eps, **options)
+
+
+@dataclass
+class ReferenceTopKResult:
+    """Boopathy's final iterates (uint8 grid, inside the ball), per-input ``kept`` (the prediction did not flip: the
+    inputs the reference scores), ``success`` (the contract's goal ``"reach"``: the prediction is ``y``) and the raw
+    top-k map sum before / after."""
+
+    x_adv: Tensor
+    kept: Tensor
+    success: Tensor
+    topk_benign: Tensor
+    topk_adv: Tensor
+
+
+class ReferenceTopKAttack(Attack):
+    """Boopathy et al.'s ``aai_topk`` exactly (module docstring), registered in :data:`attacks.BALL_ATTACKS` as
+    ``"aai_topk"`` (the reference protocol ``boopathy``); ``y`` is the class explained (the reference: the true label).
+
+    Per input: ``T`` = the ``k`` largest pixels of the benign raw map :meth:`~attacks.interpreters.Interpreter.explain`
+    (CAM: the un-normalised map on its native 8x8 grid; ties: lower index first, as ``tf.nn.top_k``); start
+    ``clip(x + U(-eps, eps), 0, 1)`` drawn from a generator seeded ``seed``; ``steps`` times
+    ``x <- clip(clip(x + alpha * sign(grad(-sum_T raw(x))), x - eps, x + eps), 0, 1)``; the final iterate is kept.
+    **Our addition:** the final iterate is rounded to the uint8 grid inside the ball (what a saved image is); the
+    iterates themselves are not rounded, as in the reference. ``kept``: the prediction did not change.
+
+    Example::
+
+        res = ReferenceTopKAttack("cam", eps=8 / 255)(model, x, y)   # res.x_adv, res.kept (score only those)
+    """
+
+    def __init__(self, interpreter: str | Interpreter = "cam", *, k: int = 8, eps: float = 8 / 255,
+                 alpha: float = 0.01, steps: int = 200, seed: int = 0) -> None:
+        self.interpreter = get_interpreter(interpreter)
+        if not self.interpreter.differentiable:
+            raise ValueError(f"aai_topk needs a differentiable interpreter; '{self.interpreter.name}' is not")
+        if k < 1 or steps < 1:
+            raise ValueError(f"aai_topk needs k >= 1 and steps >= 1, got {k} and {steps}")
+        check_positive(alpha, "alpha")
+        self.threat = PGD(eps, alpha, random_start=True)
+        self.threat.check_grid_budget()
+        self.k, self.steps, self.alpha, self.eps, self.seed = int(k), int(steps), float(alpha), float(eps), int(seed)
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        return {**self.threat.budget, "k": self.k, "steps": self.steps, "restarts": 1, "protocol": "boopathy",
+                "iterate": "final"}
+
+    def _topk_raw(self, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor, create_graph: bool) -> Tensor:
+        """The raw map of ``y`` summed over the pixels ``idx`` -> ``[N]`` (the interpreter's one hook)."""
+        with self.interpreter.attack_modifier():
+            raw = self.interpreter.explain(model, x, y, create_graph=create_graph)
+        return raw.flatten(1).gather(1, idx).sum(1)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ReferenceTopKResult:
+        check_images(x)
+        x0, y = x.detach().clone(), y.to(x.device)
+        gen = torch.Generator().manual_seed(self.seed)
+        with frozen(model):
+            with torch.no_grad():
+                pred = model(x0).argmax(1)
+                benign = self.interpreter.explain(model, x0, y)
+            idx = topk_indices(benign, self.k)
+            u = torch.rand(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+            xa = (x0 + (2 * u - 1) * self.eps).clamp(0, 1)
+            for _ in range(self.steps):
+                xa = xa.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(-self._topk_raw(model, xa, y, idx, True).sum(), xa)
+                xa = torch.minimum(torch.maximum(xa.detach() + self.alpha * g.sign(), x0 - self.eps), x0 + self.eps)
+                xa = xa.clamp(0, 1)
+            x_adv = quantise_linf(x0, xa.detach(), self.eps)
+            with torch.no_grad():
+                pred_adv = model(x_adv).argmax(1)
+                mass0, mass = self._topk_raw(model, x0, y, idx, False), self._topk_raw(model, x_adv, y, idx, False)
+        return ReferenceTopKResult(x_adv, pred_adv == pred, pred_adv == y, mass0.detach(), mass.detach())
+
+
+@BALL_ATTACKS.register("aai_topk")
+def aai_topk(eps: float, interpreter: str | Interpreter = "cam", generator: torch.Generator | None = None,
+             **options: Any) -> ReferenceTopKAttack:
+    """:class:`ReferenceTopKAttack` in the ``eps`` ball; with ``generator`` its seed is drawn from it (else ``seed``)."""
+    if generator is not None:
+        options["seed"] = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    return ReferenceTopKAttack(interpreter, eps=eps, **options)

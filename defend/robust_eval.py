@@ -4,9 +4,12 @@
   (:mod:`defend.autoattack`).
 * Interpretation robustness: benign maps against the maps of inputs attacked to change the explanation while the
   prediction is kept, scored with the field's agreement measures (:class:`MapAgreement`: Kendall's tau-b, Spearman's
-  rho, top-k intersection at several k, cosine similarity, centre-of-mass shift). Attacks: Boopathy et al.'s top-k
-  attack (:class:`attacks.topk.TopKAttack`), the interpretation-discrepancy attack of the robust training objective
-  (:func:`discrepancy_attack`) and, as the floor any attack must beat, uniform noise of the same radius. Maps are
+  rho, top-k intersection at several k, cosine similarity, centre-of-mass shift). Attacks: Boopathy et al.'s
+  reference ``aai_topk`` (:class:`attacks.topk.ReferenceTopKAttack`, protocol ``boopathy``: the true label explained),
+  our top-k variant (:class:`attacks.topk.TopKAttack`, protocol ``ghorbani``: the benign prediction explained), the
+  interpretation-discrepancy attack of the robust training objective (:func:`discrepancy_attack`) and, as the floor
+  any attack must beat, uniform noise of the same radius. Only inputs whose prediction the attack did not change are
+  scored (the reference drops the others). Maps are
   compared on the interpreter's own grid (the 8x8 CAM grid of a 32 px model, where the top-k set is defined); Kendall's
   tau is also given on the input grid (bilinearly upsampled maps, the figure of earlier versions).
 """
@@ -30,11 +33,16 @@ from .robust import discrepancy, maps_and_logits
 from .stats import Estimate
 
 __all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "DiscrepancyAttack", "craft_interpretation_attack",
-           "interpretation_robustness", "sensitivity", "INTERPRETATION_ATTACKS", "native_map"]
+           "interpretation_robustness", "sensitivity", "INTERPRETATION_ATTACKS", "REFERENCE_ATTACK", "PROTOCOLS",
+           "native_map"]
 
 #: the interpretation attacks (registered in :data:`attacks.BALL_ATTACKS`, goal: keep the class), in the order the
 #: robust experiment reports them
 INTERPRETATION_ATTACKS = ("topk", "discrepancy", "noise")
+#: Boopathy et al.'s ``eval.py`` ``aai_topk`` (:class:`attacks.topk.ReferenceTopKAttack`): protocol ``boopathy``
+REFERENCE_ATTACK = "aai_topk"
+#: the interpretation-robustness protocols: Boopathy et al.'s reference and our variant (Ghorbani-style top-k)
+PROTOCOLS = ("boopathy", "ghorbani")
 
 
 def native_map(interp: Interpreter, model: nn.Module, x: Tensor, cls: Tensor) -> Tensor:
@@ -142,18 +150,22 @@ class DiscrepancyAttack(Attack):
 
 def craft_interpretation_attack(model: nn.Module, interp: Interpreter, x: Tensor, cls: Tensor, eps: float,
                                 attack: str, options: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``(x_attacked, kept)`` for one of :data:`INTERPRETATION_ATTACKS`, built from :data:`attacks.BALL_ATTACKS`
-    (``kept``: the prediction is still ``cls``)."""
-    if attack not in INTERPRETATION_ATTACKS:
-        raise ValueError(f"unknown interpretation attack {attack!r}; choose one of {', '.join(INTERPRETATION_ATTACKS)}")
+    """``(x_attacked, success)`` for one of :data:`INTERPRETATION_ATTACKS` or :data:`REFERENCE_ATTACK`, built from
+    :data:`attacks.BALL_ATTACKS` (``success``: the prediction is ``cls``)."""
+    if attack not in (*INTERPRETATION_ATTACKS, REFERENCE_ATTACK):
+        raise ValueError(f"unknown interpretation attack {attack!r}; choose one of "
+                         f"{', '.join((*INTERPRETATION_ATTACKS, REFERENCE_ATTACK))}")
     res = BALL_ATTACKS.get(attack)(eps=eps, interpreter=interp, generator=generator, **options)(model, x, cls)
     return res.x_adv, res.success
 
 
 def interpretation_robustness(model: nn.Module, interp: Interpreter, x: Tensor, eps: float, attack: str, *,
                               options: dict[str, Any] | None = None, ks: Sequence[int] = (4, 8, 16), seed: int = 0,
-                              batch_size: int = 128, per_input: bool = False) -> dict[str, Any]:
-    """Benign vs attacked maps of the inputs whose prediction the attack kept (class = benign prediction).
+                              batch_size: int = 128, per_input: bool = False,
+                              labels: Tensor | None = None) -> dict[str, Any]:
+    """Benign vs attacked maps of the inputs whose prediction the attack did not change, for the class the attack
+    explains: the benign prediction, or ``labels`` (Boopathy's protocol: the true label; then a misclassified input
+    whose prediction stays is still scored, as in the reference).
 
     Returns :class:`MapAgreement`'s figures (native grid) with their bootstrap intervals over the kept inputs (seed
     ``seed``), ``kendall_tau_input_grid``, ``n`` (inputs attacked) and ``n_kept``; with ``per_input`` also
@@ -166,9 +178,13 @@ def interpretation_robustness(model: nn.Module, interp: Interpreter, x: Tensor, 
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size]
             with torch.no_grad():
-                cls = model(xb).argmax(1)
+                pred = model(xb).argmax(1)
+            cls = pred if labels is None else labels[i:i + batch_size].to(pred.device)
             xa, kept = (xb, torch.ones_like(cls, dtype=torch.bool)) if eps == 0 else \
                 craft_interpretation_attack(model, interp, xb, cls, eps, attack, dict(options or {}), gen)
+            if labels is not None:  # the reference's rule: drop an input whose prediction changed
+                with torch.no_grad():
+                    kept = model(xa).argmax(1) == pred
             if not bool(kept.any()):
                 continue
             kept_at.append(kept.nonzero().flatten().cpu() + i)

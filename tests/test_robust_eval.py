@@ -128,7 +128,8 @@ def test_robust_experiment_rows_name_their_attack_and_report_is_honest(tmp_path)
            "trainer": {"limit_train_batches": 1, "limit_val_batches": 1, "enable_progress_bar": False},
            "evaluation": {"n_images": 8, "eps": [0, "8/255"], "pgd": {"steps": 2},
                           "autoattack": {"n_images": 4, "eps": ["8/255"]},
-                          "interpretation": {"n_images": 4, "topk": {"steps": 2}, "discrepancy": {"steps": 2}}}}
+                          "interpretation": {"n_images": 4, "boopathy": {"n_images": 4, "steps": 2},
+                                             "topk": {"steps": 2}, "discrepancy": {"steps": 2}}}}
     path = tmp_path / "robust.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert run_experiment(["-c", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
@@ -141,7 +142,8 @@ def test_robust_experiment_rows_name_their_attack_and_report_is_honest(tmp_path)
         assert r["eps"] == pytest.approx(r["eps_255"] / 255, abs=1e-12)
     assert {r["step"] for r in rows if r["attack"] == "pgd-ce"} == {8 / 255 * 0.25}
     interp = [r for r in rows if r["measure"] == "interpretation" and r["eps_255"] == 8]
-    assert {r["attack"] for r in interp} == {"topk", "discrepancy", "noise"}
+    assert {(r["attack"], r["protocol"]) for r in interp} == {("aai_topk", "boopathy"), ("topk", "ghorbani"),
+                                                              ("discrepancy", "ghorbani"), ("noise", "ghorbani")}
     for name in ("normal", "int_adv"):  # the trained models, with their radii in image units
         meta = load_artifact(tmp_path / "out" / f"{name}.pt", "classifier")["meta"]["robust_training"]
         assert meta["eps"] == 8 / 255 and meta["inner_alpha"] == 4 / 255

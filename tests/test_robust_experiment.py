@@ -44,7 +44,7 @@ def test_quick_config_resolves_to_the_module_arguments_of_every_model():
 
 def test_full_config_keeps_its_values():
     _, cfg, _ = parse(quick=False)
-    assert [round(float(e) * 255, 9) for e in cfg.evaluation.eps] == [0, 2, 4, 6, 8, 10]
+    assert [round(float(e) * 255, 9) for e in cfg.evaluation.eps] == [0, 2, 4, 6, 8, 9, 10]  # AdvEdge Table VII
     assert [round(float(e) * 255, 9) for e in cfg.evaluation.autoattack.eps] == [4, 8]
     assert cfg.training.max_epochs == 8 and cfg.training.module["inner"]["ramp_epochs"] == 3
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from attacks import TopKAttack
+from attacks import BALL_ATTACKS
 from attacks.state import frozen
 
 from ..autoattack import autoattack_plan
 from ..io import WriteError
 from ..robust_eval import native_map
 from .battery import Battery
-from .measure import build_plan, topk_options
+from .measure import build_plan, topk_attack
 from .system import System, interpreters_for
 
 __all__ = ["preflight", "check_not_reading_out", "check_names_utf8", "check_output_paths", "check_builds",
@@ -155,7 +155,8 @@ def check_builds(system: System, battery: Battery, rescore: bool) -> None:
                          "attacks.per_interpreter or adaptive.options") from None
     for name in topk:
         try:
-            TopKAttack(interps[name], eps=float(battery.topk.eps), **topk_options(battery))
+            attack, options = topk_attack(battery)
+            BALL_ATTACKS.build(attack, eps=float(battery.topk.eps), interpreter=interps[name], **options)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"battery: topk ({name}): {_text(exc)}") from None
 

@@ -3,18 +3,24 @@ Boopathy et al. ICML 2020).
 
 Each model of ``models:`` is a :class:`defend.robust.RobustClassifierModule` with the arguments of its ``module:``
 (laid over the shared ``training.module:``, option groups key by key; ``num_classes`` comes from the data), trained
-from the same seed, then evaluated for every radius of ``evaluation.eps`` with :mod:`defend.robust_eval`:
+from the same seed (or, with ``checkpoint:``, loaded from a saved ``<name>.pt`` of an earlier run), then evaluated for
+every radius of ``evaluation.eps`` (default AdvEdge Table VII's 0, 2, 4, 6, 8, 9, 10 / 255) with
+:mod:`defend.robust_eval`:
 
 * accuracy under untargeted PGD on the cross-entropy (``evaluation.pgd``: steps, step = eps * step_ratio, random
   start) on the first ``n_images`` test images, and under AutoAttack (standard version, the authors' code) on the first
   ``autoattack.n_images`` of them at the radii of ``autoattack.eps``, with PGD's accuracy on the same inputs beside it;
-* interpretation robustness of ``interpretation.interpreter`` (CAM) on the first ``interpretation.n_images``: benign vs
-  attacked maps under the top-k attack, the discrepancy attack and uniform noise of the same radius (Kendall's tau-b,
-  Spearman's rho, top-k intersection, cosine, centre-of-mass shift), and captum-style max-sensitivity at that radius.
+* interpretation robustness of ``interpretation.interpreter`` (CAM) under each of ``interpretation.protocols``:
+  ``boopathy`` (the cited reference, Boopathy et al.'s ``eval.py`` ``aai_topk``: ``interpretation.boopathy.n_images``
+  test images drawn at random with the run's seed, the true label explained, inputs whose prediction flipped dropped)
+  and ``ghorbani`` (our variant: the first ``interpretation.n_images`` PGD inputs, the benign prediction explained,
+  our top-k attack, the discrepancy attack and uniform noise of the same radius, and captum-style max-sensitivity);
+  benign vs attacked maps scored by Kendall's tau-b, Spearman's rho, top-k intersection, cosine, centre-of-mass shift.
 
 Every radius (the models' ``inner.eps`` / ``inner.alpha``, ``evaluation.eps``, ``autoattack.eps``) is in image units
 ([0, 1]); ``8/255`` is accepted and exact. Every ``metrics.json`` row names its measure, attack, eps (image units),
-``eps_255`` (the same radius x 255, the label of the report's columns), steps / restarts, n and seed.
+``eps_255`` (the same radius x 255, the label of the report's columns), steps / restarts, n and seed; every
+interpretation row its ``protocol`` and the class it explained.
 """
 from __future__ import annotations
 
@@ -32,18 +38,27 @@ from tqdm.auto import tqdm
 
 from attacks import INTERPRETERS
 from attacks.interpreters import get_interpreter
-from attacks.topk import TopKAttack
+from attacks.topk import ReferenceTopKAttack, TopKAttack
 
 from .. import stats
-from ..classifier import save_classifier
+from ..classifier import load_classifier, save_classifier
 from ..data import BaseDataModule
 from ..data.base import split_name
 from ..evaluate.measure import autoattack_row
 from ..figures import line_plot
 from ..inputs import take_split
+from ..io import CheckpointError, file_sha256, load_artifact
 from ..models import GapClassifier
+from ..provenance import note_data
 from ..robust import INTERPRETATIONS, MODES, RobustClassifierModule
-from ..robust_eval import INTERPRETATION_ATTACKS, interpretation_robustness, pgd_accuracy, sensitivity
+from ..robust_eval import (
+    INTERPRETATION_ATTACKS,
+    PROTOCOLS,
+    REFERENCE_ATTACK,
+    interpretation_robustness,
+    pgd_accuracy,
+    sensitivity,
+)
 from ..rows import AutoAttackRow
 from ..trainer import make_trainer
 from ..typed_config import check_class_options, check_names
@@ -54,8 +69,8 @@ from .robust_report import report
 from .runner import deep_merge
 
 __all__ = ["run", "RobustExperiment", "RobustTraining", "RobustModel", "RobustEvaluation", "PGDEvaluation",
-           "AutoAttackEvaluation", "InterpretationEvaluation", "DiscrepancyAttack", "EpochTimer", "evaluate_model",
-           "module_options", "eps_255", "same_eps"]
+           "AutoAttackEvaluation", "InterpretationEvaluation", "DiscrepancyAttack", "ReferenceTopK", "EpochTimer",
+           "evaluate_model", "module_options", "eps_255", "same_eps", "reference_inputs"]
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -71,11 +86,14 @@ class RobustTraining:
 @dataclass
 class RobustModel:
     """One model of the table: its ``name`` (``<name>.pt``, the report's rows), ``max_epochs`` (default:
-    ``training.max_epochs``) and ``module``, RobustClassifierModule arguments laid over ``training.module``."""
+    ``training.max_epochs``) and ``module``, RobustClassifierModule arguments laid over ``training.module``.
+    ``checkpoint``: a ``<name>.pt`` this experiment saved in an earlier run, loaded instead of training (it must
+    hold the architecture and ``model_options`` of ``module`` and the data's class count; its sha256 is reported)."""
 
     name: str
     max_epochs: PositiveCount | None = None
     module: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
 
 
 def _default_models() -> list[RobustModel]:
@@ -108,12 +126,28 @@ class DiscrepancyAttack:
 
 
 @dataclass
+class ReferenceTopK:
+    """Boopathy et al.'s protocol (their ``eval.py`` ``aai_topk``): :class:`attacks.topk.ReferenceTopKAttack` of
+    ``steps`` signed steps of ``alpha`` (image units) on the benign top-``k`` pixels, on ``n_images`` images of the
+    evaluation split drawn at random with the run's seed (the same for every model), the true label explained."""
+
+    n_images: PositiveCount = PositiveCount(200)
+    k: PositiveCount = PositiveCount(8)
+    steps: PositiveCount = PositiveCount(200)
+    alpha: Positive = Positive(0.01)
+
+
+@dataclass
 class InterpretationEvaluation:
-    """Benign vs attacked maps of ``interpreter`` on the first ``n_images`` PGD inputs under each of ``attacks``;
-    ``topk``: :class:`attacks.topk.TopKAttack` options (checked against its signature); top-k intersection at each of
-    ``ks``; max-sensitivity from ``sensitivity_samples`` uniform-noise samples of radius eps."""
+    """Benign vs attacked maps of ``interpreter`` under each of ``protocols``: ``boopathy`` (the reference,
+    :class:`ReferenceTopK`, options ``boopathy``) and ``ghorbani`` (our variant: on the first ``n_images`` PGD inputs
+    under each of ``attacks``, the benign prediction explained; ``topk``: :class:`attacks.topk.TopKAttack` options,
+    checked against its signature; max-sensitivity from ``sensitivity_samples`` uniform-noise samples of radius eps).
+    Top-k intersection at each of ``ks``."""
 
     interpreter: str = "cam"
+    protocols: list[Literal["boopathy", "ghorbani"]] = field(default_factory=lambda: list(PROTOCOLS))
+    boopathy: ReferenceTopK = field(default_factory=ReferenceTopK)
     n_images: PositiveCount = PositiveCount(128)
     attacks: list[str] = field(default_factory=lambda: list(INTERPRETATION_ATTACKS))
     topk: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +164,7 @@ class RobustEvaluation:
 
     split: Literal["test", "dev", "val"] = "test"
     n_images: PositiveCount = PositiveCount(256)
-    eps: list[Radius] = field(default_factory=lambda: [Radius(f"{k}/255") for k in (0, 2, 4, 6, 8, 10)])
+    eps: list[Radius] = field(default_factory=lambda: [Radius(f"{k}/255") for k in (0, 2, 4, 6, 8, 9, 10)])
     batch_size: PositiveCount = PositiveCount(256)
     device: str = "auto"
     pgd: PGDEvaluation = field(default_factory=PGDEvaluation)
@@ -198,12 +232,45 @@ def _check_model(cfg: RobustExperiment, i: int, model: RobustModel, num_classes:
             RobustClassifierModule(num_classes=num_classes, **opts)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}.module ({model.name}): {exc}") from None
+    if model.checkpoint is not None:
+        load_saved(model, checked, num_classes, where)
+
+
+def load_saved(model: RobustModel, opts: dict[str, Any], num_classes: int, where: str) -> tuple[GapClassifier, dict]:
+    """The classifier of ``model.checkpoint`` and its metadata; a missing file, another architecture /
+    ``model_options`` / class count or another training mode than ``opts`` (the model's resolved module options)
+    is a one-line error naming ``where``."""
+    path = Path(str(model.checkpoint)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}.checkpoint: no such file '{path}' (give a <name>.pt saved by an earlier "
+                                f"robust run, or remove checkpoint to train {model.name})")
+    fix = f"fix {where}.module (arch / model_options) or {where}.checkpoint"
+    try:
+        clf = load_classifier(path, num_classes=num_classes, arch=opts["arch"],
+                              model_options=opts.get("model_options") or {}, fix=fix)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}.checkpoint: {exc}" + ("" if fix in str(exc) else f"; {fix}")) from None
+    meta = load_artifact(path, "classifier")["meta"]
+    saved = dict(meta.get("robust_training") or {})
+    if saved.get("mode") != opts["mode"]:
+        raise CheckpointError(f"{where}.checkpoint: {path} was trained in mode {saved.get('mode')!r}, "
+                              f"{where}.module.mode is {opts['mode']!r}; point {model.name} at a checkpoint of its mode")
+    return clf, meta
 
 
 def _check_evaluation(ev: RobustEvaluation) -> None:
     """Names, radii and input counts of ``evaluation``."""
     ie = ev.interpretation
+    if not ie.protocols or len(set(ie.protocols)) < len(ie.protocols):
+        raise ValueError(f"evaluation.interpretation.protocols must name boopathy and / or ghorbani once each, got "
+                         f"{list(ie.protocols)}")
     check_names(ie.attacks, INTERPRETATION_ATTACKS, "evaluation.interpretation.attacks")
+    for e in ev.eps:
+        if "boopathy" in ie.protocols and float(e) > 0:
+            try:
+                ReferenceTopKAttack(ie.interpreter, eps=float(e), **_reference_options(ie))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"evaluation.interpretation.boopathy at eps {eps_255(e)}/255: {exc}") from None
     check_names([ie.interpreter], INTERPRETERS, "evaluation.interpretation.interpreter")
     check_class_options(TopKAttack, exact_fractions(ie.topk), "evaluation.interpretation.topk",
                         skip=("interpreter", "eps", "seed"))
@@ -247,8 +314,8 @@ def check(cfg: RobustExperiment) -> None:
 
 
 def outputs(cfg: RobustExperiment, out: Path) -> list[Path]:
-    """The figure and every trained model's checkpoint."""
-    return [out / "robust.png", *[out / f"{m.name}.pt" for m in cfg.models]]
+    """The figure and every trained model's checkpoint (none for a model loaded from ``checkpoint``)."""
+    return [out / "robust.png", *[out / f"{m.name}.pt" for m in cfg.models if m.checkpoint is None]]
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -295,6 +362,22 @@ def _train(cfg: RobustExperiment, model: RobustModel, dm: BaseDataModule, out: P
     return {"model": module.model.eval(), "mode": hp.mode, "arch": hp.arch, "epochs": epochs,
             "train_seconds": seconds, "epoch_seconds": sum(timer.seconds) / max(len(timer.seconds), 1),
             "gamma": float(hp.gamma), "ce_attack": hp.ce_attack}
+
+
+def _reuse(cfg: RobustExperiment, i: int, model: RobustModel, dm: BaseDataModule, progress: bool) -> dict[str, Any]:
+    """Load ``model.checkpoint`` (checked again: the file may have changed since the config check) instead of
+    training; its training figures are the checkpoint's own, its sha256 goes into the report."""
+    opts = check_class_options(RobustClassifierModule, module_options(cfg, model), f"models[{i}].module",
+                               skip=("num_classes",))
+    clf, meta = load_saved(model, opts, dm.num_classes, f"models[{i}]")
+    saved = meta.get("robust_training") or {}
+    sha = file_sha256(model.checkpoint)
+    if progress:
+        print(f"[robust] {model.name}: loaded {model.checkpoint} (sha256 {sha[:12]}), not trained", flush=True)
+    seconds = float(meta.get("train_seconds", float("nan")))
+    return {"model": clf.eval(), "mode": saved["mode"], "arch": meta["arch"], "epochs": "saved",
+            "train_seconds": seconds, "epoch_seconds": float("nan"), "gamma": float(saved.get("gamma", float("nan"))),
+            "ce_attack": saved.get("ce_attack", "-"), "checkpoint": str(model.checkpoint), "checkpoint_sha256": sha}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -348,38 +431,76 @@ def _attack_options(ie: InterpretationEvaluation, attack: str) -> dict[str, Any]
     return {}
 
 
-def _interpretation_rows(model: GapClassifier, x: torch.Tensor, eps: float, ev: RobustEvaluation, seed: int,
-                         bar: tqdm) -> list[dict[str, Any]]:
-    """Benign vs attacked maps under each interpretation attack at ``eps``, and max-sensitivity at that radius."""
+def _reference_options(ie: InterpretationEvaluation) -> dict[str, Any]:
+    """The :class:`attacks.topk.ReferenceTopKAttack` options of the ``boopathy`` protocol (besides ``eps``)."""
+    b = ie.boopathy
+    return {"k": int(b.k), "steps": int(b.steps), "alpha": float(b.alpha)}
+
+
+def reference_inputs(dm: BaseDataModule, split: str, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Boopathy's inputs: ``n`` images of ``split`` drawn at random (a permutation seeded ``seed``), with their
+    labels and positions in the split (``index``); more than the split holds is a one-line error."""
+    ds = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[split_name(split)]
+    if n > len(ds):
+        raise ValueError(f"evaluation.interpretation.boopathy.n_images ({n}) exceeds the {len(ds)} images of the "
+                         f"{split} split; lower it")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    items = [ds[int(i)] for i in idx]
+    out = {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items]),
+           "index": idx}
+    note_data(out["image"], out["label"], split=split_name(split))
+    return out
+
+
+def _scored(model: GapClassifier, x: torch.Tensor, eps: float, attack: str, opts: dict[str, Any],
+            ev: RobustEvaluation, seed: int, bar: tqdm, protocol: str,
+            labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """One interpretation row: benign vs attacked maps of the inputs ``attack`` did not flip (``labels``: the class
+    explained, else the benign prediction), per-input values kept hidden for the paired tests."""
     ie = ev.interpretation
-    interp = get_interpreter(ie.interpreter)
-    xi = x[:int(ie.n_images)]
-    base = {"eps": eps, "eps_255": eps_255(eps), "interpreter": ie.interpreter}
+    bar.set_postfix_str(f"eps {eps_255(eps)}/255 {attack} ({protocol})")
+    res = interpretation_robustness(model, get_interpreter(ie.interpreter), x, eps, attack, options=opts,
+                                    ks=[int(k) for k in ie.ks], seed=seed, batch_size=int(ev.batch_size),
+                                    per_input=True, labels=labels)
+    bar.update()
+    hidden = {"_per_input": res.pop("per_input", {}), "_kept": res.pop("kept", None)}
+    return {"measure": "interpretation", "eps": eps, "eps_255": eps_255(eps), "interpreter": ie.interpreter,
+            "protocol": protocol, "attack": attack,
+            "class_explained": "benign prediction" if labels is None else "true label",
+            "settings": ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-", "seed": seed, **res, **hidden}
+
+
+def _interpretation_rows(model: GapClassifier, x: torch.Tensor, eps: float, ev: RobustEvaluation, seed: int,
+                         bar: tqdm, ref: dict[str, torch.Tensor] | None) -> list[dict[str, Any]]:
+    """Benign vs attacked maps at ``eps`` under each protocol: Boopathy's ``aai_topk`` on ``ref`` (true labels), and
+    our variant's attacks on the first PGD inputs with max-sensitivity at that radius."""
+    ie = ev.interpretation
     rows = []
-    for attack in ie.attacks:
-        opts = _attack_options(ie, attack)
-        bar.set_postfix_str(f"eps {eps_255(eps)}/255 {attack}")
-        res = interpretation_robustness(model, interp, xi, eps, attack, options=opts, ks=[int(k) for k in ie.ks],
-                                        seed=seed, batch_size=int(ev.batch_size), per_input=True)
-        bar.update()
-        hidden = {"_per_input": res.pop("per_input", {}), "_kept": res.pop("kept", None)}
-        rows.append({"measure": "interpretation", **base, "attack": attack,
-                     "settings": ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "-", "seed": seed, **res,
-                     **hidden})
+    if "boopathy" in ie.protocols and ref is not None:
+        rows.append(_scored(model, ref["image"], eps, REFERENCE_ATTACK, _reference_options(ie), ev, seed, bar,
+                            "boopathy", labels=ref["label"]))
+    if "ghorbani" not in ie.protocols:
+        return rows
+    xi = x[:int(ie.n_images)]
+    rows += [_scored(model, xi, eps, attack, _attack_options(ie, attack), ev, seed, bar, "ghorbani")
+             for attack in ie.attacks]
     if eps > 0:
         samples = int(ie.sensitivity_samples)
         bar.set_postfix_str(f"eps {eps_255(eps)}/255 max-sensitivity")
-        rows.append({"measure": "max_sensitivity", **base, "attack": "uniform-noise", "radius": eps,
-                     "samples": samples, "n": int(xi.shape[0]), "seed": seed,
-                     **sensitivity(model, interp, xi, eps, samples, seed).fields("max_sensitivity")})
+        rows.append({"measure": "max_sensitivity", "eps": eps, "eps_255": eps_255(eps), "interpreter": ie.interpreter,
+                     "protocol": "ghorbani", "attack": "uniform-noise", "radius": eps, "samples": samples,
+                     "n": int(xi.shape[0]), "seed": seed,
+                     **sensitivity(model, get_interpreter(ie.interpreter), xi, eps, samples, seed).fields("max_sensitivity")})
         bar.update()
     return rows
 
 
 def _steps(ev: RobustEvaluation) -> int:
     """Pieces of one model's evaluation (the progress bar's total)."""
-    per_eps = [1 + len(ev.interpretation.attacks) + (e > 0) + (e > 0 and any(same_eps(e, v) for v in ev.autoattack.eps))
-               for e in ev.eps]
+    ie = ev.interpretation
+    ghorbani = "ghorbani" in ie.protocols
+    per_eps = [1 + ("boopathy" in ie.protocols) + ghorbani * (len(ie.attacks) + (e > 0))
+               + (e > 0 and any(same_eps(e, v) for v in ev.autoattack.eps)) for e in ev.eps]
     return int(sum(per_eps))
 
 
@@ -395,17 +516,20 @@ def _summary(rows: list[dict[str, Any]], eps: float, seconds: float) -> str:
 
 
 def evaluate_model(model: GapClassifier, x: torch.Tensor, y: torch.Tensor, ev: RobustEvaluation, seed: int,
-                   progress: bool = True, name: str = "model") -> list[dict[str, Any]]:
-    """Every accuracy and interpretation row of one model, eps by eps (module docstring)."""
+                   progress: bool = True, name: str = "model",
+                   ref: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Every accuracy and interpretation row of one model, eps by eps (module docstring); ``ref``: the ``boopathy``
+    protocol's inputs (:func:`reference_inputs`; without them that protocol is not run)."""
     dev = ev.device
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
+    ref = None if ref is None else {k: v.to(device) for k, v in ref.items() if k != "index"}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=_steps(ev), desc=f"evaluating {name}", unit="step", disable=not progress)
     for e in ev.eps:
         eps, start = float(e), time.perf_counter()
-        rows += _accuracy_rows(model, x, y, eps, ev, seed, bar) + _interpretation_rows(model, x, eps, ev, seed, bar)
+        rows += _accuracy_rows(model, x, y, eps, ev, seed, bar) + _interpretation_rows(model, x, eps, ev, seed, bar, ref)
         if progress:
             tqdm.write(_summary(rows, eps, time.perf_counter() - start))
     bar.close()
@@ -423,9 +547,24 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         res["ratio"] = res["epoch_seconds"] / ref if ref else float("nan")
         meta = {"model": name, "mode": res["mode"], "split": res["split"], "clean_accuracy": res["clean"],
                 "epochs": res["epochs"], "epoch_seconds": res["epoch_seconds"], "epoch_time_ratio": res["ratio"],
-                "train_seconds": res["train_seconds"]}
+                "train_seconds": res["train_seconds"],
+                **{k: res[k] for k in ("checkpoint", "checkpoint_sha256") if k in res}}
         rows += [{**meta, **{k: v for k, v in r.items() if not k.startswith("_")}} for r in res["rows"]]
     return rows
+
+
+def _inputs(dm: BaseDataModule, ev: RobustEvaluation, split: str,
+            seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The first ``evaluation.n_images`` of the split (PGD, AutoAttack on the first ``autoattack.n_images`` of them,
+    our variant) and Boopathy's random draw; a count the split cannot give is a one-line error before any training
+    (no silent cap: the rows' n is what was asked)."""
+    data = take_split(dm, split, int(ev.n_images))
+    if data["image"].shape[0] < int(ev.n_images):
+        raise ValueError(f"evaluation.n_images ({ev.n_images}) exceeds the {data['image'].shape[0]} images of the "
+                         f"{split} split; lower it (and autoattack.n_images / interpretation.n_images with it)")
+    ref = (reference_inputs(dm, split, int(ev.interpretation.boopathy.n_images), seed)
+           if "boopathy" in ev.interpretation.protocols else None)
+    return data, ref
 
 
 @register_experiment("robust", RobustExperiment, outputs=outputs, check=check)
@@ -435,13 +574,15 @@ def run(cfg: RobustExperiment, out: Path, progress: bool = True) -> list[dict[st
     dm = setup_data(cfg)
     ev = cfg.evaluation
     split = split_name(ev.split)
-    data = take_split(dm, split, int(ev.n_images))
+    data, ref = _inputs(dm, ev, split, seed)
     results: dict[str, dict[str, Any]] = {}
-    for model in cfg.models:
-        res = _train(cfg, model, dm, out, progress)
+    for i, model in enumerate(cfg.models):
+        res = _train(cfg, model, dm, out, progress) if model.checkpoint is None else _reuse(cfg, i, model, dm, progress)
         if progress:
-            print(f"[robust] {model.name}: {res['train_seconds']:.0f} s training; evaluating", flush=True)
-        res["rows"] = evaluate_model(res.pop("model"), data["image"], data["label"], ev, seed, progress, model.name)
+            done = "reused" if model.checkpoint is not None else f"{res['train_seconds']:.0f} s training"
+            print(f"[robust] {model.name}: {done}; evaluating", flush=True)
+        res["rows"] = evaluate_model(res.pop("model"), data["image"], data["label"], ev, seed, progress, model.name,
+                                     ref)
         res["split"] = split
         results[model.name] = res
     rows = _rows(results)
@@ -460,6 +601,10 @@ def _figure(out: Path, ev: RobustEvaluation, results: dict[str, dict[str, Any]])
             return [next((r.get(field, float("nan")) for r in hits if same_eps(r["eps"], e)), float("nan"))
                     for e in eps]
         series[f"{name}: PGD accuracy"] = pick("accuracy", ("clean", "pgd-ce"), "accuracy")
-        series[f"{name}: top-k Kendall tau"] = pick("interpretation", ("topk",), "kendall_tau")
+        if "boopathy" in ev.interpretation.protocols:
+            series[f"{name}: aai_topk Kendall tau (Boopathy)"] = pick("interpretation", (REFERENCE_ATTACK,),
+                                                                     "kendall_tau")
+        if "ghorbani" in ev.interpretation.protocols:
+            series[f"{name}: top-k Kendall tau (our variant)"] = pick("interpretation", ("topk",), "kendall_tau")
     line_plot(out / "robust.png", [eps_255(e) for e in eps], series, "eps (x/255; images in [0, 1])",
-              "accuracy / Kendall's tau", "PGD accuracy and CAM Kendall's tau under the top-k attack")
+              "accuracy / Kendall's tau", "PGD accuracy and CAM Kendall's tau under the top-k attacks")

@@ -8,11 +8,14 @@ import torch
 from .. import stats
 from ..tables import markdown_table
 
-__all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS", "versus"]
+__all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS", "versus", "table_vii", "ATTACK_LABELS"]
 
 LABELS = {"normal": "NT (normal)", "pgd_at": "PGD-AT", "int": "Int", "int_adv": "Int-Adv", "trades": "TRADES"}
 #: the radius (image units) of the report's detailed tables and checks: 8/255
 HEADLINE_EPS = 8 / 255
+#: how the report names each interpretation attack: the protocol it belongs to, ours labelled as such
+ATTACK_LABELS = {"aai_topk": "aai_topk (Boopathy et al.'s protocol)", "topk": "top-k (our variant, ghorbani)",
+                 "discrepancy": "discrepancy (our variant, ghorbani)", "noise": "uniform noise (our variant, ghorbani)"}
 
 
 def near_chance(clean: float, num_classes: int, n: int) -> bool:
@@ -68,6 +71,35 @@ def _grid(results: dict[str, Any], eps_list: list[float], measure: str, attacks:
     return rows
 
 
+def table_vii(results: dict[str, Any], eps_list: list[float], attack: str) -> str:
+    """AdvEdge Table VII's layout: one row per radius, for each model its accuracy (clean at 0, PGD-CE above) and the
+    Kendall tau of benign vs ``attack``-attacked CAM, each with its interval; ``-`` where not measured."""
+    headers = ["eps"]
+    for name, res in results.items():
+        label = f"{LABELS.get(res['mode'], name)} `{name}`"
+        headers += [f"{label} accuracy", f"{label} tau"]
+    body = []
+    for e in eps_list:
+        row = [_eps_label(e)]
+        for res in results.values():
+            acc = next((r for a in ("clean", "pgd-ce") if (r := _pick(res, "accuracy", a, e)) is not None), None)
+            row += [_cell(acc, "accuracy"), _cell(_pick(res, "interpretation", attack, e), "kendall_tau")]
+        body.append(row)
+    return markdown_table(headers, body)
+
+
+def _table_vii_notes(results: dict[str, Any], eps_list: list[float], attack: str) -> str:
+    """The n of Table VII's figures: the accuracy inputs and the kept inputs of ``attack`` (fewest over radii)."""
+    n_acc = sorted({int(r["n"]) for res in results.values() for r in res["rows"]
+                    if r["measure"] == "accuracy" and r["attack"] in ("clean", "pgd-ce")})
+    kept = [(int(r.get("n_kept", 0)), int(r["n"])) for res in results.values() for r in res["rows"]
+            if r["measure"] == "interpretation" and r["attack"] == attack and any(_same(r["eps"], e) for e in eps_list)]
+    low = min(kept) if kept else None
+    return (f"Accuracy on n = {', '.join(map(str, n_acc)) or '-'} inputs; tau: {ATTACK_LABELS.get(attack, attack)}, "
+            f"over the inputs whose prediction did not flip (fewest: {low[0]} of {low[1]})" if low else
+            f"Accuracy on n = {', '.join(map(str, n_acc)) or '-'} inputs; tau not measured") + "."
+
+
 def _checks(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
     """PASS / FAIL lines of the issue's targets, written only where both figures exist."""
     lines = []
@@ -79,7 +111,6 @@ def _checks(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
                              f"({r['accuracy']:.3f} vs {r['pgd_accuracy_same_inputs']:.3f} on the same {r['n']} inputs)")
     ref = next((r for r in results.values() if r["mode"] == "normal"), None)
     aa = lambda res: _pick(res, "accuracy", "autoattack", at)  # noqa: E731
-    topk = lambda res: _pick(res, "interpretation", "topk", at)  # noqa: E731
     for name, res in results.items():
         if ref is None or res is ref or res["mode"] not in ("int", "int_adv"):
             continue
@@ -87,10 +118,13 @@ def _checks(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
             d = aa(res)["accuracy"] - aa(ref)["accuracy"]
             lines.append(f"- {'PASS' if d >= 0.10 else 'FAIL'}: `{name}` AutoAttack accuracy at {_eps_label(at)} >= "
                          f"normal + 0.10 ({aa(res)['accuracy']:.3f} vs {aa(ref)['accuracy']:.3f}, {d:+.3f})")
-        if topk(res) and topk(ref) and "kendall_tau" in topk(res) and "kendall_tau" in topk(ref):
-            d = topk(res)["kendall_tau"] - topk(ref)["kendall_tau"]
-            lines.append(f"- {'PASS' if d >= 0.2 else 'FAIL'}: `{name}` top-k-attack Kendall tau at {_eps_label(at)} >= "
-                         f"normal + 0.2 ({topk(res)['kendall_tau']:.3f} vs {topk(ref)['kendall_tau']:.3f}, {d:+.3f})")
+        for attack in ("aai_topk", "topk"):
+            a, b = _pick(res, "interpretation", attack, at), _pick(ref, "interpretation", attack, at)
+            if a and b and "kendall_tau" in a and "kendall_tau" in b:
+                d = a["kendall_tau"] - b["kendall_tau"]
+                lines.append(f"- {'PASS' if d >= 0.2 else 'FAIL'}: `{name}` {ATTACK_LABELS[attack]} Kendall tau at "
+                             f"{_eps_label(at)} >= normal + 0.2 ({a['kendall_tau']:.3f} vs {b['kendall_tau']:.3f}, "
+                             f"{d:+.3f})")
         d = res["clean"] - ref["clean"]
         lines.append(f"- {'PASS' if d >= -0.15 else 'FAIL'}: `{name}` clean accuracy within 15 points of normal "
                      f"({res['clean']:.3f} vs {ref['clean']:.3f}, {100 * d:+.1f} points)")
@@ -117,8 +151,9 @@ def _paired(a: dict[str, Any], b: dict[str, Any], field: str, seed: int) -> stat
 def versus(results: dict[str, Any], first: str, second: str, at: float = HEADLINE_EPS,
            seed: int = 0) -> list[tuple[str, dict[str, Any], dict[str, Any], stats.PairedTest | None]]:
     """``(figure, row of first, row of second, paired test)`` for the models of modes ``first`` and ``second`` at
-    radius ``at``: accuracy under AutoAttack and PGD (McNemar), the top-k and discrepancy attacks' Kendall tau and
-    top-k intersection (paired bootstrap on the inputs both models kept)."""
+    radius ``at``: accuracy under AutoAttack and PGD (McNemar), Boopathy's ``aai_topk`` and our top-k and discrepancy
+    attacks' Kendall tau and top-k intersection (paired bootstrap on the inputs both models kept; each protocol's
+    inputs are the same for every model)."""
     a_res = next((r for r in results.values() if r["mode"] == first), None)
     b_res = next((r for r in results.values() if r["mode"] == second), None)
     if a_res is None or b_res is None:
@@ -126,9 +161,16 @@ def versus(results: dict[str, Any], first: str, second: str, at: float = HEADLIN
     out = []
     for label, measure, attack, field in (("AutoAttack accuracy", "accuracy", "autoattack", "accuracy"),
                                           ("PGD accuracy", "accuracy", "pgd-ce", "accuracy"),
-                                          ("top-k-attack Kendall tau", "interpretation", "topk", "kendall_tau"),
-                                          ("top-k-attack top-k intersection", "interpretation", "topk", "topk_intersection"),
-                                          ("discrepancy-attack Kendall tau", "interpretation", "discrepancy", "kendall_tau")):
+                                          ("aai_topk Kendall tau (Boopathy's protocol)", "interpretation", "aai_topk",
+                                           "kendall_tau"),
+                                          ("aai_topk top-k intersection (Boopathy's protocol)", "interpretation",
+                                           "aai_topk", "topk_intersection"),
+                                          ("top-k-attack Kendall tau (our variant)", "interpretation", "topk",
+                                           "kendall_tau"),
+                                          ("top-k-attack top-k intersection (our variant)", "interpretation", "topk",
+                                           "topk_intersection"),
+                                          ("discrepancy-attack Kendall tau (our variant)", "interpretation",
+                                           "discrepancy", "kendall_tau")):
         a, b = _pick(a_res, measure, attack, at), _pick(b_res, measure, attack, at)
         if a and b and a.get(field) is not None and b.get(field) is not None:
             out.append((label, a, b, _paired(a, b, field, seed)))
@@ -156,7 +198,8 @@ def _full_table(results: dict[str, Any], at: float = HEADLINE_EPS) -> list[str]:
     for name, res in results.items():
         for r in res["rows"]:
             if r["measure"] == "interpretation" and _same(r["eps"], at):
-                body.append([name, r["attack"]] + [_cell(r, k) for k in ("kendall_tau", "spearman")]
+                body.append([name, ATTACK_LABELS.get(r["attack"], r["attack"])]
+                            + [_cell(r, k) for k in ("kendall_tau", "spearman")]
                             + [r.get(k, "not measured") for k in
                                ("topk_intersection_k4", "topk_intersection_k8", "topk_intersection_k16")]
                             + [_cell(r, "cosine"), _cell(r, "com_shift"), r.get("kendall_tau_input_grid", "-"),
@@ -180,6 +223,21 @@ def _intro(cfg: Any, results: dict[str, Any], num_classes: int) -> list[str]:
                   f"chance (Wilson lower bound at or below {1 / num_classes + 0.1:.2f}); the robust and interpretation "
                   "figures below compare models that have not learnt the task.", ""]
     discrepancy = {"steps": int(ie.discrepancy.steps), "step_ratio": float(ie.discrepancy.step_ratio)}
+    b = ie.boopathy
+    protocols = []
+    if "boopathy" in ie.protocols:
+        protocols.append(
+            f"**Boopathy et al.'s protocol** (their `eval.py` `aai_topk`, the cited reference): {b.n_images} images of "
+            f"the {_split(cfg)} split drawn at random with seed {cfg.seed} (the same for every model); the true label "
+            f"explained; loss = minus the raw CAM summed over the benign top-{b.k} pixels, uniform random start, "
+            f"{b.steps} signed steps of {float(b.alpha):g}, the final iterate (rounded to the uint8 grid: our "
+            "addition); inputs whose prediction flipped are dropped.")
+    if "ghorbani" in ie.protocols:
+        protocols.append(
+            f"**Our variant** (protocol `ghorbani`): the first {ie.n_images} of the PGD inputs, the benign prediction "
+            f"explained; top-k attack {dict(ie.topk)} (normalised top-k mass plus a kappa logit hinge, benign start, "
+            f"best iterate), discrepancy attack {discrepancy}, uniform noise in the ball rounded to 8 bits; inputs "
+            "whose prediction the attack changed are not scored.")
     return lines + [
         f"Radii in image units ([0, 1]), written x/255. Accuracy: untargeted PGD on the cross-entropy "
         f"({ev.pgd.steps} steps of eps x {float(ev.pgd.step_ratio)}, random start, 1 restart) on the first "
@@ -189,10 +247,8 @@ def _intro(cfg: Any, results: dict[str, Any], num_classes: int) -> list[str]:
         "AutoAttack's accuracy on the correctly classified inputs alone is the row labelled so. Every figure: value "
         "[95 % interval] (Wilson for accuracies, a percentile bootstrap over inputs for map figures); figures on "
         "fewer than 100 inputs are indicative.", "",
-        f"Interpretation robustness of {ie.interpreter.upper()} on the first {ie.n_images} of them, maps compared "
-        f"on the CAM's own grid; the class is the benign prediction and only inputs whose prediction the attack kept "
-        f"are scored. Top-k attack: {dict(ie.topk)}; discrepancy attack: {discrepancy}; noise: uniform in the ball, "
-        f"rounded to 8 bits.", ""]
+        f"Interpretation robustness of {ie.interpreter.upper()}, maps compared on the CAM's own grid, under "
+        f"{len(protocols)} protocol(s):", "", *[f"- {p}" for p in protocols], ""]
 
 
 def _split(cfg: Any) -> str:
@@ -200,12 +256,15 @@ def _split(cfg: Any) -> str:
 
 
 def _cost(results: dict[str, Any]) -> str:
-    """The training-cost table."""
+    """The training-cost table; a model loaded from a checkpoint names the file and its sha256."""
     return markdown_table(["model", "mode", "epochs", "gamma", "CE input", "clean accuracy", "s / epoch",
-                           "epoch time vs normal", "training s"],
+                           "epoch time vs normal", "training s", "loaded from (sha256)"],
                           [[n, r["mode"], r["epochs"], r["gamma"] if r["mode"] in ("int", "int_adv") else "-",
-                            r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"], r["epoch_seconds"],
-                            r["ratio"], r["train_seconds"]] for n, r in results.items()])
+                            r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"],
+                            *(["-", "-"] if "checkpoint_sha256" in r else [r["epoch_seconds"], r["ratio"]]),
+                            r["train_seconds"],
+                            f"`{r['checkpoint']}` ({r['checkpoint_sha256']})" if "checkpoint_sha256" in r else "trained"]
+                           for n, r in results.items()])
 
 
 def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
@@ -214,18 +273,23 @@ def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
     headers = ["model", "attack"] + [_eps_label(e) for e in eps_list]
     archs = ", ".join(dict.fromkeys(str(r.get("arch", "?")) for r in results.values()))
     grid = lambda *a: _grid(results, eps_list, *a)  # noqa: E731
+    ran = {r["attack"] for res in results.values() for r in res["rows"] if r["measure"] == "interpretation"}
+    vii = [line for attack, title in (("aai_topk", "Boopathy et al.'s protocol"),
+                                      ("topk", "our variant (ghorbani), not the reference protocol"))
+           if attack in ran
+           for line in (f"## AdvEdge Table VII layout: accuracy and Kendall tau, {title}", "",
+                        table_vii(results, eps_list, attack), "", _table_vii_notes(results, eps_list, attack), "")]
     return "\n".join([
         f"# Interpretation-robust training: {archs} on {dm.describe()['name']}", "",
-        *_intro(cfg, results, dm.num_classes),
-        "## Accuracy (AdvEdge Table VII, upper part)", "",
+        *_intro(cfg, results, dm.num_classes), *vii,
+        "## Accuracy, every attack", "",
         markdown_table(headers, grid("accuracy", ("clean", "pgd-ce"), "accuracy", "PGD-CE")
                        + grid("accuracy", ("autoattack",), "accuracy", "AutoAttack")
                        + grid("accuracy", ("autoattack",), "accuracy_on_correct",
                               "AutoAttack, on correctly classified inputs")), "",
-        "## Kendall's tau of benign vs attacked CAM (AdvEdge Table VII, lower part)", "",
-        markdown_table(headers, grid("interpretation", ("topk",), "kendall_tau", "top-k attack")
-                       + grid("interpretation", ("discrepancy",), "kendall_tau", "discrepancy attack")
-                       + grid("interpretation", ("noise",), "kendall_tau", "uniform noise")), "",
+        "## Kendall's tau of benign vs attacked CAM, every attack", "",
+        markdown_table(headers, [row for attack, label in ATTACK_LABELS.items() if attack in ran
+                                 for row in grid("interpretation", (attack,), "kendall_tau", label)]), "",
         f"## Every interpretation measure at {_eps_label(HEADLINE_EPS)}", "", *_full_table(results), "",
         f"## Int-Adv against PGD-AT at {_eps_label(HEADLINE_EPS)} (paired tests on the same inputs)", "",
         *(_versus(results, seed=int(cfg.seed)) or ["- not measured"]), "",
