@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BoosterSurrogate", "fit_booster_surrogate", "SURROGATE_ALPHAS"]
+__all__ = ["BoosterSurrogate", "fit_booster_surrogate", "surrogate_agreement", "SURROGATE_ALPHAS"]
 
 #: ridge penalties ``RidgeCV`` chooses from (efficient leave-one-out), on standardised features
 SURROGATE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
@@ -59,10 +59,27 @@ def fit_booster_surrogate(features: np.ndarray, margin: np.ndarray) -> tuple[Boo
     scale = np.where(scale > 1e-8, scale, 1.0)  # constant features: weight fitted on zeros, harmless
     std = (f - mean) / scale
     ridge = RidgeCV(alphas=SURROGATE_ALPHAS).fit(std, z)
-    pred = ridge.predict(std)
-    total = float(((z - z.mean()) ** 2).sum())
-    r2 = 1.0 - float(((z - pred) ** 2).sum()) / total if total > 0 else 0.0
+    fit = surrogate_agreement(z, ridge.predict(std))
     t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
     head = BoosterSurrogate(t(mean), t(scale), t(ridge.coef_), t(ridge.intercept_))
-    return head, {"surrogate_r2": r2, "surrogate_sign_agreement": float(((pred > 0) == (z > 0)).mean()),
+    return head, {"surrogate_r2": fit["r2"], "surrogate_sign_agreement": fit["sign_agreement"],
                   "surrogate_alpha": float(ridge.alpha_)}
+
+
+def surrogate_agreement(margin: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """How well ``predicted`` log-odds (the surrogate's) reproduce the booster's ``margin`` on the same maps: ``r2``
+    (scikit-learn's ``r2_score``: 1 - residual / total sum of squares), ``sign_agreement`` (share of maps on which
+    both take the same side of the 0.5 threshold), ``spearman`` (rank correlation, ``None`` for a constant input)
+    and ``n``. Fewer than two maps: ``None`` figures."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import r2_score
+
+    z = np.asarray(margin, dtype=np.float64).reshape(-1)
+    s = np.asarray(predicted, dtype=np.float64).reshape(-1)
+    if z.shape != s.shape:
+        raise ValueError(f"margins and predictions differ in length: {z.size} and {s.size}")
+    if z.size < 2:
+        return {"r2": None, "sign_agreement": None, "spearman": None, "n": int(z.size)}
+    rho = float(spearmanr(z, s).statistic) if z.std() > 0 and s.std() > 0 else None
+    return {"r2": float(r2_score(z, s)), "sign_agreement": float(((s > 0) == (z > 0)).mean()), "spearman": rho,
+            "n": int(z.size)}

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from attacks import eval_mode
 
-from .booster_surrogate import BoosterSurrogate, fit_booster_surrogate
+from .booster_surrogate import BoosterSurrogate, fit_booster_surrogate, surrogate_agreement
 from .classifier import build_from_state, check_hparams
 from .defences import ArtifactKind, Defence, register_defence
 from .io import (
@@ -237,15 +237,10 @@ class DetectorModule(DefenceModule):
         margins), ``surrogate_sign_agreement`` and ``surrogate_n``; ``surrogate_alpha`` is kept from the fit. The
         figures replace :attr:`surrogate_fit`; a surrogate whose output is constant, or whose r^2 is at or
         below :data:`SURROGATE_R2_FLOOR`, is then refused as ``distilled`` (:attr:`surrogate_problem`)."""
-        if self.surrogate is None or self.booster is None:
-            raise RuntimeError("measure_surrogate needs a fitted booster and surrogate")
-        feats = self.features(maps)
-        z = self.booster.predict(feats.numpy(), output_margin=True).astype(np.float64).reshape(-1)
-        with torch.no_grad():
-            s = self.surrogate(feats.to(self.surrogate.mean.device)).double().cpu().numpy()
-        total = float(((z - z.mean()) ** 2).sum())
-        r2 = 1.0 - float(((z - s) ** 2).sum()) / total if total > 0 else float(np.allclose(z, s, atol=1e-4))
-        self.surrogate_fit = {"surrogate_r2": r2, "surrogate_sign_agreement": float(((s > 0) == (z > 0)).mean()),
+        z, s = self.surrogate_scores(maps)
+        fit = surrogate_agreement(z, s)
+        r2 = fit["r2"] if fit["r2"] is not None else 0.0  # fewer than two maps: nothing shown, not trusted
+        self.surrogate_fit = {"surrogate_r2": r2, "surrogate_sign_agreement": fit["sign_agreement"],
                               "surrogate_n": float(z.size),
                               **{k: v for k, v in self.surrogate_fit.items() if k == "surrogate_alpha"}}
         if float(s.std()) <= 1e-6 * max(1.0, float(np.abs(s).mean())):
@@ -257,6 +252,16 @@ class DetectorModule(DefenceModule):
         else:
             self.surrogate_problem = None
         return dict(self.surrogate_fit)
+
+    def surrogate_scores(self, maps: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The booster's margins (log-odds) and the distilled surrogate's on stacked ``maps``, each ``[N]``."""
+        if self.surrogate is None or self.booster is None:
+            raise RuntimeError("the surrogate's fit needs a fitted booster and surrogate")
+        feats = self.features(maps)
+        z = self.booster.predict(feats.numpy(), output_margin=True).astype(np.float64).reshape(-1)
+        with torch.no_grad():
+            s = self.surrogate(feats.to(self.surrogate.mean.device)).double().cpu().numpy()
+        return z, s
 
     def attack_surrogate(self, kind: str = "auto") -> nn.Module:
         """The differentiable stand-in an adaptive attack puts in its loss: ``"distilled"`` (the booster's ridge

@@ -19,7 +19,7 @@ from torch import Tensor  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
-__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart", "bar_panels", "figure_format"]
+__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart", "bar_panels", "pareto_plot", "figure_format"]
 
 _FONT = 9
 #: the colour map of attribution maps: perceptually uniform, readable in grey scale and by colour-blind readers
@@ -81,6 +81,27 @@ def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[f
     fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
     for name, ys in series.items():
         ax.plot(list(x), list(ys), marker="o", label=name)
+    ax.set_xlabel(xlabel, fontsize=_FONT + 1)
+    ax.set_ylabel(ylabel, fontsize=_FONT + 1)
+    ax.set_title(title, fontsize=_FONT + 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=_FONT - 1)
+    return _save(fig, path, fmt)
+
+
+def pareto_plot(path: str | Path, series: dict[str, Sequence[tuple[float, float, str, bool]]], xlabel: str,
+                ylabel: str, title: str = "") -> Figure:
+    """Labelled points ``(x, y, label, on_front)`` per series; the points on the Pareto front are joined (in ``x``
+    order) and drawn filled, the others hollow."""
+    fmt = figure_format(path)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
+    for name, pts in series.items():
+        front = sorted((p for p in pts if p[3]), key=lambda p: p[0])
+        line = ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=f"{name}: Pareto front")[0]
+        rest = [p for p in pts if not p[3]]
+        ax.scatter([p[0] for p in rest], [p[1] for p in rest], facecolors="none", edgecolors=line.get_color())
+        for x, y, label, _ in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=_FONT - 2)
     ax.set_xlabel(xlabel, fontsize=_FONT + 1)
     ax.set_ylabel(ylabel, fontsize=_FONT + 1)
     ax.set_title(title, fontsize=_FONT + 1)

@@ -21,7 +21,7 @@ from . import stats
 from .io import atomic_write_text
 
 __all__ = ["Fig", "Column", "Row", "CleanAccuracyRow", "AutoAttackRow", "TopKRow", "AttackRow", "TransferRow",
-           "DetectionRow", "DetectionThreshold", "DetectionSummary", "TABLES", "ROW_DEFS", "RESULTS", "schema_defs",
+           "DetectionRow", "DetectionThreshold", "DetectionSummary", "DetectorSweepRow", "DetectorSweep", "TABLES", "ROW_DEFS", "RESULTS", "schema_defs",
            "generated_schema", "csv_columns", "figure_names", "keys", "markdown_headers", "markdown_cells",
            "docs_tables", "fmt_budget", "fmt_fig"]
 
@@ -67,6 +67,10 @@ def _ref(name: str) -> dict[str, str]:
 UNIT, CI_UNIT, SIGNED, CI_SIGNED = _ref("unit"), _ref("ci_unit"), _ref("signed_unit"), _ref("ci_signed")
 COUNT, SECONDS, BUDGET, RADIUS, KIND = _ref("count"), _ref("seconds"), _ref("budget"), _ref("radius"), _ref("kind")
 STR, OBJ, NOISE = {"type": "string"}, {"type": "object"}, {"type": ["number", "null"], "minimum": 0, "maximum": 2}
+PRESET = {"enum": ["paper", "cpu", "custom"]}
+PRESET_DOC = ("which ADV2 budget the attack ran (`defend.presets.preset_of`): `paper` (the official ADV2 scripts' "
+              "steps, step size, eps and c ramp for the attacked interpreter), `cpu` (our scaled-down CPU budget) or "
+              "`custom`")
 
 
 class Column(NamedTuple):
@@ -87,14 +91,22 @@ def _plain(name: str) -> Callable[[dict[str, Any], Any], Any]:
     return lambda r, _: r.get(name)
 
 
-def fmt_budget(b: dict[str, Any] | None) -> str:
-    """``eps 8/255, 4+3 steps, 2 restarts`` (``-`` without a budget)."""
+def radius_text(eps: float) -> str:
+    """``8/255`` for a whole number of 1/255 levels, else the number (``0.031``: not rounded to a fraction)."""
+    v = float(eps) * 255
+    return f"{round(v)}/255" if abs(v - round(v)) < 1e-6 else f"{float(eps):.4g}"
+
+
+def fmt_budget(b: dict[str, Any] | None, preset: str | None = None) -> str:
+    """``eps 8/255, 4+3 steps, 2 restarts`` and, where given, the budget preset (``..., paper budget``; ``-``
+    without a budget)."""
     if not b:
         return "-"
-    parts = [f"eps {b['eps'] * 255:.0f}/255" if "eps" in b else None,
+    parts = [f"eps {radius_text(b['eps'])}" if "eps" in b else None,
              f"{b['warm_steps']}+{b['steps']} steps" if "warm_steps" in b else
              (f"{b['steps']} steps" if "steps" in b else None),
-             f"{b['restarts']} restarts" if b.get("restarts", 1) > 1 else None]
+             f"{b['restarts']} restarts" if b.get("restarts", 1) > 1 else None,
+             f"{preset} budget" if preset else None]
     return ", ".join(p for p in parts if p)
 
 
@@ -189,7 +201,7 @@ def markdown_cells(cls: type[Row], row: dict[str, Any], section: Any = None) -> 
 
 
 def _eps_cell(r: dict[str, Any], _: Any) -> str:
-    return f"{r['eps'] * 255:.0f}/255"
+    return radius_text(r["eps"])
 
 
 @dataclass(kw_only=True)
@@ -254,7 +266,11 @@ class TopKRow(Row):
     benign vs attacked maps of the inputs whose prediction the attack kept."""
 
     interpreter: str = col("the interpreter attacked and read", STR)
-    attack: str = col("always `topk`", {"const": "topk"}, default="topk")
+    attack: str = col("`topk` (our variant) or `aai_topk` (Boopathy et al.'s eval.py)", {"enum": ["topk", "aai_topk"]},
+                      default="topk")
+    protocol: str = col("`ghorbani` (our variant: normalised top-k mass + kappa hinge, best iterate, the prediction "
+                        "explained) or `boopathy` (the reference: raw-map top-k sum, random start, final iterate, the "
+                        "true label explained)", {"enum": ["ghorbani", "boopathy"]}, default="ghorbani")
     budget: dict[str, Any] = col("`eps`, `k`, `steps`, `restarts` (CSV: `eps`, `steps`, `k`)", BUDGET,
                                  lift=("eps", "steps", "k"))
     ks: list[int] = col("top-k intersection sizes", {"type": "array", "items": {"type": "integer", "minimum": 1}},
@@ -270,6 +286,8 @@ class TopKRow(Row):
 
     MARKDOWN: ClassVar[tuple[Column, ...]] = (
         Column("interpreter", ("interpreter",), _plain("interpreter")),
+        Column("protocol", ("protocol",), lambda r, _: "Boopathy et al. (aai_topk)" if r.get("protocol") == "boopathy"
+               else "our variant (ghorbani)"),
         Column("budget", ("budget",), lambda r, _: fmt_budget(r["budget"])),
         Column("k", (), lambda r, _: r["budget"].get("k")),
         Column("Kendall tau", ("kendall_tau",), fmt_fig("kendall_tau", "n_kept")),
@@ -305,6 +323,7 @@ class AttackRow(Row):
     budget: dict[str, Any] = col("`framework` and its options (PGD: `eps`, `alpha`, `random_start`), `warm_steps`, "
                                  "`steps`, `c`, `restarts`; `adaptive_detector`: `detector_weight`, `surrogate` "
                                  "(CSV: `eps`, `steps`)", BUDGET, lift=("eps", "steps"))
+    budget_preset: str = col(PRESET_DOC, PRESET)
     seed: int = col("the seed the set was crafted with", COUNT)
     seconds: float = col("attack time (0 when rescored)", SECONDS, unit="s")
     file: str | None = col("the saved set", {"type": ["string", "null"]})
@@ -324,7 +343,7 @@ class AttackRow(Row):
         Column("IoU by chance", ("iou_chance",), _plain("iou_chance")),
         Column("noise rate", ("noise_rate",), fmt_fig("noise_rate")),
         Column("s / input", ("seconds_per_input",), _plain("seconds_per_input")),
-        Column("budget", ("budget",), lambda r, _: fmt_budget(r["budget"])))
+        Column("budget", ("budget", "budget_preset"), lambda r, _: fmt_budget(r["budget"], r.get("budget_preset"))))
     MARKDOWN_HIDDEN: ClassVar[tuple[str, ...]] = ("framework", "l2", "linf", "seed", "seconds", "file", "per_input")
 
 
@@ -340,7 +359,9 @@ class TransferRow(Row):
     iou: Fig = col("top-k IoU with the benign map", UNIT, unit="share", ci=CI_UNIT)
     asr: Fig = col("share classified as the target class", UNIT, unit="share", ci=CI_UNIT)
     n: int = col("inputs attacked", COUNT, unit="inputs")
+    seconds_per_input: float = col("attack time per input (of the set crafted against `source`)", SECONDS, unit="s")
     budget: dict[str, Any] = col("the attack's budget (CSV: `eps`, `steps`)", BUDGET, lift=("eps", "steps"))
+    budget_preset: str = col(PRESET_DOC, PRESET)
     seed: int = col("the battery's seed", COUNT)
 
 
@@ -420,6 +441,64 @@ class DetectionSummary(Row):
     rows: list[dict[str, Any]] = col("a `detection_row` per adversarial set", {"type": "array",
                                                                                "items": _ref("detection_row")})
     seconds: float = col("time the detection took", SECONDS, unit="s")
+    sweep: dict[str, Any] | None = col("the detector-aware attack swept over its weight (`detector_sweep`; absent "
+                                       "when re-scoring saved sets)", _ref("detector_sweep"), required=False,
+                                       omit_none=True, default=None)
+
+
+_WEIGHT = {"type": ["number", "null"], "minimum": 0}
+_FIT = {"type": ["object", "null"], "properties": {"r2": {"type": ["number", "null"]}, "n": COUNT,
+                                                   "sign_agreement": UNIT, "spearman": {"type": ["number", "null"]}}}
+
+
+@dataclass(kw_only=True)
+class DetectorSweepRow(Row):
+    """One point of the detector-aware sweep (``results.detection.sweep.rows[]``): the plain attack, or the
+    detector-aware ADV2 at one weight (per input the best of its restarts and the plain attack's input)."""
+
+    attack: str = col("`adaptive_detector`, or the plain attack it is compared with", STR)
+    detector_weight: float | None = col("weight of the detector's surrogate score in the loss (`null`: the plain "
+                                        "attack; 0: the plain ensemble ADV2)", _WEIGHT)
+    restarts: int = col("seeded runs per input (the first from the benign input)", COUNT)
+    n: int = col("attacked inputs", COUNT, unit="inputs")
+    n_success: int = col("inputs that reach the target", COUNT, unit="inputs")
+    attack_success: Fig = col("share of the inputs that reach the target (Wilson)", UNIT, unit="share", ci=CI_UNIT)
+    evasion_rate_fpr5: Fig = col("share of the inputs that reach the target and are not flagged at the 5 % FPR "
+                                 "threshold (Wilson)", UNIT, unit="share", ci=CI_UNIT)
+    detection_rate_fpr5: Fig = col("share of the inputs reaching the target that are flagged at that threshold",
+                                   UNIT, unit="share", ci=CI_UNIT)
+    iou: Fig = col("top-k IoU of their maps to the benign maps, mean over the detector's interpreters (bootstrap)",
+                   UNIT, unit="share", ci=CI_UNIT)
+    pareto: bool = col("on the Pareto front of the sweep (evasion up, IoU up)", {"type": "boolean"})
+    budget: dict[str, Any] = col("the attack's budget (CSV: `eps`, `steps`)", BUDGET, lift=("eps", "steps"))
+    budget_preset: str = col(PRESET_DOC, PRESET)
+    seconds_per_input: float = col("attack time per input (every restart and weight-selection)", SECONDS, unit="s")
+    per_input: dict[str, list[float]] = col("`evasion` per input, in input order", OBJ, csv=False, required=False)
+
+    MARKDOWN_HIDDEN: ClassVar[tuple[str, ...]] = ("budget", "per_input")
+
+
+@dataclass(kw_only=True)
+class DetectorSweep(Row):
+    """The detector-aware attack swept over its weight (``results.detection.sweep``; :mod:`defend.detector_sweep`)."""
+
+    status: str = col("`measured`, or why not (e.g. too few development benign inputs for a 5 % FPR threshold)", STR)
+    threshold_fpr5: float | None = col("the booster's 5 % FPR threshold the evasion is judged at", UNIT,
+                                       unit="score")
+    surrogate: str = col("the booster's differentiable stand-in (`distilled` or `head`)", STR)
+    rows: list[dict[str, Any]] = col("a `detector_sweep_row` per point: the plain attack, then each weight",
+                                     {"type": "array", "items": _ref("detector_sweep_row")})
+    strongest_weight: float | None = col("the weight with the highest evasion (then IoU)", _WEIGHT)
+    evasion_vs_plain_diff: Fig = col("its evasion minus the plain attack's, on the same inputs (paired bootstrap)",
+                                     SIGNED, unit="share", ci=CI_SIGNED)
+    evasion_vs_plain_p: float | None = col("McNemar's exact p of that difference", {"type": ["number", "null"]})
+    budget_check: dict[str, Any] | None = col("the strongest weight with twice the steps: `verdict` (`budget too "
+                                              "small: ...` or `converged: ...`), `too_small`, the rates and p-values",
+                                              {"type": ["object", "null"]})
+    surrogate_held_out: dict[str, Any] | None = col("the surrogate's fit to the booster's log-odds on held-out maps "
+                                                    "(`r2`, `sign_agreement`, `spearman`, `n`)", _FIT)
+    surrogate_along_iterates: dict[str, Any] | None = col("the same on the maps of the attack's final inputs", _FIT)
+    seconds: float = col("time the sweep took", SECONDS, unit="s")
 
 
 #: the schema ``$defs`` the rows define: name -> (row type, may be ``null``)
@@ -427,7 +506,8 @@ ROW_DEFS: dict[str, tuple[type[Row], bool]] = {
     "clean_accuracy_row": (CleanAccuracyRow, False), "autoattack_row": (AutoAttackRow, False),
     "topk_row": (TopKRow, False), "attack_row": (AttackRow, False), "transfer_row": (TransferRow, False),
     "detection_row": (DetectionRow, False), "detection_threshold": (DetectionThreshold, False),
-    "detection": (DetectionSummary, True)}
+    "detection": (DetectionSummary, True), "detector_sweep_row": (DetectorSweepRow, False),
+    "detector_sweep": (DetectorSweep, True)}
 
 #: the CSV tables of ``defend evaluate``: file -> (results key, row type)
 TABLES: dict[str, tuple[str, type[Row]]] = {
@@ -477,7 +557,8 @@ def _result_path(name: str) -> str:
         if d == name:
             return f"results.{key}" + ("[]" if many else "")
     return {"detection_row": "results.detection.rows[]",
-            "detection_threshold": "results.detection.thresholds.<fpr>"}[name]
+            "detection_threshold": "results.detection.thresholds.<fpr>", "detector_sweep": "results.detection.sweep",
+            "detector_sweep_row": "results.detection.sweep.rows[]"}[name]
 
 
 def docs_tables() -> str:

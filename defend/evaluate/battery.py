@@ -2,8 +2,9 @@
 
 Parsed like the experiment configs (jsonargparse on the dataclasses below): unknown or misspelt keys, wrong types,
 NaN / negative radii and zero counts are one-line errors with a did-you-mean, before anything runs. Radii are in image
-units ([0, 1]); ``8/255`` is accepted and exact. ``configs/evaluate/quick.yaml`` (a CPU smoke run) and
-``configs/evaluate/standard.yaml`` (the defaults below, for real runs) are the named batteries.
+units ([0, 1]); ``8/255`` is accepted and exact. ``configs/evaluate/quick.yaml`` (a CPU smoke run),
+``configs/evaluate/standard.yaml`` (the defaults below, for real runs) and ``configs/evaluate/paper.yaml`` (the standard
+battery with ADV2's official budgets, ``attacks.attack_preset: paper``) are the named batteries.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, Literal
 from attacks import FRAMEWORKS, INTERPRETERS, interpretation_attacks
 
 from ..attack_options import AttackOptions, layered_options
+from ..detector_sweep import DEFAULT_WEIGHTS
+from ..presets import preset_options
 from ..safe_yaml import read_mapping
 from ..typed_config import check_names, parse_typed
 from ..types import Count, NonNegative, PositiveCount, Radius
@@ -22,7 +25,7 @@ __all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "Adap
            "BATTERIES", "battery_path", "battery_mapping", "parse_battery", "load_battery"]
 
 #: named batteries: ``configs/evaluate/<name>.yaml`` of the source tree
-BATTERIES = ("quick", "standard")
+BATTERIES = ("quick", "standard", "paper")
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "evaluate"
 
 
@@ -39,11 +42,16 @@ class AutoAttackBattery:
 
 @dataclass
 class TopKBattery:
-    """Interpretation robustness under the top-k attack (Ghorbani et al.; Boopathy et al.'s evaluation): for each of
-    ``interpreters`` (``rts`` is added when an RTS is evaluated and ``with_rts``), PGD of ``steps`` steps in the
-    ``eps`` ball lowering the map mass on the benign top-``k`` pixels, scored by Kendall's tau, Spearman's rho and
-    the top-k intersection at ``ks`` (native map grid). Empty ``interpreters``: skipped."""
+    """Interpretation robustness under a top-k attack: for each of ``interpreters`` (``rts`` is added when an RTS is
+    evaluated and ``with_rts``), PGD of ``steps`` steps in the ``eps`` ball lowering the map on the benign top-``k``
+    pixels, scored by Kendall's tau, Spearman's rho and the top-k intersection at ``ks`` (native map grid), over the
+    inputs whose prediction the attack did not change. ``protocol``: ``ghorbani`` (our variant,
+    :class:`attacks.TopKAttack`: normalised top-k mass + kappa hinge, benign start, best iterate, ``restarts``, the
+    prediction explained) or ``boopathy`` (Boopathy et al.'s ``eval.py`` ``aai_topk``,
+    :class:`attacks.topk.ReferenceTopKAttack`: raw-map top-k sum, random start, signed steps of 0.01, final iterate,
+    the true label explained; ``restarts`` unused). Empty ``interpreters``: skipped."""
 
+    protocol: Literal["ghorbani", "boopathy"] = "ghorbani"
     interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     with_rts: bool = True
     eps: Radius = Radius("8/255")
@@ -61,17 +69,24 @@ class AttackBattery:
     adversarial set is also read by the other interpreters (the transfer matrix). ``options``: shared attack options
     (the top-level options a framework declares, PGD's ``eps`` / ``alpha`` / ``random_start``, go to the frameworks
     that declare them; the others take ``framework_options``), ``per_interpreter.<name>``: overrides for one target
-    interpreter (unset keys fall through to the attack core's tuned defaults)."""
+    interpreter (unset keys fall through to the attack core's tuned defaults). ``attack_preset``: ``paper`` (the
+    official ADV2 budgets) or ``cpu`` (our CPU budgets) sets eps / alpha / warm_steps / steps / c / c_end per target
+    interpreter from :data:`defend.presets.ATTACK_PRESETS` (an ensemble takes CAM's) under ``options`` and
+    ``per_interpreter``, which still override it; ``null``: eps 8/255 and the core's tuned values."""
 
     attacks: list[str] = field(default_factory=lambda: ["adv2", "advedge", "advedge_plus"])
     interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     frameworks: list[str] = field(default_factory=lambda: ["pgd"])
-    options: AttackOptions = field(default_factory=lambda: AttackOptions(eps=Radius("8/255")))
+    attack_preset: Literal["paper", "cpu"] | None = None
+    options: AttackOptions = field(default_factory=AttackOptions)
     per_interpreter: dict[str, AttackOptions] = field(default_factory=dict)
 
     def options_for(self, framework: str, target: str | None, extra: AttackOptions | None = None) -> dict[str, Any]:
-        """The :func:`attacks.build_attack` keywords on ``framework`` against ``target`` (``extra`` last)."""
-        layers = [self.options, self.per_interpreter.get(target) if target else None, extra]
+        """The :func:`attacks.build_attack` keywords on ``framework`` against ``target``: the preset (or eps 8/255),
+        ``options``, ``per_interpreter.<target>``, ``extra`` (later layers win)."""
+        base = (AttackOptions(eps=Radius("8/255")) if self.attack_preset is None
+                else AttackOptions(**preset_options(self.attack_preset, target or "cam")))
+        layers = [base, self.options, self.per_interpreter.get(target) if target else None, extra]
         return layered_options(framework, *layers)
 
 
@@ -83,7 +98,13 @@ class AdaptiveBattery:
     weight ``detector_weight``, in the loss; success judged by the real detector), the stand-in chosen by
     ``detector_surrogate``: ``distilled`` (the booster's log-odds distilled into a ridge regression on the trunk's
     features, fitted with the booster), ``head`` (the trunk's cross-entropy head) or ``auto`` (distilled when the
-    saved detector has it, else the head; the card's budget records which); with an RTS, ``adaptive_rts``
+    saved detector has it, else the head; the card's budget records which), and the same attack swept over
+    ``detector_weights`` (empty: not swept) with ``detector_restarts`` seeded runs per weight, per input the run (or
+    the plain ADV2 input) that evades the booster at its 5 %-FPR threshold, then the one closest to benign
+    (:mod:`defend.detector_sweep`: the Pareto front, McNemar against plain ADV2, the surrogate's held-out fit; with
+    ``detector_budget_check`` the strongest weight again with twice the steps, "budget too small" when that helps;
+    the threshold needs ``10 / 0.05 = 200`` development benign inputs, ``detector.n_benign``); with an RTS,
+    ``adaptive_rts``
     (plain ADV2, then ``rts_restarts`` runs with encoder weight ``rts_enc_weight``; per input the successful run whose
     map is closest to the benign map). ``options`` override the attack options of
     :class:`AttackBattery` for these attacks."""
@@ -92,6 +113,9 @@ class AdaptiveBattery:
     ensemble_interpreters: list[str] = field(default_factory=lambda: ["cam", "grad"])
     detector_weight: NonNegative = NonNegative(1.0)
     detector_surrogate: Literal["auto", "distilled", "head"] = "auto"
+    detector_weights: list[NonNegative] = field(default_factory=lambda: [NonNegative(w) for w in DEFAULT_WEIGHTS])
+    detector_restarts: PositiveCount = PositiveCount(2)
+    detector_budget_check: bool = True
     rts_restarts: PositiveCount = PositiveCount(3)
     rts_enc_weight: NonNegative = NonNegative(0.2)
     options: AttackOptions = field(default_factory=AttackOptions)
@@ -175,7 +199,7 @@ def battery_path(spec: str) -> Path:
         return path
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"--battery: no such file '{spec}' (give quick, standard or a YAML file)")
+        raise FileNotFoundError(f"--battery: no such file '{spec}' (give quick, standard, paper or a YAML file)")
     return path
 
 

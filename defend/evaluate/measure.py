@@ -21,10 +21,12 @@ from .. import stats
 from ..autoattack import autoattack_accuracy
 from ..data.base import image_digests, require_development
 from ..detection_data import compute_maps, stack_maps
+from ..detector_sweep import SweepSetup, detector_sweep
 from ..evaluation import AttackMeter, PlanItem, check_adversarial, evaluate_plan
 from ..inputs import select_correct, take_split
+from ..presets import preset_of
 from ..progress import track
-from ..robust_eval import interpretation_robustness
+from ..robust_eval import REFERENCE_ATTACK, interpretation_robustness
 from ..rows import (
     AttackRow,
     AutoAttackRow,
@@ -32,6 +34,8 @@ from ..rows import (
     DetectionRow,
     DetectionSummary,
     DetectionThreshold,
+    DetectorSweep,
+    DetectorSweepRow,
     Fig,
     TopKRow,
     TransferRow,
@@ -42,7 +46,7 @@ from .battery import Battery
 from .system import System, interpreters_for
 
 __all__ = ["AttackSet", "attack_inputs", "clean_accuracy", "autoattack_rows", "autoattack_row", "topk_rows",
-           "topk_options", "build_plan", "run_attacks", "detection_rows", "rescore_sets", "fpr_threshold"]
+           "topk_attack", "build_plan", "run_attacks", "detection_rows", "rescore_sets", "fpr_threshold"]
 
 
 @dataclass
@@ -142,28 +146,35 @@ def _autoattack_note(version: str, attacks: list[str], num_classes: int) -> str:
 
 
 def topk_rows(system: System, inputs: dict[str, Tensor], battery: Battery) -> list[dict[str, Any]]:
-    """Top-k interpretation robustness per interpreter (:func:`defend.robust_eval.interpretation_robustness`)."""
+    """Top-k interpretation robustness per interpreter (:func:`defend.robust_eval.interpretation_robustness`) under
+    the battery's ``topk.protocol`` (``boopathy``: the true label explained, flipped inputs dropped)."""
     t = battery.topk
     names = list(t.interpreters) + (["rts"] if system.rts is not None and t.with_rts and t.interpreters else [])
-    x = inputs["image"][: int(t.n or battery.n_images)]
+    n = int(t.n or battery.n_images)
+    x = inputs["image"][:n]
+    labels = inputs["label"][:n] if t.protocol == "boopathy" else None
+    attack, options = topk_attack(battery)
     rows = []
     for name, interp in track(interpreters_for(system, names).items(), "top-k attack", per=int(x.shape[0])):
         start = time.perf_counter()
-        options = topk_options(battery)
-        res = interpretation_robustness(system.classifier, interp, x, float(t.eps), "topk", options=options,
+        res = interpretation_robustness(system.classifier, interp, x, float(t.eps), attack, options=options,
                                         ks=[int(k) for k in t.ks], seed=int(battery.seed),
-                                        batch_size=int(battery.batch_size))
-        rows.append(TopKRow(interpreter=name, budget={"eps": float(t.eps), **options}, ks=[int(k) for k in t.ks],
+                                        batch_size=int(battery.batch_size), labels=labels)
+        rows.append(TopKRow(interpreter=name, attack=attack, protocol=str(t.protocol),
+                            budget={"eps": float(t.eps), **options}, ks=[int(k) for k in t.ks],
                             n=int(res["n"]), n_kept=int(res["n_kept"]), kendall_tau=Fig.get(res, "kendall_tau"),
                             spearman=Fig.get(res, "spearman"), topk_intersection=Fig.get(res, "topk_intersection"),
                             seed=int(battery.seed), seconds=time.perf_counter() - start).to_dict())
     return rows
 
 
-def topk_options(battery: Battery) -> dict[str, int]:
-    """The :class:`attacks.TopKAttack` options of the battery (besides ``eps``)."""
+def topk_attack(battery: Battery) -> tuple[str, dict[str, Any]]:
+    """The registered ball attack of the battery's ``topk.protocol`` and its options besides ``eps``: ``topk``
+    (:class:`attacks.TopKAttack`, our variant) or ``aai_topk`` (Boopathy's, signed steps of 0.01)."""
     t = battery.topk
-    return {"k": int(t.k), "steps": int(t.steps), "restarts": int(t.restarts)}
+    if t.protocol == "boopathy":
+        return REFERENCE_ATTACK, {"k": int(t.k), "steps": int(t.steps), "alpha": 0.01}
+    return "topk", {"k": int(t.k), "steps": int(t.steps), "restarts": int(t.restarts)}
 
 
 def build_plan(system: System, interps: dict[str, Any], battery: Battery) -> list[tuple[PlanItem, dict[str, Any]]]:
@@ -231,6 +242,8 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
         budget = {**item.engine.budget, **{k: info[k] for k in ("detector_weight", "surrogate") if k in info}}
         crafted = AttackSet(item.attack, info["interpreter"], info["kind"], budget, inputs["image"],
                             ev.examples[item.key], inputs["label"], inputs["target"], tag=info["tag"])
+        # the attack's time per input (the detector sweep's plain baseline reports it)
+        crafted.meta["seconds_per_input"] = float(ev.results[(item.key, item.readers[0])]["seconds_per_input"])
         main = [r for r in item.readers if r in info["interpreter"].split("+")] or item.readers[:1]
         for reader in item.readers:
             res = ev.results[(item.key, reader)]
@@ -245,7 +258,9 @@ def run_attacks(system: System, inputs: dict[str, Tensor], battery: Battery,
             if info["kind"] == "standard":
                 transfer.append(TransferRow(attack=item.attack, source=info["interpreter"], read_by=reader,
                                             **{k: Fig.get(res, k) for k in ("l1", "iou", "asr")}, n=res["n"],
-                                            budget=budget, seed=int(battery.seed)).to_dict())
+                                            seconds_per_input=res["seconds_per_input"], budget=budget,
+                                            budget_preset=preset_of(info["interpreter"], budget),
+                                            seed=int(battery.seed)).to_dict())
         sets.append(crafted)
     return rows, transfer, sets, ev.benign
 
@@ -258,7 +273,9 @@ INTERVAL_FIGURES = figure_names(AttackRow)
 
 def attack_row(res: dict[str, Any], **info: Any) -> dict[str, Any]:
     """The :class:`~defend.rows.AttackRow` of an :class:`~defend.evaluation.AttackMeter` result (its figures with
-    their intervals, seconds per input, L-inf, n and the IoU's chance level) and ``info`` (the row's other fields)."""
+    their intervals, seconds per input, L-inf, n and the IoU's chance level) and ``info`` (the row's other fields;
+    ``budget_preset`` defaults to :func:`defend.presets.preset_of` of its interpreter and budget)."""
+    info.setdefault("budget_preset", preset_of(info["interpreter"], info["budget"]))
     return AttackRow(**{k: Fig.get(res, k) for k in INTERVAL_FIGURES},
                      **{k: res.get(k) for k in ("seconds_per_input", "linf", "n", "iou_chance")}, **info).to_dict()
 
@@ -275,15 +292,19 @@ def fpr_threshold(benign: Tensor, fpr: float) -> tuple[float, float]:
     return float(cand[-1]), 0.0  # pragma: no cover - the maximum always qualifies
 
 
-def detector_scores(system: System, x: Tensor, batch_size: int) -> Tensor:
-    """The detector's probability that each input is adversarial (maps of its interpreters for the prediction)."""
+def detector_maps(system: System, x: Tensor, batch_size: int) -> Tensor:
+    """The stacked maps the detector reads for ``x`` (its interpreters, for the prediction)."""
     interps = interpreters_for(system, system.detector_interpreters)
     out = []
     for i in range(0, x.shape[0], batch_size):
         maps, _ = compute_maps(system.classifier, x[i:i + batch_size], interps)
-        out.append(system.detector.predict_proba(stack_maps(maps, system.detector_interpreters,
-                                                            system.detector_product)))
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append(stack_maps(maps, system.detector_interpreters, system.detector_product))
+    return torch.cat(out) if out else torch.zeros(0, 0, 0, 0)
+
+
+def detector_scores(system: System, x: Tensor, batch_size: int) -> Tensor:
+    """The detector's probability that each input is adversarial (maps of its interpreters for the prediction)."""
+    return system.detector.predict_proba(detector_maps(system, x, batch_size)) if x.shape[0] else torch.zeros(0)
 
 
 #: the false-positive rates the card sets detection thresholds at, and their keys (the ``detection_rate_<key>``
@@ -336,13 +357,14 @@ def _detection_row(s: AttackSet, hit: Tensor, adv: Tensor, benign: Tensor, thres
                         detection_rate_fpr5=rates["fpr5"]).to_dict()
 
 
-def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> dict[str, Any]:
+def detection_rows(system: System, sets: list[AttackSet], battery: Battery, sweep: bool = False) -> dict[str, Any]:
     """Detection of each adversarial set's successful inputs. The 1 % / 5 % FPR thresholds are set on ``n_benign``
     correctly classified inputs of the development split (selection never reads the test split) and reported only
     where those are at least ``10 / FPR``; the false-positive rate they give is measured on as many test inputs
     other than the attacked ones, which also give the AUC and ROC. ``evasion_rate``: share of all inputs that reach
     the target class and are not flagged at the detector's own threshold (the end-to-end success of the attack).
-    Every rate carries its Wilson interval, the AUC a bootstrap one."""
+    Every rate carries its Wilson interval, the AUC a bootstrap one. With ``sweep`` (sets crafted by this run), the
+    detector-aware sweep of the battery's ``adaptive.detector_*`` keys (:func:`detector_sweep_summary`)."""
     start = time.perf_counter()
     bs, seed = int(battery.batch_size), int(battery.seed)
     n_b, n_att = int(battery.detector.n_benign or battery.n_images), int(battery.n_images)
@@ -355,10 +377,64 @@ def detection_rows(system: System, sets: list[AttackSet], battery: Battery) -> d
         with torch.no_grad():
             hit = torch.cat([system.classifier(s.x_adv[i:i + bs]).argmax(1) for i in range(0, s.x_adv.shape[0], bs)]) == s.target
         rows.append(_detection_row(s, hit, detector_scores(system, s.x_adv[hit], bs), benign, thresholds, seed))
+    swept = (detector_sweep_summary(system, sets, battery, thresholds["fpr5"], test_x)
+             if sweep and battery.adaptive.detector_weights else None)
     return DetectionSummary(interpreters=list(system.detector_interpreters), product=bool(system.detector_product),
                             n_benign=int(benign.numel()), n_benign_dev=int(dev.numel()), default_threshold=0.5,
                             thresholds=thresholds, benign_fpr_default=Fig.of(stats.proportion(benign > 0.5)),
-                            rows=rows, seconds=time.perf_counter() - start).to_dict()
+                            rows=rows, seconds=time.perf_counter() - start, sweep=swept).to_dict()
+
+
+def _plain_set(sets: list[AttackSet], names: list[str]) -> AttackSet | None:
+    """The plain attack the sweep is compared with: a standard set against one of the detector's interpreters,
+    ADV2 first, in battery order (``None``: no such set)."""
+    own = [s for s in sets if s.kind == "standard" and s.interpreter in names]
+    return next((s for s in own if s.attack == "adv2"), own[0] if own else None)
+
+
+def detector_sweep_summary(system: System, sets: list[AttackSet], battery: Battery, fpr5: dict[str, Any],
+                           benign_test: Tensor) -> dict[str, Any]:
+    """The detector-aware attack swept over ``adaptive.detector_weights`` (:func:`defend.detector_sweep.detector_sweep`)
+    on the attacked inputs, at the 5 % FPR threshold ``fpr5`` (set on development benign inputs), the plain ADV2 set
+    (:func:`_plain_set`) as the baseline and first candidate; the surrogate's held-out fit on the maps of the test
+    benign inputs ``benign_test`` and of the plain set's successful inputs. Not measured (the row says why) without
+    a 5 % FPR threshold or a plain set."""
+    ad, start = battery.adaptive, time.perf_counter()
+    kind = system.detector.surrogate_kind(ad.detector_surrogate)
+    plain = _plain_set(sets, list(system.detector_interpreters))
+    why = (None if fpr5["supported"] else f"not measured: {fpr5['note']} (set detector.n_benign)") or (
+        None if plain is not None else "not measured: no standard attack against an interpreter the detector reads")
+    if why is not None:
+        return DetectorSweep(status=why, threshold_fpr5=None, surrogate=kind, rows=[], strongest_weight=None,
+                             evasion_vs_plain_diff=Fig(None), evasion_vs_plain_p=None, budget_check=None,
+                             surrogate_held_out=None, surrogate_along_iterates=None, seconds=0.0).to_dict()
+    fw, bs = plain.framework, int(battery.batch_size)
+    setup = SweepSetup(system.classifier, system.detector, interpreters_for(system, system.detector_interpreters),
+                       bool(system.detector_product), float(fpr5["threshold"]), plain.x, plain.target,
+                       system.detector.attack_surrogate(ad.detector_surrogate), framework=fw,
+                       options=battery.attacks.options_for(fw, None, ad.options), seed=int(battery.seed), batch_size=bs)
+    with torch.no_grad():
+        hit = torch.cat([system.classifier(plain.x_adv[i:i + bs]).argmax(1) for i in range(0, plain.x.shape[0], bs)])
+    held = detector_maps(system, torch.cat([benign_test, plain.x_adv[hit == plain.target]]), bs)
+    res = detector_sweep(setup, plain.x_adv, plain_attack=plain.attack, plain_budget=plain.budget,
+                         weights=[float(w) for w in ad.detector_weights], restarts=int(ad.detector_restarts),
+                         budget_check=bool(ad.detector_budget_check), held_out_maps=held,
+                         plain_seconds=float(plain.meta.get("seconds_per_input", 0.0)) * int(plain.x.shape[0]))
+    rows = [DetectorSweepRow(**{k: v for k, v in p.items() if k in _SWEEP_PLAIN},
+                             **{k: Fig.get(p, k) for k in figure_names(DetectorSweepRow)}).to_dict()
+            for p in res["points"]]
+    return DetectorSweep(status="measured", threshold_fpr5=res["threshold"], surrogate=kind, rows=rows,
+                         strongest_weight=res["strongest"],
+                         evasion_vs_plain_diff=Fig.get(res["versus_plain"], "evasion_vs_plain_diff"),
+                         evasion_vs_plain_p=res["versus_plain"]["evasion_vs_plain_p"],
+                         budget_check=res["budget_check"], surrogate_held_out=res["surrogate"]["held_out"],
+                         surrogate_along_iterates=res["surrogate"]["along_iterates"],
+                         seconds=time.perf_counter() - start).to_dict()
+
+
+#: the fields of a :class:`~defend.rows.DetectorSweepRow` copied as they are from a sweep point
+_SWEEP_PLAIN = ("attack", "detector_weight", "restarts", "n", "n_success", "pareto", "budget", "budget_preset",
+                "seconds_per_input", "per_input")
 
 
 # ------------------------------------------------------------------------------------------------ re-scoring

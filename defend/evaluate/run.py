@@ -132,7 +132,7 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
         n_inputs = int(sum(s.x.shape[0] for s in sets))
         results["attacks"] = rescore_sets(system, sets, battery)
     if system.detector is not None:
-        results["detection"] = detection_rows(system, sets, battery)
+        results["detection"] = detection_rows(system, sets, battery, sweep=inputs is None)
         say("[evaluate] detection done")
     digest = noted_data()
     validate_results(plain_json(results))

@@ -10,8 +10,12 @@ configured), a seeded stratified train / test split, then one detector per combi
 
 The best triple (the best pair when fewer than three interpreters are read) is then attacked adaptively (ADV2 with
 the ensemble of the interpreters it reads) and its detection rate on those inputs is reported next to the
-non-adaptive one. That detector is saved to ``<out>/detectors/<target>/`` with the interpreters it reads, for
-``defend evaluate --detector`` (which adds the detector-aware attack).
+non-adaptive one; then the detector-aware ADV2 (the booster's distilled surrogate in the loss) is swept over its
+``detector_weight`` with restarts on the same inputs (:mod:`defend.detector_sweep`): a table per target in
+``report.md``, rows in ``metrics.json`` and the Pareto front (evasion at 5 % FPR vs map IoU to benign) in
+``detector_pareto.png``, with McNemar against the plain attack, a convergence check at twice the steps and the
+surrogate's fit on held-out maps. That detector is saved to ``<out>/detectors/<target>/`` with the interpreters it
+reads, for ``defend evaluate --detector`` (which runs the same sweep).
 """
 from __future__ import annotations
 
@@ -33,14 +37,18 @@ from ..data import BaseDataModule
 from ..data.base import DEV, split_name
 from ..detection_data import build_detection_data, select, stack_maps
 from ..detector import FeatureSqueezer, detector_files, train_detector, trunk_description, xgb_device
+from ..detector_sweep import DEFAULT_WEIGHTS, SWEEP_FPR, SweepSetup, detector_sweep
 from ..evaluate.cli import evaluate_command
+from ..evaluate.measure import fpr_threshold
+from ..figures import pareto_plot
 from ..inputs import select_correct
 from ..interpreters import build_interpreter
 from ..module_base import as_options
+from ..presets import preset_of
 from ..selection import select_best
 from ..tables import markdown_table
 from ..typed_config import check_class_options, check_names
-from ..types import Count, Positive, PositiveCount
+from ..types import Count, NonNegative, Positive, PositiveCount
 from .common import (
     ClassifierExperimentConfig,
     classifier_outputs,
@@ -52,7 +60,7 @@ from .common import (
 )
 from .config import TrainerOptions, register_experiment
 
-__all__ = ["run", "combinations", "MIN_ADVERSARIAL", "DetectorExperiment", "Detection", "AdaptiveAttack",
+__all__ = ["run", "combinations", "MIN_ADVERSARIAL", "DetectorExperiment", "Detection", "AdaptiveAttack", "DetectorAwareSweep",
            "DetectorOptions", "SqueezeOptions", "PlainRTS", "plain_rts"]
 
 #: fewest successful adversarial inputs a detector is trained and scored on (below it the row says "not measured")
@@ -74,6 +82,21 @@ class AdaptiveAttack(AttackOptions):
 
 
 @dataclass
+class DetectorAwareSweep:
+    """The detector-aware attack on the chosen detector (:mod:`defend.detector_sweep`), on the same first
+    ``n_adaptive`` test sources and targets: for each of ``weights`` (``0``: the plain ensemble ADV2; empty: not run)
+    ``restarts`` seeded runs with the ``adaptive`` options, per input the run (or the plain attack's input) that evades
+    the real booster at its 5 %-FPR threshold, then the one whose maps are closest to benign; ``budget_check``: the
+    strongest weight again with twice the steps (convergence); ``surrogate``: the booster's stand-in (``auto``,
+    ``distilled`` or ``head``)."""
+
+    weights: list[NonNegative] = field(default_factory=lambda: [NonNegative(w) for w in DEFAULT_WEIGHTS])
+    restarts: PositiveCount = PositiveCount(2)
+    budget_check: bool = True
+    surrogate: Literal["auto", "distilled", "head"] = "auto"
+
+
+@dataclass
 class Detection:
     """The detector's data: three disjoint sets of correctly classified inputs, each of ``n`` benign inputs and ``n``
     other inputs that ``attack`` on ``framework`` crafts against each of ``target_interpreters`` (one table each):
@@ -86,7 +109,8 @@ class Detection:
     Only successful adversarial inputs are kept and every set is balanced (its first ``m`` benign and ``m``
     adversarial inputs, ``m`` the smaller count): accuracy is balanced accuracy and the majority baseline is 0.5.
     The adaptive attack re-attacks the first ``n_adaptive`` test sources toward the same targets, so its detection
-    rate is compared with the non-adaptive one on the same inputs (McNemar). The maps of ``interpreters`` are
+    rate is compared with the non-adaptive one on the same inputs (McNemar); ``sweep``: the detector-aware attack on
+    the same inputs (:class:`DetectorAwareSweep`). The maps of ``interpreters`` are
     stacked as channels. ``cache_dir``: the per-batch cache of maps and attacks (default ``<out>/cache``)."""
 
     n_fit: PositiveCount = PositiveCount(200)
@@ -101,6 +125,7 @@ class Detection:
     batch_size: PositiveCount = PositiveCount(50)
     cache_dir: str | None = None
     adaptive: AdaptiveAttack = field(default_factory=AdaptiveAttack)
+    sweep: DetectorAwareSweep = field(default_factory=DetectorAwareSweep)
 
     def sets(self) -> dict[str, tuple[str, int]]:
         """``{set: (split, n)}`` for ``fit``, ``select`` and ``test``."""
@@ -235,7 +260,17 @@ def outputs(cfg: DetectorExperiment, out: Path) -> list[Path]:
     detector of each target interpreter that was attacked adaptively (``detectors/<target>/``)."""
     rts = [cfg.rts.path(out)] if _trains_rts(cfg) and not cfg.rts.reuses(out) else []
     detectors = [f for t in cfg.detection.target_interpreters for f in detector_files(out / "detectors" / t)]
-    return [*classifier_outputs(cfg, out), *rts, *detectors]
+    figure = [out / PARETO_FIGURE] if _sweeps(cfg) else []
+    return [*classifier_outputs(cfg, out), *rts, *detectors, *figure]
+
+
+#: the figure of the detector-aware sweep (evasion at 5 % FPR against map IoU to benign, per target)
+PARETO_FIGURE = "detector_pareto.png"
+
+
+def _sweeps(cfg: DetectorExperiment) -> bool:
+    """Whether the run sweeps the detector-aware attack (adaptive inputs and weights to sweep)."""
+    return int(cfg.detection.n_adaptive) > 0 and bool(cfg.detection.sweep.weights)
 
 
 def combinations(names: list[str]) -> list[tuple[tuple[str, ...], bool]]:
@@ -387,8 +422,10 @@ def run(cfg: DetectorExperiment, out: Path, progress: bool = True) -> list[dict[
     for target in d.target_interpreters:
         target_rows, adaptive = _target(ctx, target, benign, inputs)
         rows += target_rows
-        adaptive_rows += [adaptive] if adaptive is not None else []
+        adaptive_rows += adaptive
     rows.extend(adaptive_rows)
+    if _sweeps(cfg):
+        _pareto_figure(out / PARETO_FIGURE, rows)
     notes += [f"The {r['target_interpreter'].upper()}-target detector ({r['interpreters']}) is saved to "
               f"{r['saved_to']}: `{_evaluate_command(info['checkpoint'], r, out)}` "
               "scores it, detector-aware attack included." for r in rows if "saved_to" in r]
@@ -415,9 +452,9 @@ def _craft(ctx: _Run, target: str, inputs: dict[str, dict[str, torch.Tensor]]) -
 
 
 def _target(ctx: _Run, target: str, benign: dict[str, dict[str, Any]],
-            inputs: dict[str, dict[str, torch.Tensor]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+            inputs: dict[str, dict[str, torch.Tensor]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The rows of one target interpreter (squeezing, every combination; fitted on the fit set, chosen on the
-    select set, scored on the test set) and its adaptive row (if any)."""
+    select set, scored on the test set) and its adaptive rows (the ensemble attack, the detector-aware sweep)."""
     d, seed = ctx.cfg.detection, int(ctx.cfg.seed)
     names = d.interpreters
     adv = _craft(ctx, target, inputs)
@@ -427,12 +464,15 @@ def _target(ctx: _Run, target: str, benign: dict[str, dict[str, Any]],
               "fit_split": inputs["fit"]["split"], "select_split": inputs["select"]["split"],
               **asr.fields("attack_success"), "n_attacked": asr.n, "attack_seconds": float(sum(float(a["attack_seconds"].sum())
                                                                           for a in adv.values()))}
+    budget = build_attack(d.attack, d.framework, target, seed=seed, **ctx.attack_options(d.attack, target)).budget
+    common.update(budget_preset=preset_of(target, budget),
+                  seconds_per_input=common["attack_seconds"] / max(sum(int(a["success"].numel()) for a in adv.values()), 1))
     short = {name: int(v.sum()) for name, v in ok.items() if int(v.sum()) < MIN_ADVERSARIAL}
     if short:
         return [{"detector": "not measured", "interpreters": "-", **common,
                  "status": "not measured: the attack succeeded on too few inputs of the "
                            + ", ".join(f"{k} set ({v} of {inputs[k]['source'].shape[0]})" for k, v in short.items())
-                           + f" (a detector needs >= {MIN_ADVERSARIAL} adversarial inputs per set)"}], None
+                           + f" (a detector needs >= {MIN_ADVERSARIAL} adversarial inputs per set)"}], []
     parts = {name: balanced(benign[name], select(adv[name], ok[name].nonzero().flatten()), names) for name in adv}
     common.update({f"n_{name}": int(p["label"].numel()) for name, p in parts.items()})
     rows = [_squeeze_row(ctx, parts, common)]
@@ -449,8 +489,11 @@ def _target(ctx: _Run, target: str, benign: dict[str, dict[str, Any]],
     rows[0].update(_versus_squeeze(best, rows[0], seed))
     _save_detector(ctx, target, best, best_det)
     if int(d.n_adaptive) == 0:
-        return rows, None
-    return rows, _adaptive(ctx, best, best_det, inputs["test"], adv["test"], target, common)
+        return rows, []
+    later = [_adaptive(ctx, best, best_det, inputs["test"], adv["test"], target, common)]
+    if d.sweep.weights:
+        later += _sweep(ctx, best, best_det, parts, benign, inputs["test"], adv["test"], common)
+    return rows, later
 
 
 def _versus_squeeze(best: dict[str, Any], squeeze: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -531,6 +574,7 @@ def _adaptive(ctx: _Run, best: dict[str, Any], det: Any, test: dict[str, torch.T
     flag = lambda data: (det.predict_proba(stack_maps(data["maps"], combo, best["product"])) > 0.5).double()  # noqa: E731
     row = {"detector": "stacked-adaptive", "interpreters": best["interpreters"], "channels": best["channels"],
            "product": best["product"], **{**common, "attack": f"{ad.attack}-ensemble"},
+           "budget_preset": preset_of("+".join(combo), atk.budget), "seconds_per_input": wall / max(n, 1),
            **stats.proportion(ok).fields("attack_success"), "n_adaptive": n, "n_both_succeeded": int(both.sum()),
            "accuracy": best["accuracy"], "auc": best["auc"], "feature_seconds": 0.0, "booster_seconds": 0.0,
            "train_seconds": 0.0, "attack_seconds": float(adv["attack_seconds"].sum()), "wall_seconds": wall}
@@ -542,6 +586,72 @@ def _adaptive(ctx: _Run, best: dict[str, Any], det: Any, test: dict[str, torch.T
     if bool(both.any()):
         row.update(stats.mcnemar(flagged, flagged_plain, seed).fields("detection"))
     return row
+
+
+def _sweep(ctx: _Run, best: dict[str, Any], det: Any, parts: dict[str, dict[str, Any]],
+           benign: dict[str, dict[str, Any]], test: dict[str, torch.Tensor], plain: dict[str, Any],
+           common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The detector-aware sweep (:func:`defend.detector_sweep.detector_sweep`) on the chosen detector and the first
+    ``n_adaptive`` test sources, the plain attack's inputs on them as the baseline: the booster's 5 %-FPR threshold
+    is set on every benign input of the select set (development split; the realised FPR is measured on those of
+    the test set), the surrogate's held-out fit is on the test set's maps (never distilled on). One row per point,
+    then a summary row."""
+    d, seed = ctx.cfg.detection, int(ctx.cfg.seed)
+    n, target = int(d.n_adaptive), common["target_interpreter"]
+    combo, product = best["interpreters"].split("+"), bool(best["product"])
+    dev = det.predict_proba(stack_maps(benign["select"]["maps"], combo, product))
+    threshold, dev_fpr = fpr_threshold(dev, SWEEP_FPR)
+    test_fpr = stats.proportion(det.predict_proba(stack_maps(benign["test"]["maps"], combo, product)) > threshold)
+    test_maps = stack_maps(parts["test"]["maps"], combo, product)
+    setup = SweepSetup(ctx.model, det, {c: ctx.interps[c] for c in combo}, product, threshold, test["source"][:n],
+                       test["target"][:n], det.attack_surrogate(d.sweep.surrogate), framework=d.framework,
+                       options=ctx.attack_options(d.adaptive.attack, target, d.adaptive), seed=seed,
+                       batch_size=int(d.batch_size))
+    plain_budget = build_attack(d.attack, d.framework, target, seed=seed, **ctx.attack_options(d.attack, target)).budget
+    res = detector_sweep(setup, plain["image"][:n], plain_attack=d.attack, plain_budget=plain_budget,
+                         weights=[float(w) for w in d.sweep.weights], restarts=int(d.sweep.restarts),
+                         budget_check=bool(d.sweep.budget_check), held_out_maps=test_maps,
+                         plain_seconds=float(plain["attack_seconds"][:n].sum()))
+    head = {"interpreters": best["interpreters"], "channels": best["channels"], "product": product, **common,
+            "surrogate": det.surrogate_kind(d.sweep.surrogate), "threshold_fpr5": threshold,
+            "threshold_dev_fpr": dev_fpr, "n_benign_dev": int(dev.numel()),
+            **test_fpr.fields("test_fpr"), "n_benign_test": test_fpr.n}
+    rows = [{"detector": "detector-aware", **head, **_flat_point(p)} for p in res["points"]]
+    summary = {k: v for k, v in head.items() if k not in ("budget_preset", "seconds_per_input")}
+    return rows + [{"detector": "detector-aware summary", **summary, **_flat_summary(res)}]
+
+
+def _flat_point(p: dict[str, Any]) -> dict[str, Any]:
+    """A sweep point as a flat metrics row (its budget's keys prefixed ``budget_``)."""
+    out = {k: v for k, v in p.items() if k not in ("budget", "per_input")}
+    out.update({f"budget_{k}": v for k, v in p["budget"].items() if isinstance(v, (int, float, str, bool))})
+    out["_evasion"] = p["per_input"]["evasion"]
+    return out
+
+
+def _flat_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's summary as a flat metrics row: the strongest weight, its McNemar test against the plain attack,
+    the convergence check and the surrogate's fits (``surrogate_held_out_*``, ``surrogate_iterates_*``)."""
+    out = {"strongest_weight": res["strongest"], **res["versus_plain"]}
+    out.update({f"budget_check_{k}": v for k, v in (res["budget_check"] or {}).items()})
+    for key, name in (("held_out", "held_out"), ("along_iterates", "iterates")):
+        out.update({f"surrogate_{name}_{k}": v for k, v in (res["surrogate"][key] or {}).items()})
+    return out
+
+
+def _pareto_figure(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``detector_pareto.png``: evasion at 5 % FPR against map IoU to benign, one series per target interpreter
+    (not written when no point has both figures)."""
+    series: dict[str, list[tuple[float, float, str, bool]]] = {}
+    for r in rows:
+        if r["detector"] == "detector-aware" and r["evasion_rate_fpr5"] is not None and r["iou"] is not None:
+            label = "plain" if r["detector_weight"] is None else f"w={r['detector_weight']:g}"
+            series.setdefault(f"{r['target_interpreter'].upper()} target ({r['interpreters']})", []).append(
+                (r["iou"], r["evasion_rate_fpr5"], label, bool(r["pareto"])))
+    if not series:  # no detector was attacked (too few adversarial inputs): no figure
+        return
+    pareto_plot(path, series, "map IoU to benign (top-k, mean over the detector's interpreters)",
+                "evasion at 5 % FPR (target reached, not flagged)", "detector-aware attack: Pareto front")
 
 
 def _report(cfg: DetectorExperiment, info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str],
@@ -614,7 +724,9 @@ def _target_report(t: str, names: list[str], tr: list[dict[str, Any]]) -> list[s
         lines += [f"The chosen detector ({sq['versus']}) against feature squeezing on the same test inputs: accuracy "
                   f"of the detector minus squeezing {_fig(sq, 'accuracy_vs_best_diff')}, McNemar exact p = "
                   f"{sq['accuracy_vs_best_p']:.2g}: {verdict}.", ""]
-    return lines + _adaptive_report([r for r in tr if r["detector"] == "stacked-adaptive"])
+    return (lines + _adaptive_report([r for r in tr if r["detector"] == "stacked-adaptive"])
+            + _sweep_report([r for r in tr if r["detector"] == "detector-aware"],
+                            next((r for r in tr if r["detector"] == "detector-aware summary"), None)))
 
 
 def _adaptive_report(ad: list[dict[str, Any]]) -> list[str]:
@@ -634,3 +746,50 @@ def _adaptive_report(ad: list[dict[str, Any]]) -> list[str]:
                              a["attack_seconds"]]]), "",
             "Both detection rates are on the same test sources and targets, over the inputs where both the plain "
             "and the adaptive attack reached the target (probability > 0.5 = flagged).", ""]
+
+
+def _sweep_report(points: list[dict[str, Any]], summary: dict[str, Any] | None) -> list[str]:
+    """The detector-aware sweep of one target: the table (one line per weight and the plain attack), the strongest
+    weight against the plain attack, the convergence check and the surrogate's fits."""
+    if not points or summary is None:
+        return []
+    body = [["plain " + p["attack"] if p["detector_weight"] is None else f"detector-aware, weight {p['detector_weight']:g}",
+             p["restarts"], _fig(p, "attack_success"), _fig(p, "evasion_rate_fpr5"), _fig(p, "detection_rate_fpr5"),
+             _fig(p, "iou"), "yes" if p["pareto"] else "", p["budget_preset"], f"{p['seconds_per_input']:.2f}"]
+            for p in points]
+    s = summary
+    diff = stats.format_value(s["evasion_vs_plain_diff"], s["evasion_vs_plain_diff_ci_low"],
+                              s["evasion_vs_plain_diff_ci_high"])
+    lines = [f"### Detector-aware attack on {s['interpreters']}{' +product' if s['product'] else ''}: "
+             f"sweep of the detector weight ({s['surrogate']} surrogate)", "",
+             markdown_table(["attack", "restarts", "attack success", "evasion @5% FPR (target reached, not flagged)",
+                             "detected @5% FPR (of those reaching the target)", "map IoU to benign", "Pareto front",
+                             "budget", "s / input"], body), "",
+             f"Inputs: the first {points[0]['n']} test sources and targets of the plain attack; per input, among the "
+             "restarts and the plain attack's input, the one that evades the real booster at its 5 %-FPR threshold "
+             f"({s['threshold_fpr5']:.4g}, set on {s['n_benign_dev']} development benign inputs"
+             + ("" if stats.fpr_supported(s["n_benign_dev"], SWEEP_FPR) else
+                f", fewer than the {stats.min_benign_for_fpr(SWEEP_FPR)} a 5 % FPR needs: indicative")
+             + f"; realised FPR on {s['n_benign_test']} test benign inputs {_fig(s, 'test_fpr')}), then the one "
+             "whose maps are closest "
+             "to benign, is kept: the attack is never weaker than the plain one on the same inputs. Weight 0 is the "
+             "plain ensemble ADV2 on the interpreters the detector reads.",
+             f"Strongest weight {s['strongest_weight']:g}: evasion minus the plain attack's {diff}, McNemar exact "
+             f"p = {s['evasion_vs_plain_p']:.2g}"
+             + (" (within noise)." if stats.within_noise(s["evasion_vs_plain_p"]) else "."), ""]
+    if s.get("budget_check_verdict"):
+        lines += [f"Convergence check (the strongest weight with twice the steps): **{s['budget_check_verdict']}**.",
+                  ""]
+    lines += [f"Surrogate fit to the booster (log-odds): on held-out test maps {_agreement(s, 'held_out')}; on the "
+              f"maps of the attack's final inputs (every weight and restart) {_agreement(s, 'iterates')}.", ""]
+    return lines
+
+
+def _agreement(s: dict[str, Any], name: str) -> str:
+    """``R^2 0.61, sign agreement 0.93, Spearman 0.80 (n 80)`` of one surrogate fit of a summary row."""
+    get = lambda k: s.get(f"surrogate_{name}_{k}")  # noqa: E731
+    if get("n") is None:
+        return "not measured (no distilled surrogate)"
+    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return (f"R^2 {num(get('r2'))}, sign agreement {num(get('sign_agreement'))}, Spearman rank correlation "
+            f"{num(get('spearman'))} (n {get('n')})")
