@@ -19,7 +19,7 @@ AutoAttack).
 """
 from __future__ import annotations
 
-from .adaptive import DetectorAwareTerm, Restarts, stack_channels
+from .adaptive import DetectorAwareTerm, Restarts, Transfer, map_l1, stack_channels
 from .adv2 import ADV2, make_term, random_targets
 from .base_attack import BALL_ATTACKS, Attack, AttackResult, goal_reached
 from .edges import edge_weights, sobel_edges
@@ -51,7 +51,7 @@ from .interpreters import (
 from .noise import NoiseAttack
 from .state import eval_mode, frozen
 from .terms import EnsembleTerm, InterpretationTerm, MapTerm
-from .topk import TopKAttack, TopKResult
+from .topk import ReferenceTopKAttack, TopKAttack, TopKResult
 
 __all__ = [
     "Attack", "BALL_ATTACKS", "goal_reached", "NoiseAttack", "uses_interpreter", "interpretation_attacks", "threat_options",
@@ -59,7 +59,7 @@ __all__ = [
     "Interpreter", "GradInterpreter", "CAMInterpreter", "MaskInterpreter", "RTSInterpreter", "RTSNetwork",
     "INTERPRETERS", "get_interpreter", "relu_surrogate", "relu_as_softplus", "ReluModifier",
     "ThreatModel", "PGD", "CW", "StAdv", "FRAMEWORKS", "get_framework", "pgd_maximise", "quantise_linf",
-    "InterpretationTerm", "MapTerm", "EnsembleTerm", "TopKAttack", "TopKResult",
-    "DetectorAwareTerm", "Restarts", "stack_channels",
+    "InterpretationTerm", "MapTerm", "EnsembleTerm", "TopKAttack", "TopKResult", "ReferenceTopKAttack",
+    "DetectorAwareTerm", "Restarts", "Transfer", "map_l1", "stack_channels",
     "sobel_edges", "edge_weights", "frozen", "eval_mode",
 ]

@@ -101,7 +101,7 @@ BATCHNORMS = ("joint", "ce")
 INTERPRETERS_IN_D = {"cam": CAMInterpreter, "grad": lambda: GradInterpreter(score="logit", surrogate_tau=1e-4)}
 
 
-def _check_kind(kind: str) -> None:
+def check_discrepancy(kind: str) -> None:
     if kind not in DISCREPANCIES:
         raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {kind!r}")
 
@@ -113,7 +113,7 @@ def maps_and_logits(model: GapClassifier, x: Tensor, interpretation: str = "cam"
     differentiable in ``x`` (when it requires grad) and in the model's parameters."""
     if interpretation not in INTERPRETERS_IN_D:
         raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
-    _check_kind(kind)
+    check_discrepancy(kind)
     graph = torch.is_grad_enabled()  # under no_grad (benign reference maps) no graph is recorded
     if interpretation == "grad":  # a gradient map needs autograd even for a reference map
         inp = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -144,7 +144,7 @@ def discrepancy(maps_x: Tensor, maps_adv: Tensor, logits_adv: Tensor, y: Tensor,
     ``w_j = p_j / sum_{k != y} p_k`` with ``p = softmax(f(x'))`` (differentiable). ``kind="reference"`` (the maps
     then raw): ``l1_c`` sums over the pixels and D carries Eqn 20's 1/2 (module docstring).
     """
-    _check_kind(kind)
+    check_discrepancy(kind)
     l1 = _class_l1(maps_x, maps_adv, kind)  # [N, C]
     p = logits_adv.softmax(1)
     true = F.one_hot(y, p.shape[1]).bool()
@@ -328,7 +328,7 @@ class RobustClassifierModule(ClassifierModule):
             raise ValueError(f"interpretation must be one of {INTERPRETATIONS}, got {interpretation!r}")
         if ce_attack not in ("pgd", "interp"):
             raise ValueError(f"ce_attack must be 'pgd' or 'interp', got {ce_attack!r}")
-        _check_kind(discrepancy)
+        check_discrepancy(discrepancy)
         if batchnorm not in BATCHNORMS:
             raise ValueError(f"batchnorm must be one of {BATCHNORMS} (which forwards train BatchNorm), got "
                              f"{batchnorm!r}")

@@ -29,7 +29,7 @@ from attacks.interpreters import Interpreter
 from attacks.state import frozen
 
 from .metrics import CentreOfMassShift, KendallTau, MapCosineSimilarity, MaxSensitivity, SpearmanRho, TopKIntersection
-from .robust import discrepancy, maps_and_logits
+from .robust import check_discrepancy, discrepancy, maps_and_logits
 from .stats import Estimate
 
 __all__ = ["MapAgreement", "pgd_accuracy", "discrepancy_attack", "DiscrepancyAttack", "craft_interpretation_attack",
@@ -96,14 +96,15 @@ def pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int,
 
 
 def discrepancy_attack(model: nn.Module, x: Tensor, cls: Tensor, eps: float, alpha: float, steps: int,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """PGD ascent on the CAM discrepancy ``D(x, x')`` of :mod:`defend.robust` (class ``cls``); per input the uint8-grid
-    iterate with the largest ``D`` among those still classified ``cls``. Returns ``(x_best, kept)``; the model must be
-    frozen (the caller's business)."""
+                       generator: torch.Generator | None = None, kind: str = "normalised") -> tuple[Tensor, Tensor]:
+    """PGD ascent on the CAM discrepancy ``D(x, x')`` of :mod:`defend.robust` (class ``cls``; ``kind``: our
+    ``"normalised"`` D or the ``"reference"`` one on raw CAMs); per input the uint8-grid iterate with the largest ``D``
+    among those still classified ``cls``. Returns ``(x_best, kept)``; the model must be frozen (the caller's
+    business)."""
     threat = PGD(eps, alpha, random_start=True)
     x0 = x.detach()
     with torch.no_grad():
-        maps_x = maps_and_logits(model, x0, "cam")[0]
+        maps_x = maps_and_logits(model, x0, "cam", kind)[0]
     z = threat.init(x0, generator)
     best_x, best_d = x0.clone(), torch.full((x0.shape[0],), -1.0, device=x0.device)
     active = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
@@ -112,8 +113,8 @@ def discrepancy_attack(model: nn.Module, x: Tensor, cls: Tensor, eps: float, alp
             z = z.detach().requires_grad_(True)
             x_it = threat.apply(x0, z, None)
             xq = x_it + (threat.quantise(x0, x_it) - x_it).detach()
-            maps_z, logits_z = maps_and_logits(model, xq, "cam")
-            d = discrepancy(maps_x, maps_z, logits_z, cls)
+            maps_z, logits_z = maps_and_logits(model, xq, "cam", kind)
+            d = discrepancy(maps_x, maps_z, logits_z, cls, kind)
             with torch.no_grad():
                 better = (logits_z.argmax(1) == cls) & (d > best_d)
                 best_d = torch.where(better, d.detach(), best_d)
@@ -131,19 +132,20 @@ class DiscrepancyAttack(Attack):
     lives in ``defend`` because the discrepancy ``D`` is the robust training objective's (:mod:`defend.robust`)."""
 
     def __init__(self, eps: float, interpreter: Any = None, steps: int = 20, step_ratio: float = 0.25,
-                 generator: torch.Generator | None = None, seed: int = 0) -> None:
+                 generator: torch.Generator | None = None, seed: int = 0, discrepancy: str = "normalised") -> None:
+        check_discrepancy(discrepancy)
         self.threat = PGD(eps, eps * float(step_ratio), random_start=True)
-        self.steps = int(steps)
+        self.steps, self.kind = int(steps), discrepancy
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
 
     @property
     def budget(self) -> dict[str, Any]:
-        return {**self.threat.budget, "steps": self.steps, "restarts": 1}
+        return {**self.threat.budget, "steps": self.steps, "restarts": 1, "discrepancy": self.kind}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         start = time.perf_counter()
         x_adv, kept = discrepancy_attack(model, x, y, float(self.threat.eps), float(self.threat.alpha), self.steps,
-                                         self.generator)
+                                         self.generator, self.kind)
         p = prob_of(model, x_adv, y)[1]
         return AttackResult(x_adv, y, kept, p, None, time.perf_counter() - start, self.steps)
 

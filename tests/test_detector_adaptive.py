@@ -133,7 +133,8 @@ def test_the_detector_experiment_sweeps_the_detector_it_saved(tmp_path):
                                    "attack.steps=6", "per_interpreter.grad.steps=6", "per_interpreter.cam.steps=6",
                                    "detection.n_adaptive=10", "detection.adaptive.warm_steps=10",
                                    "detection.adaptive.steps=6", "detection.adaptive.eps=0.2",
-                                   "detection.sweep.weights=[0,2]", "detection.sweep.restarts=1")
+                                   "detection.sweep.weights=[0,2]", "detection.sweep.restarts=1",
+                                   "detection.sweep.budget_check=true")
     assert code == 0
     rows = json.loads((out / "metrics.json").read_text())
     points = [r for r in rows if r["detector"] == "detector-aware"]
@@ -179,6 +180,9 @@ def _evaluate_sweeps_the_saved_detector(tmp_path, detector):
         assert p["budget"]["detector_weight"] == p["detector_weight"] and p["budget"]["restarts"] == 1
         assert p["budget_preset"] in ("paper", "cpu", "custom")
     assert sweep["budget_check"] is None and sweep["surrogate_held_out"]["n"] >= 200
+    report = (out / "report.md").read_text()  # the card's report shows the sweep, not only card.json
+    assert "### Detector-aware attack, swept over `detector_weight`" in report
+    assert f"strongest weight {sweep['strongest_weight']}:" in report and "twice the steps: not run" in report
 
 
 def test_the_card_says_why_the_sweep_was_not_measured():

@@ -317,3 +317,30 @@ def test_robust_experiment_passes_the_options_through_and_checks_them_first(tmp_
     module = RobustClassifierModule(num_classes=10, **opts)
     assert (module.hparams.mode, module.hparams.discrepancy, module.hparams.batchnorm) == \
         ("int_adv_single", "reference", "ce")
+
+
+def test_discrepancy_attack_ascends_the_reference_d_when_asked():
+    """The evaluation's discrepancy attack attacks the D it is told to: with ``discrepancy="reference"`` its kept input
+    has a reference D at least that of a fixed random input of the ball, names the option in its budget, and a wrong
+    name is a one-line error before any work."""
+    from defend.robust_eval import DiscrepancyAttack
+
+    model = tiny_gap().float()
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randint(0, 256, (4, 3, 4, 4), generator=gen) / 255.0).float()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 16 / 255
+    attack = DiscrepancyAttack(eps, steps=10, step_ratio=0.25, seed=0, discrepancy="reference")
+    assert attack.budget["discrepancy"] == "reference"
+    res = attack(model, x, y)
+    assert (res.x_adv - x).abs().amax() <= eps + 1e-6
+    kept = res.success
+    assert kept.any()
+    noise = (x + eps * (2 * torch.rand(x.shape, generator=gen) - 1)).clamp(0, 1)
+    with torch.no_grad():
+        d_adv = interpretation_discrepancy(model, x, res.x_adv, y, kind="reference")
+        d_noise = interpretation_discrepancy(model, x, noise, y, kind="reference")
+    assert (d_adv[kept] >= d_noise[kept] - 1e-6).all()
+    with pytest.raises(ValueError, match=r"^discrepancy must be one of \('normalised', 'reference'\), got 'raw'$"):
+        DiscrepancyAttack(eps, discrepancy="raw")

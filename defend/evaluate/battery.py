@@ -19,7 +19,7 @@ from ..detector_sweep import DEFAULT_WEIGHTS
 from ..presets import preset_options
 from ..safe_yaml import read_mapping
 from ..typed_config import check_names, parse_typed
-from ..types import Count, NonNegative, PositiveCount, Radius
+from ..types import Count, NonNegative, Positive, PositiveCount, Radius
 
 __all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "AdaptiveBattery", "DetectorBattery",
            "BATTERIES", "battery_path", "battery_mapping", "parse_battery", "load_battery"]
@@ -105,8 +105,9 @@ class AdaptiveBattery:
     ``detector_budget_check`` the strongest weight again with twice the steps, "budget too small" when that helps;
     the threshold needs ``10 / 0.05 = 200`` development benign inputs, ``detector.n_benign``); with an RTS,
     ``adaptive_rts``
-    (plain ADV2, then ``rts_restarts`` runs with encoder weight ``rts_enc_weight``; per input the successful run whose
-    map is closest to the benign map). ``options`` override the attack options of
+    (plain ADV2, then ``rts_restarts`` runs with encoder weight ``rts_enc_weight``, one run per ``c`` of
+    ``rts_c_values``, with ``rts_long_factor`` > 1 a plain run that many times longer; per input the successful run
+    whose map is closest to the benign map). ``options`` override the attack options of
     :class:`AttackBattery` for these attacks."""
 
     ensemble: list[str] = field(default_factory=lambda: ["adv2", "advedge"])
@@ -118,6 +119,8 @@ class AdaptiveBattery:
     detector_budget_check: bool = True
     rts_restarts: PositiveCount = PositiveCount(3)
     rts_enc_weight: NonNegative = NonNegative(0.2)
+    rts_c_values: list[NonNegative] = field(default_factory=list)
+    rts_long_factor: Positive = Positive(1.0)
     options: AttackOptions = field(default_factory=AttackOptions)
 
 

@@ -206,7 +206,8 @@ def _framework_plan(system: System, interps: dict[str, Any], battery: Battery,
                      {"kind": "adaptive", "interpreter": "+".join(ens), "base_attack": attack}))
     if system.rts is not None:
         engine = build_attack("adaptive_rts", fw, interps["rts"], seed=seed, restarts=int(ad.rts_restarts),
-                              enc_weight=float(ad.rts_enc_weight), **a.options_for(fw, "rts", ad.options))
+                              enc_weight=float(ad.rts_enc_weight), c_values=[float(c) for c in ad.rts_c_values],
+                              long_factor=float(ad.rts_long_factor), **a.options_for(fw, "rts", ad.options))
         plan.append((PlanItem("adaptive_rts", fw, "rts", engine, readers),
                      {"kind": "adaptive", "interpreter": "rts", "base_attack": "adv2"}))
     if system.detector is not None:

@@ -19,7 +19,7 @@ from ..evaluation import interpret
 from ..figures import bar_panels, map_grid, roc_plot
 from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
 from ..rows import TABLES as ROW_TABLES
-from ..rows import Row, csv_columns, markdown_cells, markdown_headers
+from ..rows import DetectorSweepRow, Row, csv_columns, markdown_cells, markdown_headers
 from ..tables import markdown_table
 from .measure import AttackSet
 from .system import interpreters_for
@@ -194,7 +194,35 @@ def _detection_section(card: dict[str, Any], det: dict[str, Any] | None) -> list
             *[f"- {_threshold_text(k, t)}" for k, t in th.items()],
             f"- benign false-positive rate at 0.5 on {det['n_benign']} test inputs: {_v(det, 'benign_fpr_default')}",
             "",
-            *_table("detection", det["rows"], det)]
+            *_table("detection", det["rows"], det), *_sweep_section(det.get("sweep"))]
+
+
+def _fit_text(fit: dict[str, Any] | None) -> str:
+    if not fit:
+        return "not measured"
+    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return (f"R^2 {num(fit['r2'])}, sign agreement {num(fit['sign_agreement'])}, Spearman {num(fit['spearman'])} "
+            f"(n {fit['n']})")
+
+
+def _sweep_section(sweep: dict[str, Any] | None) -> list[str]:
+    """The detector-aware attack swept over its weight (``results.detection.sweep``): its points (the Pareto front
+    marked), the strongest weight against the plain attack, the budget check and the surrogate's fit."""
+    if not sweep:
+        return []
+    head = ["### Detector-aware attack, swept over `detector_weight`", ""]
+    if sweep["status"] != "measured":
+        return [*head, f"Not measured: {sweep['status']}.", ""]
+    p = sweep.get("evasion_vs_plain_p")
+    verdict = (sweep.get("budget_check") or {}).get("verdict", "not run")
+    return [*head, f"Evasion is judged by the real booster at its 5 % FPR threshold ({sweep['threshold_fpr5']:.3f}); "
+            f"the attack's stand-in is the `{sweep['surrogate']}` surrogate.", "",
+            *_md(markdown_headers(DetectorSweepRow), [markdown_cells(DetectorSweepRow, r, sweep) for r in sweep["rows"]]),
+            f"- strongest weight {sweep['strongest_weight']}: evasion minus the plain attack's on the same inputs "
+            f"{_v(sweep, 'evasion_vs_plain_diff')}, McNemar p = {'-' if p is None else f'{p:.3g}'}",
+            f"- twice the steps: {verdict}",
+            f"- surrogate fit on held-out maps: {_fit_text(sweep.get('surrogate_held_out'))}; on the attack's inputs: "
+            f"{_fit_text(sweep.get('surrogate_along_iterates'))}", ""]
 
 
 def _label(c: int, names: list[str]) -> str:

@@ -822,6 +822,20 @@ def _report(cfg: AIDExperiment, info: dict[str, Any], rows: list[dict[str, Any]]
         *_baseline_lines(base, nets),
         *_adaptive_lines(nets),
         *_paired_lines(base, aid),
+        *_measure_lines(nets, cam, noise, extra),
+        "## Targets",
+        "",
+    ]
+    lines += _checks(rts, aid, cam, total)
+    lines += _selection_lines(cfg, trained["rts_aid"])
+    return "\n".join(lines + _cost_lines(trained, total))
+
+
+def _measure_lines(nets: list[dict[str, Any]], cam: dict[str, Any], noise: list[dict[str, Any]],
+                   extra: dict[str, Any]) -> list[str]:
+    """Every measure of every interpreter, then the noise sensitivity (Figure 15)."""
+    names = [LABEL[r["interpreter"]] for r in nets]
+    return [
         "## All measures",
         "",
         markdown_table(
@@ -842,12 +856,7 @@ def _report(cfg: AIDExperiment, info: dict[str, Any], rows: list[dict[str, Any]]
                        [[n_["sigma"], n_["misclassification"],
                          *[_fig(n_, f"l1_clean_vs_noisy_{r['interpreter']}", 4) for r in nets]] for n_ in noise]),
         "",
-        "## Targets",
-        "",
     ]
-    lines += _checks(rts, aid, cam, total)
-    lines += _selection_lines(cfg, trained["rts_aid"])
-    return "\n".join(lines + _cost_lines(trained, total))
 
 
 def _headline(cfg: AIDExperiment, base: dict[str, Any], aid: dict[str, Any], nets: list[dict[str, Any]]) -> list[str]:

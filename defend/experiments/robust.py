@@ -119,10 +119,12 @@ class AutoAttackEvaluation:
 
 @dataclass
 class DiscrepancyAttack:
-    """PGD ascent on the CAM discrepancy D of robust training: ``steps`` steps of ``eps x step_ratio``."""
+    """PGD ascent on the CAM discrepancy D of robust training: ``steps`` steps of ``eps x step_ratio``, on our
+    ``normalised`` D or the ``reference`` one (raw CAMs, Eqn 20's 1/2; :mod:`defend.robust`)."""
 
     steps: Count = Count(20)
     step_ratio: Positive = Positive(0.25)
+    discrepancy: Literal["normalised", "reference"] = "normalised"
 
 
 @dataclass
@@ -427,7 +429,8 @@ def _attack_options(ie: InterpretationEvaluation, attack: str) -> dict[str, Any]
     if attack == "topk":
         return exact_fractions(dict(ie.topk))
     if attack == "discrepancy":
-        return {"steps": int(ie.discrepancy.steps), "step_ratio": float(ie.discrepancy.step_ratio)}
+        return {"steps": int(ie.discrepancy.steps), "step_ratio": float(ie.discrepancy.step_ratio),
+                "discrepancy": ie.discrepancy.discrepancy}
     return {}
 
 
