@@ -68,18 +68,25 @@ def test_device_tests_ran_and_passed(suite):
 
 
 def test_throughput_rows_for_every_batch(suite):
-    """Every batch size measured; FLOPs scale with the batch. Whether throughput rises is a GPU
-    finding read from the suite's output, not asserted on a shared CPU where timings are noise."""
+    """A row for every batch size: the first measured, a later one measured or skipped with the time-budget reason
+    (a run's share of the step's limit, ``--max-seconds``, runs out on a heavily loaded machine: said, never a silent
+    gap); FLOPs scale with the batch. Whether throughput rises is a GPU finding read from the suite's output, not
+    asserted on a shared CPU where timings are noise."""
     for run, variants in THROUGHPUT_RUNS.items():
         rows = load(suite["out"] / "throughput" / run / "metrics.json")
         for variant in variants:
             got = {r["batch_size"]: r for r in rows if r["variant"] == variant}
             assert sorted(got) == TINY_BATCHES, (run, variant, sorted(got))
-            assert all(r.get("inputs_per_second") and not r.get("error") for r in got.values()), (run, got)
-        pgd = {r["batch_size"]: r for r in rows if r["variant"] == "pgd"}
-        small, large = pgd[min(TINY_BATCHES)], pgd[max(TINY_BATCHES)]
+            first = got[min(TINY_BATCHES)]
+            assert first.get("inputs_per_second") and not first.get("error"), (run, first)
+            assert all((r.get("inputs_per_second") and not r.get("error"))
+                       or str(r.get("error", "")).startswith("skipped: would end after --max-seconds")
+                       for r in got.values()), (run, got)
+        pgd = {r["batch_size"]: r for r in rows if r["variant"] == "pgd" and not r.get("error")}
         assert all(r["pgd_step_flops"] > 0 and r["achieved_tflops"] > 0 for r in pgd.values())
-        assert large["pgd_step_flops"] == 2 * small["pgd_step_flops"]  # FLOPs scale with the batch
+        if len(pgd) == len(TINY_BATCHES):
+            small, large = pgd[min(TINY_BATCHES)], pgd[max(TINY_BATCHES)]
+            assert large["pgd_step_flops"] == 2 * small["pgd_step_flops"]  # FLOPs scale with the batch
         assert all(r["channels_last"] == run.endswith("channels_last") for r in rows)
         assert all(r["dtype"] == ("bf16-autocast" if run.startswith("bf16") else "fp32") for r in rows)
 
