@@ -80,6 +80,7 @@ def test_cifar10_config_resolves(tmp_path):
     ("training.module.inner.eps=8", r"inner.eps and inner.alpha are radii in image units"),  # the old 1/255 units
     ("evaluation.eps=[0,8]", r"evaluation.eps.*a radius must lie in \[0, 1\]"),
     ("evaluation.autoattack.eps=[6/255]", r"evaluation.autoattack.eps: .*must be > 0 and one of evaluation.eps"),
+    ("evaluation.eps=[8/255]", r"evaluation.eps must include 0 \(the clean accuracy"),  # was a NaN crash at the end
     ("evaluation.interpretation.attacks=[topk,foo]", r"unknown name 'foo' in evaluation.interpretation.attacks"),
     ("evaluation.interpretation.topk={stpes: 3}", r"evaluation.interpretation.topk \(TopKAttack\): unknown option "
                                                    r"'stpes'; did you mean 'steps'\?"),

@@ -278,6 +278,9 @@ def _check_evaluation(ev: RobustEvaluation) -> None:
                         skip=("interpreter", "eps", "seed"))
     if not ev.eps or not ie.ks:
         raise ValueError("evaluation.eps and evaluation.interpretation.ks need at least one value")
+    if not any(float(e) == 0 for e in ev.eps):
+        raise ValueError("evaluation.eps must include 0 (the clean accuracy every comparison and the at-chance check "
+                         "read): e.g. --evaluation.eps=[0,8/255]")
     for n, what in ((ev.autoattack.n_images, "autoattack"), (ie.n_images, "interpretation")):
         if n > ev.n_images:
             raise ValueError(f"evaluation.{what}.n_images ({n}) cannot exceed evaluation.n_images ({ev.n_images}): "
