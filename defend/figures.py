@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -81,12 +82,17 @@ def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[f
     fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
     for name, ys in series.items():
         ax.plot(list(x), list(ys), marker="o", label=name)
+    _label_axes(ax, xlabel, ylabel, title)
+    return _save(fig, path, fmt)
+
+
+def _label_axes(ax: Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, a light grid and the legend of a line or point plot."""
     ax.set_xlabel(xlabel, fontsize=_FONT + 1)
     ax.set_ylabel(ylabel, fontsize=_FONT + 1)
     ax.set_title(title, fontsize=_FONT + 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=_FONT - 1)
-    return _save(fig, path, fmt)
 
 
 def pareto_plot(path: str | Path, series: dict[str, Sequence[tuple[float, float, str, bool]]], xlabel: str,
@@ -102,11 +108,7 @@ def pareto_plot(path: str | Path, series: dict[str, Sequence[tuple[float, float,
         ax.scatter([p[0] for p in rest], [p[1] for p in rest], facecolors="none", edgecolors=line.get_color())
         for x, y, label, _ in pts:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=_FONT - 2)
-    ax.set_xlabel(xlabel, fontsize=_FONT + 1)
-    ax.set_ylabel(ylabel, fontsize=_FONT + 1)
-    ax.set_title(title, fontsize=_FONT + 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=_FONT - 1)
+    _label_axes(ax, xlabel, ylabel, title)
     return _save(fig, path, fmt)
 
 
