@@ -21,7 +21,8 @@ from . import stats
 from .io import atomic_write_text
 
 __all__ = ["Fig", "Column", "Row", "CleanAccuracyRow", "AutoAttackRow", "TopKRow", "AttackRow", "TransferRow",
-           "DetectionRow", "DetectionThreshold", "DetectionSummary", "DetectorSweepRow", "DetectorSweep", "TABLES", "ROW_DEFS", "RESULTS", "schema_defs",
+           "DetectionRow", "DetectionThreshold", "DetectionSummary", "DetectorSweepRow", "DetectorSweep", "BenchAttack",
+           "BenchEntry", "SECTIONS", "TABLES", "ROW_DEFS", "RESULTS", "schema_defs",
            "generated_schema", "csv_columns", "figure_names", "keys", "markdown_headers", "markdown_cells",
            "docs_tables", "fmt_budget", "fmt_fig"]
 
@@ -501,13 +502,100 @@ class DetectorSweep(Row):
     seconds: float = col("time the sweep took", SECONDS, unit="s")
 
 
+_SHA = {"type": ["string", "null"], "minLength": 64}
+_STR_NULL = {"type": ["string", "null"]}
+_COUNT_NULL = {"type": ["integer", "null"], "minimum": 0}
+
+
+@dataclass(kw_only=True)
+class BenchAttack(Row):
+    """One interpretation attack on the leaderboard entry (``entry.attacks[]``): a card attack row read by the
+    interpreter it attacked (an ensemble's rows by each interpreter reading them)."""
+
+    attack: str = col("the attack (`adv2`, `advedge_plus`, ...; adaptive: `adv2_ensemble`, `adaptive_rts`, ...)", STR)
+    interpreter: str = col("the interpreter whose maps are measured (for an ensemble: the reader)", STR)
+    kind: str = col("`standard` or `adaptive` (`rescored` on a re-scoring card)", KIND)
+    success: Fig = col("share of the inputs classified as the target class (the row's `asr`, Wilson)", UNIT,
+                      unit="share", ci=CI_UNIT)
+    l1: Fig = col("map L1 distance to the benign map (bootstrap)", UNIT, unit="per pixel", ci=CI_UNIT)
+    iou: Fig = col("top-k IoU with the benign map (bootstrap)", UNIT, unit="share", ci=CI_UNIT)
+    n: int = col("inputs attacked", COUNT, unit="inputs")
+    budget_preset: str = col(PRESET_DOC, PRESET)
+
+
+_DEFENCE = {"type": "object", "required": ["name", "recipe"], "additionalProperties": False,
+            "properties": {"name": _STR_NULL, "recipe": {"type": ["object", "null"]}}}
+_THREAT = {"type": "object", "required": ["norm", "eps"], "additionalProperties": False,
+           "properties": {"norm": {"const": "Linf"}, "eps": RADIUS}}
+_WEIGHTS = {"type": "object", "required": ["classifier", "rts", "detector"], "additionalProperties": False,
+            "properties": {"classifier": _SHA, "rts": _SHA, "detector": _SHA}}
+
+
+@dataclass(kw_only=True)
+class BenchEntry(Row):
+    """The leaderboard entry of the card (``entry``, RobustBench-style; ``defend.evaluate.entry.entry_from_card``
+    builds it from the card's own sections), read by ``defend bench``. ``null`` where the card does not hold the
+    figure."""
+
+    name: str = col("the entry's name (`defend evaluate --name`, default the --out folder's name)",
+                    {"type": "string", "minLength": 1})
+    source: str = col("where it comes from: `this run`, or a paper / URL the user gives (`--source`)",
+                      {"type": "string", "minLength": 1})
+    architecture: str = col("the classifier's architecture, e.g. `small_cnn (width 32)`", STR)
+    training_data: str | None = col("the data the classifier was trained on (its artifact's record), else the "
+                                    "evaluated data's name", _STR_NULL)
+    defence: dict[str, Any] = col("`name`: the registered defence (`--defence`, else `null`); `recipe`: the training "
+                                  "metadata the artifacts record (`classifier`: the classifier's `robust_training`, "
+                                  "`rts`: the RTS network config, `detector`: the detector's hparams), `null` when "
+                                  "none", _DEFENCE)
+    threat_model: dict[str, Any] = col("`norm` (`Linf`) and `eps`: the battery's largest AutoAttack radius, else the "
+                                       "top-k attack's", _THREAT)
+    clean_acc: Fig = col("clean accuracy (`results.clean_accuracy`, Wilson)", UNIT, unit="share", ci=CI_UNIT)
+    clean_n: int = col("inputs of the clean accuracy", COUNT, unit="inputs")
+    autoattack_acc: Fig = col("robust accuracy under AutoAttack at the threat model's eps, a clean error counting as a "
+                              "failure (RobustBench); `null`: not measured", UNIT, unit="share", ci=CI_UNIT)
+    autoattack_n: int | None = col("inputs of the AutoAttack figure", _COUNT_NULL, unit="inputs")
+    topk_tau: Fig = col("Kendall tau under the top-k attack, first top-k interpreter of the battery (bootstrap)",
+                        SIGNED, unit="[-1, 1]", ci=CI_SIGNED)
+    topk_n: int | None = col("inputs whose maps the tau compares (`n_kept`)", _COUNT_NULL, unit="inputs")
+    topk_interpreter: str | None = col("the interpreter of `topk_tau`", _STR_NULL)
+    topk_protocol: str | None = col("`boopathy` (the reference `aai_topk`) or `ghorbani`", _STR_NULL)
+    attacks: list[dict[str, Any]] = col("a `bench_attack` per attack row read by the attacked interpreter",
+                                        {"type": "array", "items": _ref("bench_attack")})
+    dual_robustness: Fig = col("share of the attacked inputs no standard attack breaks (Wilson): broken = reaches the "
+                               "target class (with a detector: and evades it)", UNIT, unit="share", ci=CI_UNIT)
+    dual_robustness_adaptive: Fig = col("share no standard or adaptive attack breaks (Wilson); never above "
+                                        "`dual_robustness`", UNIT, unit="share", ci=CI_UNIT)
+    adaptive_gap: Fig = col("`dual_robustness` minus `dual_robustness_adaptive` on the same inputs (paired "
+                            "bootstrap), >= 0", UNIT, unit="share", ci=CI_UNIT)
+    adaptive_gap_p: float | None = col("McNemar's exact p of the gap", {"type": ["number", "null"], "minimum": 0,
+                                                                        "maximum": 1})
+    dual_n: int | None = col("inputs of the dual robustness figures", _COUNT_NULL, unit="inputs")
+    adaptive_attacks: list[str] = col("the adaptive runs counted in `dual_robustness_adaptive`",
+                                      {"type": "array", "items": STR})
+    number_forward_passes: int = col("forward passes of the classifier per prediction at inference (RobustBench's "
+                                     "field; 1 for every system here)", {"type": "integer", "minimum": 1})
+    eval_seconds: float = col("wall time of the evaluation (`provenance.seconds`)", SECONDS, unit="s")
+    device: str = col("the machine (`provenance.device`: the GPU, else the CPU)", STR)
+    external_evaluations: list[dict[str, Any]] = col("evaluations by others (`[]` when made)",
+                                                     {"type": "array", "items": OBJ})
+    inputs_sha256: str | None = col("sha256 of the test split's images as uint8 bytes, in split order (`null`: "
+                                    "not recorded, e.g. an upgraded 1.x card)", _SHA)
+    weights_sha256: dict[str, Any] = col("`classifier`, `rts`, `detector`: the sha256 of each artifact (`null`: "
+                                         "none)", _WEIGHTS)
+
+
 #: the schema ``$defs`` the rows define: name -> (row type, may be ``null``)
 ROW_DEFS: dict[str, tuple[type[Row], bool]] = {
     "clean_accuracy_row": (CleanAccuracyRow, False), "autoattack_row": (AutoAttackRow, False),
     "topk_row": (TopKRow, False), "attack_row": (AttackRow, False), "transfer_row": (TransferRow, False),
     "detection_row": (DetectionRow, False), "detection_threshold": (DetectionThreshold, False),
     "detection": (DetectionSummary, True), "detector_sweep_row": (DetectorSweepRow, False),
-    "detector_sweep": (DetectorSweep, True)}
+    "detector_sweep": (DetectorSweep, True), "bench_attack": (BenchAttack, False),
+    "bench_entry": (BenchEntry, False)}
+
+#: top-level sections of ``card.json`` that are one row definition each
+SECTIONS: dict[str, str] = {"entry": "bench_entry"}
 
 #: the CSV tables of ``defend evaluate``: file -> (results key, row type)
 TABLES: dict[str, tuple[str, type[Row]]] = {
@@ -539,9 +627,11 @@ def results_schema() -> dict[str, Any]:
 
 
 def generated_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` (the card schema) with its ``results`` and row ``$defs`` generated from the row types."""
+    """``schema`` (the card schema) with its ``results``, its one-row sections (:data:`SECTIONS`) and row ``$defs``
+    generated from the row types."""
     out = json.loads(json.dumps(schema))
     out["properties"]["results"] = results_schema()
+    out["properties"].update({key: _ref(d) for key, d in SECTIONS.items()})
     out["$defs"] = {**out["$defs"], **schema_defs()}
     return out
 
@@ -558,7 +648,8 @@ def _result_path(name: str) -> str:
             return f"results.{key}" + ("[]" if many else "")
     return {"detection_row": "results.detection.rows[]",
             "detection_threshold": "results.detection.thresholds.<fpr>", "detector_sweep": "results.detection.sweep",
-            "detector_sweep_row": "results.detection.sweep.rows[]"}[name]
+            "detector_sweep_row": "results.detection.sweep.rows[]", "bench_attack": "entry.attacks[]",
+            **{d: key for key, d in SECTIONS.items()}}[name]
 
 
 def docs_tables() -> str:

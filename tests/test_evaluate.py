@@ -43,7 +43,7 @@ def card_run(tiny_clf, tmp_path_factory):
 def test_card_validates_and_round_trips(card_run):
     raw = json.loads((card_run / "card.json").read_text())
     validate_card(raw)
-    assert load_card(card_run) == raw and raw["schema_version"] == "1.4.0"
+    assert load_card(card_run) == raw and raw["schema_version"] == "2.0.0"
     bad = copy.deepcopy(raw)
     bad["results"]["attacks"][0]["asr"] = 1.5
     del bad["system"]["classifier"]["sha256"]
@@ -190,7 +190,7 @@ def test_help_lists_evaluate_and_explains_every_option(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--classifier", "--rts", "--detector", "--data", "--battery", "--out", "--inputs",
-                   "--overwrite", "--no-progress", "--print_config"):
+                   "--overwrite", "--no-progress", "--print_config", "--name", "--source", "--defence", "bench-v1"):
         assert option in text, option
     assert "folder:PATH" in text and "card.json" in text
 

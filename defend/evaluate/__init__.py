@@ -15,12 +15,15 @@ _WHERE = {
     **dict.fromkeys(["BATTERIES", "Battery", "load_battery", "parse_battery"], ".battery"),
     **dict.fromkeys(["CARD_SCHEMA_VERSION", "CardError", "card_errors", "card_schema", "load_card", "validate_card"],
                     ".card"),
+    **dict.fromkeys(["entry_from_card", "inputs_sha256"], ".entry"),
+    **dict.fromkeys(["protocol_hash", "protocol_record", "FROZEN_PROTOCOLS"], ".protocol"),
     "main": ".cli",
     "evaluate_system": ".run",
 }
 
 __all__ = ["evaluate_system", "validate_card", "card_errors", "card_schema", "load_card", "CardError",
-           "CARD_SCHEMA_VERSION", "Battery", "BATTERIES", "load_battery", "parse_battery", "main"]
+           "CARD_SCHEMA_VERSION", "Battery", "BATTERIES", "load_battery", "parse_battery", "main", "entry_from_card",
+           "inputs_sha256", "protocol_hash", "protocol_record", "FROZEN_PROTOCOLS"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,9 @@ Parsed like the experiment configs (jsonargparse on the dataclasses below): unkn
 NaN / negative radii and zero counts are one-line errors with a did-you-mean, before anything runs. Radii are in image
 units ([0, 1]); ``8/255`` is accepted and exact. ``configs/evaluate/quick.yaml`` (a CPU smoke run),
 ``configs/evaluate/standard.yaml`` (the defaults below, for real runs) and ``configs/evaluate/paper.yaml`` (the standard
-battery with ADV2's official budgets, ``attacks.attack_preset: paper``) are the named batteries.
+battery with ADV2's official budgets, ``attacks.attack_preset: paper``) are the named batteries, with the frozen
+IDLS-Bench protocols ``configs/evaluate/bench-v1.yaml`` and its CPU smoke version ``bench-v1-quick.yaml``
+(:mod:`defend.evaluate.protocol` pins their hashes).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ __all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "Adap
            "BATTERIES", "battery_path", "battery_mapping", "parse_battery", "load_battery"]
 
 #: named batteries: ``configs/evaluate/<name>.yaml`` of the source tree
-BATTERIES = ("quick", "standard", "paper")
+BATTERIES = ("quick", "standard", "paper", "bench-v1", "bench-v1-quick")
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "evaluate"
 
 
@@ -33,8 +35,9 @@ _CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "evaluate"
 @dataclass
 class AutoAttackBattery:
     """Robust accuracy under AutoAttack (standard version, L-inf) at each radius of ``eps`` (empty: skipped) on the
-    first ``n`` test inputs, RobustBench's way (a clean error counts as a failure), with the accuracy on the correctly
-    classified ones among them beside it."""
+    first ``n`` test inputs, or on all of them where the test split has fewer (the row's ``n`` records how many were
+    measured; bench-v1's ``n: 1000`` means "the first 1,000 or all"), RobustBench's way (a clean error counts as a
+    failure), with the accuracy on the correctly classified ones among them beside it."""
 
     eps: list[Radius] = field(default_factory=lambda: [Radius("4/255"), Radius("8/255")])
     n: PositiveCount = PositiveCount(100)
@@ -193,7 +196,7 @@ def check_battery(b: Battery) -> None:
 
 
 def battery_path(spec: str) -> Path:
-    """``quick`` / ``standard`` -> ``configs/evaluate/<name>.yaml``; any other value is a YAML file's path."""
+    """A name of :data:`BATTERIES` -> ``configs/evaluate/<name>.yaml``; any other value is a YAML file's path."""
     if spec in BATTERIES:
         path = _CONFIGS / f"{spec}.yaml"
         if not path.is_file():
@@ -202,7 +205,7 @@ def battery_path(spec: str) -> Path:
         return path
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"--battery: no such file '{spec}' (give quick, standard, paper or a YAML file)")
+        raise FileNotFoundError(f"--battery: no such file '{spec}' (give {', '.join(BATTERIES)} or a YAML file)")
     return path
 
 

@@ -14,7 +14,7 @@ from ..rows import generated_schema
 
 __all__ = ["CARD_SCHEMA_VERSION", "CardError", "card_schema", "card_errors", "validate_card", "validate_results", "load_card", "plain_json"]
 
-CARD_SCHEMA_VERSION = "1.4.0"
+CARD_SCHEMA_VERSION = "2.0.0"
 
 
 class CardError(ValueError):

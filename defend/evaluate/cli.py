@@ -26,6 +26,8 @@ examples:
   defend evaluate --classifier checkpoints/folder_classifier.pt --data folder:data/my_images --out runs/card_folder
   defend evaluate --classifier C.pt --rts R.pt --detector runs/detector/det --out runs/card --battery.n_images=200
   defend evaluate --classifier other.pt --inputs runs/card --out runs/card_other   # re-score on the same inputs
+  defend evaluate --classifier C.pt --battery bench-v1 --defence normal --name my-cnn --source https://... \
+      --out runs/bench/my-cnn                       # a leaderboard entry under the frozen protocol bench-v1
   defend evaluate --arch resnet50 --weights resnet50.pth --num-classes 1000 --data folder:data/imagenet_val \\
       --out runs/card_resnet50                      # a torchvision state dict instead of an artifact
 
@@ -75,10 +77,16 @@ def _parser() -> Any:
     p.add_argument("--data", metavar="SPEC", help="digits (default), folder:PATH, cifar10:PATH or a YAML file")
     p.add_argument("--battery", default="standard", metavar="NAME|FILE",
                    help="quick (CPU smoke run, ~1-2 min on the digits), standard (default), paper (the official ADV2 "
-                        "budgets, GPU) or a YAML file")
+                        "budgets, GPU), bench-v1 (the frozen IDLS-Bench protocol), bench-v1-quick (its CPU smoke "
+                        "version) or a YAML file")
     p.add_argument("--out", metavar="DIR", help="output directory (created)")
     p.add_argument("--inputs", metavar="DIR", help="re-score the system on the adversarial sets saved in an earlier "
                                                    "--out (DIR/adversarial/*.pt) instead of attacking")
+    p.add_argument("--name", metavar="NAME", help="the card's leaderboard entry name (default: the --out folder's "
+                                                  "name)")
+    p.add_argument("--source", metavar="TEXT", help="where the system comes from: a paper or URL (default: this run)")
+    p.add_argument("--defence", metavar="NAME", help="the registered defence the system is (its interpreters count "
+                                                     "for the dual robustness; default: none)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing files in --out that defend did not write")
     p.add_argument("--no-progress", action="store_true", help="hide progress output")
     p.add_argument("--print_config", action="store_true", help="print the resolved battery and exit")
@@ -161,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         evaluate_system(_classifier(args), out, rts=args.rts, detector=args.detector, data=args.data,
                         battery=battery, data_overrides=data_over, inputs=args.inputs,
-                        overwrite=args.overwrite, progress=not args.no_progress, argv=["defend", "evaluate", *argv])
+                        overwrite=args.overwrite, progress=not args.no_progress, argv=["defend", "evaluate", *argv],
+                        name=args.name, source=args.source, defence=args.defence)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except BaseException as exc:

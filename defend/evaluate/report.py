@@ -19,7 +19,7 @@ from ..evaluation import interpret
 from ..figures import bar_panels, map_grid, roc_plot
 from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
 from ..rows import TABLES as ROW_TABLES
-from ..rows import DetectorSweepRow, Row, csv_columns, markdown_cells, markdown_headers
+from ..rows import DetectorSweepRow, Row, csv_columns, markdown_cells, markdown_headers, radius_text
 from ..tables import markdown_table
 from .measure import AttackSet
 from .system import interpreters_for
@@ -131,10 +131,31 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
                   *_not_meaningful(card, "interpretation_robustness"),
                   *_table("interpretation_robustness", r["interpretation_robustness"])]
     lines += (_attack_section(card, r["attacks"]) + _transfer_section(card, r["transfer"])
-              + _detection_section(card, r["detection"]))
+              + _detection_section(card, r["detection"]) + _entry_section(card))
     figures = card["files"]["figures"]
     lines += [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _entry_section(card: dict[str, Any]) -> list[str]:
+    """The card's leaderboard entry (``defend bench`` ranks it with the cards of the same protocol)."""
+    e, p = card.get("entry"), card.get("protocol")
+    if e is None or p is None:
+        return []
+    proto = f"`{p['name']}`" if p["name"] else "a battery of your own (no frozen protocol)"
+    return ["## Leaderboard entry", "",
+            f"`{e['name']}` ({e['source']}), protocol {proto}, hash `{p['sha256'][:16]}`; "
+            f"{e['architecture']}, defence {e['defence']['name'] or 'not named'}, L-inf eps "
+            f"{radius_text(e['threat_model']['eps'])}. Dual robustness: an attacked input counts as broken when an "
+            "attack reaches its target class (with a detector: and evades it); adaptive: by any standard or "
+            "adaptive attack.", "",
+            *_md(["clean", "AutoAttack", f"Kendall tau ({e['topk_interpreter'] or '-'})", "dual robustness",
+                  "dual robustness (adaptive)", "adaptive gap"],
+                 [[_v(e, "clean_acc", e["clean_n"]), _v(e, "autoattack_acc", e["autoattack_n"]),
+                   _v(e, "topk_tau", e["topk_n"]), _v(e, "dual_robustness", e["dual_n"]),
+                   _v(e, "dual_robustness_adaptive", e["dual_n"]),
+                   _v(e, "adaptive_gap") + ("" if e["adaptive_gap_p"] is None
+                                            else f" (McNemar p {e['adaptive_gap_p']:.2g})")]])]
 
 
 def _autoattack_version(rows: list[dict[str, Any]]) -> str:

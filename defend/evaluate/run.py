@@ -2,6 +2,7 @@
 (or re-score saved adversarial sets) and write the model card, its report, tables, figures and adversarial sets."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..provenance import noted_data, provenance
 from ..typed_config import plain_dict
 from .battery import Battery, load_battery, parse_battery
 from .card import CARD_SCHEMA_VERSION, plain_json, validate_card, validate_results
+from .entry import entry_from_card, inputs_sha256
 from .measure import (
     attack_inputs,
     autoattack_rows,
@@ -28,6 +30,7 @@ from .measure import (
     topk_rows,
 )
 from .preflight import check_not_reading_out, preflight
+from .protocol import protocol_record
 from .report import TABLES, load_sets, save_sets, write_figures, write_report, write_tables
 from .system import System, load_system
 
@@ -70,10 +73,14 @@ def evaluate_system(classifier: str, out: str | Path, *, rts: str | None = None,
                     data: str | None = None, battery: str | Battery = "standard",
                     overrides: dict[str, Any] | None = None, data_overrides: dict[str, Any] | None = None,
                     inputs: str | None = None, overwrite: bool = False, progress: bool = True,
-                    argv: list[str] | None = None) -> dict[str, Any]:
+                    argv: list[str] | None = None, name: str | None = None, source: str | None = None,
+                    defence: str | None = None) -> dict[str, Any]:
     """Evaluate the system (``classifier`` [+ ``rts``] [+ ``detector``] on ``data``) with ``battery`` and write the
     card into ``out``; with ``inputs`` (an earlier ``out``), re-score the system on the adversarial sets saved there
-    instead of attacking. Everything is checked before ``out`` is created. Returns the card (validated)."""
+    instead of attacking. ``name`` (default: ``out``'s folder name), ``source`` (default ``this run``) and
+    ``defence`` (a registered defence's name, default none) label the card's leaderboard ``entry``. Everything is
+    checked before ``out`` is created. Returns the card (validated)."""
+    check_label(name, source, defence)
     if isinstance(battery, Battery):
         battery, battery_yaml = parse_battery(yaml.safe_load(_dump(battery)))
     else:
@@ -95,8 +102,24 @@ def evaluate_system(classifier: str, out: str | Path, *, rts: str | None = None,
     wall = time.time()
     noted_data(reset=True)
     with guarded_outputs(guard), progress_enabled(progress):
-        card = _measure(system, battery, battery_yaml, out, sets, inputs, progress, wall, argv)
+        label = {"name": name or Path(os.path.abspath(out)).name, "source": source, "defence": defence}
+        card = _measure(system, battery, battery_yaml, out, sets, inputs, progress, wall, argv, label)
     return card
+
+
+def check_label(name: str | None, source: str | None, defence: str | None) -> None:
+    """Refuse (one line) an empty entry ``name`` or ``source``, and a ``defence`` that is not a registered defence's
+    name (the choices listed)."""
+    for flag, value in (("--name", name), ("--source", source)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} is empty: give a non-empty text or leave {flag} out")
+    if defence is None:
+        return
+    from ..defences import defence_names
+
+    names = defence_names()
+    if defence not in names:
+        raise ValueError(f"--defence: '{defence}' is not a registered defence; choose from {', '.join(names)}")
 
 
 def _dump(battery: Battery) -> str:
@@ -107,7 +130,8 @@ def _dump(battery: Battery) -> str:
 
 
 def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, sets: list[Any] | None,
-             inputs: str | None, progress: bool, wall: float, argv: list[str] | None) -> dict[str, Any]:
+             inputs: str | None, progress: bool, wall: float, argv: list[str] | None,
+             label: dict[str, Any]) -> dict[str, Any]:
     say = print if progress else (lambda *a, **k: None)
     results: dict[str, Any] = {"clean_accuracy": clean_accuracy(system, battery), "autoattack": [],
                                "interpretation_robustness": [], "attacks": [], "transfer": [], "detection": None}
@@ -134,6 +158,7 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
     if system.detector is not None:
         results["detection"] = detection_rows(system, sets, battery, sweep=inputs is None)
         say("[evaluate] detection done")
+    label = {**label, "inputs_sha256": inputs_sha256(system.data)}
     digest = noted_data()
     validate_results(plain_json(results))
     if inputs is None:
@@ -144,7 +169,8 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
                             int(battery.n_figure))
     tables = write_tables(out, results)
     card = _card(system, battery_yaml, results, {"report": "report.md", "tables": tables, "figures": figures,
-                                                 "adversarial": files}, digest, n_inputs, sets, inputs, wall, argv)
+                                                 "adversarial": files}, digest, n_inputs, sets, inputs, wall, argv,
+                 label)
     atomic_write_text(out / "battery.yaml", battery_yaml)
     write_report(out, card)
     validate_card(card)
@@ -171,7 +197,10 @@ def validity(results: dict[str, Any], num_classes: int) -> dict[str, Any]:
 
 
 def _card(system: System, battery_yaml: str, results: dict[str, Any], files: dict[str, Any], digest: str | None,
-          n_inputs: int, sets: list[Any], inputs: str | None, wall: float, argv: list[str] | None) -> dict[str, Any]:
+          n_inputs: int, sets: list[Any], inputs: str | None, wall: float, argv: list[str] | None,
+          label: dict[str, Any]) -> dict[str, Any]:
+    """The card: every section measured, then its ``protocol`` and leaderboard ``entry`` (``label``: the entry's
+    ``name``, ``source``, ``defence`` and ``inputs_sha256``) from them."""
     dm = system.data
     battery = yaml.safe_load(battery_yaml)
     data = {"spec": system.data_spec, "name": str(getattr(dm, "name", type(dm).__name__)),
@@ -184,7 +213,9 @@ def _card(system: System, battery_yaml: str, results: dict[str, Any], files: dic
                                       "budget": s.budget} for s in sets]}
     card = {"schema": "idls-defend-card", "schema_version": CARD_SCHEMA_VERSION,
             "mode": "evaluate" if inputs is None else "rescore", "system": system.describe(), "data": data,
-            "battery": battery, "results": results, "validity": validity(results, int(dm.num_classes)),
-            "files": files, "inputs": source,
+            "battery": battery, "protocol": protocol_record(battery, label.get("defence")), "results": results,
+            "validity": validity(results, int(dm.num_classes)), "files": files, "inputs": source,
             "provenance": provenance(wall, int(battery["seed"]), digest, argv)}
-    return plain_json(card)
+    card = plain_json(card)
+    card["entry"] = plain_json(entry_from_card(card, **label))
+    return card
