@@ -20,7 +20,8 @@ from torch import Tensor  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
-__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart", "bar_panels", "pareto_plot", "figure_format"]
+__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart", "bar_panels", "pareto_plot", "scatter_ci_plot",
+           "figure_format"]
 
 _FONT = 9
 #: the colour map of attribution maps: perceptually uniform, readable in grey scale and by colour-blind readers
@@ -108,6 +109,31 @@ def pareto_plot(path: str | Path, series: dict[str, Sequence[tuple[float, float,
         ax.scatter([p[0] for p in rest], [p[1] for p in rest], facecolors="none", edgecolors=line.get_color())
         for x, y, label, _ in pts:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=_FONT - 2)
+    _label_axes(ax, xlabel, ylabel, title)
+    return _save(fig, path, fmt)
+
+
+def scatter_ci_plot(path: str | Path, points: Sequence[tuple[float, float | None, float | None, float, float | None,
+                                                            float | None, str]], front: Sequence[int], xlabel: str,
+                    ylabel: str, title: str = "") -> Figure:
+    """Labelled points ``(x, x_low, x_high, y, y_low, y_high, label)`` with their interval bars in both directions
+    (a bound of None: no bar on that side), and the Pareto front (``front``: indices of the points on it,
+    maximising both) drawn as a step line."""
+    fmt = figure_format(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+
+    def err(v: float, lo: float | None, hi: float | None) -> list[float]:
+        return [max(v - lo, 0.0) if lo is not None else 0.0, max(hi - v, 0.0) if hi is not None else 0.0]
+
+    for x, xlo, xhi, y, ylo, yhi, label in points:
+        xe, ye = err(x, xlo, xhi), err(y, ylo, yhi)
+        ax.errorbar([x], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt="o", ms=4, color="tab:blue",
+                    ecolor="tab:gray", elinewidth=0.8, capsize=2)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=_FONT - 2,
+                    parse_math=False)  # a label is a card's text: "$" is not mathtext
+    steps = sorted((points[i][0], points[i][3]) for i in front)
+    ax.plot([p[0] for p in steps], [p[1] for p in steps], drawstyle="steps-pre", color="tab:red", lw=1.2,
+            label="Pareto front (higher is better on both)")
     _label_axes(ax, xlabel, ylabel, title)
     return _save(fig, path, fmt)
 
