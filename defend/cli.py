@@ -4,7 +4,10 @@
 - ``defend experiment -c configs/experiments/<name>.yaml [-c configs/trainer/<preset>.yaml] --out DIR``:
   run a table end to end (metrics.json, report.md, figures);
 - ``defend evaluate --classifier PATH [--rts PATH] [--detector DIR] [--data SPEC] --out DIR``: measure a defended
-  system and write its model card (card.json, report.md, tables, figures, adversarial sets).
+  system and write its model card (card.json, report.md, tables, figures, adversarial sets);
+- ``defend bench CARDS... --out DIR``: validate model cards and write the leaderboard (leaderboard.md / .csv, a
+  static index.html, the robustness scatter);
+- ``defend card upgrade CARD... --out DIR``: convert 1.x model cards to schema 2.0.
 
 Errors a user can cause (bad config values, unusable data or checkpoints) print one line,
 ``defend <command>: error: <what is wrong>``, and exit with status 2.
@@ -16,7 +19,7 @@ from collections.abc import Sequence
 
 __all__ = ["main", "HELP"]
 
-HELP = """usage: defend {fit,validate,test,predict,experiment,evaluate} [options]
+HELP = """usage: defend {fit,validate,test,predict,experiment,evaluate,bench,card} [options]
 
 Defence training for interpretable deep learning systems (IDLS = classifier + interpreter).
 
@@ -56,6 +59,12 @@ commands:
               --data.KEY=VALUE    set an argument of the data module (e.g. --data.resize=256)
               --inputs DIR        re-score on the adversarial sets of an earlier --out (no attack is run)
               --out DIR           output directory; nothing is written when an input is invalid (--overwrite)
+              --name, --source, --defence  the leaderboard entry's name, its source and registered defence
+  bench       validate model cards (files or folders of card.json) and write the IDLS-Bench leaderboard:
+                defend bench runs/scorecard/cards --out runs/bench
+              --protocol NAME|SHA the protocol of the main ranking (default bench-v1 where present)
+              --sort COLUMN       the ranking column            --out DIR  (--overwrite)
+  card        defend card upgrade CARD... --out DIR: 1.x cards to schema 2.0 (fields it cannot fill stay null)
 
 Overrides, one rule for fit, experiment and evaluate: --KEY.PATH=VALUE after the config files sets the config
 key KEY.PATH (its dotted path in the YAML); VALUE is YAML. See README.md, section Overrides.
@@ -70,6 +79,19 @@ def _lightning_errors() -> tuple[type[BaseException], ...]:
     from .errors import USER_ERRORS
 
     return (*USER_ERRORS, MisconfigurationException)
+
+
+def _card_command(argv: list[str]) -> int:
+    """``defend card upgrade ...`` (the one ``card`` subcommand so far)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: defend card upgrade CARD... --out DIR [--overwrite]")
+        return 0 if argv else 2
+    if argv[0] != "upgrade":
+        print(f"defend card: error: unknown subcommand '{argv[0]}' (the one subcommand is: upgrade)", file=sys.stderr)
+        return 2
+    from .evaluate.upgrade import main as run_upgrade
+
+    return run_upgrade(argv[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluate import main as run_evaluate
 
         return run_evaluate(argv[1:])
+    if argv[0] == "bench":
+        from .bench.cli import main as run_bench
+
+        return run_bench(argv[1:])
+    if argv[0] == "card":
+        return _card_command(argv[1:])
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"defend: unknown command '{argv[0]}'\n\n{HELP}", file=sys.stderr)
         return 2

@@ -118,3 +118,27 @@ def test_nested_evaluations_are_in_the_experiments_manifest(scorecard):
     out, _ = scorecard
     manifest = json.loads((out / ".defend-manifest.json").read_text())["files"]
     assert "cards/normal/card.json" in manifest and "models/pgd_at.pt" in manifest
+
+
+def test_the_leaderboard_ranks_every_row_and_adapted_keys_are_the_defences(scorecard):
+    """Every row's card names its defence and is ranked in bench/ (none refused). The tiny battery is a custom
+    protocol: the rows whose defence adapts no battery key share one table; a defence that adapts keys lists exactly
+    its hook's keys (its card is then hashed without them: under a frozen protocol it joins the main table,
+    tests/test_bench.py)."""
+    from defend.evaluate.protocol import defence_adapted_keys
+
+    out, _ = scorecard
+    plain = set()
+    for d in DEFENCES:
+        card = load_card(out / "cards" / d)
+        assert card["entry"]["defence"]["name"] == d and card["entry"]["name"] == d
+        assert card["protocol"]["adapted_keys"] == defence_adapted_keys(d)
+        if not card["protocol"]["adapted_keys"]:
+            plain.add(card["protocol"]["sha256"])
+    assert len(plain) == 1 and defence_adapted_keys("detector") and not defence_adapted_keys("pgd_at")
+    md = (out / "bench" / "leaderboard.md").read_text()
+    assert md.count("(main ranking)") == 1 and "## Cards not ranked\n\nNone." in md
+    ranked = list(csv.DictReader((out / "bench" / "leaderboard.csv").read_text().splitlines()))
+    assert sorted(r["name"] for r in ranked) == sorted(DEFENCES)
+    assert {r["protocol_sha256"] for r in ranked if not defence_adapted_keys(r["name"])} == plain
+    assert "bench/leaderboard.md" in (out / "report.md").read_text()

@@ -50,6 +50,8 @@ from attacks import INTERPRETERS, build_attack, interpretation_attacks, random_t
 
 from .. import evaluate, stats
 from ..attack_options import AttackOptions, layered_options
+from ..bench.cli import OUTPUTS as BENCH_OUTPUTS
+from ..bench.cli import bench
 from ..data import BaseDataModule
 from ..defences import DEFENCES, Defence, defence_names, load_defences
 from ..detection_data import build_detection_data, select, stack_maps
@@ -285,7 +287,7 @@ def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
         role = _defence(row).role
         det = list(cfg.detector.interpreters) if role == "detector" else None
         files += card_files(out / "cards" / row, battery, rts=role == "rts", detector=det)
-    return files
+    return files + [out / "bench" / name for name in BENCH_OUTPUTS]
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -747,14 +749,16 @@ def run(cfg: ScorecardExperiment, out: Path, progress: bool = True) -> list[dict
                 print(f"[scorecard] evaluating {row}", flush=True)
             cards[row] = evaluate.evaluate_system(clf, out / "cards" / row, rts=rts, detector=det, data=data,
                                                   battery=cfg.battery.name, overrides=overrides, progress=progress,
-                                                  argv=["defend", "experiment", "scorecard", row])
+                                                  argv=["defend", "experiment", "scorecard", row], name=row,
+                                                  defence=row)
         eval_seconds[row] = time.perf_counter() - t
     headers, body, metrics, lines = scorecard_table(cards)
     _write_csv(out / "scorecard.csv", headers, body)
     _chart(out / "scorecard.png", lines, _columns(cards))
+    ranked, _ = bench([out / "cards" / row / "card.json" for row in cards], out / "bench", overwrite=True)
     total = time.perf_counter() - start
     text = _report(cfg, clf_path, info, art, cards, headers, body, lines, eval_seconds, total)
-    write_outputs(out, metrics, text)
+    write_outputs(out, metrics, text + _bench_section(cards, ranked))
     return metrics
 
 
@@ -852,6 +856,16 @@ def _report(cfg: ScorecardExperiment, clf_path: str, info: dict[str, Any], art: 
             f"Total time {total:.0f} s (evaluation: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in eval_seconds.items()) + ").", ""]
     return "\n".join(out)
+
+
+def _bench_section(cards: dict[str, dict[str, Any]], ranked: list[Path]) -> str:
+    """Where the leaderboard of the rows' cards is (``defend bench``) and under which protocol they were measured."""
+    protocols = sorted({str(c["protocol"]["name"] or "custom protocol " + c["protocol"]["sha256"][:12])
+                        for c in cards.values()})
+    files = ", ".join(f"`bench/{p.name}`" for p in ranked)
+    return ("\n## Leaderboard (IDLS-Bench)\n\n"
+            f"Every row's card ranked by `defend bench` under protocol {', '.join(protocols)} (each defence's adapted "
+            f"battery keys left out of the protocol hash, docs/bench.md): {files}.\n")
 
 
 def _row_note(row: str, card: dict[str, Any], art: dict[str, Any] | None, seconds: float) -> str:
