@@ -91,7 +91,7 @@ def test_rescoring_saved_inputs_gives_the_same_success(card_run, tiny_clf, tmp_p
         assert a["asr"] == pytest.approx(o["asr"]) and a["l1"] == pytest.approx(o["l1"], abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["missing", "classes", "battery", "data", "detector", "rts", "autoattack_n"])
+@pytest.mark.parametrize("case", ["missing", "classes", "battery", "data", "detector", "rts"])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_path, capsys):
     out = tmp_path / "out"
     clf = str(tiny_clf[1])
@@ -102,15 +102,13 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, tiny_clf, tmp_pa
             "battery": ["--classifier", clf, "--battery.attacks.interpreters=[cma]"],
             "data": ["--classifier", clf, "--data", "folder:" + str(tmp_path / "no_such_folder")],
             "detector": ["--classifier", clf, "--detector", str(tmp_path)],
-            "rts": ["--classifier", clf, "--rts", str(tiny_clf[1])],
-            "autoattack_n": ["--classifier", clf, "--battery.autoattack.n=999"]}[case]
+            "rts": ["--classifier", clf, "--rts", str(tiny_clf[1])]}[case]
     assert run(*args, "--out", str(out)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("defend evaluate: error: ") and "\n" not in err, err
     assert not out.exists()
     want = {"missing": "no such file", "classes": "class count mismatch", "battery": "did you mean 'cam'",
-            "data": "does not exist", "detector": "detector.json", "rts": "'classifier' artifact, expected 'rts'",
-            "autoattack_n": "autoattack.n (999) exceeds the 538 test inputs"}[case]
+            "data": "does not exist", "detector": "detector.json", "rts": "'classifier' artifact, expected 'rts'"}[case]
     assert want in err, err
 
 
@@ -252,6 +250,22 @@ def test_robust_accuracy_counts_a_clean_error_as_a_failure(tmp_path):
 
     ci = binomtest(right, 16).proportion_ci(method="wilson")
     assert (lo, hi) == pytest.approx((ci.low, ci.high))
+
+
+def test_autoattack_n_is_a_cap_the_first_n_or_all_where_fewer():
+    """bench-v1's rule (RobustBench's): ``autoattack.n`` 1000 on a test split of 20 measures all 20 and says so."""
+    from types import SimpleNamespace
+
+    from defend.evaluate.battery import Battery
+    from defend.evaluate.measure import autoattack_rows
+
+    dm = DigitsDataModule(seed=0, limit_test=20)
+    dm.setup("test")
+    labels = take_split(dm, "test")["label"]
+    battery = Battery()
+    battery.autoattack.eps, battery.autoattack.n, battery.batch_size = [8 / 255], 1000, 20
+    row = autoattack_rows(SimpleNamespace(data=dm, classifier=_constant_classifier(int(labels[0]))), battery)[0]
+    assert row["n"] == len(dm.test_dataset) == 20 and row["note"].startswith("inputs: the first n test inputs")
 
 
 def test_cw_and_stadv_enter_the_card_with_the_battery_key_alone(tiny_clf, tmp_path):

@@ -175,14 +175,14 @@ def map_pixels(system: System, interpreter: Any) -> int:
 
 
 def check_sizes(system: System, battery: Battery, rescore: bool = False) -> None:
-    """The battery's counts fit the data: ``n_images`` and AutoAttack's ``autoattack.n`` test inputs exist (a shorter
-    run would be reported as if it had them), ``topk.n`` <= ``n_images``, ``topk.k`` and every ``topk.ks`` fit each
-    top-k interpreter's map, and AutoAttack has a version for the class count."""
+    """The battery's counts fit the data: ``n_images`` test inputs exist (a shorter run would be reported as if it
+    had them), ``topk.n`` <= ``n_images``, ``topk.k`` and every ``topk.ks`` fit each top-k interpreter's map, and
+    AutoAttack has a version for the class count. ``autoattack.n`` is a cap, not a count: the first ``n`` test
+    inputs or all of them where the split has fewer (RobustBench's rule, and bench-v1's); the row's ``n`` and note
+    say how many were measured."""
     n_test = len(system.data.test_dataset)
-    for key, n in (("n_images", battery.n_images), ("autoattack.n", battery.autoattack.n if battery.autoattack.eps
-                                                    and not rescore else None)):
-        if n is not None and int(n) > n_test:
-            raise ValueError(f"{key} ({n}) exceeds the {n_test} test inputs of the data; lower {key}")
+    if int(battery.n_images) > n_test:
+        raise ValueError(f"n_images ({battery.n_images}) exceeds the {n_test} test inputs of the data; lower n_images")
     if battery.autoattack.eps and not rescore:
         autoattack_plan(int(system.data.num_classes))
     t = battery.topk
