@@ -22,6 +22,22 @@ from __future__ import annotations
 from .adaptive import DetectorAwareTerm, Restarts, Transfer, map_l1, stack_channels
 from .adv2 import ADV2, make_term, random_targets
 from .base_attack import BALL_ATTACKS, Attack, AttackResult, goal_reached
+from .certify import (
+                         CertificateCheck,
+                         MapCertificate,
+                         PredictionCertificate,
+                         SmoothedLogits,
+                         certified_accuracy,
+                         certify_map,
+                         certify_prediction,
+                         check_certificates,
+                         clopper_pearson_lower,
+                         dual_radius,
+                         prediction_counts,
+                         project_l2,
+                         smoothed_l2_attack,
+                         topk_counts,
+)
 from .edges import edge_weights, sobel_edges
 from .factory import ATTACKS, build_attack, interpretation_attacks, uses_interpreter
 from .frameworks import (
@@ -62,4 +78,7 @@ __all__ = [
     "InterpretationTerm", "MapTerm", "EnsembleTerm", "TopKAttack", "TopKResult", "ReferenceTopKAttack",
     "DetectorAwareTerm", "Restarts", "Transfer", "map_l1", "stack_channels",
     "sobel_edges", "edge_weights", "frozen", "eval_mode",
+    "PredictionCertificate", "MapCertificate", "CertificateCheck", "SmoothedLogits", "clopper_pearson_lower",
+    "prediction_counts", "topk_counts", "certify_prediction", "certify_map", "dual_radius", "certified_accuracy",
+    "smoothed_l2_attack", "project_l2", "check_certificates",
 ]
