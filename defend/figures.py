@@ -20,7 +20,7 @@ from torch import Tensor  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
-__all__ = ["map_grid", "line_plot", "roc_plot", "bar_chart", "bar_panels", "pareto_plot", "scatter_ci_plot",
+__all__ = ["map_grid", "line_plot", "certified_plot", "roc_plot", "bar_chart", "bar_panels", "pareto_plot", "scatter_ci_plot",
            "figure_format"]
 
 _FONT = 9
@@ -84,6 +84,23 @@ def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[f
     for name, ys in series.items():
         ax.plot(list(x), list(ys), marker="o", label=name)
     _label_axes(ax, xlabel, ylabel, title)
+    return _save(fig, path, fmt)
+
+
+def certified_plot(path: str | Path, radii: Sequence[float], series: dict[str, Sequence[float | None]],
+                   title: str = "") -> Figure:
+    """Certified accuracy against the L2 radius (Cohen et al.'s Figure 1): one step line per series, markers at the
+    measured radii, the share at a radius held until the next one (the share cannot grow with r: between two measured
+    radii the true curve lies at or below the step), each series in its own dash pattern so that equal curves stay
+    visible, the share axis on [0, 1]."""
+    fmt = figure_format(path)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
+    styles = ["-", "--", ":", "-."]
+    for i, (name, ys) in enumerate(series.items()):
+        ax.plot(list(radii), [float("nan") if v is None else v for v in ys], drawstyle="steps-post", marker="os^v"[i % 4],
+                ls=styles[i % len(styles)], lw=2.2 if i == 0 else 1.4, label=name)
+    ax.set_ylim(-0.02, 1.02)
+    _label_axes(ax, "L2 radius r (image units)", "share of inputs certified at r", title)
     return _save(fig, path, fmt)
 
 

@@ -21,8 +21,9 @@ from . import stats
 from .io import atomic_write_text
 
 __all__ = ["Fig", "Column", "Row", "CleanAccuracyRow", "AutoAttackRow", "TopKRow", "AttackRow", "TransferRow",
-           "DetectionRow", "DetectionThreshold", "DetectionSummary", "DetectorSweepRow", "DetectorSweep", "BenchAttack",
-           "BenchEntry", "SECTIONS", "TABLES", "ROW_DEFS", "RESULTS", "schema_defs",
+           "DetectionRow", "DetectionThreshold", "DetectionSummary", "DetectorSweepRow", "DetectorSweep", "CertificationRow",
+           "BenchAttack",
+           "BenchEntry", "SECTIONS", "TABLES", "ROW_DEFS", "RESULTS", "OPTIONAL_RESULTS", "schema_defs",
            "generated_schema", "csv_columns", "figure_names", "keys", "markdown_headers", "markdown_cells",
            "docs_tables", "fmt_budget", "fmt_fig"]
 
@@ -502,6 +503,71 @@ class DetectorSweep(Row):
     seconds: float = col("time the sweep took", SECONDS, unit="s")
 
 
+_L2 = {"type": "number", "minimum": 0}
+
+
+def _radius_cell(r: dict[str, Any], _: Any) -> str:
+    return f"{r['radius']:.4g} (L-inf {r['linf_eps'] * 255:.3g}/255)"
+
+
+def _cost_cell(r: dict[str, Any], _: Any) -> str:
+    return (f"{r['forward_passes_per_input']} passes, {r['seconds_per_input']:.3g} s "
+            f"({r['forward_ratio']:.3g} x one forward)")
+
+
+@dataclass(kw_only=True)
+class CertificationRow(Row):
+    """Randomized-smoothing certificates at one L2 radius, for one interpreter's map (``results.certification[]``,
+    docs/certify.md): over the first n test inputs, correctly classified or not (a wrong or abstained prediction is
+    not certified)."""
+
+    interpreter: str = col("the interpreter whose sparsified map is certified", STR)
+    radius: float = col("the L2 radius r the figures are read at", _L2, unit="image units (L2)")
+    linf_eps: float = col("the L-inf radius r covers: r / sqrt(d), d = C*H*W (an L-inf ball of eps lies inside the "
+                          "L2 ball of eps * sqrt(d))", _L2, unit="image units (L-inf)")
+    certified_accuracy: Fig = col("share of the inputs whose smoothed prediction is certified correct at radius >= r "
+                                  "(Cohen et al.; Wilson)", UNIT, unit="share", ci=CI_UNIT)
+    map_certified: Fig = col("share of the inputs with at least `share` of their top-k pixels certified at radius >= "
+                             "r (Wilson)", UNIT, unit="share", ci=CI_UNIT)
+    dual_certified_accuracy: Fig = col("share of the inputs certified correct at r whose map is certified at r too "
+                                       "(dual radius >= r; Wilson); never above `certified_accuracy`", UNIT,
+                                       unit="share", ci=CI_UNIT)
+    map_certified_share: Fig = col("mean over the inputs of the share of their (selected) top-k pixels certified at "
+                                   "radius >= r (bootstrap)", UNIT, unit="share", ci=CI_UNIT)
+    topk_overlap: Fig = col("mean over the inputs of the pixels certified in the top-k at radius >= r over the k "
+                            "pixels of the top k % (bootstrap)", UNIT, unit="share", ci=CI_UNIT)
+    n: int = col("inputs certified (the first n of the test split)", COUNT, unit="inputs")
+    abstained: int = col("inputs whose prediction CERTIFY abstains on", COUNT, unit="inputs")
+    sigma: float = col("noise standard deviation", {"type": "number", "minimum": 0}, unit="image units")
+    n0: int = col("selection noise samples per input", COUNT, unit="samples")
+    n_noise: int = col("estimation noise samples per input (the battery's `certify.n`)", COUNT, unit="samples")
+    alpha: float = col("error probability of each certificate (prediction; map: family-wise over its pixels)", UNIT)
+    k_percent: float = col("the top-k share of the map", {"type": "number", "minimum": 0, "maximum": 100}, unit="%")
+    correction: str = col("multiple-testing correction over a map's pixels", {"enum": ["holm", "bonferroni"]})
+    share: float = col("share of the top-k pixels a certified map needs", UNIT, unit="share")
+    samples_per_batch: int = col("noisy copies per forward pass (the draws depend on it)", COUNT)
+    forward_passes_per_input: int = col("noisy evaluations per input: n0 + n classifier forward passes for the "
+                                        "prediction and n0 + n interpreter maps (each a forward, and a backward "
+                                        "where the interpreter takes gradients)", COUNT, unit="passes")
+    seconds_per_input: float = col("certification time per input (prediction and this interpreter's map)", SECONDS,
+                                   unit="s")
+    forward_ratio: float = col("`seconds_per_input` over the seconds per input of one batched forward pass of the "
+                               "same inputs (measured)", {"type": "number", "minimum": 0}, unit="x")
+    seed: int = col("the battery's seed (each certificate's generator is seeded with it)", COUNT)
+
+    MARKDOWN: ClassVar[tuple[Column, ...]] = (
+        Column("interpreter", ("interpreter",), _plain("interpreter")),
+        Column("L2 radius (L-inf eps)", ("radius", "linf_eps"), _radius_cell),
+        Column("certified accuracy", ("certified_accuracy", "n"), fmt_fig("certified_accuracy", "n")),
+        Column("map certified", ("map_certified",), fmt_fig("map_certified")),
+        Column("dual-certified accuracy", ("dual_certified_accuracy",), fmt_fig("dual_certified_accuracy")),
+        Column("certified top-k share", ("map_certified_share",), fmt_fig("map_certified_share")),
+        Column("certified top-k overlap", ("topk_overlap",), fmt_fig("topk_overlap")),
+        Column("cost per input", ("forward_passes_per_input", "seconds_per_input", "forward_ratio"), _cost_cell))
+    MARKDOWN_HIDDEN: ClassVar[tuple[str, ...]] = ("sigma", "n0", "n_noise", "alpha", "k_percent", "correction",
+                                                  "share", "samples_per_batch", "seed")
+
+
 _SHA = {"type": ["string", "null"], "minLength": 64}
 _STR_NULL = {"type": ["string", "null"]}
 _COUNT_NULL = {"type": ["integer", "null"], "minimum": 0}
@@ -573,6 +639,16 @@ class BenchEntry(Row):
     dual_n: int | None = col("inputs of the dual robustness figures", _COUNT_NULL, unit="inputs")
     adaptive_attacks: list[str] = col("the adaptive runs counted in `dual_robustness_adaptive`",
                                       {"type": "array", "items": STR})
+    dual_certified_acc: Fig = col("dual-certified accuracy at `certified_radius` (`results.certification`, first "
+                                  "interpreter; Wilson): prediction certified correct and map certified; `null`: "
+                                  "not measured", UNIT, unit="share", ci=CI_UNIT, required=False)
+    certified_radius: float | None = col("the L2 radius `dual_certified_acc` is read at: the first radius > 0 of the "
+                                         "battery's `certify.radii`", {"type": ["number", "null"], "minimum": 0},
+                                         unit="image units (L2)", required=False)
+    certified_n: int | None = col("inputs of `dual_certified_acc`", _COUNT_NULL, unit="inputs", required=False)
+    certify_sigma: float | None = col("the smoothing noise of the certificates (`null`: not measured)",
+                                      {"type": ["number", "null"], "minimum": 0}, unit="image units",
+                                      required=False)
     number_forward_passes: int = col("forward passes of the classifier per prediction at inference (RobustBench's "
                                      "field; 1 for every system here)", {"type": "integer", "minimum": 1})
     eval_seconds: float = col("wall time of the evaluation (`provenance.seconds`)", SECONDS, unit="s")
@@ -591,7 +667,8 @@ ROW_DEFS: dict[str, tuple[type[Row], bool]] = {
     "topk_row": (TopKRow, False), "attack_row": (AttackRow, False), "transfer_row": (TransferRow, False),
     "detection_row": (DetectionRow, False), "detection_threshold": (DetectionThreshold, False),
     "detection": (DetectionSummary, True), "detector_sweep_row": (DetectorSweepRow, False),
-    "detector_sweep": (DetectorSweep, True), "bench_attack": (BenchAttack, False),
+    "detector_sweep": (DetectorSweep, True), "certification_row": (CertificationRow, False),
+    "bench_attack": (BenchAttack, False),
     "bench_entry": (BenchEntry, False)}
 
 #: top-level sections of ``card.json`` that are one row definition each
@@ -601,7 +678,8 @@ SECTIONS: dict[str, str] = {"entry": "bench_entry"}
 TABLES: dict[str, tuple[str, type[Row]]] = {
     "clean.csv": ("clean_accuracy", CleanAccuracyRow), "autoattack.csv": ("autoattack", AutoAttackRow),
     "interpretation.csv": ("interpretation_robustness", TopKRow), "attacks.csv": ("attacks", AttackRow),
-    "transfer.csv": ("transfer", TransferRow), "detection.csv": ("detection", DetectionRow)}
+    "transfer.csv": ("transfer", TransferRow), "detection.csv": ("detection", DetectionRow),
+    "certification.csv": ("certification", CertificationRow)}
 
 
 def schema_defs() -> dict[str, Any]:
@@ -617,13 +695,17 @@ def schema_defs() -> dict[str, Any]:
 RESULTS: dict[str, tuple[str, bool]] = {
     "clean_accuracy": ("clean_accuracy_row", False), "autoattack": ("autoattack_row", True),
     "interpretation_robustness": ("topk_row", True), "attacks": ("attack_row", True),
-    "transfer": ("transfer_row", True), "detection": ("detection", False)}
+    "transfer": ("transfer_row", True), "detection": ("detection", False),
+    "certification": ("certification_row", True)}
+#: results keys a card may lack (added to schema 2.0 later: a card written before holds none)
+OPTIONAL_RESULTS = ("certification",)
 
 
 def results_schema() -> dict[str, Any]:
     """The schema of ``card.json``'s ``results`` (each key a row definition or a list of them)."""
     props = {k: {"type": "array", "items": _ref(d)} if many else _ref(d) for k, (d, many) in RESULTS.items()}
-    return {"type": "object", "required": list(RESULTS), "additionalProperties": False, "properties": props}
+    return {"type": "object", "required": [k for k in RESULTS if k not in OPTIONAL_RESULTS],
+            "additionalProperties": False, "properties": props}
 
 
 def generated_schema(schema: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from browser_check import check_page, parse_page  # noqa: E402
 
 HOSTILE = "<script>alert(1)</script>"
 HIGHER = {"clean_acc", "autoattack_acc", "topk_tau", "dual_robustness", "dual_robustness_adaptive",
-          "attack/adv2/cam/iou"}
+          "dual_certified_acc", "attack/adv2/cam/iou"}
 LOWER = {"adaptive_gap", "number_forward_passes", "eval_seconds", "attack/adv2/cam/success"}
 TEXT = {"defence", "architecture", "training_data", "device", "source"}
 

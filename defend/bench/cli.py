@@ -9,7 +9,8 @@ usage: defend bench CARDS... --out DIR [--protocol NAME|SHA] [--sort COLUMN] [--
                       most cards. Every other protocol gets its own table, never mixed into one ranking.
   --sort COLUMN       the ranking column (default: dual_robustness_adaptive, then autoattack_acc): name, defence,
                       architecture, training_data, clean_acc, autoattack_acc, topk_tau, dual_robustness,
-                      dual_robustness_adaptive, adaptive_gap, number_forward_passes, eval_seconds, device, source
+                      dual_robustness_adaptive, adaptive_gap, dual_certified_acc, number_forward_passes,
+                      eval_seconds, device, source
                       (the page sorts by any column, the per-attack ones included)
   --overwrite         allow replacing files in DIR that defend did not write
 

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from ..evaluate.protocol import FROZEN_PROTOCOLS, defence_adapted_keys, protocol
 
 __all__ = ["MAX_CARD_BYTES", "DEFAULT_PROTOCOL", "DEFAULT_RANKING", "Column", "COLUMNS", "COLUMN_KEYS", "BenchCard",
            "Table", "read_card", "card_problem", "find_cards", "collect", "group_by_protocol", "main_protocol",
-           "check_protocol_option", "protocol_title", "column", "table_columns", "cell_value", "cell_interval", "cell_n", "rank", "build_tables"]
+           "check_protocol_option", "protocol_title", "column", "table_columns", "cell_value", "cell_interval", "cell_n",
+           "cell_at", "rank", "build_tables"]
 
 #: a card larger than this is refused unread (a card is a few tens of kB)
 MAX_CARD_BYTES = 5_000_000
@@ -36,13 +37,17 @@ DEFAULT_RANKING = ("dual_robustness_adaptive", "autoattack_acc")
 class Column:
     """One leaderboard column: ``key`` (entry field, or ``attack/<attack>/<interpreter>/<figure>``), its header
     ``title``, its ``kind`` (``text``, ``figure``: a value with an interval, ``number``: a plain number) and which
-    way is better (``higher``, ``lower``; ``None`` for text: sorted A to Z)."""
+    way is better (``higher``, ``lower``; ``None`` for text: sorted A to Z). ``at_key``: the entry field saying where
+    the figure is read (the certified radius): in the header when every entry of a table has the same
+    (``at_in_title``), else in each cell (:func:`table_columns`); the CSV has it as ``<key>_at``."""
 
     key: str
     title: str
     kind: str = "figure"
     better: str | None = "higher"
     n_key: str | None = None
+    at_key: str | None = None
+    at_in_title: bool = False
 
     @property
     def descending(self) -> bool:
@@ -65,6 +70,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("dual_robustness", "dual robustness", n_key="dual_n"),
     Column("dual_robustness_adaptive", "dual robustness (adaptive)", n_key="dual_n"),
     Column("adaptive_gap", "adaptive gap", better="lower", n_key="dual_n"),
+    Column("dual_certified_acc", "dual-certified acc", n_key="certified_n", at_key="certified_radius"),
     Column(_ATTACKS, "", "attacks", None),
     Column("number_forward_passes", "forward passes", "number", "lower"),
     Column("eval_seconds", "eval seconds", "number", "lower"),
@@ -348,7 +354,9 @@ def cell_n(entry: Mapping[str, Any], col: Column) -> int | None:
 
 def table_columns(entries: Iterable[Mapping[str, Any]]) -> tuple[Column, ...]:
     """:data:`COLUMNS` with the attack placeholder expanded: a success and an IoU column per (attack, interpreter) of
-    the entries' standard attack rows, in the order first met."""
+    the entries' standard attack rows, in the order first met; a column read at a place (``at_key``) says it in its
+    title where every entry agrees."""
+    entries = list(entries)
     pairs: list[tuple[str, str]] = []
     for entry in entries:
         for row in entry.get("attacks") or []:
@@ -359,11 +367,25 @@ def table_columns(entries: Iterable[Mapping[str, Any]]) -> tuple[Column, ...]:
     out: list[Column] = []
     for col in COLUMNS:
         if col.key != _ATTACKS:
-            out.append(col)
+            out.append(_at_header(col, entries) if col.at_key else col)
             continue
         out += [Column(f"attack/{a}/{i}/{fig}", f"{a} {i} {title}", better=better, n_key="n")
                 for a, i in pairs for fig, title, better in _ATTACK_FIGURES]
     return tuple(out)
+
+
+def _at_header(col: Column, entries: Iterable[Mapping[str, Any]]) -> Column:
+    """``col`` with where its figures are read (``at_key``: an L2 radius) in its title when every entry that has the
+    figure states the same (``at_in_title``), else as it is (each cell says it)."""
+    where = {_number(e.get(col.at_key)) for e in entries if cell_value(e, col) is not None}
+    if len(where) != 1 or None in where:
+        return col
+    return replace(col, title=f"{col.title} (L2 r {where.pop():g})", at_in_title=True)
+
+
+def cell_at(entry: Mapping[str, Any], col: Column) -> float | None:
+    """Where the cell's figure is read (its ``at_key`` value) when the header does not say it, else None."""
+    return _number(entry.get(col.at_key)) if col.at_key and not col.at_in_title else None
 
 
 def column(key: str, columns: Sequence[Column] = COLUMNS) -> Column:

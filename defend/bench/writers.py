@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .leaderboard import BenchCard, Column, Table, cell_interval, cell_n, cell_value, column
+from .leaderboard import BenchCard, Column, Table, cell_at, cell_interval, cell_n, cell_value, column
 
 __all__ = ["DIGITS", "figure_text", "cell_text", "column_n", "header_text", "ranking_text", "markdown", "csv_text"]
 
@@ -51,6 +51,8 @@ def cell_text(entry: Mapping[str, Any], col: Column, rank: int, header_n: int | 
     if col.kind != "figure":
         return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
     text = figure_text(value, *cell_interval(entry, col))
+    at = cell_at(entry, col)
+    text = text if at is None else f"{text} at r {at:g}"
     n = cell_n(entry, col)
     return text if header_n is not None or n is None else f"{text} (n {n})"
 
@@ -123,7 +125,8 @@ def _csv_safe(text: str) -> str:
 def _csv_fields(col: Column) -> list[str]:
     if col.kind != "figure":
         return [col.key]
-    return [col.key, f"{col.key}_ci_low", f"{col.key}_ci_high", f"{col.key}_n"]
+    return [col.key, f"{col.key}_ci_low", f"{col.key}_ci_high", f"{col.key}_n"] + ([f"{col.key}_at"] if col.at_key
+                                                                                  else [])
 
 
 def _csv_cells(entry: Mapping[str, Any], col: Column, rank: int) -> list[Any]:
@@ -134,7 +137,9 @@ def _csv_cells(entry: Mapping[str, Any], col: Column, rank: int) -> list[Any]:
     if col.kind == "figure":
         low, high = cell_interval(entry, col)
         n = cell_n(entry, col)
-        cells += ["" if v is None else v for v in (low, high, n)]
+        at = [entry.get(col.at_key)] if col.at_key else []
+        at = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in at]
+        cells += ["" if v is None else v for v in (low, high, n, *at)]
     return cells
 
 
@@ -150,7 +155,8 @@ def csv_text(tables: Sequence[Table]) -> str:
     for t in tables:
         for i, card in enumerate(t.cards, 1):
             cells = [_csv_safe(t.title), t.protocol]
+            keys = {k.key for k in t.columns}
             for c in cols:
-                cells += _csv_cells(card.entry, c, i) if c in t.columns else [""] * len(_csv_fields(c))
+                cells += _csv_cells(card.entry, c, i) if c.key in keys else [""] * len(_csv_fields(c))
             writer.writerow(cells + [_csv_safe(card.path)])
     return buf.getvalue()

@@ -23,7 +23,7 @@ from ..safe_yaml import read_mapping
 from ..typed_config import check_names, parse_typed
 from ..types import Count, NonNegative, Positive, PositiveCount, Radius
 
-__all__ = ["Battery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "AdaptiveBattery", "DetectorBattery",
+__all__ = ["Battery", "CertifyBattery", "AutoAttackBattery", "TopKBattery", "AttackBattery", "AdaptiveBattery", "DetectorBattery",
            "BATTERIES", "battery_path", "battery_mapping", "parse_battery", "load_battery"]
 
 #: named batteries: ``configs/evaluate/<name>.yaml`` of the source tree
@@ -142,12 +142,39 @@ class DetectorBattery:
 
 
 @dataclass
+class CertifyBattery:
+    """Randomized-smoothing certificates (:mod:`attacks.certify`, docs/certify.md) on the first ``n_images`` test
+    inputs, correctly classified or not (Cohen et al.'s certified accuracy: a wrong or abstained prediction counts as
+    not certified; at most the test split's size, the rows' ``n`` says how many): CERTIFY of the prediction with
+    ``n0`` selection and ``n`` estimation samples of N(0, ``sigma``^2 I) noise at level ``alpha``, and per interpreter
+    of ``interpreters`` (``rts`` is added when an RTS is evaluated and ``with_rts``) the certificate of each pixel's
+    "in the top ``k_percent`` % of the map" label (``correction``: ``holm`` or ``bonferroni`` over the pixels); an
+    input is dual-certified at r when its prediction is certified correct at r and at least ``share`` of its top-k
+    pixels are certified at r. ``radii``: the L2 radii (image units) the figures are read at. ``samples_per_batch``
+    noisy copies per forward pass. Not part of the protocol hash (:mod:`defend.evaluate.protocol`)."""
+
+    sigma: Positive = Positive(0.25)
+    n0: PositiveCount = PositiveCount(100)
+    n: PositiveCount = PositiveCount(1000)
+    alpha: Positive = Positive(0.001)
+    k_percent: Positive = Positive(10.0)
+    correction: Literal["holm", "bonferroni"] = "holm"
+    share: Positive = Positive(0.9)
+    radii: list[NonNegative] = field(default_factory=lambda: [NonNegative(r) for r in (0.0, 0.25, 0.5, 0.75, 1.0)])
+    n_images: PositiveCount = PositiveCount(100)
+    interpreters: list[str] = field(default_factory=lambda: ["cam"])
+    with_rts: bool = True
+    samples_per_batch: PositiveCount = PositiveCount(500)
+
+
+@dataclass
 class Battery:
     """Everything ``defend evaluate`` measures. ``n_images`` correctly classified test inputs (a seeded random target
     class each) are attacked in batches of ``batch_size``; clean accuracy is over the first ``clean_n`` test inputs
     (``null``: the whole test split); ``n_figure`` examples go into ``maps.png``. ``interpreter_options.<name>``:
     constructor options of a named interpreter wherever it is built (attacked, measured, read by the detector),
-    e.g. ``{grad_softplus: {beta: 2.0}}``."""
+    e.g. ``{grad_softplus: {beta: 2.0}}``. ``certify``: randomized-smoothing certificates (:class:`CertifyBattery`;
+    ``null``: not measured)."""
 
     name: str = "custom"
     n_images: PositiveCount = PositiveCount(100)
@@ -161,6 +188,7 @@ class Battery:
     adaptive: AdaptiveBattery = field(default_factory=AdaptiveBattery)
     detector: DetectorBattery = field(default_factory=DetectorBattery)
     interpreter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    certify: CertifyBattery | None = None
 
 
 def check_battery(b: Battery) -> None:
@@ -193,6 +221,29 @@ def check_battery(b: Battery) -> None:
         raise ValueError(f"n_figure ({b.n_figure}) cannot exceed n_images ({b.n_images})")
     if b.autoattack.eps and any(float(e) <= 0 for e in b.autoattack.eps):
         raise ValueError(f"autoattack.eps must be positive radii, got {[float(e) for e in b.autoattack.eps]}")
+    if b.certify is not None:
+        check_certify(b.certify)
+
+
+def check_certify(c: CertifyBattery) -> None:
+    """The ranges of the ``certify`` section (one-line errors naming the key and the fix)."""
+    if not float(c.alpha) < 0.5:
+        raise ValueError(f"certify.alpha must lie in (0, 0.5) (the error probability of each certificate, e.g. "
+                         f"0.001), got {float(c.alpha)}")
+    if not float(c.k_percent) < 100:
+        raise ValueError(f"certify.k_percent must lie in (0, 100) (the top-k share of the map in %, e.g. 10), got "
+                         f"{float(c.k_percent)}")
+    if not float(c.share) <= 1:
+        raise ValueError(f"certify.share must lie in (0, 1] (the share of top-k pixels a certified map needs, e.g. "
+                         f"0.9), got {float(c.share)}")
+    radii = [float(r) for r in c.radii]
+    if not radii or radii != sorted(radii) or len(set(radii)) != len(radii):
+        raise ValueError(f"certify.radii must be distinct L2 radii >= 0 in increasing order, e.g. [0, 0.25, 0.5], "
+                         f"got {radii}")
+    check_names(list(c.interpreters), INTERPRETERS, "certify.interpreters")
+    if "rts" in c.interpreters:
+        raise ValueError("do not list 'rts' in certify.interpreters: it is added when --rts is given "
+                         "(certify.with_rts)")
 
 
 def battery_path(spec: str) -> Path:
@@ -214,9 +265,23 @@ def parse_battery(raw: dict[str, Any]) -> tuple[Battery, str]:
     try:
         battery, text = parse_typed(Battery, raw)
     except ValueError as exc:
+        if 'key "certify"' in str(exc):
+            _certify_error(raw)
         raise ValueError("battery: " + str(exc).replace("config key", "key")) from None
     check_battery(battery)
+    if battery.certify is None:  # unset: not written at all, so the resolved battery (and battery.yaml) is as before
+        text = "".join(line for line in text.splitlines(keepends=True) if line.rstrip() != "certify: null")
     return battery, text
+
+
+def _certify_error(raw: dict[str, Any]) -> None:
+    """Raise the error of ``raw``'s ``certify`` section parsed alone, naming its key (parsed inside the battery, an
+    optional section's error names only ``certify``); nothing when that section is fine."""
+    if isinstance(raw.get("certify"), dict):
+        try:
+            parse_typed(CertifyBattery, raw["certify"])
+        except ValueError as exc:
+            raise ValueError("battery: " + str(exc).replace('config key "', 'key "certify.')) from None
 
 
 def load_battery(spec: str, overrides: dict[str, Any] | None = None) -> tuple[Battery, str]:

@@ -20,7 +20,7 @@ import torch
 from .. import stats
 from ..rows import BenchAttack, BenchEntry, Fig
 
-__all__ = ["entry_from_card", "inputs_sha256", "dual_robustness", "THIS_RUN"]
+__all__ = ["entry_from_card", "inputs_sha256", "dual_robustness", "certified_fields", "THIS_RUN"]
 
 #: the ``source`` of an entry measured by the run that wrote the card
 THIS_RUN = "this run"
@@ -56,6 +56,7 @@ def entry_from_card(card: dict[str, Any], *, name: str, source: str | None = Non
         topk_interpreter=None if topk is None else topk["interpreter"],
         topk_protocol=None if topk is None else topk.get("protocol"),
         attacks=_attacks(results), **dual_robustness(card, _defence_interpreters(defence)),
+        **certified_fields(results),
         number_forward_passes=1, eval_seconds=float(prov["seconds"]), device=_device(prov.get("device") or {}),
         external_evaluations=[], inputs_sha256=inputs_sha256,
         weights_sha256={k: (system[k] or {}).get("sha256") for k in ("classifier", "rts", "detector")}).to_dict()
@@ -65,6 +66,19 @@ def threat_eps(battery: dict[str, Any]) -> float:
     """The entry's L-inf radius: the battery's largest AutoAttack radius, else its top-k attack's."""
     radii = [float(e) for e in (battery.get("autoattack") or {}).get("eps") or []]
     return max(radii) if radii else float(battery["topk"]["eps"])
+
+
+def certified_fields(results: dict[str, Any]) -> dict[str, Any]:
+    """The entry's certificate fields: the dual-certified accuracy of the first certified interpreter at the first
+    radius > 0 of its rows, that radius, its n and the sigma (all ``None`` where the card has no certificates)."""
+    rows = results.get("certification") or []
+    first = [r for r in rows if r["interpreter"] == rows[0]["interpreter"] and r["radius"] > 0]
+    if not first:
+        return {"dual_certified_acc": Fig(None), "certified_radius": None, "certified_n": None,
+                "certify_sigma": float(rows[0]["sigma"]) if rows else None}
+    r = first[0]
+    return {"dual_certified_acc": Fig.get(r, "dual_certified_accuracy"), "certified_radius": float(r["radius"]),
+            "certified_n": int(r["n"]), "certify_sigma": float(r["sigma"])}
 
 
 def _topk_row(results: dict[str, Any], battery: dict[str, Any]) -> dict[str, Any] | None:

@@ -13,6 +13,12 @@ defence the card names, are its ``adapted_keys``: the hash is then taken with th
 pruned), and the card is of a frozen protocol when the frozen battery with the same keys left out hashes the same.
 So every defence of the scorecard is ranked under one protocol, and a card cannot leave out a key its defence does
 not adapt.
+
+The ``certify`` section (randomized-smoothing certificates, docs/certify.md) is left out of the hash too: a
+certificate is a guarantee, not an attack's outcome, so a certified accuracy at L2 radius r means the same whatever
+sigma, sample counts and alpha measured it (they change how much is certified, never what the figure claims; the card
+rows record them). So a frozen protocol's card may carry certificates and still be of that protocol, and the pinned
+hashes did not change when the section was added.
 """
 from __future__ import annotations
 
@@ -26,8 +32,8 @@ from typing import Any
 __all__ = ["protocol_hash", "canonical_battery", "FROZEN_PROTOCOLS", "protocol_name", "protocol_record",
            "frozen_hash", "defence_adapted_keys"]
 
-#: keys of a battery that do not define the protocol (free text)
-_NOT_PROTOCOL = ("name",)
+#: keys of a battery that do not define the protocol (free text; the certificates, module docstring)
+_NOT_PROTOCOL = ("name", "certify")
 
 
 def _canonical(value: Any) -> Any:

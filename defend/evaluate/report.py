@@ -1,5 +1,5 @@
 """What ``defend evaluate`` writes besides ``card.json``: ``report.md`` (readable tables), one CSV per table, the
-figures (``maps.png``, ``attacks.png``, ``roc.png``) and the adversarial sets (``adversarial/<attack>_<interp>.pt``)."""
+figures (``maps.png``, ``attacks.png``, ``roc.png``, ``certified.png``) and the adversarial sets (``adversarial/<attack>_<interp>.pt``)."""
 from __future__ import annotations
 
 import csv
@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import stats
 from ..detector import trunk_description
 from ..evaluation import interpret
-from ..figures import bar_panels, map_grid, roc_plot
+from ..figures import bar_panels, certified_plot, map_grid, roc_plot
 from ..io import MANIFEST, OutputGuard, atomic_write_text, load_artifact, save_artifact
 from ..rows import TABLES as ROW_TABLES
 from ..rows import DetectorSweepRow, Row, csv_columns, markdown_cells, markdown_headers, radius_text
@@ -131,7 +132,8 @@ def write_report(out: Path, card: dict[str, Any]) -> None:
                   *_not_meaningful(card, "interpretation_robustness"),
                   *_table("interpretation_robustness", r["interpretation_robustness"])]
     lines += (_attack_section(card, r["attacks"]) + _transfer_section(card, r["transfer"])
-              + _detection_section(card, r["detection"]) + _entry_section(card))
+              + _detection_section(card, r["detection"]) + _certify_section(card, r.get("certification") or [])
+              + _entry_section(card))
     figures = card["files"]["figures"]
     lines += [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
@@ -156,6 +158,25 @@ def _entry_section(card: dict[str, Any]) -> list[str]:
                    _v(e, "dual_robustness_adaptive", e["dual_n"]),
                    _v(e, "adaptive_gap") + ("" if e["adaptive_gap_p"] is None
                                             else f" (McNemar p {e['adaptive_gap_p']:.2g})")]])]
+
+
+def _certify_section(card: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The randomized-smoothing certificates (``results.certification``), their settings and how an L2 radius
+    relates to L-inf."""
+    if not rows:
+        return []
+    c, shape = rows[0], card["data"]["image_shape"]
+    d = int(np.prod(shape))
+    return ["## Certified robustness (randomized smoothing, L2)", "",
+            f"Certificates of the smoothed system (majority under N(0, sigma^2 I) noise, not the base classifier): "
+            f"sigma {c['sigma']:g}, n0 {c['n0']}, n {c['n_noise']} noise samples, alpha {c['alpha']:g} per "
+            f"certificate, top {c['k_percent']:g} % of each map with the {c['correction']} correction over its "
+            f"pixels, a map certified when {c['share']:g} of its top-k pixels are; on the first {c['n']} test inputs, "
+            "correctly classified or not (a wrong or abstained prediction is not certified); each certificate holds "
+            f"with probability >= 1 - alpha (the dual one >= 1 - 2 alpha). Radii are L2 in image units: an L-inf "
+            f"ball of eps lies inside the L2 ball of eps * sqrt(d) (d = {'x'.join(str(v) for v in shape)} = {d}), "
+            "so radius r covers L-inf eps <= r / sqrt(d), given in brackets in 1/255 (docs/certify.md).", "",
+            *_table("certification", rows)]
 
 
 def _autoattack_version(rows: list[dict[str, Any]]) -> str:
@@ -252,7 +273,8 @@ def _label(c: int, names: list[str]) -> str:
 
 def write_figures(out: Path, system: Any, sets: list[Any], benign: dict[str, Any], results: dict[str, Any],
                   n_show: int) -> list[str]:
-    """``maps.png`` (benign and adversarial images and maps), ``attacks.png`` and, with a detector, ``roc.png``."""
+    """``maps.png`` (benign and adversarial images and maps), ``attacks.png``, with a detector ``roc.png`` and with
+    certificates ``certified.png``."""
     files = []
     std = [s for s in sets if s.kind == "standard"]
     if std and n_show > 0:
@@ -285,7 +307,25 @@ def write_figures(out: Path, system: Any, sets: list[Any], benign: dict[str, Any
                   for d in det["rows"] if d["roc"]}
         roc_plot(out / "roc.png", curves, title=f"Detector ROC ({det['n_benign']} benign inputs)")
         files.append("roc.png")
+    if results.get("certification"):
+        certified_figure(out / "certified.png", results["certification"])
+        files.append("certified.png")
     return files
+
+
+def certified_figure(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``certified.png``: certified accuracy against the L2 radius (Cohen et al.'s Figure 1) for the prediction,
+    and per interpreter for the map (inputs with ``share`` of their top-k pixels certified) and both."""
+    names = list(dict.fromkeys(r["interpreter"] for r in rows))
+    by = {n: [r for r in rows if r["interpreter"] == n] for n in names}
+    radii = [r["radius"] for r in by[names[0]]]
+    series = {"prediction": [r["certified_accuracy"] for r in by[names[0]]]}
+    for n in names:
+        series[f"map ({n})"] = [r["map_certified"] for r in by[n]]
+        series[f"prediction and map ({n})"] = [r["dual_certified_accuracy"] for r in by[n]]
+    c = rows[0]
+    certified_plot(path, radii, series, f"Certified accuracy (sigma {c['sigma']:g}, n {c['n_noise']}, alpha "
+                                        f"{c['alpha']:g}, {c['n']} inputs)")
 
 
 def save_sets(out: Path, sets: list[Any], meta: dict[str, Any]) -> list[str]:

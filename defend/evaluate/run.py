@@ -18,6 +18,7 @@ from ..provenance import noted_data, provenance
 from ..typed_config import plain_dict
 from .battery import Battery, load_battery, parse_battery
 from .card import CARD_SCHEMA_VERSION, plain_json, validate_card, validate_results
+from .certify import certification_rows
 from .entry import entry_from_card, inputs_sha256
 from .measure import (
     attack_inputs,
@@ -64,7 +65,7 @@ def card_files(out: Path, battery: Battery, rts: bool = False, detector: list[st
                sets: list[str] | None = None) -> list[Path]:
     """Every file an evaluation with ``battery`` may write into ``out`` (``sets``: the adversarial sets' names,
     default those of :func:`battery_set_names`; ``[]`` for a re-scoring run)."""
-    files = ["card.json", "report.md", "battery.yaml", *TABLES, "maps.png", "attacks.png", "roc.png"]
+    files = ["card.json", "report.md", "battery.yaml", *TABLES, "maps.png", "attacks.png", "roc.png", "certified.png"]
     files += [f"adversarial/{n}.pt" for n in (battery_set_names(battery, rts, detector) if sets is None else sets)]
     return [out / f for f in files]
 
@@ -158,6 +159,8 @@ def _measure(system: System, battery: Battery, battery_yaml: str, out: Path, set
     if system.detector is not None:
         results["detection"] = detection_rows(system, sets, battery, sweep=inputs is None)
         say("[evaluate] detection done")
+    results["certification"] = certification_rows(system, battery)
+    say("[evaluate] certificates done" if battery.certify is not None else "[evaluate] certificates skipped")
     label = {**label, "inputs_sha256": inputs_sha256(system.data)}
     digest = noted_data()
     validate_results(plain_json(results))
