@@ -19,6 +19,14 @@ batch. ``aid.mode="alternate"`` (the paper: "alternating between minimising l_in
 ``l_int + aid.weight * l_aid`` on AID batches. With ``aid.weight = 0`` it is plain RTS training. ``init_from``
 fine-tunes an existing RTS network (cheaper than training AID from scratch).
 
+Noise (not in the paper; for the randomized-smoothing certificate of the maps, :func:`attacks.certify.certify_map`):
+with ``aid.noise_sigma > 0`` the AID batches train the distillation term ``l_noise = mean|g(x; c) - g(x + n; c)|``,
+``n ~ N(0, noise_sigma^2 I)`` unclamped (:meth:`AIDModule.noisy_inputs`), the benign map detached (the teacher
+distilled onto the noisy input): the map of a noisy input for the explained class is pulled to the benign map, so the
+smoothed sparsified map keeps the benign top-k pixels. ``aid.noise_mode="replace"`` puts ``x + n`` in place of the
+ADV2 input (AID batches minimise ``aid.weight * l_noise``; no ADV2 runs), ``"add"`` trains both
+(``aid.weight * (l_aid + l_noise)``). ``noise_sigma = 0`` (default) leaves AID as it was.
+
 The classifier (``classifier`` = path of a classifier artifact or Lightning checkpoint) is held in a
 :class:`~defend.module_base.FrozenModule` that stays in eval mode whatever Lightning does, with
 ``requires_grad=False`` on every parameter: it is not in the optimiser and DDP does not synchronise it (DDP only
@@ -52,6 +60,8 @@ __all__ = ["AIDModule", "RTSObjective", "AIDSchedule", "InnerAttack", "AID_OPTIM
            "load_rts", "aid_attack", "aid_score", "AID_MODES", "OBJECTIVE_KEYS"]
 
 AID_MODES = ("alternate", "joint")
+#: how the noise term of AID batches relates to the ADV2 one (``aid.noise_mode``)
+NOISE_MODES = ("replace", "add")
 REPLACEMENTS = ("random", "noise", "blur")
 
 
@@ -135,6 +145,9 @@ class AIDSchedule:
         success_only: average ``l_aid`` over inputs the inner attack moved to its target class only.
         batch_size: run the inner attack and ``l_aid`` on the first ``batch_size`` examples of an AID batch only
             (cheaper; default: the whole batch). Under DDP it applies to each process's shard.
+        noise_sigma: not in the paper: with sigma > 0 AID batches train the noise distillation term ``l_noise`` at this
+            standard deviation (module docstring; 0 = off).
+        noise_mode: ``"replace"`` (``x + noise`` in place of the ADV2 input: no inner attack) or ``"add"`` (both).
     """
 
     weight: float = 0.0
@@ -147,8 +160,21 @@ class AIDSchedule:
     detach_benign: bool = False
     success_only: bool = True
     batch_size: int | None = None
+    noise_sigma: float = 0.0
+    noise_mode: Literal["replace", "add"] = "replace"
+
+    @property
+    def attacks(self) -> bool:
+        """Whether AID batches run the inner ADV2 (``l_aid``): AID is on and the noise does not replace it."""
+        return self.weight > 0 and not (self.noise_sigma > 0 and self.noise_mode == "replace")
 
     def __post_init__(self) -> None:
+        if self.noise_mode not in NOISE_MODES or not self.noise_sigma >= 0:
+            raise ValueError(f"need aid.noise_mode in {NOISE_MODES} and aid.noise_sigma >= 0 (0: no noise term), got "
+                             f"{self.noise_mode!r} and {self.noise_sigma}")
+        if self.noise_sigma > 0 and not self.weight > 0:
+            raise ValueError(f"aid.noise_sigma {self.noise_sigma} trains on AID batches: set aid.weight > 0 (e.g. 1.0) "
+                             f"or aid.noise_sigma: 0")
         if self.mode not in AID_MODES:
             raise ValueError(f"aid.mode must be one of {AID_MODES}, got {self.mode!r}")
         if self.mode == "joint" and self.anchor_aid_weight > 0:
@@ -320,7 +346,7 @@ class AIDModule(DefenceModule):
         drop = float(getattr(self, "val_max_localisation_drop", 0.1))
         if not 0 <= drop < 1:
             raise ValueError(f"val_max_localisation_drop must lie in [0, 1), got {drop}")
-        if self.aid.weight > 0 and self.attack.warm_steps + self.attack.steps == 0:
+        if self.aid.attacks and self.attack.warm_steps + self.attack.steps == 0:
             raise ValueError("AID (aid.weight > 0) needs attack.warm_steps + attack.steps > 0")
         if (self.aid.anchor_weight > 0 or self.aid.anchor_aid_weight > 0) and not (self.aid.anchor_from or init_from):
             raise ValueError("aid.anchor_weight or aid.anchor_aid_weight > 0 needs aid.anchor_from or init_from (the "
@@ -388,29 +414,43 @@ class AIDModule(DefenceModule):
             res["loss"] = res["loss"] + self.aid.anchor_weight * res["anchor"]
         return res
 
+    def noisy_inputs(self, x: Tensor, batch_idx: int = 0) -> Tensor:
+        """``x + n``, ``n ~ N(0, aid.noise_sigma^2 I)`` (unclamped), drawn from the batch's seeded stream for the
+        global batch and sharded (the same noise whatever the number of processes); the noise term's input."""
+        gen = self._generator(batch_idx, salt=2)
+        noise = shard_draw(lambda k: torch.randn((k, *x.shape[1:]), generator=gen), x.shape[0])
+        return x.detach() + float(self.aid.noise_sigma) * noise.to(x)
+
     def aid_loss(self, x: Tensor, cls: Tensor, batch_idx: int = 0) -> dict[str, Tensor]:
-        """``l_aid`` (Eqn 16) on a batch: ADV2 against the current RTS, then the L1 of benign vs adversarial maps.
+        """``l_aid`` (Eqn 16) on a batch: ADV2 against the current RTS, then the L1 of benign vs adversarial maps;
+        with ``aid.noise_sigma > 0`` also (``add``) or instead (``replace``: ``l_aid`` is 0) the noise term
+        ``l_noise`` (module docstring; 0 when off), all maps from ONE network forward.
 
         Also returns the class-head CE of the benign pass (keeps every RTS parameter in the graph, as DDP wants).
         """
         aid = self.aid
         if aid.batch_size:
             x, cls = x[:aid.batch_size], cls[:aid.batch_size]
-        gen = self._generator(batch_idx, salt=1)
-        y_t = random_targets(cls, self.model.num_classes, gen, shard=rank_world())
-        res = aid_attack(self.model, self.rts, x, y_t, self.attack,
-                         seed=int(torch.randint(0, 2**31 - 1, (), generator=gen)))
-        x_adv = res.x_adv.detach()
         n = x.shape[0]
-        m, logits = self.rts(self.model, torch.cat([x, x_adv]), torch.cat([cls, y_t]))
-        m_b, m_a = m[:n], m[n:]
-        if aid.detach_benign:
-            m_b = m_b.detach()
-        l1 = (m_b - m_a).abs().flatten(1).mean(1)
-        w = res.success.float() if aid.success_only else torch.ones_like(l1)
-        l_aid = -(w * l1).sum() / mean_over_ranks(w.sum()).clamp_min(1.0 / rank_world()[1])
-        ce = F.cross_entropy(logits[:n], cls)
-        out = {"l_aid": l_aid, "class_ce": ce, "asr": res.success.float().mean(), "l1_adv": l1.detach().mean()}
+        inputs, classes = [x], [cls]
+        if aid.attacks:
+            gen = self._generator(batch_idx, salt=1)
+            y_t = random_targets(cls, self.model.num_classes, gen, shard=rank_world())
+            res = aid_attack(self.model, self.rts, x, y_t, self.attack,
+                             seed=int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+            inputs, classes = [x, res.x_adv.detach()], [cls, y_t]
+        if aid.noise_sigma > 0:
+            inputs, classes = [*inputs, self.noisy_inputs(x, batch_idx)], [*classes, cls]
+        m, logits = self.rts(self.model, torch.cat(inputs), torch.cat(classes))
+        out = {"class_ce": F.cross_entropy(logits[:n], cls), "l_aid": m.new_zeros(()), "l_noise": m.new_zeros(())}
+        if aid.attacks:
+            m_b = m[:n].detach() if aid.detach_benign else m[:n]
+            l1 = (m_b - m[n:2 * n]).abs().flatten(1).mean(1)
+            w = res.success.float() if aid.success_only else torch.ones_like(l1)
+            out["l_aid"] = -(w * l1).sum() / mean_over_ranks(w.sum()).clamp_min(1.0 / rank_world()[1])
+            out.update({"asr": res.success.float().mean(), "l1_adv": l1.detach().mean()})
+        if aid.noise_sigma > 0:
+            out["l_noise"] = (m[:n].detach() - m[-n:]).abs().mean()
         if self.anchor_rts is not None:
             with torch.no_grad():
                 m0 = self.anchor_rts(self.model, x, cls)[0]
@@ -434,8 +474,9 @@ class AIDModule(DefenceModule):
         if self.is_aid_batch(batch_idx):
             self.aid_steps += 1
             a = self.aid_loss(x, cls, batch_idx)
-            loss = self.aid.weight * a["l_aid"] + class_weight * a["class_ce"]
-            logs.update({"l_aid": a["l_aid"], "aid_asr": a["asr"]})
+            loss = self.aid.weight * (a["l_aid"] + a["l_noise"]) + class_weight * a["class_ce"]
+            logs.update({"l_aid": a["l_aid"], "aid_asr": a["asr"]} if "asr" in a else {})
+            logs.update({"l_noise": a["l_noise"]} if self.aid.noise_sigma > 0 else {})
             if "anchor" in a:
                 logs["aid_anchor"] = a["anchor"].detach()
             if self.aid.mode == "joint":
@@ -543,7 +584,8 @@ class AIDModule(DefenceModule):
         hp, aid = self.hparams, self.aid
         return {"network": self.rts.config(), "classifier": str(hp.classifier), "classifier_meta": self.model.describe(),
                 "aid_weight": float(aid.weight), "aid_mode": aid.mode, "aid_every": int(aid.every),
-                "aid_steps": int(self.aid_steps), "init_from": hp.init_from, "objective": self.objective.rts_kwargs(),
+                "aid_steps": int(self.aid_steps), "aid_noise_sigma": float(aid.noise_sigma),
+                "aid_noise_mode": aid.noise_mode, "init_from": hp.init_from, "objective": self.objective.rts_kwargs(),
                 "class_weight": float(self.objective.class_weight)}
 
     def rts_meta(self) -> dict[str, Any]:
@@ -584,3 +626,7 @@ _rts_defence("rts", "rts", "the normal classifier explained by the plain real-ti
 _rts_defence("rts_aid", "aid", "the normal classifier explained by RTS trained with adversarial interpretation "
                                "distillation (ADV2 section 5 Q3; AIDModule, AID weight > 0): its maps of adversarial "
                                "inputs should differ from the benign ones (low IoU).", _aid_note)
+_rts_defence("rts_noise", "noise", "the normal classifier explained by RTS fine-tuned from the plain RTS with the noise "
+                                   "distillation term (AIDModule, aid.noise_sigma 0.25: the map of x + N(0, sigma^2 I) "
+                                   "pulled to the benign map, ADV2 replaced by noise): the RTS whose smoothed map is "
+                                   "certified (randomized smoothing, issue 29).", _aid_note)

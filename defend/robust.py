@@ -41,18 +41,25 @@ Modes (``mode=``) -- what each trains on (``x_d`` the D input, ``x_ce`` the CE i
   ``CE(f(x'), y) + gamma * D(x, x')``.
 * ``"trades"``: Zhang et al., ICML 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x'))``, ``x'`` the PGD maximiser of the
   KL started at ``x + 0.001 * N(0, 1)`` (:func:`trades_kl`, :func:`trades_attack`).
+* ``"gaussian"``: Gaussian-noise data augmentation (Cohen, Rosenfeld and Kolter, ICML 2019, section 4: the base
+  classifier of randomized smoothing), ``CE(f(x + n), y)``, ``n ~ N(0, noise.sigma^2 I)`` drawn afresh for every input
+  of every batch and NOT clamped to [0, 1] (as the smoothed classifier :mod:`attacks.certify` certifies sees it;
+  :func:`gaussian_noise`). No inner maximisation (``inner`` is unused).
 
 ``batchnorm=`` says which forwards BatchNorm learns from: ``"joint"`` (default) is one forward in train mode over
 every input of the loss (``[x; x_d (; x_ce)]`` for the Int modes, ``x`` and ``x'`` for TRADES), while PGD-AT's sees
 ``x_ce`` only; ``"ce"`` gives every mode PGD-AT's treatment: the CE input's forward alone runs in train mode (batch
 statistics, running-stat update) and the other forwards (D's ``x`` and ``x_d``, TRADES' ``x'``) run with BatchNorm
-in eval mode (:func:`batchnorm_eval`). A BatchNorm-free model (``model_options: {batchnorm: false}``, as the
+in eval mode (:func:`batchnorm_eval`). ``gaussian`` has one forward, of the noisy inputs: BatchNorm sees (and its running
+statistics describe) noisy inputs only, the distribution the smoothed classifier is queried on; clean validation
+inputs are classified with those statistics. A BatchNorm-free model (``model_options: {batchnorm: false}``, as the
 reference's WResNet) needs neither.
 
 Options: ``mode``, ``interpretation``, ``gamma``, ``ce_attack``, ``discrepancy`` and ``batchnorm`` next to the
 classifier's options (:class:`~defend.classifier.ClassifierModule`, which this module extends), the inner
 maximisations as one group (:class:`InnerMaximisation`: ``inner.eps``, ``inner.steps``, ``inner.alpha``,
-``inner.ramp_epochs``, ``inner.random_start``) and the optimiser as another (:class:`~defend.module_base.Optimiser`).
+``inner.ramp_epochs``, ``inner.random_start``), the noise of ``gaussian`` as another (:class:`NoiseAugmentation`:
+``noise.sigma``) and the optimiser as a third (:class:`~defend.module_base.Optimiser`).
 
 The inner maximisations run :func:`attacks.frameworks.pgd_maximise` (random start, input gradients only)
 with the model in eval mode (restored afterwards). The outer loss is built from differentiable maps and
@@ -84,10 +91,12 @@ __all__ = [
     "MODES", "INTERPRETATIONS", "DISCREPANCIES", "BATCHNORMS", "RobustClassifierModule", "InnerMaximisation",
     "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "discrepancy", "discrepancy_l1_2class",
     "interpretation_discrepancy", "worst_case_discrepancy", "ce_discrepancy_attack", "pgd_ce_attack", "trades_kl",
-    "trades_attack", "batchnorm_eval",
+    "trades_attack", "batchnorm_eval", "NoiseAugmentation", "gaussian_noise",
 ]
 
-MODES = ("normal", "pgd_at", "int", "int_adv", "int_adv_single", "trades")
+MODES = ("normal", "pgd_at", "int", "int_adv", "int_adv_single", "trades", "gaussian")
+#: the modes without an inner maximisation (``inner`` unused)
+UNATTACKED = ("normal", "gaussian")
 INTERPRETATIONS = ("cam", "grad")
 #: the discrepancy D: ours (min-max maps, mean over pixels) or Boopathy et al.'s (raw maps, sum, Eqn 20's 1/2)
 DISCREPANCIES = ("normalised", "reference")
@@ -280,6 +289,31 @@ class InnerMaximisation:
                              f"got {self.eps} and {self.alpha}")
 
 
+@dataclass(frozen=True)
+class NoiseAugmentation:
+    """The Gaussian noise of mode ``gaussian`` (Cohen et al. 2019).
+
+    Args:
+        sigma: standard deviation of the noise in image units (images in [0, 1]); the smoothed classifier is certified
+            at the same sigma (Cohen et al. train and certify at 0.12, 0.25, 0.5, 1.0).
+    """
+
+    sigma: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise ValueError(f"noise.sigma must be > 0 (the standard deviation of the training noise, e.g. 0.25), got "
+                             f"{self.sigma}")
+
+
+def gaussian_noise(x: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """``x + n``, ``n ~ N(0, sigma^2 I)`` drawn from ``generator`` (the global stream when None), not clamped to
+    [0, 1] (randomized smoothing's noise, Cohen et al. 2019); detached."""
+    n = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device,
+                    dtype=x.dtype)
+    return x.detach() + float(sigma) * n.to(x.device)
+
+
 #: the default optimiser of :class:`RobustClassifierModule`: Adam at a constant learning rate (the reference)
 ROBUST_OPTIMISER = Optimiser(name="adam", lr=1e-3, weight_decay=0.0, schedule="constant")
 
@@ -295,7 +329,8 @@ class RobustClassifierModule(ClassifierModule):
         num_classes: number of classes; must match the data module.
         model_options: extra keyword arguments of the architecture (e.g. ``width``, ``batchnorm: false``).
         mode: ``"normal"``, ``"pgd_at"``, ``"int"``, ``"int_adv"`` (two adversarial inputs), ``"int_adv_single"``
-            (one, the reference's ``train_int``) or ``"trades"`` (module docstring).
+            (one, the reference's ``train_int``), ``"trades"`` or ``"gaussian"`` (noise augmentation; module
+            docstring).
         interpretation: ``"cam"`` or ``"grad"`` (maps inside D).
         gamma: weight of the worst-case discrepancy D, on D's scale (``discrepancy``; the reference's 0.01 on summed
             raw CAMs is 0.02 with ``discrepancy: reference``).
@@ -308,6 +343,7 @@ class RobustClassifierModule(ClassifierModule):
             forward alone trains BatchNorm, as in ``pgd_at``; the other forwards use its running statistics).
         inner: the inner maximisations (radius, steps, step size, radius ramp, random start; ``trades`` always
             starts at ``x + 0.001 N(0, 1)``).
+        noise: in ``gaussian``, the training noise (:class:`NoiseAugmentation`: ``noise.sigma``).
         optimiser: the optimiser and its learning-rate schedule (default: Adam, lr 0.001, constant).
         label_smoothing: label smoothing of the outer cross-entropy.
         init_from: classifier artifact or Lightning checkpoint to start from (fine-tune a trained classifier to be
@@ -318,10 +354,11 @@ class RobustClassifierModule(ClassifierModule):
     def __init__(self, arch: str = "small_cnn", num_classes: int = 10, model_options: dict[str, Any] | None = None,
                  mode: str = "int_adv", interpretation: str = "cam", gamma: float = 0.01, ce_attack: str = "pgd",
                  beta: float = 6.0, discrepancy: str = "normalised", batchnorm: str = "joint",
-                 inner: InnerMaximisation = InnerMaximisation(),
+                 inner: InnerMaximisation = InnerMaximisation(), noise: NoiseAugmentation = NoiseAugmentation(),
                  optimiser: Optimiser = ROBUST_OPTIMISER,
                  label_smoothing: float = 0.0, init_from: str | None = None, new_head: bool = False) -> None:
         inner = as_options(inner, InnerMaximisation(), "inner")
+        noise = as_options(noise, NoiseAugmentation(), "noise")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if interpretation not in INTERPRETATIONS:
@@ -336,13 +373,13 @@ class RobustClassifierModule(ClassifierModule):
             raise ValueError(f"gamma must be >= 0 (the weight of the worst-case discrepancy), got {gamma}")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0 (the weight of TRADES' KL term), got {beta}")
-        if mode != "normal" and (inner.eps <= 0 or inner.steps < 1):
+        if mode not in UNATTACKED and (inner.eps <= 0 or inner.steps < 1):
             raise ValueError(f"mode {mode!r} needs inner.eps > 0 and inner.steps >= 1 (or mode: normal)")
         super().__init__(arch=arch, num_classes=num_classes, model_options=model_options, optimiser=optimiser,
                          label_smoothing=label_smoothing, init_from=init_from, new_head=new_head)
-        self.inner = inner
+        self.inner, self.noise = inner, noise
         self.save_options(mode=mode, interpretation=interpretation, gamma=gamma, ce_attack=ce_attack, beta=beta,
-                          discrepancy=discrepancy, batchnorm=batchnorm, inner=inner)
+                          discrepancy=discrepancy, batchnorm=batchnorm, inner=inner, noise=noise)
 
     @classmethod
     def default_optimiser(cls) -> Optimiser:
@@ -363,10 +400,12 @@ class RobustClassifierModule(ClassifierModule):
     def _inner_inputs(self, x: Tensor, y: Tensor, eps: float,
                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """``(x_d, x_ce)``: the D-maximising (``trades``: KL-maximising) input and the input of the CE (both ``x``
-        when nothing is attacked);
+        when nothing is attacked; ``gaussian``: ``x_ce`` is ``x`` plus noise from ``generator``);
         the model is in eval mode meanwhile (its flags restored afterwards)."""
         hp, inner = self.hparams, self.inner
         x_d = x_ce = x
+        if hp.mode == "gaussian":
+            return x_d, gaussian_noise(x, self.noise.sigma, generator)
         if hp.mode == "normal" or eps <= 0:
             return x_d, x_ce
         alpha = float(inner.alpha) * eps / float(inner.eps)
@@ -391,13 +430,14 @@ class RobustClassifierModule(ClassifierModule):
         ``l_CE(f(x_ce), y) + gamma * D(x, x_d)`` (module docstring; AdvEdge Eqn 21).
 
         Returns ``loss`` (differentiable in the parameters), ``ce``, ``d`` (mean worst-case D, ``trades``: mean
-        KL; 0 when unused) and ``logits`` of the CE input (for accuracy).
+        KL; 0 when unused) and ``logits`` of the CE input (for accuracy; ``gaussian``: of the noisy input).
+        ``generator`` draws the inner attacks' random starts and ``gaussian``'s noise (the global stream when None).
         """
         hp = self.hparams
         eps = float(self.inner.eps) if eps is None else float(eps)
         x = x.detach()
         x_d, x_ce = self._inner_inputs(x, y, eps, generator)
-        if hp.mode in ("normal", "pgd_at"):
+        if hp.mode in ("normal", "pgd_at", "gaussian"):
             logits = self.model(x_ce)
             ce = F.cross_entropy(logits, y, label_smoothing=float(hp.label_smoothing))
             return {"loss": ce, "ce": ce.detach(), "d": x.new_zeros(()), "logits": logits.detach()}
@@ -464,7 +504,8 @@ class RobustClassifierModule(ClassifierModule):
         bs = x.shape[0]
         self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
         self.log("train/ce", out["ce"], batch_size=bs)
-        self.log("train/d", out["d"], prog_bar=self.hparams.mode not in ("normal", "pgd_at"), batch_size=bs)
+        self.log("train/d", out["d"], prog_bar=self.hparams.mode not in ("normal", "pgd_at", "gaussian"),
+                 batch_size=bs)
         self.log("train/eps", eps, batch_size=bs)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
         return out["loss"]
@@ -476,17 +517,19 @@ class RobustClassifierModule(ClassifierModule):
                 "eps": float(inner.eps), "inner_steps": int(inner.steps), "inner_alpha": float(inner.alpha),
                 "eps_ramp_epochs": float(inner.ramp_epochs), "ce_attack": hp.ce_attack,
                 "discrepancy": hp.discrepancy, "batchnorm": hp.batchnorm,
-                **({"beta": float(hp.beta)} if hp.mode == "trades" else {})}
+                **({"beta": float(hp.beta)} if hp.mode == "trades" else {}),
+                **({"sigma": float(self.noise.sigma)} if hp.mode == "gaussian" else {})}
 
     def artifact_meta(self) -> dict[str, Any]:
         return {**super().artifact_meta(), "robust_training": self.robust_meta()}
 
 
 # --------------------------------------------------------------------------------------------- the defences
-def _robust_defence(name: str, description: str) -> Defence:
-    """A classifier trained by :class:`RobustClassifierModule` in mode ``name``, explained by CAM and GRAD."""
-    return register_defence(Defence(name, description, trains="robust", module={"mode": name}, artifact=CLASSIFIER),
-                            __name__)
+def _robust_defence(name: str, description: str, module: dict[str, Any] | None = None) -> Defence:
+    """A classifier trained by :class:`RobustClassifierModule` with ``module`` (default: mode ``name``), explained by
+    CAM and GRAD."""
+    return register_defence(Defence(name, description, trains="robust", module=module or {"mode": name},
+                                    artifact=CLASSIFIER), __name__)
 
 
 register_defence(Defence("normal", "the plain classifier (cross-entropy training), explained by CAM and GRAD: the "
@@ -503,3 +546,8 @@ _robust_defence("int_adv_single", "the classifier trained for interpretation rob
 _robust_defence("trades", "the classifier trained with TRADES (Zhang et al. ICML 2019: CE of the clean input + beta x "
                           "KL(f(x) || f(x')), x' the PGD maximiser of the KL; RobustClassifierModule, mode trades), "
                           "explained by CAM and GRAD.")
+_robust_defence("gaussian_aug", "the classifier trained with Gaussian noise augmentation at sigma (Cohen, Rosenfeld and "
+                                "Kolter ICML 2019: CE of x + N(0, sigma^2 I), unclamped; RobustClassifierModule, mode "
+                                "gaussian, noise.sigma 0.25 unless the config says), explained by CAM and GRAD; its "
+                                "smoothed version is certified.",
+                {"mode": "gaussian", "noise": {"sigma": 0.25}})

@@ -31,14 +31,14 @@ def _tiny_module(mode: str, **kw) -> RobustClassifierModule:
 
 # --------------------------------------------------------------------------------------------- the registry
 def test_registry_holds_every_defence_in_row_order():
-    assert defence_names() == ["normal", "pgd_at", "int_adv", "int_adv_single", "trades", "beta_smoothing", "rts",
-                               "rts_aid", "detector"]
+    assert defence_names() == ["normal", "pgd_at", "int_adv", "int_adv_single", "trades", "gaussian_aug",
+                               "beta_smoothing", "rts", "rts_aid", "rts_noise", "detector"]
     with pytest.raises(ValueError, match="unknown defence 'trade'.*did you mean 'trades'"):
         DEFENCES.get("trade")
 
 
-@pytest.mark.parametrize("name", ["normal", "pgd_at", "int_adv", "int_adv_single", "trades", "beta_smoothing", "rts",
-                                  "rts_aid", "detector"])
+@pytest.mark.parametrize("name", ["normal", "pgd_at", "int_adv", "int_adv_single", "trades", "gaussian_aug",
+                                  "beta_smoothing", "rts", "rts_aid", "rts_noise", "detector"])
 def test_each_defence_describes_itself(name):
     from defend.experiments.scorecard import ScorecardExperiment
 
@@ -131,7 +131,7 @@ def test_scorecard_reuse_and_rows_come_from_the_registry(tmp_path):
 
     cfg = _scorecard_cfg(["normal"], tmp_path)
     cfg.reuse = {"beta_smoothing": "x.pt"}  # training-free: nothing to reuse
-    with pytest.raises(ValueError, match="unknown name 'beta_smoothing' in reuse; choose one of: pgd_at, int_adv, int_adv_single, trades, rts, rts_aid, detector$"):
+    with pytest.raises(ValueError, match="unknown name 'beta_smoothing' in reuse; choose one of: pgd_at, int_adv, int_adv_single, trades, gaussian_aug, rts, rts_aid, rts_noise, detector$"):
         check(cfg)
 
 

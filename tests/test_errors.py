@@ -304,7 +304,7 @@ def test_experiment_robust_models_are_checked_before_training(tmp_path, capsys):
     ("--model.init_args.inner.eps=-0.1", r"need inner\.eps >= 0, .* got -0\.1"),
     ("--model.init_args.inner.eps=0", r"mode 'int_adv' needs inner\.eps > 0 and inner\.steps >= 1"),
     ("--model.init_args.mode=adversarial",
-     r"mode must be one of \('normal', 'pgd_at', 'int', 'int_adv', 'int_adv_single', 'trades'\)"),
+     r"mode must be one of \('normal', 'pgd_at', 'int', 'int_adv', 'int_adv_single', 'trades', 'gaussian'\)"),
     ("--model.init_args.optimiser.lr=fast", r"Parser key \"optimiser\.lr\": Expected a <class 'float'>"),
     ("--model.init_args.optimiser.lr=0", r"need optimiser\.lr > 0"),
     ("--model.init_args.optimiser.schedule=multistep", r"optimiser\.schedule 'multistep' needs optimiser\.milestones"),

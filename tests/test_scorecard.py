@@ -16,6 +16,7 @@ from defend import load_card, save_classifier, validate_card
 from defend.experiments.runner import load_experiments
 from defend.experiments.runner import main as experiment
 from defend.experiments.scorecard import DEFENCES, NOT_MEASURED
+from defend.io import load_artifact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,18 @@ def test_beta_smoothing_explains_with_grad_softplus(scorecard):
     assert "grad_softplus" in read and "grad" not in read
     headers, body = _table(out)
     assert [r[0] for r in body if r[0].startswith("beta_smoothing")] == ["beta_smoothing · GRAD_SOFTPLUS"]
+
+
+def test_noise_rows_are_trained_with_noise(scorecard):
+    """gaussian_aug's card explains a classifier trained in mode gaussian at the configured sigma; rts_noise's RTS was
+    fine-tuned from the plain RTS with the noise term (its AID steps counted)."""
+    out, _ = scorecard
+    card = load_card(out / "cards" / "gaussian_aug")
+    trained = card["system"]["classifier"]["meta"]["robust_training"]
+    assert (trained["mode"], trained["sigma"]) == ("gaussian", 0.25)
+    assert load_card(out / "cards" / "rts_noise")["system"]["rts"]["path"] == str(out / "models" / "rts_noise.pt")
+    meta = load_artifact(out / "models" / "rts_noise.pt", "rts")["meta"]
+    assert meta["aid_noise_sigma"] == 0.25 and meta["aid_steps"] > 0 and meta["init_from"].endswith("rts.pt")
 
 
 def test_nested_evaluations_are_in_the_experiments_manifest(scorecard):

@@ -167,17 +167,21 @@ class AIDTrainingPlan:
     and ``seed`` are set by the experiment); ``rts``: the plain RTS (``aid.weight`` is 0, its class selector
     untrained: the start of the AID run), ``rts_selector``: the plain RTS with its class selector trained
     (``objective.fake_label_prob`` > 0; the fair baseline of the ratio; null: none, the baseline is ``rts``),
-    ``aid``: the AID-trained one; each merges its own ``module`` over the shared one, group by group."""
+    ``aid``: the AID-trained one; ``noise``: the RTS trained with the noise distillation term (``aid.noise_sigma``
+    > 0, :class:`~defend.aid.AIDSchedule`; the scorecard's ``rts_noise`` row; this experiment neither trains nor
+    reports it; null: none); each merges its own ``module`` over the shared one, group by group."""
 
     module: dict[str, Any] = field(default_factory=dict)
     rts: RTSTraining = field(default_factory=RTSTraining)
     rts_selector: RTSTraining | None = None
     aid: AIDTraining = field(default_factory=AIDTraining)
+    noise: AIDTraining | None = None
 
-    def options(self, which: Literal["rts", "rts_selector", "aid"]) -> dict[str, Any]:
-        """The AIDModule arguments of the plain (``rts``), the fair-baseline (``rts_selector``) or the AID run."""
-        if which == "aid":
-            return deep_merge(self.module, self.aid.module)
+    def options(self, which: Literal["rts", "rts_selector", "aid", "noise"]) -> dict[str, Any]:
+        """The AIDModule arguments of the plain (``rts``), the fair-baseline (``rts_selector``), the AID or the noise
+        run."""
+        if which in ("aid", "noise"):
+            return deep_merge(self.module, getattr(self, which).module)
         run = self.rts if which == "rts" else self.rts_selector
         return deep_merge(deep_merge(self.module, run.module if run is not None else {}), PLAIN)
 
@@ -185,6 +189,11 @@ class AIDTrainingPlan:
         """The interpreters of the experiment by row name, in training order (``rts_selector`` first when set)."""
         first = {} if self.rts_selector is None else {"rts_selector": self.rts_selector}
         return {**first, "rts": self.rts, "rts_aid": self.aid}
+
+    def init_of(self, part: str) -> str | None:
+        """The part of the plan that run ``part`` fine-tunes: ``rts`` for a fine-tuning run (``aid`` / ``noise``)
+        with ``init: rts``; None when it trains from scratch."""
+        return "rts" if getattr(getattr(self, part, None), "init", None) == "rts" else None
 
     def check(self, classifier: ClassifierSpec) -> None:
         """Every section fits AIDModule; the plain runs are plain, the selector's trains its selector, the AID run
@@ -207,6 +216,10 @@ class AIDTrainingPlan:
         anchor = (aid.get("aid") or {}).get("anchor_from")
         if anchor:
             _check_rts_file(anchor, "training.aid.module.aid.anchor_from", classifier)
+        if float((aid.get("aid") or {}).get("noise_sigma", 0.0)) > 0:
+            raise ValueError("training.aid is the AID run: leave out training.aid.module.aid.noise_sigma (the noise run "
+                             "is training.noise)")
+        self.check_noise(classifier)
         sched = aid.get("aid") or {}
         if self.aid.select is not None and not float(self.aid.select.max_localisation_drop) < 1:
             raise ValueError("training.aid.select.max_localisation_drop must be < 1 (1 admits any localisation)")
@@ -214,6 +227,23 @@ class AIDTrainingPlan:
                                                 or float(sched.get("anchor_aid_weight", 0)) > 0):
             raise ValueError("training.aid.select measures localisation against the anchor network: set "
                              "training.aid.module.aid.anchor_weight (or anchor_aid_weight) > 0, or select: null")
+
+    def check_noise(self, classifier: ClassifierSpec) -> None:
+        """The noise run (when set) fits AIDModule, trains the noise term and fine-tunes without selection."""
+        run = self.noise
+        if run is None:
+            return
+        check_class_options(AIDModule, run.module, "training.noise.module", skip=MODULE_SKIP)
+        if run.checkpoint is not None:
+            _check_reuse(run.checkpoint, "training.noise.checkpoint", classifier)
+        opts = self.options("noise")
+        check_rts_module(opts, "training.noise", init_from="rts.pt" if run.init == "rts" else None)
+        if not float((opts.get("aid") or {}).get("noise_sigma", 0.0)) > 0:
+            raise ValueError("training.noise trains the noise distillation term: set training.noise.module.aid."
+                             "noise_sigma > 0 (e.g. 0.25) and aid.weight > 0")
+        if run.select is not None:
+            raise ValueError("training.noise.select: selection measures the ADV2 map L1 of the AID run; use select: "
+                             "null for the noise run")
 
     def _check_selector(self) -> None:
         """The fair baseline is a plain RTS that trains its class selector (``objective.fake_label_prob`` > 0)."""
@@ -314,6 +344,10 @@ def check(cfg: AIDExperiment) -> None:
                          " null for none")
     if ad is not None and ad.c_values is not None and not ad.c_values:
         raise ValueError("evaluation.adaptive.c_values is empty: list the c values to sweep, or null for none")
+    if cfg.training.noise is not None:
+        raise ValueError("training.noise is the scorecard's rts_noise run: the aid experiment neither trains nor "
+                         "reports it; remove training.noise (or run it with defend experiment -c "
+                         "configs/experiments/scorecard.yaml --defences=[rts,rts_noise])")
     cfg.training.check(cfg.classifier)
     cfg.classifier.check(default_data(cfg))
 

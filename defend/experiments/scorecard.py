@@ -13,8 +13,11 @@ the battery, which lines and cells it reports and how it is described. Today:
   ``robust.models`` named so;
 * ``beta_smoothing``: the normal classifier explained by ``grad_softplus`` (Dombrowski et al., NeurIPS 2019: GRAD of
   the network with softplus(beta) in place of ReLU) instead of GRAD (a training-free baseline);
-* ``rts`` / ``rts_aid``: the normal classifier explained by the plain RTS interpreter vs one trained with AID
-  (:class:`defend.aid.AIDModule`, the ``aid`` experiment's training function, ``aid:`` its training plan);
+* ``gaussian_aug``: the classifier trained with Gaussian noise augmentation (mode ``gaussian``, Cohen et al. 2019),
+  a ``robust.models`` entry like the others;
+* ``rts`` / ``rts_aid`` / ``rts_noise``: the normal classifier explained by the plain RTS interpreter vs one trained
+  with AID vs one trained with the noise distillation term (:class:`defend.aid.AIDModule`, the ``aid`` experiment's
+  training function, ``aid:`` its training plan, ``aid.noise`` the noise run);
 * ``detector``: the normal classifier behind the multi-interpreter detector (:class:`defend.detector.DetectorModule`
   on the stacked maps of ``detector.interpreters``, trained on benign and adversarial inputs of ``detector.split``,
   the training split: the development split sets the card's FPR thresholds, the test split reports), scored by its detection rates at 1 % / 5 % false positives on the battery's non-adaptive
@@ -36,6 +39,7 @@ network) are this run's and its files are the manifest's, unedited (:func:`finis
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -201,8 +205,11 @@ def _robust_cfg(cfg: ScorecardExperiment) -> RobustExperiment:
 
 
 def _aid_cfg(cfg: ScorecardExperiment) -> AIDExperiment:
+    """The ``aid`` experiment's config of the RTS rows (its plan without the noise run, which that experiment does not
+    train: :func:`check` checks it, :func:`_fits` trains it)."""
     return AIDExperiment(seed=cfg.seed, threads=cfg.threads, trainer=cfg.trainer, output_dir=cfg.output_dir,
-                         data=default_data(cfg), classifier=cfg.classifier, training=cfg.aid)
+                         data=default_data(cfg), classifier=cfg.classifier,
+                         training=dataclasses.replace(cfg.aid, noise=None))
 
 
 def _reused(cfg: ScorecardExperiment, name: str) -> Path | None:
@@ -212,6 +219,15 @@ def _reused(cfg: ScorecardExperiment, name: str) -> Path | None:
         return None
     p, kind = Path(path), _defence(name).artifact
     return p if kind is not None and kind.present(p) else None
+
+
+def _check_battery_fits(battery: Battery, dm: BaseDataModule) -> None:
+    """What ``defend evaluate``'s preflight would refuse about the data once every model is trained: more attacked
+    inputs than the test split holds (said here, before any training)."""
+    dm.setup("test")
+    n_test = len(dm.test_dataset)
+    if int(battery.n_images) > n_test:
+        raise ValueError(f"n_images ({battery.n_images}) exceeds the {n_test} test inputs of the data; lower n_images")
 
 
 def check(cfg: ScorecardExperiment) -> None:
@@ -226,12 +242,13 @@ def check(cfg: ScorecardExperiment) -> None:
         check_names([key], _artifact_names(), "reuse")
     for key in cfg.rows:
         check_names([key], DEFENCES, "rows")
+    dm = default_data(cfg)
     for row in cfg.defences:
         try:
-            row_battery(cfg, row)
+            _check_battery_fits(row_battery(cfg, row)[0], dm)
         except (ValueError, FileNotFoundError) as exc:
             raise type(exc)(f"battery of row {row}: {exc}") from None
-    cfg.classifier.check(default_data(cfg))
+    cfg.classifier.check(dm)
     robust = _family(cfg, "robust")
     for name in robust:
         model = next((m for m in cfg.robust.models if m.name == name), None)
@@ -241,8 +258,14 @@ def check(cfg: ScorecardExperiment) -> None:
                              + "}})")
     if any(_reused(cfg, n) is None for n in robust):
         check_robust(_robust_cfg(cfg))
+    for name in _family(cfg, "aid"):
+        if getattr(cfg.aid, _defence(name).module["plan"]) is None:
+            raise ValueError(f"defences lists {name} but aid.{_defence(name).module['plan']} is null: set it (e.g. "
+                             "{init: rts, max_epochs: 1, module: {aid: {weight: 1.0, every: 1, mode: joint, "
+                             "noise_sigma: 0.25}}})")
     if any(_reused(cfg, d) is None for d in _family(cfg, "aid")):
         check_aid(_aid_cfg(cfg))
+        cfg.aid.check_noise(cfg.classifier)
     if _family(cfg, "detector"):
         d = cfg.detector
         check_names(list(d.interpreters), INTERPRETERS, "detector.interpreters")
@@ -260,7 +283,7 @@ def _artifacts(cfg: ScorecardExperiment, out: Path) -> dict[str, Path]:
     """Where each trained artifact of the rows asked for lives (reused or ``<out>/models/``)."""
     need = {d for d in cfg.defences if _defence(d).artifact is not None}
     start = _aid_start(cfg)
-    if start is not None and any(_defence(d).module.get("plan") == "aid" for d in need & set(_family(cfg, "aid"))):
+    if start is not None and any(cfg.aid.init_of(_defence(d).module["plan"]) for d in need & set(_family(cfg, "aid"))):
         need.add(start)
     paths = {}
     for name in (n for n in defence_names() if n in need):  # row order: an artifact after the one it starts from
@@ -269,10 +292,9 @@ def _artifacts(cfg: ScorecardExperiment, out: Path) -> dict[str, Path]:
 
 
 def _aid_start(cfg: ScorecardExperiment) -> str | None:
-    """The defence whose RTS network the AID-trained one starts from (``aid.aid.init`` names that part of the AID
-    plan; ``scratch``: none)."""
-    return next((n for n in defence_names() if _defence(n).trains == "aid"
-                 and _defence(n).module.get("plan") == cfg.aid.aid.init), None)
+    """The defence whose RTS network the fine-tuned ones (AID, noise) start from: that of the plan's ``rts`` part."""
+    return next((n for n in defence_names() if _defence(n).trains == "aid" and _defence(n).module.get("plan") == "rts"),
+                None)
 
 
 def outputs(cfg: ScorecardExperiment, out: Path) -> list[Path]:
@@ -397,8 +419,8 @@ def _train_artifacts(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, c
         if name in info:
             continue
         d = _defence(name)
-        starts = init if d.module.get("plan") == "aid" else None
-        digest = model_settings(cfg, name, clf_path, starts if d.trains == "aid" else None)
+        starts = init if d.trains == "aid" and cfg.aid.init_of(d.module["plan"]) else None
+        digest = model_settings(cfg, name, clf_path, starts)
         if _reusable_model(out, name, path, digest):
             print(f"[scorecard] reusing {path}: trained by an earlier run with the same settings "
                   "(settings digest and sha256 verified)", flush=True)
@@ -422,8 +444,8 @@ def _fits(cfg: ScorecardExperiment, dm: BaseDataModule, model: Any, clf_path: st
     def fit_aid(name: str) -> dict[str, Any]:
         part = _defence(name).module["plan"]
         res = train_rts(aid_cfg, getattr(plan, part), plan.options(part), clf_path, dm,
-                        init if part == "aid" else None, paths[name], progress)
-        return _rts_info(res, "RTS with AID" if part == "aid" else "plain RTS", progress)
+                        init if plan.init_of(part) else None, paths[name], progress)
+        return _rts_info(res, name, progress)
 
     return {"robust": fit_robust, "aid": fit_aid,
             "detector": lambda name: _train_detector(cfg, dm, model, paths[name], progress)}
@@ -433,9 +455,9 @@ def _robust_info(res: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": res["train_seconds"], "mode": res["mode"]}
 
 
-def _rts_info(res: dict[str, Any], what: str, progress: bool) -> dict[str, Any]:
+def _rts_info(res: dict[str, Any], name: str, progress: bool) -> dict[str, Any]:
     if progress:
-        print(f"[scorecard] trained {what}", flush=True)
+        print(f"[scorecard] trained the RTS network of {name}", flush=True)
     return {"seconds": res["train_seconds"], **({"aid_steps": res["aid_steps"]} if "aid_steps" in res else {})}
 
 
