@@ -90,14 +90,14 @@ def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[f
 def certified_plot(path: str | Path, radii: Sequence[float], series: dict[str, Sequence[float | None]],
                    title: str = "") -> Figure:
     """Certified accuracy against the L2 radius (Cohen et al.'s Figure 1): one step line per series, markers at the
-    measured radii, the share at a radius held until the next one (the share cannot grow with r: between two measured
-    radii the true curve lies at or below the step), each series in its own dash pattern so that equal curves stay
-    visible, the share axis on [0, 1]."""
+    measured radii, the share at a radius drawn back to the previous one (the share cannot grow with r: between two
+    measured radii the true curve lies at or above the step, so the figure never overstates a certificate), each
+    series in its own dash pattern so that equal curves stay visible, the share axis on [0, 1]."""
     fmt = figure_format(path)
     fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
     styles = ["-", "--", ":", "-."]
     for i, (name, ys) in enumerate(series.items()):
-        ax.plot(list(radii), [float("nan") if v is None else v for v in ys], drawstyle="steps-post", marker="os^v"[i % 4],
+        ax.plot(list(radii), [float("nan") if v is None else v for v in ys], drawstyle="steps-pre", marker="os^v"[i % 4],
                 ls=styles[i % len(styles)], lw=2.2 if i == 0 else 1.4, label=name)
     ax.set_ylim(-0.02, 1.02)
     _label_axes(ax, "L2 radius r (image units)", "share of inputs certified at r", title)
