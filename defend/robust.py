@@ -88,13 +88,15 @@ from .models import GapClassifier
 from .module_base import Optimiser, as_options
 
 __all__ = [
-    "MODES", "INTERPRETATIONS", "DISCREPANCIES", "BATCHNORMS", "RobustClassifierModule", "InnerMaximisation",
+    "MODES", "INTERPRETATION_MODES", "INTERPRETATIONS", "DISCREPANCIES", "BATCHNORMS", "RobustClassifierModule", "InnerMaximisation",
     "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "discrepancy", "discrepancy_l1_2class",
     "interpretation_discrepancy", "worst_case_discrepancy", "ce_discrepancy_attack", "pgd_ce_attack", "trades_kl",
     "trades_attack", "batchnorm_eval", "NoiseAugmentation", "gaussian_noise",
 ]
 
 MODES = ("normal", "pgd_at", "int", "int_adv", "int_adv_single", "trades", "gaussian")
+#: the modes that train against the interpretation discrepancy D (Boopathy et al.'s Int and Int-Adv, each variant)
+INTERPRETATION_MODES = ("int", "int_adv", "int_adv_single")
 #: the modes without an inner maximisation (``inner`` unused)
 UNATTACKED = ("normal", "gaussian")
 INTERPRETATIONS = ("cam", "grad")

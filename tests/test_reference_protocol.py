@@ -19,7 +19,7 @@ from defend.evaluate.battery import parse_battery
 from defend.evaluate.measure import topk_rows
 from defend.experiments.config import parse_experiment
 from defend.experiments.robust import RobustEvaluation, evaluate_model, outputs
-from defend.experiments.robust_report import table_vii, versus
+from defend.experiments.robust_report import _versus, table_vii, versus
 from defend.experiments.runner import load_experiments, resolve_config
 from defend.io import CheckpointError
 from defend.models.small import small_cnn
@@ -125,6 +125,14 @@ def test_the_protocol_reaches_the_rows_the_table_and_the_paired_tests(tiny):
     assert "aai_topk Kendall tau (Boopathy's protocol)" in labels
     test = next(t for label, _, _, t in versus(results, "int_adv", "pgd_at", at=EPS) if label.startswith("aai_topk"))
     assert test is not None  # paired on the same random inputs
+    # every Int-Adv variant is compared by its name: a single-input copy of `a` gets exactly `a`'s paired tests
+    results["c"] = {"mode": "int_adv_single", "rows": results["a"]["rows"]}
+    lines = _versus(results, at=EPS)
+    for name in ("a", "c"):
+        assert any(line.startswith("- aai_topk Kendall tau (Boopathy's protocol): `" + name + "`") for line in lines)
+    a_lines = [line.split("`a`", 1)[1] for line in lines if "`a`" in line]
+    c_lines = [line.replace("`c`", "`a`").split("`a`", 1)[1] for line in lines if "`c`" in line]
+    assert a_lines == c_lines and len(a_lines) == len(versus(results, "a", "pgd_at", at=EPS))
     table = table_vii(results, [0.0, EPS], "aai_topk")
     assert table.splitlines()[2].startswith("| 0 ") and table.splitlines()[3].startswith("| 8/255 ")
     acc = next(r for r in results["a"]["rows"] if r["measure"] == "accuracy" and r["eps"] > 0)

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from .. import stats
+from ..robust import INTERPRETATION_MODES
 from ..tables import markdown_table
 
 __all__ = ["report", "near_chance", "LABELS", "HEADLINE_EPS", "versus", "table_vii", "ATTACK_LABELS"]
@@ -148,14 +149,21 @@ def _paired(a: dict[str, Any], b: dict[str, Any], field: str, seed: int) -> stat
     return stats.paired_bootstrap(pa[field][ia], pb[field][ib], seed)
 
 
+def _model(results: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The result of the model named ``key``, else of the first model of mode ``key``."""
+    if key in results:
+        return results[key]
+    return next((r for r in results.values() if r["mode"] == key), None)
+
+
 def versus(results: dict[str, Any], first: str, second: str, at: float = HEADLINE_EPS,
            seed: int = 0) -> list[tuple[str, dict[str, Any], dict[str, Any], stats.PairedTest | None]]:
-    """``(figure, row of first, row of second, paired test)`` for the models of modes ``first`` and ``second`` at
+    """``(figure, row of first, row of second, paired test)`` for the models ``first`` and ``second`` (a model's
+    name, or a mode: its first model) at
     radius ``at``: accuracy under AutoAttack and PGD (McNemar), Boopathy's ``aai_topk`` and our top-k and discrepancy
     attacks' Kendall tau and top-k intersection (paired bootstrap on the inputs both models kept; each protocol's
     inputs are the same for every model)."""
-    a_res = next((r for r in results.values() if r["mode"] == first), None)
-    b_res = next((r for r in results.values() if r["mode"] == second), None)
+    a_res, b_res = _model(results, first), _model(results, second)
     if a_res is None or b_res is None:
         return []
     out = []
@@ -178,18 +186,21 @@ def versus(results: dict[str, Any], first: str, second: str, at: float = HEADLIN
 
 
 def _versus(results: dict[str, Any], at: float = HEADLINE_EPS, seed: int = 0) -> list[str]:
-    """Int-Adv against PGD-AT at the headline radius (Boopathy et al.'s claim: Int-Adv keeps explanations better),
-    each comparison with its paired test: "ahead" only where p < 0.05, else "within noise"."""
+    """Every Int / Int-Adv model (each variant by its name) against PGD-AT at the headline radius (Boopathy et al.'s
+    claim: Int-Adv keeps explanations better), each comparison with its paired test: "ahead" only where p < 0.05,
+    else "within noise"."""
     out = []
-    for label, a, b, test in versus(results, "int_adv", "pgd_at", at, seed):
-        field = "accuracy" if "accuracy" in label else ("topk_intersection" if "intersection" in label else "kendall_tau")
-        head = f"- {label}: Int-Adv {_cell(a, field)} vs PGD-AT {_cell(b, field)}"
-        if test is None:
-            out.append(head + "; no paired test (no per-input values)")
-            continue
-        shared = "" if test.test == "mcnemar-exact" else f" on the {test.difference.n} inputs both kept"
-        out.append(f"{head}; Int-Adv minus PGD-AT {test.difference.text(with_n=False)}{shared} ({test.test}): "
-                   + test.verdict("Int-Adv", "PGD-AT"))
+    for name in [n for n, r in results.items() if r["mode"] in INTERPRETATION_MODES]:
+        for label, a, b, test in versus(results, name, "pgd_at", at, seed):
+            field = ("accuracy" if "accuracy" in label else
+                     "topk_intersection" if "intersection" in label else "kendall_tau")
+            head = f"- {label}: `{name}` {_cell(a, field)} vs PGD-AT {_cell(b, field)}"
+            if test is None:
+                out.append(head + "; no paired test (no per-input values)")
+                continue
+            shared = "" if test.test == "mcnemar-exact" else f" on the {test.difference.n} inputs both kept"
+            out.append(f"{head}; `{name}` minus PGD-AT {test.difference.text(with_n=False)}{shared} ({test.test}): "
+                       + test.verdict(f"`{name}`", "PGD-AT"))
     return out
 
 
@@ -291,7 +302,7 @@ def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
         markdown_table(headers, [row for attack, label in ATTACK_LABELS.items() if attack in ran
                                  for row in grid("interpretation", (attack,), "kendall_tau", label)]), "",
         f"## Every interpretation measure at {_eps_label(HEADLINE_EPS)}", "", *_full_table(results), "",
-        f"## Int-Adv against PGD-AT at {_eps_label(HEADLINE_EPS)} (paired tests on the same inputs)", "",
+        f"## Int / Int-Adv (each model) against PGD-AT at {_eps_label(HEADLINE_EPS)} (paired tests on the same inputs)", "",
         *(_versus(results, seed=int(cfg.seed)) or ["- not measured"]), "",
         "## Checks", "", *(_checks(results) or ["- nothing to check (no AutoAttack or no normal model)"]), "",
         "## Training cost", "", _cost(results), "",
