@@ -19,7 +19,7 @@ from defend.evaluate.battery import parse_battery
 from defend.evaluate.measure import topk_rows
 from defend.experiments.config import parse_experiment
 from defend.experiments.robust import RobustEvaluation, evaluate_model, outputs
-from defend.experiments.robust_report import _versus, table_vii, versus
+from defend.experiments.robust_report import _cost, _versus, table_vii, versus
 from defend.experiments.runner import load_experiments, resolve_config
 from defend.io import CheckpointError
 from defend.models.small import small_cnn
@@ -203,3 +203,23 @@ def test_autoattack_on_500_inputs_is_possible_and_no_count_is_silently_capped(tm
     err = capsys.readouterr().err
     assert "evaluation.n_images (600) exceeds the 538 images of the test split" in err
     assert not list(out.glob("*.pt"))  # nothing trained
+
+
+def test_the_cost_table_tells_the_int_adv_variants_apart():
+    """Each Int-Adv variant's gamma, D and BatchNorm treatment are in the cost table; no NaN ratio without a normal
+    model."""
+    trained = {"epochs": 8, "clean": 0.9, "epoch_seconds": 40.0, "ratio": float("nan"), "train_seconds": 320.0,
+               "ce_attack": "pgd"}
+    results = {"pgd_at": {**trained, "mode": "pgd_at", "gamma": 1.0, "discrepancy": "normalised", "batchnorm": "joint"},
+               "ref": {**trained, "mode": "int_adv_single", "gamma": 0.02, "discrepancy": "reference",
+                       "batchnorm": "ce"},
+               "ours": {**trained, "mode": "int_adv", "gamma": 1.0, "discrepancy": "normalised", "batchnorm": "joint"}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in _cost(results).splitlines()[2:]}
+    header = [c.strip() for c in _cost(results).splitlines()[0].split("|")[2:-1]]
+    col = {name: header.index(name) for name in ("gamma", "D", "BatchNorm", "epoch time vs normal")}
+    assert (rows["ref"][col["D"]], rows["ref"][col["BatchNorm"]]) == ("reference", "ce")
+    assert float(rows["ref"][col["gamma"]]) == 0.02 and float(rows["ours"][col["gamma"]]) == 1.0
+    assert (rows["ours"][col["D"]], rows["ours"][col["BatchNorm"]]) == ("normalised", "joint")
+    assert rows["pgd_at"][col["gamma"]] == rows["pgd_at"][col["D"]] == rows["pgd_at"][col["BatchNorm"]] == "-"
+    assert all(r[col["epoch time vs normal"]] == "- (no normal model)" for r in rows.values())

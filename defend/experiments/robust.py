@@ -366,7 +366,8 @@ def _train(cfg: RobustExperiment, model: RobustModel, dm: BaseDataModule, out: P
                     class_names=dm.class_names)
     return {"model": module.model.eval(), "mode": hp.mode, "arch": hp.arch, "epochs": epochs,
             "train_seconds": seconds, "epoch_seconds": sum(timer.seconds) / max(len(timer.seconds), 1),
-            "gamma": float(hp.gamma), "ce_attack": hp.ce_attack}
+            "gamma": float(hp.gamma), "ce_attack": hp.ce_attack, "discrepancy": hp.discrepancy,
+            "batchnorm": hp.batchnorm}
 
 
 def _reuse(cfg: RobustExperiment, i: int, model: RobustModel, dm: BaseDataModule, progress: bool) -> dict[str, Any]:
@@ -382,7 +383,9 @@ def _reuse(cfg: RobustExperiment, i: int, model: RobustModel, dm: BaseDataModule
     seconds = float(meta.get("train_seconds", float("nan")))
     return {"model": clf.eval(), "mode": saved["mode"], "arch": meta["arch"], "epochs": "saved",
             "train_seconds": seconds, "epoch_seconds": float("nan"), "gamma": float(saved.get("gamma", float("nan"))),
-            "ce_attack": saved.get("ce_attack", "-"), "checkpoint": str(model.checkpoint), "checkpoint_sha256": sha}
+            "ce_attack": saved.get("ce_attack", "-"), "checkpoint": str(model.checkpoint), "checkpoint_sha256": sha,
+            # checkpoints saved before these options existed were trained the only way there was then
+            "discrepancy": saved.get("discrepancy", "normalised"), "batchnorm": saved.get("batchnorm", "joint")}
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -1,6 +1,7 @@
 """``report.md`` of the ``robust`` experiment: AdvEdge Table VII's layout, every row naming its attack, and the checks."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -267,12 +268,20 @@ def _split(cfg: Any) -> str:
 
 
 def _cost(results: dict[str, Any]) -> str:
-    """The training-cost table; a model loaded from a checkpoint names the file and its sha256."""
-    return markdown_table(["model", "mode", "epochs", "gamma", "CE input", "clean accuracy", "s / epoch",
-                           "epoch time vs normal", "training s", "loaded from (sha256)"],
-                          [[n, r["mode"], r["epochs"], r["gamma"] if r["mode"] in ("int", "int_adv") else "-",
+    """The training-cost table (each Int / Int-Adv variant's D and BatchNorm treatment beside it); a model loaded
+    from a checkpoint names the file and its sha256."""
+    def interp(r: dict[str, Any], key: str) -> Any:
+        return r.get(key, "-") if r["mode"] in INTERPRETATION_MODES else "-"
+
+    def ratio(r: dict[str, Any]) -> Any:
+        return r["ratio"] if math.isfinite(r["ratio"]) else "- (no normal model)"
+
+    return markdown_table(["model", "mode", "epochs", "gamma", "D", "BatchNorm", "CE input", "clean accuracy",
+                           "s / epoch", "epoch time vs normal", "training s", "loaded from (sha256)"],
+                          [[n, r["mode"], r["epochs"], interp(r, "gamma"), interp(r, "discrepancy"),
+                            r.get("batchnorm", "-") if r["mode"] in (*INTERPRETATION_MODES, "trades") else "-",
                             r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"],
-                            *(["-", "-"] if "checkpoint_sha256" in r else [r["epoch_seconds"], r["ratio"]]),
+                            *(["-", "-"] if "checkpoint_sha256" in r else [r["epoch_seconds"], ratio(r)]),
                             r["train_seconds"],
                             f"`{r['checkpoint']}` ({r['checkpoint_sha256']})" if "checkpoint_sha256" in r else "trained"]
                            for n, r in results.items()])
