@@ -88,8 +88,8 @@ from .models import GapClassifier
 from .module_base import Optimiser, as_options
 
 __all__ = [
-    "MODES", "INTERPRETATION_MODES", "INTERPRETATIONS", "DISCREPANCIES", "BATCHNORMS", "RobustClassifierModule", "InnerMaximisation",
-    "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "discrepancy", "discrepancy_l1_2class",
+    "MODES", "INTERPRETATION_MODES", "INTERPRETATIONS", "DISCREPANCIES", "BATCHNORMS", "RobustClassifierModule",
+    "InnerMaximisation", "ROBUST_OPTIMISER", "class_maps", "maps_and_logits", "discrepancy", "discrepancy_l1_2class",
     "interpretation_discrepancy", "worst_case_discrepancy", "ce_discrepancy_attack", "pgd_ce_attack", "trades_kl",
     "trades_attack", "batchnorm_eval", "NoiseAugmentation", "gaussian_noise",
 ]

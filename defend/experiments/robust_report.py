@@ -270,16 +270,16 @@ def _split(cfg: Any) -> str:
 def _cost(results: dict[str, Any]) -> str:
     """The training-cost table (each Int / Int-Adv variant's D and BatchNorm treatment beside it); a model loaded
     from a checkpoint names the file and its sha256."""
-    def interp(r: dict[str, Any], key: str) -> Any:
-        return r.get(key, "-") if r["mode"] in INTERPRETATION_MODES else "-"
+    def shown(r: dict[str, Any], key: str, modes: tuple[str, ...] = INTERPRETATION_MODES) -> Any:
+        return r.get(key, "-") if r["mode"] in modes else "-"
 
     def ratio(r: dict[str, Any]) -> Any:
         return r["ratio"] if math.isfinite(r["ratio"]) else "- (no normal model)"
 
     return markdown_table(["model", "mode", "epochs", "gamma", "D", "BatchNorm", "CE input", "clean accuracy",
                            "s / epoch", "epoch time vs normal", "training s", "loaded from (sha256)"],
-                          [[n, r["mode"], r["epochs"], interp(r, "gamma"), interp(r, "discrepancy"),
-                            r.get("batchnorm", "-") if r["mode"] in (*INTERPRETATION_MODES, "trades") else "-",
+                          [[n, r["mode"], r["epochs"], shown(r, "gamma"), shown(r, "discrepancy"),
+                            shown(r, "batchnorm", (*INTERPRETATION_MODES, "trades")),
                             r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"],
                             *(["-", "-"] if "checkpoint_sha256" in r else [r["epoch_seconds"], ratio(r)]),
                             r["train_seconds"],
@@ -311,7 +311,8 @@ def report(cfg: Any, dm: Any, results: dict[str, Any], total: float) -> str:
         markdown_table(headers, [row for attack, label in ATTACK_LABELS.items() if attack in ran
                                  for row in grid("interpretation", (attack,), "kendall_tau", label)]), "",
         f"## Every interpretation measure at {_eps_label(HEADLINE_EPS)}", "", *_full_table(results), "",
-        f"## Int / Int-Adv (each model) against PGD-AT at {_eps_label(HEADLINE_EPS)} (paired tests on the same inputs)", "",
+        f"## Int / Int-Adv (each model) against PGD-AT at {_eps_label(HEADLINE_EPS)} (paired tests on the same "
+        "inputs)", "",
         *(_versus(results, seed=int(cfg.seed)) or ["- not measured"]), "",
         "## Checks", "", *(_checks(results) or ["- nothing to check (no AutoAttack or no normal model)"]), "",
         "## Training cost", "", _cost(results), "",
