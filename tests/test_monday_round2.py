@@ -178,3 +178,12 @@ def test_make_torch_cpu_installs_the_pinned_pair_from_the_cpu_index(tmp_path):
     assert default.returncode == 0 and "download.pytorch.org" not in default.stdout
     bad = _make_n(tmp_path, "TORCH=rocm")
     assert bad.returncode != 0 and "TORCH=rocm is not known" in bad.stderr
+
+
+def test_make_refuses_a_new_venv_on_a_full_disk_before_any_work(tmp_path):
+    venv = tmp_path / "venv"
+    run = subprocess.run(["make", "venv", f"VENV={venv}", "NEED_GB=1000000"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert run.returncode != 0 and not venv.exists()  # nothing installed, nothing half-made
+    message = [ln for ln in run.stderr.splitlines() if ln.startswith("make: a new")]
+    assert len(message) == 1 and "1000000 GB of free disk" in message[0] and "TORCH=cpu" in message[0]
