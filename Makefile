@@ -9,9 +9,9 @@ STAMP  := $(VENV)/.installed
 TORCH  ?=
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_PAIR  := $(foreach p,torch torchvision,$(p)==$(shell sed -n 's/^$(p)==//p' constraints.txt)+cpu)
-# free disk a new venv needs, in GB: the installed venv (6.4 GB measured with the CUDA wheels) plus the wheels pip
-# downloads before it installs them; checked before any work starts, so a full disk fails in one line, not mid-install
-NEED_GB := $(if $(filter cpu,$(TORCH)),4,10)
+# the least free disk a new venv needs, in GB: the installed venv (6.4 GB measured with the CUDA wheels; wheels pip
+# downloads need more on top); checked before any work starts, so a full disk fails in one line, not mid-install
+NEED_GB := $(if $(filter cpu,$(TORCH)),2,7)
 
 .PHONY: demo test lint venv clean
 
@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	  if [ "$$free" -lt $(NEED_GB) ]; then echo "make: a new $(VENV) needs about $(NEED_GB) GB of free disk, $$free GB are free here: free some space (or use TORCH=cpu, about 4 GB)" >&2; exit 1; fi; }
+	  if [ "$$free" -lt $(NEED_GB) ]; then echo "make: a new $(VENV) needs at least $(NEED_GB) GB of free disk, $$free GB are free here: free some space (or use TORCH=cpu, about 2 GB)" >&2; exit 1; fi; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 ifeq ($(TORCH),cpu)
