@@ -2,6 +2,13 @@
 of one process with batch B (tolerance in
 :func:`_assert_same_training`).
 
+The runs are in float64 (``--trainer.precision=64-true``). In float32 the same code differs in the last bits
+(gradient averaging reorders float sums, and a CPU may pick another convolution kernel for batch B/2 than for B), and
+training amplifies those bits without bound: Adam divides by sqrt(v) on weights whose gradient is ~0, the inner
+attacks take the sign of near-zero pixel gradients and round to the uint8 grid, and AID weights its loss by a discrete
+success test. Measured on an AMD EPYC CPU: 98.3 % of the classifier's weights within 1e-5 and the AID network a third
+as far from the one-process run as a run on other batches (the machines of earlier sessions matched within 5e-4).
+
 This holds because :class:`defend.data.EpochShuffleSampler` gives rank r the rows r::2 of each global batch, seeded
 draws are made for the global batch and sharded (:func:`defend.distributed.shard_draw`), and the AID loss's
 success-weighted mean uses the global count. The models are BN-free (BatchNorm normalises each process's shard on
@@ -24,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DDP = str(CONFIGS / "trainer" / "ddp_cpu.yaml")
 STEPS = 3
-COMMON = [f"--trainer.limit_train_batches={STEPS}", "--trainer.limit_val_batches=0", "--trainer.max_epochs=1",
+COMMON = ["--trainer.precision=64-true", f"--trainer.limit_train_batches={STEPS}", "--trainer.limit_val_batches=0", "--trainer.max_epochs=1",
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
           "--data.init_args.renders_per_digit=[1, 1, 1]"]
 
@@ -40,20 +47,20 @@ def _fit(workdir: Path, config: Path, extra: list[str], batch_size: int, ddp: bo
 
 
 def _max_diff(a: dict, b: dict) -> float:
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
 
 
 def _assert_same_training(one: dict, two: dict) -> None:
-    """Stated tolerance: every weight within 5e-4 (a twentieth of one Adam step at lr 0.01) and at least 99 % of the
-    weights within 1e-5. Gradient averaging only reorders float sums, but Adam divides by sqrt(v): on weights whose
-    gradient is ~0 a 1e-7 difference in the gradient becomes a visible share of a step."""
+    """Stated tolerance: every weight within 1e-6 of the one-process run. In float64 reordered sums differ by ~1e-16
+    relative, so anything near 1e-6 is a real difference (a shard, a draw or a count that is not the global one)."""
     assert one.keys() == two.keys()
-    close = total = 0
     for k in one:
-        d = (one[k].float() - two[k].float()).abs()
-        assert float(d.max()) <= 5e-4, f"{k} differs under DDP by {float(d.max()):.2e}"
-        close, total = close + int((d <= 1e-5).sum()), total + d.numel()
-    assert close >= 0.99 * total, f"only {close}/{total} weights within 1e-5 of the one-process run"
+        if not one[k].is_floating_point():  # counters and other integer buffers agree exactly
+            assert torch.equal(one[k], two[k]), f"{k} differs under DDP"
+            continue
+        assert one[k].dtype == torch.float64, f"{k} was trained in {one[k].dtype}, not float64"
+        d = float((one[k] - two[k]).abs().max())
+        assert d <= 1e-6, f"{k} differs under DDP by {d:.2e}"
 
 
 @pytest.fixture(scope="module")
