@@ -89,8 +89,11 @@ def test_attack_term_reads_the_subclass_map(tiny, name, how):
         torch.testing.assert_close(logits.detach(), model(x).detach())
 
 
-#: one transform per interpreter for the (slower) attack check, rotating through the three
-ATTACKED = [(n, sorted(TRANSFORMS)[i % 3]) for i, n in enumerate(DIFFERENTIABLE)]
+#: one transform per interpreter for the (slower) attack check, rotating through the three; the untrained RTS gets
+#: "negated", the transform made for its clamped masks: squaring them leaves ADV2 little to move (the mean L1 to the
+#: target 0.92x plain PGD's at 20 and at 40 steps, 4 of 6 inputs closer, on an AMD EPYC CPU), which is about the
+#: untrained network, not the hook (``test_attack_term_reads_the_subclass_map`` checks the hook for every transform)
+ATTACKED = [(n, "negated" if n == "rts" else sorted(TRANSFORMS)[i % 3]) for i, n in enumerate(DIFFERENTIABLE)]
 
 
 @pytest.fixture(scope="module")
