@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 # 6.3 GB), as the matching pair that constraints.txt pins (+cpu builds); everything else from the usual index.
 # Use it on a fresh venv: `rm -rf .venv && make test TORCH=cpu`.
 TORCH  ?=
+# pytest worker processes (pytest-xdist; 0 runs the suite in this process). Each worker gets cores / workers torch
+# threads (tests/conftest.py), so 2 workers on CI's 2 cores run one thread each, whatever OMP_NUM_THREADS says.
+TEST_WORKERS ?= 2
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_PAIR  := $(foreach p,torch torchvision,$(p)==$(shell sed -n 's/^$(p)==//p' constraints.txt)+cpu)
 # the least free disk a new venv needs, in GB: the installed venv (6.4 GB measured with the CUDA wheels; wheels pip
@@ -36,7 +39,7 @@ demo: $(STAMP)
 	$(PY) -m defend.demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -p no:cacheprovider
+	$(PY) -m pytest tests -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attacks defend tests benchmarks
