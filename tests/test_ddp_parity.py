@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DDP = str(CONFIGS / "trainer" / "ddp_cpu.yaml")
 STEPS = 3
-COMMON = ["--trainer.precision=64-true", f"--trainer.limit_train_batches={STEPS}", "--trainer.limit_val_batches=0", "--trainer.max_epochs=1",
-          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+COMMON = ["--trainer.precision=64-true", f"--trainer.limit_train_batches={STEPS}", "--trainer.limit_val_batches=0",
+          "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
           "--data.init_args.renders_per_digit=[1, 1, 1]"]
 
 

@@ -280,7 +280,7 @@ def _cost(results: dict[str, Any]) -> str:
                            "s / epoch", "epoch time vs normal", "training s", "loaded from (sha256)"],
                           [[n, r["mode"], r["epochs"], shown(r, "gamma"), shown(r, "discrepancy"),
                             shown(r, "batchnorm", (*INTERPRETATION_MODES, "trades")),
-                            r["ce_attack"] if r["mode"] == "int_adv" else "-", r["clean"],
+                            shown(r, "ce_attack", ("int_adv",)), r["clean"],
                             *(["-", "-"] if "checkpoint_sha256" in r else [r["epoch_seconds"], ratio(r)]),
                             r["train_seconds"],
                             f"`{r['checkpoint']}` ({r['checkpoint_sha256']})" if "checkpoint_sha256" in r else "trained"]
